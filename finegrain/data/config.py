@@ -1,0 +1,38 @@
+"""Data configs. The data pipeline owns image decoding, box-aware transforms and the sample
+schema; text tokenization/caption sampling is done by the method's collate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in synthetic scenes (see ``finegrain.data.synthetic``)."""
+
+    num_samples: int = 2048  # size of one epoch of training scenes
+    seed: int = 0
+    min_objects: int = 1
+    max_objects: int = 4
+    box_jitter: float = 0.0  # imitate detector noise on region boxes (fraction of box size)
+    drop_region_prob: float = 0.0  # imitate missed detections
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | jsonl | csv | wds
+    train: str = ""  # manifest path or shard pattern ("a/{000..009}.tar"; "p1::0.7,p2::0.3" mixes)
+    image_root: str = ""  # images of a manifest ('' = the manifest's folder)
+    split: str = "train"  # keep manifest rows whose "split" equals this ('' = all rows)
+    batch_size: int = 32  # per rank
+    num_workers: int = 0
+    image_size: int = 64
+    augment: str = "rrc"  # none | rrc (random resized crop + flip) | squash (GRAIN-style resize)
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    hflip: bool = False  # off by default: captions say "left"/"right"
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    resampled: bool = False  # webdataset: infinite sampling with replacement
+    shuffle_buffer: int = 1000
+    max_broken_fraction: float = 0.1  # stop when more than this fraction of samples is broken
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

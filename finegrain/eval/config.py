@@ -1,0 +1,29 @@
+"""Declarative evaluation: a list of tasks run by ``finegrain eval`` and inside training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EvalTaskConfig:
+    task: str = "retrieval"  # zeroshot | retrieval | segmentation (see EVAL_TASKS)
+    dataset: str = "synthetic"  # synthetic | flickr8k | coco | flickr30k | docci | iiw | dci | urban1k | sharegpt4v | imagefolder | voc | manifest | wds
+    path: str = ""
+    split: str = "test"
+    variant: str = ""  # dataset-specific sub-split, e.g. synthetic: shape | color_shape | pattern_shape | novel
+    num_samples: int = 256  # synthetic only
+    batch_size: int = 64
+    templates: str = "default"
+    descriptions: str = ""  # '' | 'builtin' | path to {class: [descriptor, ...]} JSON
+    scoring: str = "global"  # global | conditioned | rerank
+    rerank_k: int = 20
+    fusion_alpha: float = 1.0  # GRAIN: alpha * global + (1 - alpha) * region
+    context_length: int = 0  # 0 = the model's
+    background_threshold: float = 0.0
+    name: str = ""  # key prefix in results ('' = derived)
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[EvalTaskConfig] = field(default_factory=list)

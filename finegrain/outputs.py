@@ -1,0 +1,67 @@
+"""Typed outputs shared by towers, methods and the trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class VisionOutput:
+    """What every image tower returns.
+
+    pooled:  (B, D) the tower's global vector (CLS token after the final norm for ViTs,
+             the average of the last feature map for convnets).
+    tokens:  (B, N, D) patch tokens after the final norm, CLS/register tokens excluded.
+    grid_hw: (h, w) with h * w == N, so tokens can be reshaped to a (B, D, h, w) map.
+    """
+
+    pooled: torch.Tensor
+    tokens: torch.Tensor
+    grid_hw: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        h, w = self.grid_hw
+        assert self.tokens.dim() == 3, f"tokens must be (B, N, D), got {tuple(self.tokens.shape)}"
+        assert self.tokens.shape[1] == h * w, (
+            f"tokens N={self.tokens.shape[1]} does not match grid {h}x{w}"
+        )
+
+    def token_map(self) -> torch.Tensor:
+        """Patch tokens as a (B, D, h, w) feature map."""
+        b, _, d = self.tokens.shape
+        h, w = self.grid_hw
+        return self.tokens.transpose(1, 2).reshape(b, d, h, w)
+
+
+@dataclass
+class TextOutput:
+    """What every text tower returns.
+
+    pooled: (B, D) sentence vector (EOT token for causal CLIP towers, mean/CLS for encoders).
+    tokens: (B, L, D) per-token states after the final norm.
+    mask:   (B, L) bool, True where the token is real (not padding).
+    """
+
+    pooled: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class MethodOutput:
+    """The one contract between a method and the trainer.
+
+    loss:    scalar tensor to backpropagate (already weighted and summed).
+    losses:  named, detached-or-not loss terms; every key ends with ``_loss``.
+    metrics: anything else worth logging (logit scale, accuracy, ...); floats or 0-d tensors.
+    """
+
+    loss: torch.Tensor
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = [k for k in self.losses if not k.endswith("_loss")]
+        assert not bad, f"loss terms must be named '*_loss', got {bad}"

@@ -1,0 +1,29 @@
+"""Trainer config (optimizer, schedule, precision, checkpointing, logging)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps in total
+    lr: float = 5e-4
+    min_lr: float = 0.0  # cosine floor
+    warmup_steps: int = 10
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    grad_clip: float = 0.0  # max grad norm; 0 = off
+    accum_steps: int = 1  # exact contrastive gradient accumulation (feature caching)
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    compile: bool = False
+    distributed: str = "ddp"  # ddp | fsdp (used only when world size > 1)
+    device: str = "auto"  # auto | cpu | cuda
+    checkpoint_every: int = 50  # steps; 0 = only at the end
+    keep_last: int = 3
+    log_every: int = 10
+    eval_every: int = 0  # steps; 0 = only at the end
+    nan_policy: str = "stop"  # stop | skip
+    progress: bool = True
+    wandb: bool = False

@@ -1,0 +1,23 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Keep CPU tests predictable and light on the 2-core CI machines.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def flickr8k_dir() -> Path:
+    d = SHARED_DATA / "flickr8k"
+    if not (d / "captions.jsonl").is_file():
+        pytest.skip("../shared/data/flickr8k is absent")
+    return d
