@@ -22,6 +22,12 @@ class EvalTaskConfig:
     context_length: int = 0  # 0 = the model's
     background_threshold: float = 0.0
     name: str = ""  # key prefix in results ('' = derived)
+    # --- added by the evaluation suite ---
+    image_root: str = ""  # images of an annotation file ('' = next to the annotation file)
+    classnames: str = ""  # '' = the dataset's own | clip_benchmark dataset name | path (.txt/.json)
+    limit: int = 0  # keep only the first N images of a real dataset (0 = all)
+    memory_budget_mb: int = 1024  # text-conditioned scoring: max memory of one images x texts chunk
+    num_examples: int = 4  # plots per task when an output folder is given
 
 
 @dataclass
