@@ -89,7 +89,9 @@ class RegionDecoder(nn.Module):
         self.proj = nn.Linear(in_dim, width, bias=False)
         self.memory_norm = nn.LayerNorm(width)
         self.query_embed = nn.Parameter(torch.randn(num_regions + 1, width))  # last = global
-        self.layers = nn.ModuleList(DecoderLayer(width, heads, ffn_dim, dropout) for _ in range(depth))
+        self.layers = nn.ModuleList(
+            DecoderLayer(width, heads, ffn_dim, dropout) for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(width)
         self.box_head = MLP(width, width, 4, box_mlp_layers)
         self._reset_parameters()

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from finegrain.losses.distributed import world_info
+
 EPS = 1e-7
 
 
@@ -152,3 +154,18 @@ def box_losses(
     l1 = F.l1_loss(pred.float(), target.float(), reduction="sum") / num_boxes
     _, giou = elementwise_giou(box_cxcywh_to_xyxy(pred.float()), box_cxcywh_to_xyxy(target.float()))
     return l1, (1.0 - giou).sum() / num_boxes
+
+
+def num_boxes_over_ranks(
+    n: torch.Tensor | float, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """DETR's box-loss normaliser: the number of target boxes averaged over ranks, >= 1."""
+    n = torch.as_tensor(n, dtype=torch.float, device=device).reshape(())
+    _, world = world_info()
+    if world > 1:
+        import torch.distributed as dist
+
+        n = n.clone()
+        dist.all_reduce(n)
+        n = n / world
+    return n.clamp(min=1.0)

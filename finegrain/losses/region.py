@@ -23,8 +23,9 @@ released code, as options:
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from finegrain.losses.distributed import all_gather_no_grad, all_gather_with_grad, world_info
 
 
 def text_ids(tokens: torch.Tensor) -> torch.Tensor:
@@ -36,17 +37,11 @@ def text_ids(tokens: torch.Tensor) -> torch.Tensor:
 
 def _gather(x: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, int]:
     """Concatenate equal-sized ``x`` over ranks; returns (gathered, offset of this rank)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    rank, world = world_info()
+    if world == 1:
         return x, 0
-    if with_grad:
-        from finegrain.losses.distributed import all_gather_with_grad  # the one gather
-
-        out = all_gather_with_grad(x)
-    else:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        out = torch.cat(parts, 0)
-    return out, dist.get_rank() * x.shape[0]
+    out = all_gather_with_grad(x, check_sizes=True) if with_grad else all_gather_no_grad(x)
+    return out, rank * x.shape[0]
 
 
 def _masked_ce(logits: torch.Tensor, target: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
