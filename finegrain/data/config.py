@@ -16,6 +16,7 @@ class SyntheticConfig:
     max_objects: int = 4
     box_jitter: float = 0.0  # imitate detector noise on region boxes (fraction of box size)
     drop_region_prob: float = 0.0  # imitate missed detections
+    novel_object_prob: float = 0.1  # chance an object is a novel shape (described, never named)
 
 
 @dataclass
@@ -35,4 +36,10 @@ class DataConfig:
     resampled: bool = False  # webdataset: infinite sampling with replacement
     shuffle_buffer: int = 1000
     max_broken_fraction: float = 0.1  # stop when more than this fraction of samples is broken
+    min_broken_check: int = 50  # samples seen before max_broken_fraction is enforced
+    caption_key: str = "caption"  # JSON key (or webdataset extension, e.g. "txt") of the alt-text
+    image_key: str = "jpg;png;webp;jpeg"  # webdataset extensions tried for the image, in order
+    sidecar: str = ""  # JSONL joined by "key" onto wds samples (extra fields: regions, ...)
+    epoch_samples: int = 0  # wds: samples per epoch over all ranks (0 = one pass over shards)
+    min_box_visible: float = 0.25  # drop a region keeping less than this fraction after a crop
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

@@ -1,0 +1,169 @@
+"""Synthetic scenes as a training dataset and as evaluation splits.
+
+Training scene ``i`` uses seed ``mix_seed("synthetic-train", cfg.seed, i)``; evaluation image
+``i`` of split ``kind`` uses ``mix_seed("synthetic-eval", kind, seed, i)``: different hash tags,
+so evaluation images are never training images.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from finegrain.data.config import SyntheticConfig
+from finegrain.data.schema import mix_seed
+from finegrain.data.synthetic import (
+    ALL_SHAPES,
+    COLORS,
+    DESCRIPTIONS,
+    NOVEL_SHAPES,
+    PATTERNS,
+    SHAPES,
+    SIZES,
+    generate_scene,
+    scene_record,
+    train_scene_seed,
+)
+from finegrain.data.transforms import BoxTransform
+
+EVAL_KINDS = ("shape", "color_shape", "pattern_shape", "novel", "retrieval", "sentences", "long",
+              "segmentation")  # fmt: skip
+
+
+class SyntheticScenes(Dataset):
+    """Training scenes as schema samples (see ``docs/CONTRACTS.md``).
+
+    ``sample(index, seed)`` applies ``transform`` with randomness from ``seed``;
+    ``__getitem__(index)`` uses ``mix_seed(cfg.seed, index)``. Novel shapes are only ever
+    described by appearance in the text of these samples.
+    """
+
+    def __init__(
+        self,
+        cfg: SyntheticConfig | None = None,
+        image_size: int = 64,
+        transform: BoxTransform | None = None,
+        with_mask: bool = False,
+    ) -> None:
+        self.cfg = cfg or SyntheticConfig()
+        self.image_size = image_size
+        self.transform = transform or BoxTransform(size=image_size, mode="center")
+        self.with_mask = with_mask
+
+    def __len__(self) -> int:
+        return self.cfg.num_samples
+
+    def scene(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"scene {index} out of range for {len(self)} scenes")
+        return generate_scene(train_scene_seed(self.cfg.seed, index), self.image_size, cfg=self.cfg)
+
+    def raw(self, index: int) -> dict[str, Any]:
+        """Undecoded form used by the loader: key, PIL image, JSON record, semantic mask."""
+        scene = self.scene(index)
+        return {
+            "key": f"synthetic-{self.cfg.seed}-{index:08d}", "image": scene["image"],
+            "record": scene_record(scene),
+            "mask": scene["semantic_mask"] if self.with_mask else None,
+        }  # fmt: skip
+
+    def sample(self, index: int, seed: int) -> dict[str, Any]:
+        from finegrain.data.sources import make_sample
+
+        return make_sample(self.raw(index), self.transform, seed)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.sample(index, mix_seed(self.cfg.seed, index))
+
+
+def _eval_seed(kind: str, seed: int, i: int) -> int:
+    return mix_seed("synthetic-eval", kind, seed, i)
+
+
+def _single(kind: str, num: int, seed: int, image_size: int) -> dict[str, Any]:
+    """Single-object classification over shape / colour+shape / pattern+shape / novel shape."""
+    shapes = NOVEL_SHAPES if kind == "novel" else SHAPES
+    if kind in ("shape", "novel"):
+        classes = [(s,) for s in shapes]
+        classnames = list(shapes)
+    elif kind == "color_shape":
+        classes = [(c, s) for c in COLORS for s in shapes]
+        classnames = [f"{c} {s}" for c, s in classes]
+    else:
+        classes = [(p, s) for p in PATTERNS for s in shapes]
+        classnames = [f"{p} {s}" for p, s in classes]
+    images, labels = [], []
+    for i in range(num):
+        s = _eval_seed(kind, seed, i)
+        label = random.Random(s).randrange(len(classes))
+        spec: dict[str, Any] = {"shape": classes[label][-1], "size": "large"}
+        if kind == "color_shape":
+            spec["color"] = classes[label][0]
+        if kind == "pattern_shape":
+            spec["pattern"] = classes[label][0]
+        scene = generate_scene(s, image_size, num_objects=1, objects=[spec], novel=kind == "novel")
+        images.append(scene["image"])
+        labels.append(label)
+    descriptions = {}
+    for name, cls in zip(classnames, classes):
+        prefix = " ".join(cls[:-1])
+        descriptions[name] = [f"a {prefix} {d[2:]}" if prefix else d for d in DESCRIPTIONS[cls[-1]]]
+    return {"images": images, "labels": labels, "classnames": classnames,
+            "descriptions": descriptions}  # fmt: skip
+
+
+def _texts(kind: str, num: int, seed: int, image_size: int) -> dict[str, Any]:
+    """Retrieval splits: short captions, per-object sentences or long captions."""
+    images, captions, texts, text_to_image = [], [], [], []
+    cfg = SyntheticConfig(min_objects=2 if kind == "sentences" else 1, novel_object_prob=0.0)
+    for i in range(num):
+        scene = generate_scene(_eval_seed(kind, seed, i), image_size, cfg=cfg)
+        images.append(scene["image"])
+        if kind == "retrieval":
+            caps = list(scene["captions"])
+        elif kind == "long":
+            caps = [scene["long_caption"]]
+        else:  # one query per object sentence; the background sentence is shared by many images
+            caps = scene["sentences"][:-1]
+        captions.append(caps)
+        texts.extend(caps)
+        text_to_image.extend([i] * len(caps))
+    return {"images": images, "captions": captions, "texts": texts, "text_to_image": text_to_image}
+
+
+def _segmentation(num: int, seed: int, image_size: int) -> dict[str, Any]:
+    cfg = SyntheticConfig(novel_object_prob=0.0)
+    images, masks = [], []
+    for i in range(num):
+        scene = generate_scene(_eval_seed("segmentation", seed, i), image_size, cfg=cfg)
+        images.append(scene["image"])
+        masks.append(scene["semantic_mask"].astype(np.int64))
+    # mask value v > 0 is classnames[v - 1]; novel shapes do not occur in these scenes
+    return {"images": images, "masks": masks, "classnames": list(ALL_SHAPES)}
+
+
+def eval_split(kind: str, num: int, seed: int = 10_000, image_size: int = 64) -> dict[str, Any]:
+    """Evaluation data from seeds disjoint from training.
+
+    kinds: ``shape`` | ``color_shape`` | ``pattern_shape`` | ``novel`` -> images, labels,
+    classnames, descriptions; ``retrieval`` | ``sentences`` | ``long`` -> images, captions (list
+    of lists), texts, text_to_image; ``segmentation`` -> images, masks (HxW, 0 = background,
+    v = classnames[v - 1]), classnames.
+    """
+    if kind not in EVAL_KINDS:
+        raise ValueError(
+            f"unknown synthetic split '{kind}'; valid choices: {', '.join(EVAL_KINDS)}"
+        )
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    if kind in ("shape", "color_shape", "pattern_shape", "novel"):
+        return _single(kind, num, seed, image_size)
+    if kind == "segmentation":
+        return _segmentation(num, seed, image_size)
+    return _texts(kind, num, seed, image_size)
+
+
+__all__ = ["EVAL_KINDS", "SIZES", "SyntheticScenes", "eval_split"]
