@@ -1,1 +1,89 @@
-"""eval."""
+"""Evaluation: zero-shot classification, retrieval (global, text-conditioned, re-ranked,
+fine-grained, long), zero-shot segmentation, reports.
+
+``run_tasks(method, tasks)`` runs a list of ``EvalTaskConfig`` and returns flat metrics
+``<task>/<dataset>[/<variant>]/<metric>``; the trainer calls it at its eval cadence and
+``finegrain eval`` (``finegrain.eval.cli``) from the command line.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from finegrain.data.config import DataConfig
+from finegrain.eval.common import EvalContext
+from finegrain.eval.config import EvalConfig, EvalTaskConfig
+from finegrain.eval.datasets import load_task_data
+from finegrain.eval.report import markdown_table, write_report
+from finegrain.eval.retrieval import evaluate_retrieval
+from finegrain.eval.segmentation import evaluate_segmentation
+from finegrain.eval.zeroshot import evaluate_zeroshot
+from finegrain.methods.base import Method
+from finegrain.registry import EVAL_TASKS
+
+EVAL_TASKS.add("zeroshot", evaluate_zeroshot)
+EVAL_TASKS.add("retrieval", evaluate_retrieval)
+EVAL_TASKS.add("segmentation", evaluate_segmentation)
+
+__all__ = [
+    "EvalConfig", "EvalTaskConfig", "markdown_table", "run_tasks", "task_prefix", "write_report",
+]
+
+
+def task_prefix(cfg: EvalTaskConfig) -> str:
+    """``task/dataset[/variant]``; non-default scoring, descriptions and fusion join the
+    variant with '+', so several settings of one dataset never collide."""
+    if cfg.name:
+        return cfg.name
+    mods = [
+        cfg.variant,
+        cfg.scoring if cfg.scoring != "global" else "",
+        f"k{cfg.rerank_k}" if cfg.scoring == "rerank" else "",
+        "desc" if cfg.descriptions else "",
+        f"alpha{cfg.fusion_alpha:g}" if cfg.fusion_alpha < 1 else "",
+        f"ctx{cfg.context_length}" if cfg.context_length else "",
+    ]
+    variant = "+".join(m for m in mods if m)
+    return "/".join(p for p in (cfg.task, cfg.dataset, variant) if p)
+
+
+def run_tasks(
+    method: Method,
+    tasks: list[EvalTaskConfig],
+    *,
+    device: str | torch.device = "cpu",
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    data_cfg: DataConfig | None = None,
+) -> dict[str, float]:
+    """Run every task; plots (and nothing else) are written only when ``out_dir`` is given.
+
+    ``data_cfg`` supplies the normalisation mean/std of the run (default: CLIP's).
+    Restores the method's train/eval mode afterwards.
+    """
+    from finegrain.eval.plots import save_task_plots
+
+    ctx = EvalContext.create(method, device, data_cfg, progress)
+    was_training = method.training
+    method.eval()
+    results: dict[str, float] = {}
+    try:
+        for cfg in tasks:
+            evaluate = EVAL_TASKS.get(cfg.task)
+            t0 = time.perf_counter()
+            data = load_task_data(cfg, ctx.image_size)
+            with torch.no_grad():
+                metrics, art = evaluate(ctx, cfg, data)
+            prefix = task_prefix(cfg)
+            dup = [k for k in metrics if f"{prefix}/{k}" in results]
+            assert not dup, f"two tasks share the result prefix '{prefix}'; set name= on one"
+            results.update({f"{prefix}/{k}": float(v) for k, v in metrics.items()})
+            results[f"{prefix}/seconds"] = time.perf_counter() - t0
+            if out_dir is not None:
+                save_task_plots(ctx, cfg.task, data, art, Path(out_dir) / prefix, cfg.num_examples)
+    finally:
+        method.train(was_training)
+    return results

@@ -1,0 +1,146 @@
+"""Evaluation datasets: three small containers and one dispatch from a task config to a loader.
+
+Images are kept as paths (decoded lazily, batch by batch) or as in-memory PIL images
+(synthetic scenes, webdataset shards). Every loader checks that each image an annotation file
+references exists, and names the missing file and the annotation file when one does not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from finegrain.config import finegrain_home
+from finegrain.eval import formats
+from finegrain.eval.config import EvalTaskConfig
+from finegrain.eval.containers import (
+    ClassificationData,
+    RetrievalData,
+    SegmentationData,
+)
+from finegrain.eval.templates import load_classnames
+from finegrain.registry import suggest
+
+# ---- the built-in synthetic scenes --------------------------------------------------------
+SYNTHETIC_KINDS = {
+    "zeroshot": ("shape", "color_shape", "pattern_shape", "novel"),
+    "retrieval": ("retrieval", "sentences", "long"),
+    "segmentation": ("segmentation",),
+}
+
+
+def synthetic_split(kind: str, num: int, seed: int = 10_000, image_size: int = 64) -> dict:
+    """Adapter over ``finegrain.data.synthetic.eval_split`` (the data engineer's generator)."""
+    try:
+        from finegrain.data.synthetic import eval_split
+    except ImportError as e:
+        raise ValueError(
+            f"the built-in synthetic scenes are unavailable ({e}); "
+            "finegrain.data.synthetic.eval_split is needed for dataset=synthetic"
+        ) from None
+    return eval_split(kind, num, seed=seed, image_size=image_size)
+
+
+def _synthetic(cfg: EvalTaskConfig, image_size: int) -> Any:
+    kinds = SYNTHETIC_KINDS[cfg.task]
+    kind = cfg.variant or kinds[0]
+    if kind not in kinds:
+        raise ValueError(
+            f"synthetic {cfg.task} variant '{kind}'{suggest(kind, list(kinds))}; "
+            f"valid choices: {', '.join(kinds)}"
+        )
+    d = synthetic_split(kind, cfg.num_samples, image_size=image_size)
+    if cfg.task == "zeroshot":
+        return ClassificationData(
+            list(d["images"]), [int(y) for y in d["labels"]], list(d["classnames"]),
+            d.get("descriptions"),
+        )
+    if cfg.task == "segmentation":
+        return SegmentationData(list(d["images"]), list(d["masks"]), list(d["classnames"]))
+    if kind == "sentences":
+        return RetrievalData(list(d["images"]), list(d["texts"]), [int(i) for i in d["text_to_image"]])
+    caps = d.get("captions")
+    if caps is None:
+        caps = d.get("long_captions", d.get("texts"))
+    return formats.retrieval_from_lists(list(d["images"]), caps)
+
+
+# ---- dispatch -------------------------------------------------------------------------------
+def _default_path(cfg: EvalTaskConfig) -> Path:
+    if cfg.path:
+        return Path(cfg.path).expanduser()
+    return finegrain_home() / "data" / cfg.dataset
+
+
+def _classification(cfg: EvalTaskConfig, path: Path, root: str) -> ClassificationData:
+    if cfg.dataset == "imagefolder":
+        images, labels, names = formats.load_imagefolder(path, cfg.split)
+    elif cfg.dataset == "manifest":
+        names_given = load_classnames(cfg.classnames) if cfg.classnames else None
+        images, labels, names = formats.load_class_manifest(path, root, cfg.split, names_given)
+    else:  # wds
+        images, labels = formats.load_wds_classification(str(path), cfg.limit)
+        if not cfg.classnames:
+            raise ValueError("dataset=wds for zeroshot needs classnames= (a set name or a file)")
+        names = []
+    if cfg.classnames:
+        names = load_classnames(cfg.classnames)
+    images, labels = _limit(images, cfg.limit), _limit(labels, cfg.limit)
+    return ClassificationData(images, labels, names)
+
+
+def _limit(items: list, n: int) -> list:
+    return items[:n] if n > 0 else items
+
+
+RETRIEVAL_FORMATS = {
+    "flickr8k": lambda p, r, c: formats.load_caption_manifest(
+        p / "captions.jsonl" if p.is_dir() else p, r, c.split),
+    "manifest": lambda p, r, c: formats.load_caption_manifest(p, r, c.split),
+    "coco": lambda p, r, c: formats.load_coco_or_karpathy(p, r, c.split),
+    "flickr30k": lambda p, r, c: formats.load_karpathy(p, r, c.split),
+    "docci": lambda p, r, c: formats.load_docci(p, r, c.split, sentences=c.variant != "long"),
+    "iiw": lambda p, r, c: formats.load_iiw(p, r, sentences=c.variant != "long"),
+    "dci": lambda p, r, c: formats.load_dci(p, r, c.split),
+    "urban1k": lambda p, r, c: formats.load_urban1k(p),
+    "sharegpt4v": lambda p, r, c: formats.load_sharegpt4v(p, r, c.limit),
+    "wds": lambda p, r, c: formats.load_wds_retrieval(str(p), c.limit),
+}
+CLASSIFICATION_FORMATS = ("imagefolder", "manifest", "wds")
+SEGMENTATION_FORMATS = ("voc",)
+
+
+def load_task_data(cfg: EvalTaskConfig, image_size: int = 64) -> Any:
+    """Load the dataset a task config names; raises a ValueError naming valid choices."""
+    if cfg.dataset == "synthetic":
+        return _synthetic(cfg, image_size)
+    path, root = _default_path(cfg), cfg.image_root
+    if cfg.task == "retrieval":
+        if cfg.dataset not in RETRIEVAL_FORMATS:
+            valid = ["synthetic", *RETRIEVAL_FORMATS]
+            raise ValueError(
+                f"unknown retrieval dataset '{cfg.dataset}'{suggest(cfg.dataset, valid)}; "
+                f"valid choices: {', '.join(valid)}"
+            )
+        data = RETRIEVAL_FORMATS[cfg.dataset](path, root, cfg)
+        return formats.limit_retrieval(data, cfg.limit) if cfg.dataset != "sharegpt4v" else data
+    if cfg.task == "zeroshot":
+        if cfg.dataset not in CLASSIFICATION_FORMATS:
+            valid = ["synthetic", *CLASSIFICATION_FORMATS]
+            raise ValueError(
+                f"unknown zeroshot dataset '{cfg.dataset}'{suggest(cfg.dataset, valid)}; "
+                f"valid choices: {', '.join(valid)}"
+            )
+        return _classification(cfg, path, root)
+    if cfg.task == "segmentation":
+        if cfg.dataset not in SEGMENTATION_FORMATS:
+            valid = ["synthetic", *SEGMENTATION_FORMATS]
+            raise ValueError(
+                f"unknown segmentation dataset '{cfg.dataset}'{suggest(cfg.dataset, valid)}; "
+                f"valid choices: {', '.join(valid)}"
+            )
+        images, masks, names = formats.load_voc(path, cfg.split)
+        if cfg.classnames:
+            names = load_classnames(cfg.classnames)
+        return SegmentationData(_limit(images, cfg.limit), _limit(masks, cfg.limit), names)
+    raise ValueError(f"unknown task '{cfg.task}'; valid choices: zeroshot, retrieval, segmentation")
