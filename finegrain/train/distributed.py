@@ -1,0 +1,131 @@
+"""Process-group setup and model wrapping; the only distributed code outside ``losses``.
+
+Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR`` set, including
+multi-node runs with ``--rdzv-backend c10d``) the default process group is initialised with
+``nccl`` on GPU and ``gloo`` on CPU. Without those variables everything is single-process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> this rank's GPU when CUDA exists, else CPU."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"train.device must be one of auto, cpu, cuda; got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but CUDA is not available; use train.device=cpu")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Initialise the default process group from torchrun's environment (idempotent)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend=backend, **kwargs)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def wrap_ddp(method: nn.Module, info: DistInfo) -> nn.Module:
+    """DistributedDataParallel around the method (its ``forward`` is features + loss)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [info.local_rank] if info.device.type == "cuda" else None
+    return DDP(method, device_ids=ids, broadcast_buffers=False)
+
+
+def shard_fsdp(method: nn.Module, info: DistInfo, mixed_bf16: bool = False) -> nn.Module:
+    """FSDP2 (``fully_shard``): shard every transformer block of the towers, then the root.
+
+    ``features`` and ``loss_from_features`` are registered as forward methods so calling them
+    (as exact gradient accumulation does) all-gathers the root's parameters first.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import (
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    kwargs: dict = {"mesh": mesh}
+    if mixed_bf16:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+    for module in list(method.modules()):
+        blocks = getattr(module, "blocks", None) or getattr(module, "resblocks", None)
+        if isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+            for block in blocks:
+                fully_shard(block, **kwargs)
+    fully_shard(method, **kwargs)
+    for name in ("features", "loss_from_features"):
+        register_fsdp_forward_method(method, name)
+    return method
+
+
+def all_reduce_grads(params: list[nn.Parameter], world_size: int) -> None:
+    """Average gradients across ranks (used with exact accumulation, which bypasses DDP)."""
+    if world_size <= 1 or not params:
+        return
+    for p in params:  # every rank must send the same layout, even for unused parameters
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset : offset + n].view_as(g))
+        offset += n
+
+
+def all_reduce_max(value: float, device: torch.device) -> float:
+    """Max of a float over ranks (e.g. a non-finite-loss flag) so all ranks agree."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())

@@ -1,0 +1,395 @@
+"""The one training loop, for every method.
+
+The trainer knows only the method contract (``finegrain/methods/base.py``): ``forward`` /
+``features`` + ``loss_from_features`` -> ``MethodOutput``, ``param_groups``,
+``after_optimizer_step``, ``make_collate``. It never looks at a method's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finegrain.config import finegrain_home, save_yaml, to_dict
+from finegrain.outputs import MethodOutput
+from finegrain.train import checkpoint as ckpt
+from finegrain.train import distributed as dist_utils
+from finegrain.train.logging import RunLogger, write_json
+from finegrain.train.optim import build_optimizer, lr_at, set_lr
+from finegrain.train.step import exact_accumulation, to_device
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class NonFiniteLossError(ValueError):
+    """Raised under ``train.nan_policy=stop``; the message names the step and loss terms."""
+
+
+def resolve_run_dir(cfg: Any, output_dir: str | None = None) -> Path:
+    """``output_dir`` argument > ``cfg.output_dir`` > ``$FINEGRAIN_HOME/runs/<name>``."""
+    d = output_dir or cfg.output_dir or str(finegrain_home() / "runs" / cfg.name)
+    return Path(d).expanduser()
+
+
+def ensure_writable(run_dir: Path) -> None:
+    """Create ``run_dir``; a clear ``ValueError`` when that or writing into it fails."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write_test_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"output dir {run_dir} is not writable: {e.strerror or e}") from None
+
+
+def validate(cfg: Any) -> None:
+    """Trainer-level config checks with one-line messages."""
+    t = cfg.train
+    if t.precision not in PRECISIONS:
+        raise ValueError(
+            f"train.precision must be one of {', '.join(PRECISIONS)}; got {t.precision!r}"
+        )
+    if t.nan_policy not in ("stop", "skip"):
+        raise ValueError(f"train.nan_policy must be one of stop, skip; got {t.nan_policy!r}")
+    if t.distributed not in ("ddp", "fsdp"):
+        raise ValueError(f"train.distributed must be one of ddp, fsdp; got {t.distributed!r}")
+    for key in ("steps", "accum_steps"):
+        if getattr(t, key) < 1:
+            raise ValueError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    if cfg.data.batch_size < 1:
+        raise ValueError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+
+
+class Trainer:
+    """Build everything from a ``RunConfig`` and train; ``method``/``loader`` may be injected."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        *,
+        method: torch.nn.Module | None = None,
+        loader: Any = None,
+        resume: str | None = None,
+        output_dir: str | None = None,
+    ) -> None:
+        validate(cfg)
+        self.cfg, self.t = cfg, cfg.train
+        self.run_dir = resolve_run_dir(cfg, output_dir)
+        self.info = dist_utils.init_distributed(self.t.device)
+        self.device = self.info.device
+        if self.info.is_main:
+            ensure_writable(self.run_dir)
+        resume_dir = ckpt.resolve_resume(resume, self.run_dir) if resume else None
+        if resume_dir is not None:
+            self._check_resume_config(resume_dir)
+        torch.manual_seed(cfg.seed)  # identical init on every rank
+        if method is None:
+            from finegrain.methods.base import build_method
+
+            method = build_method(cfg.method)
+        self.method = method.to(self.device)
+        self.method.train()
+        if loader is None:
+            from finegrain.data import build_train_loader
+
+            loader = build_train_loader(
+                cfg.data,
+                self.method.make_collate(train=True),
+                rank=self.info.rank,
+                world_size=self.info.world_size,
+                seed=cfg.seed,
+            )
+        self.loader = loader
+        self.optimizer = build_optimizer(self.method, self.t)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.t.precision == "fp16")
+        self.step, self.skipped = 0, 0
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        _seed_all(cfg.seed + 1 + self.info.rank)  # per-rank training randomness
+        if resume_dir is not None:
+            self._load(resume_dir)
+        self.model = self._wrap()
+
+    # ---- setup ----------------------------------------------------------------------
+    def _check_resume_config(self, resume_dir: Path) -> None:
+        from finegrain.config import load_yaml
+        from finegrain.recipes.base import RunConfig
+
+        try:
+            saved = load_yaml(RunConfig, ckpt.find_config(resume_dir))
+        except FileNotFoundError:
+            return
+        ckpt.check_same_method(saved, self.cfg, str(resume_dir))
+
+    def _load(self, resume_dir: Path) -> None:
+        weights, state = ckpt.load_state(resume_dir)
+        ckpt.check_compatible(self.method, weights, str(resume_dir))
+        self.method.load_state_dict(weights)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        per_rank = state["per_rank"]
+        if len(per_rank) != self.info.world_size:
+            raise ValueError(
+                f"checkpoint {resume_dir} was written by {len(per_rank)} ranks, this run has "
+                f"{self.info.world_size}; exact resume needs the same world size"
+            )
+        mine = per_rank[self.info.rank]
+        if mine.get("data") is not None:
+            self.loader.load_state_dict(mine["data"])
+        ckpt.set_rng_state(mine["rng"])
+        self.step, self.skipped = int(state["step"]), int(state["skipped"])
+
+    def _wrap(self) -> torch.nn.Module:
+        model: torch.nn.Module = self.method
+        if self.info.enabled and self.t.distributed == "fsdp":
+            model = dist_utils.shard_fsdp(self.method, self.info, self.t.precision == "bf16")
+        elif self.info.enabled and self.t.accum_steps == 1:
+            model = dist_utils.wrap_ddp(self.method, self.info)
+        elif self.info.enabled:  # exact accumulation bypasses DDP: same init, manual all-reduce
+            for p in self.method.state_dict().values():
+                torch.distributed.broadcast(p, 0)
+        self.features_fn = self.method.features
+        self.loss_fn = self.method.loss_from_features
+        if self.t.compile:
+            model = torch.compile(model)
+            self.features_fn = torch.compile(self.method.features)
+        return model
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.t.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # ---- one step -------------------------------------------------------------------
+    def _finite(self, out: MethodOutput) -> bool:
+        bad = 0.0 if bool(torch.isfinite(out.loss.detach()).item()) else 1.0
+        bad = dist_utils.all_reduce_max(bad, self.device)  # every rank takes the same branch
+        if bad == 0.0:
+            return True
+        if self.t.nan_policy == "stop":
+            terms = ", ".join(f"{k}={float(v.detach().float()):.4g}" for k, v in out.losses.items())
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.step + 1}: loss={float(out.loss.detach().float())}"
+                f"{', ' + terms if terms else ''} (set train.nan_policy=skip to skip such steps)"
+            )
+        return False
+
+    def train_step(self, micro: list[dict[str, Any]]) -> tuple[MethodOutput, bool]:
+        """Gradients + update for one optimizer step; returns (output, applied)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if len(micro) == 1:
+            with self.autocast():
+                out = self.model(micro[0])
+            if not self._finite(out):
+                return out, False
+            self.scaler.scale(out.loss).backward()
+        else:
+            out, ok = exact_accumulation(
+                micro,
+                self.features_fn,
+                self.loss_fn,
+                scale=self.scaler.scale,
+                autocast=self.autocast,
+                check_loss=self._finite,
+                device=self.device,
+            )
+            if not ok:
+                return out, False
+            if self.info.enabled and self.t.distributed == "ddp":
+                dist_utils.all_reduce_grads(self.params, self.info.world_size)
+        if self.t.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.t.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return out, True
+
+    # ---- the loop -------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train to ``train.steps``; returns the run summary (also written to summary.json)."""
+        t, info = self.t, self.info
+        if info.is_main:
+            save_yaml(self.cfg, self.run_dir / ckpt.CONFIG_FILE)
+        log = RunLogger(
+            self.run_dir,
+            rank=info.rank,
+            total_steps=t.steps,
+            start_step=self.step,
+            log_every=t.log_every,
+            progress=t.progress,
+            wandb=t.wandb,
+            run_name=self.cfg.name,
+            config=to_dict(self.cfg),
+        )
+        metrics: dict[str, float] = {}
+        start, first_step, status = time.perf_counter(), self.step, "failed"
+        try:
+            it = iter(self.loader)
+            while self.step < t.steps:
+                self._one_step(it, log)
+                if (
+                    t.checkpoint_every
+                    and self.step % t.checkpoint_every == 0
+                    and self.step < t.steps
+                ):
+                    self.save()
+                if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+                    metrics = self.evaluate(log)
+            self.save()
+            metrics = self.evaluate(log)
+            status = "completed"
+        except NonFiniteLossError:
+            status = "stopped: non-finite loss"
+            raise
+        finally:
+            log.close()
+            summary = self._summary(status, metrics, time.perf_counter() - start, first_step)
+        return summary
+
+    def _one_step(self, it: Any, log: RunLogger) -> None:
+        t0 = time.perf_counter()
+        micro = [next(it) for _ in range(self.t.accum_steps)]
+        t1 = time.perf_counter()
+        micro = [to_device(b, self.device) for b in micro]
+        lr = lr_at(self.step, self.t)
+        set_lr(self.optimizer, lr)
+        out, applied = self.train_step(micro)
+        if not applied:
+            self.skipped += 1
+            log.write(
+                f"step {self.step + 1}: non-finite loss, step skipped ({self.skipped} so far)"
+            )
+        self.step += 1
+        self.method.after_optimizer_step(self.step)
+        n = sum(_batch_size(b) for b in micro)
+        dt = time.perf_counter() - t0
+        scalars: dict[str, Any] = {
+            "loss": out.loss.detach(),
+            "lr": lr,
+            "data_wait_s": t1 - t0,
+            "step_time_s": dt,
+            "samples_per_s": n / max(dt, 1e-9),
+            "skipped_steps": self.skipped,
+        }
+        scalars.update({k: v.detach() for k, v in out.losses.items()})
+        scalars.update(out.metrics)
+        if self.step % self.t.log_every == 0 and hasattr(self.loader, "stats"):
+            scalars.update(
+                {
+                    f"data_{k}": v
+                    for k, v in self.loader.stats().items()
+                    if isinstance(v, (int, float))
+                }
+            )
+        log.step(self.step, scalars, n / max(dt, 1e-9))
+
+    # ---- checkpoint & eval ----------------------------------------------------------
+    def save(self) -> Path | None:
+        """Checkpoint (collective: every rank contributes its RNG and data position)."""
+        mine = {
+            "rng": ckpt.rng_state(),
+            "data": self.loader.state_dict() if hasattr(self.loader, "state_dict") else None,
+        }
+        per_rank = [mine]
+        if self.info.enabled:
+            per_rank = [None] * self.info.world_size
+            torch.distributed.all_gather_object(per_rank, mine)
+        weights = ckpt.model_state(self.method)  # collective under FSDP (full_tensor)
+        path = None
+        if self.info.is_main:
+            state = {
+                "step": self.step,
+                "skipped": self.skipped,
+                "per_rank": per_rank,
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+            }
+            path = ckpt.save_checkpoint(
+                self.run_dir / "ckpt", self.step, weights, state, self.t.keep_last
+            )
+        dist_utils.barrier()
+        return path
+
+    def evaluate(self, log: RunLogger) -> dict[str, float]:
+        """Run ``cfg.eval.tasks`` on rank 0 (training RNG untouched); {} when none."""
+        tasks = list(self.cfg.eval.tasks)
+        results: dict[str, float] = {}
+        if tasks and self.info.is_main:
+            try:
+                from finegrain.eval import run_tasks
+            except ImportError as e:
+                warnings.warn(
+                    f"evaluation skipped: finegrain.eval is unavailable ({e})", stacklevel=2
+                )
+                run_tasks = None
+            if run_tasks is not None:
+                rng = ckpt.rng_state()
+                self.method.eval()
+                try:
+                    results = run_tasks(
+                        self.method,
+                        tasks,
+                        device=str(self.device),
+                        out_dir=str(self.run_dir / "eval" / f"step_{self.step:07d}"),
+                        progress=False,
+                    )
+                finally:
+                    self.method.train()
+                    ckpt.set_rng_state(rng)
+                log.metrics(self.step, results)
+                log.write(
+                    f"eval @ step {self.step}: "
+                    + ", ".join(f"{k}={v:.4g}" for k, v in results.items())
+                )
+        dist_utils.barrier()
+        return results
+
+    def _summary(self, status: str, metrics: dict[str, float], wall: float, first: int) -> dict:
+        stats = self.loader.stats() if hasattr(self.loader, "stats") else {}
+        summary = {
+            "name": self.cfg.name,
+            "status": status,
+            "step": self.step,
+            "steps": self.t.steps,
+            "skipped_steps": self.skipped,
+            "data": stats,
+            "metrics": metrics,
+            "wall_s": round(wall, 3),
+            "steps_per_s": (self.step - first) / wall if wall > 0 else math.nan,
+            "world_size": self.info.world_size,
+        }
+        if self.info.is_main:
+            write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+
+def _batch_size(batch: Any) -> int:
+    for v in batch.values() if isinstance(batch, dict) else [batch]:
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    return 0
+
+
+def _seed_all(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(cfg: Any, *, resume: str | None = None, output_dir: str | None = None) -> dict[str, Any]:
+    """Build a ``Trainer`` from ``cfg`` and run it; tears the process group down after."""
+    try:
+        return Trainer(cfg, resume=resume, output_dir=output_dir).fit()
+    finally:
+        dist_utils.cleanup()
