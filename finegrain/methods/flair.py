@@ -1,0 +1,265 @@
+"""FLAIR: Fine-grained Language-informed Image Representations (Xiao et al., CVPR 2025,
+arXiv 2412.03561; code ExplainableML/flair, built on OpenCLIP).
+
+Model (paper Sec. 3.2, released ``FLAIR`` model):
+
+- image tower tokens after its final norm; ONE shared bias-free linear projection maps the CLS
+  token to the global image embedding and the patch tokens to local tokens (``image_post``);
+- text tower EOT embedding through its own projection (``text_post``) -> sub-caption embedding;
+- text-conditioned attention pooling (``finegrain.heads.pooling.TextConditionedPooling``,
+  Eq. 2): LN on q/k/v, the text embedding as query, projected patch tokens (CLS excluded) as
+  keys/values, plus the ``add_zero_attn`` zero slot.
+
+Loss (Sec. 3.3): ``(L_tcs + L_mps) / 2`` with one shared learnable scale ``t = exp(s)``
+(``s`` initialised to log(1/0.07), clamped to ``[0, log 100]`` after every optimizer step as the
+released ``train.py``) and bias ``b`` (init -10); see ``finegrain.losses.flair``.
+
+Data (Sec. 3.1): K sub-captions of 1..3 sentences per image (``finegrain.data.captions``),
+sampled in the collate with ``random.Random(sample["seed"])``. Caption pool per sample
+(``caption_source="auto"``): ``sentences``, else the sentences of ``long_caption``, else
+``captions`` (each caption a "sentence": Flickr8k's 5 human captions), else the sentences of
+``caption``. Samples whose pool is empty are skipped and counted (``skipped_samples`` in the
+batch and in the metrics); a pool with fewer sentences than needed is sampled with replacement.
+
+Deviations from the released code, as options: ``loss_normalization`` ("released": sums divided
+by texts per image, as ``FlairLoss``; "per_image": SigLIP's / B); the negative caption of each
+other image is chosen by a hash of the two samples' seeds (exact under gradient accumulation and
+across ranks) instead of ``torch.randint``; across ranks each image meets one caption of every
+other image of the joined batch (the released ring pools against the neighbour's subsampled
+row). ``add_mps_loss=False`` gives the TCS-only ablation (released ``--add-mps-loss`` off).
+
+Scoring: ``score_features`` pools every image with every text (one attention call per image
+chunk) and returns the cosine with that text; ``dense_features`` returns the projected patch
+tokens (the same space as text embeddings and as the keys/values of the pooling), (B, D, h, w).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from finegrain.data.captions import SAMPLING_MODES, sample_subcaptions, split_sentences
+from finegrain.encoders.base import build_image_tower, build_text_tower
+from finegrain.heads.pooling import TextConditionedPooling
+from finegrain.losses.flair import (
+    EXCHANGES,
+    NORMALIZATIONS,
+    flair_multi_positive_loss,
+    text_conditioned_sigmoid_loss,
+)
+from finegrain.methods.base import Method, MethodConfig
+from finegrain.methods.base import normalize as l2_normalize
+from finegrain.outputs import MethodOutput
+from finegrain.registry import METHODS
+
+CAPTION_SOURCES = ("auto", "sentences", "long_caption", "captions", "caption")
+_SEED_MOD = 2**31 - 1
+
+
+@dataclass
+class FLAIRConfig(MethodConfig):
+    name: str = "flair"
+    embed_dim: int = 512
+    num_subcaptions: int = 8  # K sub-captions per image
+    max_sentences: int = 3  # each sub-caption has 1..max_sentences sentences
+    sampling: str = "diverse"  # diverse | consecutive | random (finegrain.data.captions)
+    caption_source: str = "auto"  # auto | sentences | long_caption | captions | caption
+    pool_heads: int = 8
+    zero_slot: bool = True  # the add_zero_attn "attend to nothing" key/value
+    add_mps_loss: bool = True  # total = (tcs + mps) / 2; False: tcs only
+    loss_normalization: str = "released"  # released | per_image
+    exchange: str = "gather"  # gather | ring (texts of other ranks, with gradient)
+    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_bias: float = -10.0
+    max_logit_scale: float = 100.0
+    score_max_elements: int = 2**25  # pooled entries per chunk in score_features
+
+
+def _check_config(cfg: FLAIRConfig) -> None:
+    choices = {
+        "sampling": (cfg.sampling, SAMPLING_MODES),
+        "caption_source": (cfg.caption_source, CAPTION_SOURCES),
+        "loss_normalization": (cfg.loss_normalization, NORMALIZATIONS),
+        "exchange": (cfg.exchange, EXCHANGES),
+    }
+    for field_, (value, valid) in choices.items():
+        if value not in valid:
+            raise ValueError(
+                f"method.{field_}='{value}' is not valid; valid choices: {', '.join(valid)}"
+            )
+    if cfg.num_subcaptions < 1 or cfg.max_sentences < 1:
+        raise ValueError(
+            f"method.num_subcaptions and method.max_sentences must be >= 1, got "
+            f"{cfg.num_subcaptions} and {cfg.max_sentences}"
+        )
+    if cfg.embed_dim % cfg.pool_heads:
+        raise ValueError(
+            f"method.embed_dim={cfg.embed_dim} must be divisible by method.pool_heads={cfg.pool_heads}"
+        )
+
+
+def caption_pool(sample: dict[str, Any], source: str = "auto") -> list[str]:
+    """The sentences one sample's sub-captions are drawn from (see module docstring)."""
+
+    def get(name: str) -> list[str]:
+        value = sample.get(name)
+        if not value:
+            return []
+        if name in ("long_caption", "caption"):
+            return split_sentences(value) if isinstance(value, str) else []
+        if isinstance(value, str):  # a plain string where a list belongs: never char by char
+            return split_sentences(value) if name == "sentences" else [value.strip()]
+        return [s.strip() for s in value if isinstance(s, str) and s.strip()]
+
+    if source != "auto":
+        return get(source)
+    for name in ("sentences", "long_caption", "captions", "caption"):
+        if pool := get(name):
+            return pool
+    return []
+
+
+class FLAIRCollate:
+    """Picklable collate: schema samples -> ``image`` (B, 3, H, W), ``texts`` (B, K, L),
+    ``pair_seed`` (B,), ``skipped_samples`` (count of samples without any caption)."""
+
+    def __init__(self, tokenizer: Any, k: int, max_sentences: int, mode: str, source: str) -> None:
+        self.tokenizer, self.k, self.max_sentences = tokenizer, k, max_sentences
+        self.mode, self.source = mode, source
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        kept, subcaps = [], []
+        for s in samples:
+            pool = caption_pool(s, self.source)
+            if not pool:
+                continue
+            rng = random.Random(s.get("seed", 0))
+            subcaps += sample_subcaptions(pool, self.k, self.max_sentences, rng, mode=self.mode)
+            kept.append(s)
+        if not kept:
+            raise ValueError(
+                f"none of the {len(samples)} samples in this batch has a non-empty caption "
+                f"(caption_source='{self.source}'; valid choices: {', '.join(CAPTION_SOURCES)})"
+            )
+        texts = self.tokenizer(subcaps)  # (B*K, L)
+        return {
+            "image": torch.stack([s["image"] for s in kept]),  # (B, 3, H, W)
+            "texts": texts.view(len(kept), self.k, -1),  # (B, K, L)
+            "pair_seed": torch.tensor(
+                [int(s.get("seed", i)) % _SEED_MOD for i, s in enumerate(kept)]
+            ),
+            "skipped_samples": len(samples) - len(kept),
+        }
+
+
+@METHODS.register("flair")
+class FLAIR(Method):
+    Config = FLAIRConfig
+
+    def __init__(self, cfg: FLAIRConfig) -> None:
+        super().__init__(cfg)
+        _check_config(cfg)
+        self.image = build_image_tower(cfg.image)
+        self.text = build_text_tower(cfg.text)
+        d = cfg.embed_dim
+        self.image_proj = nn.Linear(self.image.width, d, bias=False)  # shared: CLS and patches
+        self.text_proj = nn.Linear(self.text.width, d, bias=False)
+        for proj, width in ((self.image_proj, self.image.width), (self.text_proj, self.text.width)):
+            nn.init.normal_(proj.weight, std=width**-0.5)  # OpenCLIP's projection init
+        self.pooling = TextConditionedPooling(d, heads=cfg.pool_heads, zero_slot=cfg.zero_slot)
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
+
+    # ---- towers + projections -------------------------------------------------------
+    def _image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        out = self.image(images)
+        return (
+            self.image_proj(out.pooled),
+            self.image_proj(out.tokens),
+            out.grid_hw,
+        )  # (B,D), (B,N,D)
+
+    def _text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.text_proj(self.text(tokens).pooled)  # (T, D)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.text.tokenizer(texts)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        g = self._image(images)[0]
+        return l2_normalize(g) if normalize else g
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        t = self._text(tokens)
+        return l2_normalize(t) if normalize else t
+
+    # ---- training -------------------------------------------------------------------
+    def make_collate(self, train: bool = True) -> FLAIRCollate:
+        c = self.cfg
+        return FLAIRCollate(
+            self.text.tokenizer, c.num_subcaptions, c.max_sentences, c.sampling, c.caption_source
+        )
+
+    def features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        image, tokens, _ = self._image(batch["image"])
+        ids = batch["texts"]  # (B, K, L)
+        assert ids.dim() == 3, f"batch['texts'] must be (B, K, L), got {tuple(ids.shape)}"
+        b, k, length = ids.shape
+        texts = self._text(ids.reshape(b * k, length)).view(b, k, -1)  # (B, K, D)
+        seed = batch.get("pair_seed")
+        if seed is None:
+            seed = torch.arange(b)
+        return {
+            "image": image,
+            "image_tokens": tokens,
+            "texts": texts,
+            "pair_seed": seed.to(image.device),
+        }
+
+    def loss_from_features(self, feats: dict[str, torch.Tensor]) -> MethodOutput:
+        c = self.cfg
+        scale, bias = self.logit_scale.exp(), self.logit_bias
+        tcs = text_conditioned_sigmoid_loss(
+            self.pooling, feats["image_tokens"], feats["texts"], scale, bias,
+            pair_seed=feats["pair_seed"], exchange=c.exchange, normalization=c.loss_normalization,
+        )  # fmt: skip
+        losses = {"tcs_loss": tcs}
+        loss = tcs
+        if c.add_mps_loss:
+            mps = flair_multi_positive_loss(
+                l2_normalize(feats["image"]), l2_normalize(feats["texts"]), scale, bias,
+                exchange="ring" if c.exchange == "ring" else "gather",
+                normalization=c.loss_normalization,
+            )  # fmt: skip
+            losses["mps_loss"] = mps
+            loss = (tcs + mps) / 2
+        metrics = {"logit_scale": scale.detach(), "logit_bias": bias.detach()}
+        return MethodOutput(loss=loss, losses=losses, metrics=metrics)
+
+    def after_optimizer_step(self, step: int) -> None:
+        with torch.no_grad():  # released train.py: clamp_(0, ln 100)
+            self.logit_scale.clamp_(0.0, math.log(self.cfg.max_logit_scale))
+
+    # ---- inference ------------------------------------------------------------------
+    def image_features_for_scoring(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + N, D): row 0 the global embedding, rows 1.. the projected patch tokens."""
+        g, tokens, _ = self._image(images)
+        return torch.cat([g.unsqueeze(1), tokens], dim=1)
+
+    def text_features_for_scoring(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._text(tokens)  # (T, D), un-normalised: the pooling query
+
+    def score_features(self, image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+        """(Ni, Nt) text-conditioned similarity: cos(pool(text_j | image_i), text_j)."""
+        tokens = image_feats[:, 1:]  # (Ni, N, D)
+        return self.pooling.similarity(text_feats, tokens, self.cfg.score_max_elements)
+
+    def dense_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w) projected patch tokens (joint text-embedding space)."""
+        _, tokens, (h, w) = self._image(images)
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
