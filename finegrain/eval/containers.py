@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image
 
-ImageItem = Union[Image.Image, Path]
+ImageItem = Image.Image | Path
 
 
 @dataclass

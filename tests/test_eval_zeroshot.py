@@ -1,0 +1,187 @@
+"""Zero-shot classification: packaged templates/class names, GRAIN description prompts,
+class embeddings and region fusion vs naive references, metrics, dataset adapters, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from eval_toy import COLORS, ConditionedToy, PlainToy, ToyMethod, color_image
+
+from finegrain.eval import run_tasks
+from finegrain.eval.common import EvalContext
+from finegrain.eval.config import EvalTaskConfig
+from finegrain.eval.containers import ClassificationData
+from finegrain.eval.datasets import load_task_data
+from finegrain.eval.templates import (
+    class_prompts,
+    classname_sets,
+    cupl_prompts,
+    imagenet_descriptions,
+    load_templates,
+    template_sets,
+)
+from finegrain.eval.zeroshot import class_embeddings, classification_metrics, zeroshot_logits
+
+
+def test_packaged_templates_classnames_and_descriptions():
+    sets = template_sets()
+    assert len(sets) == 33 and "imagenet1k" in sets
+    assert len(load_templates("default")) == 80
+    assert all("{c}" in t for t in load_templates("cifar10"))
+    names = classname_sets()
+    assert len(names["imagenet1k"]) == 1000 and len(names["voc"]) == 20
+    assert "goldfish" in cupl_prompts()
+    desc = imagenet_descriptions()
+    assert len(desc) > 900 and all(desc["goldfish"])
+    with pytest.raises(ValueError, match="did you mean 'cifar10'"):
+        load_templates("cifar1O")
+
+
+def test_grain_description_prompts():
+    prompts = class_prompts(
+        ["cat", "dog"],
+        ["a photo of a {c}.", "{c}"],
+        {"cat": ["whiskers", "a tail."], "dog": ["floppy ears"]},
+    )
+    assert prompts[0] == [
+        "a photo of a cat which has whiskers",
+        "a photo of a cat which has a tail",
+        "cat which has whiskers",
+        "cat which has a tail",
+    ]
+    assert prompts[1] == ["a photo of a dog which has floppy ears", "dog which has floppy ears"]
+
+
+def test_description_and_class_errors_name_the_classes():
+    with pytest.raises(
+        ValueError, match=r"no descriptions for \['dog'\].*unknown classes \['cow'\]"
+    ):
+        class_prompts(["cat", "dog"], ["{c}"], {"cat": ["x"], "cow": ["y"]})
+    with pytest.raises(ValueError, match=r"empty description list: \['dog'\]"):
+        class_prompts(["cat", "dog"], ["{c}"], {"cat": ["x"], "dog": [" "]})
+    with pytest.raises(ValueError, match="no classes"):
+        class_prompts([], ["{c}"])
+
+
+def test_class_embeddings_match_naive_mean():
+    m = ToyMethod().eval()
+    prompts = [["a red cup", "red"], ["blue sky", "a blue car", "blue"]]
+    got = class_embeddings(EvalContext.create(m, progress=False), prompts, batch_size=2)
+    for c, ps in enumerate(prompts):
+        e = torch.stack([F.normalize(m.encode_text(m.tokenize([p]))[0], dim=0) for p in ps])
+        assert torch.allclose(got[c], F.normalize(e.mean(0), dim=0), atol=1e-6)
+
+
+def test_classification_metrics_match_naive():
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(40, 7, generator=g), torch.randint(0, 7, (40,), generator=g)
+    got = classification_metrics(logits, labels)
+    order = [sorted(range(7), key=lambda c: -logits[i, c].item()) for i in range(40)]
+    acc1 = sum(order[i][0] == labels[i] for i in range(40)) / 40
+    acc5 = sum(labels[i].item() in order[i][:5] for i in range(40)) / 40
+    rec = [
+        sum(order[i][0] == c for i in range(40) if labels[i] == c) / (labels == c).sum().item()
+        for c in range(7)
+        if (labels == c).any()
+    ]
+    assert got["acc1"] == pytest.approx(acc1)
+    assert got["acc5"] == pytest.approx(acc5)
+    assert got["mean_per_class_recall"] == pytest.approx(sum(rec) / len(rec))
+
+
+def _data(n: int = 2) -> ClassificationData:
+    names = list(COLORS)
+    images = [color_image(c, seed=i, shape="corner") for c in names for i in range(n)]
+    return ClassificationData(images, [k for k in range(len(names)) for _ in range(n)], names)
+
+
+@torch.no_grad()
+def test_region_fusion_matches_equation():
+    m, data = ToyMethod().eval(), _data()
+    ctx = EvalContext.create(m, progress=False)
+    cfg = EvalTaskConfig(task="zeroshot", templates="plain", fusion_alpha=0.3, batch_size=4)
+    prompts = [[c] for c in data.classnames]
+    got = zeroshot_logits(ctx, cfg, data, prompts)
+    classes = class_embeddings(ctx, prompts, 4)
+    from finegrain.eval.common import image_batches
+
+    x = torch.cat(list(image_batches(ctx, data.images, 4, "x")))
+    glob, reg = F.normalize(m.encode_image(x), dim=-1), m.region_embeddings(x)
+    for i in range(len(data.images)):
+        for c in range(len(prompts)):
+            region = max(float(reg[i, q] @ classes[c]) for q in range(reg.shape[1]))
+            ref = 0.3 * float(glob[i] @ classes[c]) + 0.7 * region
+            assert got[i, c].item() == pytest.approx(ref, abs=1e-5)
+
+
+def write_imagefolder(tmp_path, n: int = 3):
+    for k, c in enumerate(COLORS):
+        (tmp_path / "test" / c).mkdir(parents=True)
+        for j in range(n):
+            color_image(c, seed=10 * k + j).save(tmp_path / "test" / c / f"{j}.png")
+    return str(tmp_path)
+
+
+def test_run_zeroshot_imagefolder_templates_descriptions_fusion(tmp_path):
+    root = write_imagefolder(tmp_path)
+    desc = tmp_path / "desc.json"
+    desc.write_text(json.dumps({c: [f"{c} paint", "four corners"] for c in COLORS}))
+    base = dict(task="zeroshot", dataset="imagefolder", path=root, batch_size=8)
+    tasks = [
+        EvalTaskConfig(**base),
+        EvalTaskConfig(**base, templates="plain", descriptions=str(desc)),
+        EvalTaskConfig(**base, templates="plain", fusion_alpha=0.5),
+        EvalTaskConfig(**base, templates="plain", scoring="conditioned"),
+    ]
+    res = run_tasks(ConditionedToy(), tasks, progress=False)
+    for p in ("", "/desc", "/alpha0.5", "/conditioned"):
+        pre = f"zeroshot/imagefolder{p}/"
+        assert res[pre + "acc1"] >= 0.8, (pre, res)  # colours are separable for the toy
+        assert res[pre + "acc1"] <= res[pre + "acc5"] <= 1.0
+        assert 0 <= res[pre + "mean_per_class_recall"] <= 1
+
+
+def test_zeroshot_errors(tmp_path):
+    root = write_imagefolder(tmp_path, 1)
+    bad = tmp_path / "desc.json"
+    bad.write_text(json.dumps({"red": ["x"]}))
+    cfg = dict(task="zeroshot", dataset="imagefolder", path=root, templates="plain")
+    with pytest.raises(ValueError, match=r"no descriptions for \['blue', 'green'"):
+        run_tasks(ToyMethod(), [EvalTaskConfig(**cfg, descriptions=str(bad))], progress=False)
+    with pytest.raises(ValueError, match=r"method 'toy' \(PlainToy\) has no region_embeddings"):
+        run_tasks(PlainToy(), [EvalTaskConfig(**cfg, fusion_alpha=0.5)], progress=False)
+    (tmp_path / "test" / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty class 'empty'"):
+        load_task_data(EvalTaskConfig(**cfg))
+
+
+def test_manifest_and_wds_classification(tmp_path):
+    import webdataset as wds
+
+    rows = []
+    with wds.TarWriter(str(tmp_path / "shard.tar")) as sink:
+        for k, c in enumerate(COLORS):
+            color_image(c, seed=k).save(tmp_path / f"{c}.png")
+            rows.append({"image": f"{c}.png", "label": c})
+            sink.write({"__key__": f"s{k}", "png": color_image(c, seed=k), "cls": k})
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(COLORS))
+    d = load_task_data(
+        EvalTaskConfig(
+            task="zeroshot",
+            dataset="manifest",
+            path=str(tmp_path / "m.jsonl"),
+            classnames=str(names),
+        )
+    )
+    assert d.labels == list(range(len(COLORS))) and d.classnames == list(COLORS)
+    w = load_task_data(
+        EvalTaskConfig(
+            task="zeroshot", dataset="wds", path=str(tmp_path / "shard.tar"), classnames=str(names)
+        )
+    )
+    assert w.labels == list(range(len(COLORS))) and len(w.images) == len(COLORS)
