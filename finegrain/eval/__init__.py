@@ -29,7 +29,12 @@ EVAL_TASKS.add("retrieval", evaluate_retrieval)
 EVAL_TASKS.add("segmentation", evaluate_segmentation)
 
 __all__ = [
-    "EvalConfig", "EvalTaskConfig", "markdown_table", "run_tasks", "task_prefix", "write_report",
+    "EvalConfig",
+    "EvalTaskConfig",
+    "markdown_table",
+    "run_tasks",
+    "task_prefix",
+    "write_report",
 ]
 
 

@@ -22,8 +22,9 @@ def eval_transform(image_size: int, mean: tuple, std: tuple, crop: bool = True) 
     a squash to a square (segmentation, so masks stay aligned), then normalise."""
     resize = T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True)
     if not crop:
-        resize = T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC,
-                          antialias=True)
+        resize = T.Resize(
+            (image_size, image_size), interpolation=T.InterpolationMode.BICUBIC, antialias=True
+        )
     steps = [resize] + ([T.CenterCrop(image_size)] if crop else [])
     return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
 
@@ -39,8 +40,13 @@ class EvalContext:
     progress: bool = True
 
     @classmethod
-    def create(cls, method: Method, device: str | torch.device = "cpu",
-               data_cfg: DataConfig | None = None, progress: bool = True) -> EvalContext:
+    def create(
+        cls,
+        method: Method,
+        device: str | torch.device = "cpu",
+        data_cfg: DataConfig | None = None,
+        progress: bool = True,
+    ) -> EvalContext:
         d = data_cfg or DataConfig()
         return cls(method, torch.device(device), tuple(d.mean), tuple(d.std), progress)
 
@@ -52,8 +58,9 @@ class EvalContext:
         return tqdm(it, desc=desc, total=total, disable=not self.progress, leave=False)
 
 
-def image_batches(ctx: EvalContext, images: list[ImageItem], batch_size: int, desc: str,
-                  crop: bool = True) -> Iterator[torch.Tensor]:
+def image_batches(
+    ctx: EvalContext, images: list[ImageItem], batch_size: int, desc: str, crop: bool = True
+) -> Iterator[torch.Tensor]:
     """(B, 3, S, S) normalised batches on ``ctx.device``."""
     tf = eval_transform(ctx.image_size, ctx.mean, ctx.std, crop)
     starts = range(0, len(images), batch_size)
@@ -80,8 +87,14 @@ def tokenize(ctx: EvalContext, texts: list[str], context_length: int = 0) -> tor
 
 
 @torch.no_grad()
-def encode_texts(ctx: EvalContext, texts: list[str], fn: Callable, batch_size: int,
-                 context_length: int = 0, desc: str = "texts") -> Any:
+def encode_texts(
+    ctx: EvalContext,
+    texts: list[str],
+    fn: Callable,
+    batch_size: int,
+    context_length: int = 0,
+    desc: str = "texts",
+) -> Any:
     """``fn(tokens)`` over batches of ``texts``, concatenated along dim 0."""
     outs = []
     starts = range(0, len(texts), batch_size)
@@ -92,8 +105,14 @@ def encode_texts(ctx: EvalContext, texts: list[str], fn: Callable, batch_size: i
 
 
 @torch.no_grad()
-def encode_images(ctx: EvalContext, images: list[ImageItem], fn: Callable, batch_size: int,
-                  desc: str = "images", crop: bool = True) -> Any:
+def encode_images(
+    ctx: EvalContext,
+    images: list[ImageItem],
+    fn: Callable,
+    batch_size: int,
+    desc: str = "images",
+    crop: bool = True,
+) -> Any:
     return cat_features([fn(b) for b in image_batches(ctx, images, batch_size, desc, crop)])
 
 
@@ -144,8 +163,9 @@ def chunk_sizes(n_img: int, n_txt: int, pair_bytes: int, budget_bytes: int) -> t
 
 
 @torch.no_grad()
-def chunked_scores(ctx: EvalContext, image_feats: Any, text_feats: Any, budget_mb: int,
-                   desc: str = "scoring") -> torch.Tensor:
+def chunked_scores(
+    ctx: EvalContext, image_feats: Any, text_feats: Any, budget_mb: int, desc: str = "scoring"
+) -> torch.Tensor:
     """(Ni, Nt) ``method.score_features`` evaluated in images x texts chunks whose working
     memory (estimated as one image's plus one text's features per pair, the size of the
     per-pair pooled tokens of a text-conditioned attention head) fits ``budget_mb``."""
@@ -155,8 +175,10 @@ def chunked_scores(ctx: EvalContext, image_feats: Any, text_feats: Any, budget_m
     out = torch.empty(ni, nt, dtype=torch.float32)
     blocks = [(i, t) for i in range(0, ni, ci) for t in range(0, nt, ct)]
     for i, t in ctx.bar(blocks, desc, total=len(blocks)):
-        s = ctx.method.score_features(slice_features(image_feats, slice(i, i + ci)),
-                                      slice_features(text_feats, slice(t, t + ct)))
+        s = ctx.method.score_features(
+            slice_features(image_feats, slice(i, i + ci)),
+            slice_features(text_feats, slice(t, t + ct)),
+        )
         assert s.shape == (min(ci, ni - i), min(ct, nt - t)), (
             f"score_features returned {tuple(s.shape)} for a {min(ci, ni - i)} x {min(ct, nt - t)} chunk"
         )

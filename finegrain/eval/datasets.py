@@ -52,13 +52,17 @@ def _synthetic(cfg: EvalTaskConfig, image_size: int) -> Any:
     d = synthetic_split(kind, cfg.num_samples, image_size=image_size)
     if cfg.task == "zeroshot":
         return ClassificationData(
-            list(d["images"]), [int(y) for y in d["labels"]], list(d["classnames"]),
+            list(d["images"]),
+            [int(y) for y in d["labels"]],
+            list(d["classnames"]),
             d.get("descriptions"),
         )
     if cfg.task == "segmentation":
         return SegmentationData(list(d["images"]), list(d["masks"]), list(d["classnames"]))
     if kind == "sentences":
-        return RetrievalData(list(d["images"]), list(d["texts"]), [int(i) for i in d["text_to_image"]])
+        return RetrievalData(
+            list(d["images"]), list(d["texts"]), [int(i) for i in d["text_to_image"]]
+        )
     caps = d.get("captions")
     if caps is None:
         caps = d.get("long_captions", d.get("texts"))
@@ -95,7 +99,8 @@ def _limit(items: list, n: int) -> list:
 
 RETRIEVAL_FORMATS = {
     "flickr8k": lambda p, r, c: formats.load_caption_manifest(
-        p / "captions.jsonl" if p.is_dir() else p, r, c.split),
+        p / "captions.jsonl" if p.is_dir() else p, r, c.split
+    ),
     "manifest": lambda p, r, c: formats.load_caption_manifest(p, r, c.split),
     "coco": lambda p, r, c: formats.load_coco_or_karpathy(p, r, c.split),
     "flickr30k": lambda p, r, c: formats.load_karpathy(p, r, c.split),

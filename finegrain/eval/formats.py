@@ -53,7 +53,9 @@ def _read_rows(path: Path) -> list[dict]:
     if path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f))
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
 
 
 def retrieval_from_lists(
@@ -74,7 +76,9 @@ def limit_retrieval(data: RetrievalData, n: int) -> RetrievalData:
         return data
     keep = [j for j, i in enumerate(data.text_to_image) if i < n]
     return RetrievalData(
-        data.images[:n], [data.texts[j] for j in keep], [data.text_to_image[j] for j in keep],
+        data.images[:n],
+        [data.texts[j] for j in keep],
+        [data.text_to_image[j] for j in keep],
         data.image_ids[:n],
     )
 
@@ -108,12 +112,17 @@ def load_coco_captions(path: Path, image_root: str) -> RetrievalData:
     if not entries:
         raise ValueError(f"{path} holds no captioned images")
     first = entries[0]["file_name"]
-    root = _pick_root(path, image_root, first,
-                      [path.parent, path.parent.parent / "val2017", path.parent / "val2017"])
+    root = _pick_root(
+        path,
+        image_root,
+        first,
+        [path.parent, path.parent.parent / "val2017", path.parent / "val2017"],
+    )
     images = [root / im["file_name"] for im in entries]
     _check_images(images, path)
-    return retrieval_from_lists(images, [by_id[im["id"]] for im in entries],
-                                [str(im["id"]) for im in entries])
+    return retrieval_from_lists(
+        images, [by_id[im["id"]] for im in entries], [str(im["id"]) for im in entries]
+    )
 
 
 def load_karpathy(path: Path, image_root: str, split: str) -> RetrievalData:
@@ -128,8 +137,12 @@ def load_karpathy(path: Path, image_root: str, split: str) -> RetrievalData:
     def rel(im: dict) -> str:
         return f"{im['filepath']}/{im['filename']}" if im.get("filepath") else im["filename"]
 
-    root = _pick_root(path, image_root, rel(entries[0]),
-                      [path.parent, path.parent / "images", path.parent / "flickr30k-images"])
+    root = _pick_root(
+        path,
+        image_root,
+        rel(entries[0]),
+        [path.parent, path.parent / "images", path.parent / "flickr30k-images"],
+    )
     images = [root / rel(im) for im in entries]
     _check_images(images, path)
     caps = [[s["raw"].strip() for s in im["sentences"]] for im in entries]
@@ -144,8 +157,9 @@ def load_coco_or_karpathy(path: Path, image_root: str, split: str) -> RetrievalD
     return load_karpathy(path, image_root, split)
 
 
-def _sentence_or_long(images: list[Path], texts: list[str], ids: list[str], sentences: bool,
-                      path: Path) -> RetrievalData:
+def _sentence_or_long(
+    images: list[Path], texts: list[str], ids: list[str], sentences: bool, path: Path
+) -> RetrievalData:
     _check_images(images, path)
     if not sentences:
         return retrieval_from_lists(images, texts, ids)
@@ -164,10 +178,13 @@ def load_docci(path: Path, image_root: str, split: str, sentences: bool = True) 
     rows = [r for r in _read_rows(path) if not split or r["split"] == split]
     if not rows:
         raise ValueError(f"no DOCCI rows with split '{split}' in {path}")
-    root = _pick_root(path, image_root, rows[0]["image_file"], [path.parent / "images", path.parent])
+    root = _pick_root(
+        path, image_root, rows[0]["image_file"], [path.parent / "images", path.parent]
+    )
     images = [root / r["image_file"] for r in rows]
-    return _sentence_or_long(images, [r["description"] for r in rows],
-                             [r["example_id"] for r in rows], sentences, path)
+    return _sentence_or_long(
+        images, [r["description"] for r in rows], [r["example_id"] for r in rows], sentences, path
+    )
 
 
 def load_iiw(path: Path, image_root: str, sentences: bool = True) -> RetrievalData:
@@ -180,31 +197,42 @@ def load_iiw(path: Path, image_root: str, sentences: bool = True) -> RetrievalDa
         raise ValueError(f"{path} is empty")
     key = "image/key" if "image/key" in rows[0] else "image"
     names = [r[key] if Path(str(r[key])).suffix else f"{r[key]}.jpg" for r in rows]
-    root = _pick_root(path, image_root, names[0],
-                      [path.parent, path.parent / "images", path.parent / "images_aar"])
+    root = _pick_root(
+        path,
+        image_root,
+        names[0],
+        [path.parent, path.parent / "images", path.parent / "images_aar"],
+    )
     images = [root / n for n in names]
-    return _sentence_or_long(images, [r["IIW"] for r in rows], [str(r[key]) for r in rows],
-                             sentences, path)
+    return _sentence_or_long(
+        images, [r["IIW"] for r in rows], [str(r[key]) for r in rows], sentences, path
+    )
 
 
 def load_dci(path: Path, image_root: str, split: str) -> RetrievalData:
     """DCI: ``splits.json`` ({split: [annotation file]}), ``annotations/*.json`` with
     ``image``, ``short_caption``, ``extra_caption``; images in ``photos/``. The long text is
     ``short_caption + " " + extra_caption``; ``split='all'`` uses every split (as LoTLIP)."""
-    base = path / "densely_captioned_images" if (path / "densely_captioned_images").is_dir() else path
+    base = (
+        path / "densely_captioned_images" if (path / "densely_captioned_images").is_dir() else path
+    )
     splits = json.loads(_need_file(base / "splits.json", "DCI splits file").read_text())
     if split in ("", "all"):
         names = [n for v in splits.values() for n in v]
     elif split in splits:
         names = list(splits[split])
     else:
-        raise ValueError(f"DCI split '{split}' not in {base / 'splits.json'}; valid: all, {', '.join(splits)}")
+        raise ValueError(
+            f"DCI split '{split}' not in {base / 'splits.json'}; valid: all, {', '.join(splits)}"
+        )
     root = Path(image_root).expanduser() if image_root else base / "photos"
     images, texts = [], []
     for n in names:
         ann = json.loads(_need_file(base / "annotations" / n, "DCI annotation").read_text())
         images.append(root / ann["image"])
-        texts.append(f"{ann['short_caption'].strip()} {ann.get('extra_caption', '').strip()}".strip())
+        texts.append(
+            f"{ann['short_caption'].strip()} {ann.get('extra_caption', '').strip()}".strip()
+        )
     _check_images(images, base / "annotations")
     return retrieval_from_lists(images, texts, names)
 
@@ -216,9 +244,15 @@ def load_urban1k(path: Path) -> RetrievalData:
         raise ValueError(f"no caption/*.txt files under {path}")
     images = []
     for c in caps:
-        found = [path / "image" / f"{c.stem}{e}" for e in IMAGE_EXTS if (path / "image" / f"{c.stem}{e}").is_file()]
+        found = [
+            path / "image" / f"{c.stem}{e}"
+            for e in IMAGE_EXTS
+            if (path / "image" / f"{c.stem}{e}").is_file()
+        ]
         if not found:
-            raise ValueError(f"image {path / 'image' / (c.stem + '.jpg')} referenced by {c} does not exist")
+            raise ValueError(
+                f"image {path / 'image' / (c.stem + '.jpg')} referenced by {c} does not exist"
+            )
         images.append(found[0])
     texts = [c.read_text(encoding="utf-8").strip() for c in caps]
     return retrieval_from_lists(images, texts, [c.stem for c in caps])
@@ -271,8 +305,9 @@ def load_wds_retrieval(urls: str, limit: int) -> RetrievalData:
         if not c:
             raise ValueError(f"sample {s['__key__']} in {urls} has no caption (txt or json)")
         caps.append(c)
-    return retrieval_from_lists([_wds_image(s, urls) for s in samples], caps,
-                                [s["__key__"] for s in samples])
+    return retrieval_from_lists(
+        [_wds_image(s, urls) for s in samples], caps, [s["__key__"] for s in samples]
+    )
 
 
 def load_wds_classification(urls: str, limit: int) -> tuple[list[ImageItem], list[int]]:

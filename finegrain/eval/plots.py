@@ -33,9 +33,13 @@ def _color(mask: np.ndarray, n: int) -> np.ndarray:
     return rgba
 
 
-def save_segmentation_overlays(images: list[ImageItem], preds: list[np.ndarray],
-                               masks: list[np.ndarray], classnames: list[str],
-                               out_dir: Path) -> list[Path]:
+def save_segmentation_overlays(
+    images: list[ImageItem],
+    preds: list[np.ndarray],
+    masks: list[np.ndarray],
+    classnames: list[str],
+    out_dir: Path,
+) -> list[Path]:
     """One PNG per image: the image, ground truth and prediction overlaid on it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -47,8 +51,9 @@ def save_segmentation_overlays(images: list[ImageItem], preds: list[np.ndarray],
             _show(ax, img, name)
             ax.imshow(_color(lab.astype(np.int64), len(classnames) + 1))
         present = sorted({int(v) for v in np.unique(p)} - {0, 255})
-        fig.suptitle(", ".join(classnames[v - 1] for v in present if v <= len(classnames))[:90],
-                     fontsize=7)
+        fig.suptitle(
+            ", ".join(classnames[v - 1] for v in present if v <= len(classnames))[:90], fontsize=7
+        )
         path = out_dir / f"overlay_{i:03d}.png"
         fig.savefig(path, dpi=80, bbox_inches="tight")
         plt.close(fig)
@@ -56,9 +61,15 @@ def save_segmentation_overlays(images: list[ImageItem], preds: list[np.ndarray],
     return paths
 
 
-def save_retrieval_grid(images: list[ImageItem], texts: list[str], scores: torch.Tensor,
-                        text_to_image: list[int], path: Path, num_queries: int = 4,
-                        top: int = 5) -> Path:
+def save_retrieval_grid(
+    images: list[ImageItem],
+    texts: list[str],
+    scores: torch.Tensor,
+    text_to_image: list[int],
+    path: Path,
+    num_queries: int = 4,
+    top: int = 5,
+) -> Path:
     """Rows = text queries, columns = their top images (ground truth titled with a '*')."""
     path.parent.mkdir(parents=True, exist_ok=True)
     q = min(num_queries, len(texts))
@@ -77,7 +88,9 @@ def save_retrieval_grid(images: list[ImageItem], texts: list[str], scores: torch
 
 
 @torch.no_grad()
-def attention_maps(ctx: EvalContext, images: list[ImageItem], texts: list[str]) -> torch.Tensor | None:
+def attention_maps(
+    ctx: EvalContext, images: list[ImageItem], texts: list[str]
+) -> torch.Tensor | None:
     """(Ni, Nt, h, w) text-conditioned attention over patches: the method's own
     ``attention_maps(images, tokens)`` when it has one (e.g. FLAIR's pooling weights), else
     the softmax over patches of <dense feature, text embedding> / 0.07; None without either."""
@@ -96,8 +109,9 @@ def attention_maps(ctx: EvalContext, images: list[ImageItem], texts: list[str]) 
     return (sim.reshape(ni, nt, h * w) / 0.07).softmax(-1).reshape(ni, nt, h, w).cpu()
 
 
-def save_attention_maps(ctx: EvalContext, images: list[ImageItem], texts: list[str],
-                        path: Path) -> Path | None:
+def save_attention_maps(
+    ctx: EvalContext, images: list[ImageItem], texts: list[str], path: Path
+) -> Path | None:
     """Grid: rows = images, columns = texts, each the image with the text's attention map."""
     maps = attention_maps(ctx, images, texts)
     if maps is None:
@@ -108,8 +122,9 @@ def save_attention_maps(ctx: EvalContext, images: list[ImageItem], texts: list[s
     for i in range(ni):
         img = np.asarray(load_image(images[i]).resize((ctx.image_size, ctx.image_size)))
         for t in range(nt):
-            heat = F.interpolate(maps[i, t][None, None], size=img.shape[:2], mode="bilinear",
-                                 align_corners=False)[0, 0].numpy()
+            heat = F.interpolate(
+                maps[i, t][None, None], size=img.shape[:2], mode="bilinear", align_corners=False
+            )[0, 0].numpy()
             _show(axes[i, t], img, texts[t])
             axes[i, t].imshow(heat, cmap="jet", alpha=0.45)
     fig.savefig(path, dpi=80, bbox_inches="tight")
@@ -117,22 +132,35 @@ def save_attention_maps(ctx: EvalContext, images: list[ImageItem], texts: list[s
     return path
 
 
-def save_task_plots(ctx: EvalContext, task: str, data: Any, art: dict, out_dir: Path,
-                    num: int) -> list[Path]:
+def save_task_plots(
+    ctx: EvalContext, task: str, data: Any, art: dict, out_dir: Path, num: int
+) -> list[Path]:
     """The figures of one task under ``out_dir``."""
     paths: list[Path] = []
     if num <= 0:
         return paths
     if task == "segmentation":
         imgs = [data.images[i] for i in art["indices"]]
-        paths += save_segmentation_overlays(imgs, art["preds"], art["masks"], data.classnames,
-                                            out_dir / "overlays")
+        paths += save_segmentation_overlays(
+            imgs, art["preds"], art["masks"], data.classnames, out_dir / "overlays"
+        )
     elif task == "retrieval":
-        paths.append(save_retrieval_grid(data.images, data.texts, art["scores"],
-                                         data.text_to_image, out_dir / "retrieval_examples.png",
-                                         num))
+        paths.append(
+            save_retrieval_grid(
+                data.images,
+                data.texts,
+                art["scores"],
+                data.text_to_image,
+                out_dir / "retrieval_examples.png",
+                num,
+            )
+        )
         firsts = [data.text_to_image.index(i) for i in range(min(num, len(data.images)))]
-        att = save_attention_maps(ctx, data.images[: len(firsts)],
-                                  [data.texts[j] for j in firsts], out_dir / "attention_maps.png")
+        att = save_attention_maps(
+            ctx,
+            data.images[: len(firsts)],
+            [data.texts[j] for j in firsts],
+            out_dir / "attention_maps.png",
+        )
         paths += [att] if att else []
     return paths

@@ -49,8 +49,9 @@ def _ranks(scores: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return ahead.sum(1) + 1
 
 
-def retrieval_ranks(scores: torch.Tensor, text_to_image: torch.Tensor,
-                    rows_per_chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+def retrieval_ranks(
+    scores: torch.Tensor, text_to_image: torch.Tensor, rows_per_chunk: int = 512
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(ranks of texts' images among images (Nt,), ranks of images' best text (Ni,)).
 
     scores: (Ni, Nt), ``scores[i, t]`` = similarity of image i and text t.
@@ -97,8 +98,9 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def candidate_scores(ctx: EvalContext, img_f, txt_f, cand: torch.Tensor, img_chunk: int,
-                     budget_mb: int) -> torch.Tensor:
+def candidate_scores(
+    ctx: EvalContext, img_f, txt_f, cand: torch.Tensor, img_chunk: int, budget_mb: int
+) -> torch.Tensor:
     """Conditioned scores of the (image, text) pairs marked in ``cand`` (Ni, Nt); other
     entries are NaN. Images go in chunks; each chunk is scored against the union of texts
     any of its images needs, so work is ~ Ni * k instead of Ni * Nt."""
@@ -110,8 +112,9 @@ def candidate_scores(ctx: EvalContext, img_f, txt_f, cand: torch.Tensor, img_chu
         if cols.numel() == 0:
             continue
         quiet = dataclasses.replace(ctx, progress=False)
-        sub = chunked_scores(quiet, slice_features(img_f, rows), slice_features(txt_f, cols),
-                             budget_mb)  # (n_rows, n)
+        sub = chunked_scores(
+            quiet, slice_features(img_f, rows), slice_features(txt_f, cols), budget_mb
+        )  # (n_rows, n)
         out[rows][:, cols] = sub  # out[rows] is a view
     return out
 
@@ -143,8 +146,9 @@ def score_matrix(ctx: EvalContext, cfg: EvalTaskConfig, data: RetrievalData):
     return c, rerank_key(g.t(), c.t(), cand_t2i.t()).t(), rerank_key(g, c, cand_i2t)
 
 
-def evaluate_retrieval(ctx: EvalContext, cfg: EvalTaskConfig, data: RetrievalData
-                       ) -> tuple[dict[str, float], dict]:
+def evaluate_retrieval(
+    ctx: EvalContext, cfg: EvalTaskConfig, data: RetrievalData
+) -> tuple[dict[str, float], dict]:
     """Metrics and the artefacts plots need (scores, ranks)."""
     scores, key_t2i, key_i2t = score_matrix(ctx, cfg, data)
     owner = torch.tensor(data.text_to_image)

@@ -30,8 +30,9 @@ from finegrain.eval.zeroshot import class_embeddings
 IGNORE = 255
 
 
-def predict_masks(dense: torch.Tensor, classes: torch.Tensor, sizes: list[tuple[int, int]],
-                  threshold: float) -> list[torch.Tensor]:
+def predict_masks(
+    dense: torch.Tensor, classes: torch.Tensor, sizes: list[tuple[int, int]], threshold: float
+) -> list[torch.Tensor]:
     """dense (B, D, h, w), classes (C, D) normalised -> B label maps (H_i, W_i) in 0..C."""
     z = F.normalize(dense.float(), dim=1)
     sim = torch.einsum("bdhw,cd->bchw", z, classes.to(z.device))  # (B, C, h, w)
@@ -46,8 +47,9 @@ def predict_masks(dense: torch.Tensor, classes: torch.Tensor, sizes: list[tuple[
     return out
 
 
-def confusion(pred: torch.Tensor, gt: torch.Tensor, num_labels: int, ignore_background: bool
-              ) -> torch.Tensor:
+def confusion(
+    pred: torch.Tensor, gt: torch.Tensor, num_labels: int, ignore_background: bool
+) -> torch.Tensor:
     """(num_labels, num_labels) counts, rows = ground truth, columns = prediction."""
     valid = gt != IGNORE
     if ignore_background:
@@ -55,8 +57,12 @@ def confusion(pred: torch.Tensor, gt: torch.Tensor, num_labels: int, ignore_back
     g, p = gt[valid], pred[valid]
     bad = g[(g < 0) | (g >= num_labels)]
     if bad.numel():
-        raise ValueError(f"mask labels {bad.unique().tolist()[:5]} exceed the {num_labels - 1} classes")
-    return torch.bincount(g * num_labels + p, minlength=num_labels**2).reshape(num_labels, num_labels)
+        raise ValueError(
+            f"mask labels {bad.unique().tolist()[:5]} exceed the {num_labels - 1} classes"
+        )
+    return torch.bincount(g * num_labels + p, minlength=num_labels**2).reshape(
+        num_labels, num_labels
+    )
 
 
 def seg_metrics(conf: torch.Tensor, ignore_background: bool) -> dict[str, float]:
@@ -74,8 +80,9 @@ def seg_metrics(conf: torch.Tensor, ignore_background: bool) -> dict[str, float]
 
 
 @torch.no_grad()
-def evaluate_segmentation(ctx: EvalContext, cfg: EvalTaskConfig, data: SegmentationData
-                          ) -> tuple[dict[str, float], dict]:
+def evaluate_segmentation(
+    ctx: EvalContext, cfg: EvalTaskConfig, data: SegmentationData
+) -> tuple[dict[str, float], dict]:
     m = ctx.method
     require(m, "dense_features", f"segmentation/{cfg.dataset}")
     prompts = class_prompts(data.classnames, load_templates(cfg.templates))
@@ -89,8 +96,9 @@ def evaluate_segmentation(ctx: EvalContext, cfg: EvalTaskConfig, data: Segmentat
         masks = [torch.from_numpy(load_mask(mk)) for mk in data.masks[s : s + batch.shape[0]]]
         dense = m.dense_features(batch)  # (B, D, h, w)
         assert dense.dim() == 4, f"dense_features must be (B, D, h, w), got {tuple(dense.shape)}"
-        preds = predict_masks(dense, classes, [tuple(mk.shape) for mk in masks],
-                              cfg.background_threshold)
+        preds = predict_masks(
+            dense, classes, [tuple(mk.shape) for mk in masks], cfg.background_threshold
+        )
         for j, (p, g) in enumerate(zip(preds, masks)):
             conf += confusion(p, g, n, ignore_bg)
             if len(keep["preds"]) < cfg.num_examples:

@@ -33,8 +33,9 @@ from finegrain.eval.containers import ClassificationData
 from finegrain.eval.templates import class_prompts, load_descriptions, load_templates
 
 
-def prompts_for(cfg: EvalTaskConfig, classnames: list[str],
-                builtin: dict[str, list[str]] | None = None) -> list[list[str]]:
+def prompts_for(
+    cfg: EvalTaskConfig, classnames: list[str], builtin: dict[str, list[str]] | None = None
+) -> list[list[str]]:
     """Prompts per class from the task's template set and (optional) descriptions."""
     descriptions = load_descriptions(cfg.descriptions, builtin) if cfg.descriptions else None
     if cfg.templates == "cupl":  # CuPL sentences are complete prompts: no template around them
@@ -52,8 +53,9 @@ def _owner(prompts: list[list[str]]) -> tuple[list[str], torch.Tensor]:
     return flat, owner
 
 
-def class_embeddings(ctx: EvalContext, prompts: list[list[str]], batch_size: int,
-                     context_length: int = 0) -> torch.Tensor:
+def class_embeddings(
+    ctx: EvalContext, prompts: list[list[str]], batch_size: int, context_length: int = 0
+) -> torch.Tensor:
     """(C, D) normalised mean of the normalised prompt embeddings of each class."""
     flat, owner = _owner(prompts)
     emb = encode_texts(ctx, flat, ctx.method.encode_text, batch_size, context_length, "prompts")
@@ -68,8 +70,9 @@ def region_scores(region: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def zeroshot_logits(ctx: EvalContext, cfg: EvalTaskConfig, data: ClassificationData,
-                    prompts: list[list[str]]) -> torch.Tensor:
+def zeroshot_logits(
+    ctx: EvalContext, cfg: EvalTaskConfig, data: ClassificationData, prompts: list[list[str]]
+) -> torch.Tensor:
     """(N, C) class scores for every image."""
     m, bs, task = ctx.method, cfg.batch_size, f"zeroshot/{cfg.dataset}"
     if not 0.0 <= cfg.fusion_alpha <= 1.0:
@@ -113,8 +116,9 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
     }
 
 
-def evaluate_zeroshot(ctx: EvalContext, cfg: EvalTaskConfig, data: ClassificationData
-                      ) -> tuple[dict[str, float], dict]:
+def evaluate_zeroshot(
+    ctx: EvalContext, cfg: EvalTaskConfig, data: ClassificationData
+) -> tuple[dict[str, float], dict]:
     prompts = prompts_for(cfg, data.classnames, data.descriptions)
     logits = zeroshot_logits(ctx, cfg, data, prompts)
     labels = torch.tensor(data.labels)
