@@ -41,3 +41,39 @@ def get_recipe(name: str) -> RunConfig:
     cfg = RECIPES.get(name)()
     cfg.name = cfg.name if cfg.name != "run" else name
     return cfg
+
+
+def validate_run(cfg: RunConfig) -> None:
+    """Check what can be checked without building anything: registered names, trainer fields.
+
+    Raises a one-line ``ValueError`` naming the valid choices.
+    """
+    from finegrain.registry import IMAGE_TOWERS, METHODS, TEXT_TOWERS
+    from finegrain.train.trainer import validate
+
+    METHODS.get(cfg.method.name)
+    IMAGE_TOWERS.get(cfg.method.image.name)
+    TEXT_TOWERS.get(cfg.method.text.name)
+    validate(cfg)
+
+
+def data_path(relative: str) -> str:
+    """Where a file of the shared data folder lives, without absolute paths in code.
+
+    Tried in order: ``$FINEGRAIN_DATA/<relative>``, ``../shared/data/<relative>`` from the
+    current directory, then from the repository root. Returns the first that exists, else the
+    first candidate (the run then fails with a clear 'not found' naming it).
+    """
+    import os
+    from pathlib import Path
+
+    cands = []
+    if os.environ.get("FINEGRAIN_DATA"):
+        cands.append(Path(os.environ["FINEGRAIN_DATA"]).expanduser() / relative)
+    cands.append(Path("..") / "shared" / "data" / relative)
+    repo = Path(__file__).resolve().parents[2]
+    cands.append(repo.parent / "shared" / "data" / relative)
+    for c in cands:
+        if c.exists():
+            return str(c)
+    return str(cands[0])

@@ -1,0 +1,205 @@
+"""``finegrain``: train, evaluate, prepare data, annotate, and the embedded demo.
+
+    finegrain demo                                  # small CLIP on synthetic scenes, prints eval
+    finegrain train --recipe clip_smoke train.steps=50 data.batch_size=16
+    finegrain train --recipe clip_smoke --resume latest
+    finegrain recipes                               # one line per recipe
+    finegrain eval ... | finegrain data ... | finegrain annotate ...
+
+User mistakes (unknown recipe or key, wrong type, missing path, unwritable output dir,
+incompatible resume, non-finite loss) print one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+from typing import Any
+
+USER_ERROR = 2
+SUBCOMMANDS = {
+    "eval": ("finegrain.eval.cli", "evaluate a checkpoint on declarative tasks"),
+    "data": ("finegrain.data.cli", "inspect / convert / write data shards"),
+    "annotate": ("finegrain.annotate.cli", "make GRAIN region annotations (MLLM + detector)"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="finegrain",
+        description="Fine-grained vision-language pretraining (CLIP, SigLIP, FLAIR, GRAIN).",
+        epilog="Start with `finegrain demo`; `finegrain <command> --help` for details.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="<command>")
+    t = sub.add_parser("train", help="train a recipe: --recipe NAME [key.sub=value ...]",
+                       description="Train a recipe; override any config field with key.sub=value.")  # fmt: skip
+    t.add_argument("--recipe", help="recipe name (see `finegrain recipes`)")
+    t.add_argument("--config", help="a run's config.yaml instead of a recipe")
+    t.add_argument(
+        "--resume", metavar="latest|PATH", help="resume from the run's newest checkpoint or a path"
+    )
+    t.add_argument("--output-dir", help="run directory (default $FINEGRAIN_HOME/runs/<name>)")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    sub.add_parser("recipes", help="list recipes, one line each")
+    d = sub.add_parser("demo", help="train a small model on synthetic scenes and print its eval",
+                       description="The embedded default: a few CPU minutes, no download.")  # fmt: skip
+    d.add_argument("--method", default="clip", help="clip (default), siglip, flair, grain")
+    d.add_argument(
+        "--output-dir", help="run directory (default $FINEGRAIN_HOME/runs/demo[_METHOD])"
+    )
+    d.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    for name, (_, help_) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    return p
+
+
+def build_config(recipe: str | None, config: str | None, overrides: list[str]) -> Any:
+    """RunConfig from a recipe name or a YAML file, with dotted overrides applied."""
+    from finegrain.config import apply_overrides, load_yaml
+    from finegrain.recipes.base import RunConfig, get_recipe
+
+    if bool(recipe) == bool(config):
+        raise ValueError("give exactly one of --recipe NAME or --config FILE")
+    cfg = get_recipe(recipe) if recipe else load_yaml(RunConfig, config)
+    return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def check_paths(cfg: Any) -> None:
+    """Fail fast, with one line, on data paths that do not exist."""
+    from pathlib import Path
+
+    if cfg.data.source in ("jsonl", "csv"):
+        if not cfg.data.train:
+            raise ValueError(f"data.source={cfg.data.source} needs data.train=PATH (a manifest)")
+        if not Path(cfg.data.train).expanduser().is_file():
+            raise FileNotFoundError(f"data.train: manifest not found: {cfg.data.train}")
+    if cfg.data.source == "wds" and not cfg.data.train:
+        raise ValueError(
+            "data.source=wds needs data.train=SHARDS, e.g. data.train='cc3m/{00000..00331}.tar'"
+        )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from finegrain.config import save_yaml
+    from finegrain.recipes.base import validate_run
+
+    cfg = build_config(args.recipe, args.config, args.overrides)
+    validate_run(cfg)
+    if args.print_config:
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_yaml(cfg, Path(tmp) / "c.yaml")
+            print((Path(tmp) / "c.yaml").read_text(), end="")
+        return 0
+    check_paths(cfg)
+    from finegrain.train.trainer import train
+
+    summary = train(cfg, resume=args.resume, output_dir=args.output_dir)
+    if summary.get("metrics"):
+        _print_results(summary["metrics"])
+    return 0
+
+
+def cmd_recipes(_: argparse.Namespace) -> int:
+    from finegrain.registry import RECIPES
+
+    items = list(RECIPES.items())
+    width = max((len(n) for n, _ in items), default=0)
+    for name, fn in items:
+        doc = (fn.__doc__ or "").strip().splitlines()
+        print(f"{name:<{width}}  {doc[0] if doc else ''}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from finegrain.config import apply_overrides
+    from finegrain.recipes.base import get_recipe, validate_run
+    from finegrain.registry import METHODS, RECIPES
+
+    if args.method not in METHODS:
+        METHODS.get(args.method)  # raises naming the valid methods
+    name = "demo" if args.method == "clip" else f"demo_{args.method}"
+    if name in RECIPES:
+        cfg = get_recipe(name)
+    else:  # any registered method on the demo's towers and data
+        cfg = apply_overrides(get_recipe("demo"), [f"method.name={args.method}"])
+        cfg.name = name
+    cfg = apply_overrides(cfg, args.overrides) if args.overrides else cfg
+    validate_run(cfg)
+    from finegrain.train.trainer import train
+
+    print(f"finegrain demo: training '{cfg.name}' ({cfg.method.name}) for {cfg.train.steps} "
+          f"steps on synthetic scenes; then evaluating.", file=sys.stderr)  # fmt: skip
+    summary = train(cfg, output_dir=args.output_dir)
+    _print_results(summary.get("metrics", {}))
+    return 0
+
+
+def _print_results(results: dict[str, float]) -> None:
+    shown = {k: v for k, v in results.items() if not k.endswith("/seconds")}
+    try:
+        from finegrain.eval.report import markdown_table
+
+        print(markdown_table(shown), end="")
+    except ImportError:
+        for k, v in sorted(shown.items()):
+            print(f"{k}\t{v:.4f}")
+
+
+def _dispatch(command: str, argv: list[str]) -> int:
+    module_name = SUBCOMMANDS[command][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            print(f"finegrain {command}: not available in this install ({module_name} is missing)",
+                  file=sys.stderr)  # fmt: skip
+            return USER_ERROR
+        raise
+    return int(module.main(argv) or 0)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [ValueError, FileNotFoundError, NotADirectoryError,
+                                         PermissionError, IsADirectoryError]  # fmt: skip
+    from finegrain.config import ConfigError
+
+    errors.append(ConfigError)
+    return tuple(errors)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": cmd_train,
+    "recipes": cmd_recipes,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``finegrain`` command; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:  # the sub-CLI owns its arguments and --help
+        return _dispatch(argv[0], argv[1:])
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return USER_ERROR
+    try:
+        return COMMANDS[args.command](args)
+    except _user_errors() as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"finegrain {args.command}: error: {msg}", file=sys.stderr)
+        return USER_ERROR
+    except KeyboardInterrupt:
+        print(f"finegrain {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
