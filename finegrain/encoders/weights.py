@@ -1,0 +1,34 @@
+"""Loading local weight files safely (safetensors or ``torch.load(weights_only=True)``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WRAPPER_KEYS = ("state_dict", "model", "module", "model_state")
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A flat state dict from a ``.safetensors`` file or a torch checkpoint.
+
+    Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``) and DDP's ``module.`` prefix
+    are removed. Never unpickles arbitrary objects (``weights_only=True``).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path), device="cpu")
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in WRAPPER_KEYS:
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path} does not hold a state dict (got {type(sd).__name__})")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
