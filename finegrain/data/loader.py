@@ -126,12 +126,13 @@ class WdsBatches(IterableDataset):
 
     def __init__(self, cfg: DataConfig, sources: list, sidecar: dict | None, transform,
                  collate: Callable, *, seed: int, epoch: int, rank: int, world_size: int,
-                 cursors: dict[int, int], done: dict[int, int], rotate: int,
-                 per_worker: int | None) -> None:  # fmt: skip
+                 cursors: dict[int, int], done: dict[int, int], ended: set[int],
+                 rotate: int, per_worker: int | None) -> None:  # fmt: skip
         self.cfg, self.sources, self.sidecar = cfg, sources, sidecar
         self.transform, self.collate = transform, collate
         self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world_size
         self.cursors, self.done, self.rotate, self.per_worker = cursors, done, rotate, per_worker
+        self.ended = ended
         self.image_exts = (
             tuple(e.strip() for e in cfg.image_key.split(";") if e.strip()) or IMAGE_EXTS
         )
@@ -140,6 +141,8 @@ class WdsBatches(IterableDataset):
         info = get_worker_info()
         nw, phys = (info.num_workers, info.id) if info else (1, 0)
         worker = (phys + self.rotate) % nw
+        if worker in self.ended:  # finished before the checkpoint: contributes nothing
+            return
         slot = Slot(self.rank, self.world, worker, nw)
         stream = raw_stream(self.sources, slot, seed=self.seed, epoch=self.epoch,
                             resampled=self.cfg.resampled, repeat=self.per_worker is not None,
@@ -149,11 +152,11 @@ class WdsBatches(IterableDataset):
         first: list | None = [] if skip == 0 else None  # for the fail-fast key check
         samples, broken = [], Counter()
         for raw in stream:
+            if self.per_worker is not None and made >= self.per_worker:
+                break
             cursor += 1
             if cursor <= skip:  # replaying a resumed stream: no decoding
                 continue
-            if self.per_worker is not None and made >= self.per_worker:
-                return
             if first is not None:
                 first.append(raw)
                 if len(first) == KEY_CHECK_SAMPLES:
@@ -167,15 +170,17 @@ class WdsBatches(IterableDataset):
             except BrokenSample as e:
                 broken[e.reason] += 1
             if len(samples) == self.cfg.batch_size:
-                batch = _with_stats(self.collate, samples, broken)
-                batch["_stream"] = {"worker": worker, "cursor": cursor, "made": made + 1}
                 made += 1
+                batch = _with_stats(self.collate, samples, broken)
+                batch["_stream"] = {"worker": worker, "cursor": cursor, "made": made}
                 samples, broken = [], Counter()
                 yield batch
-        if broken:  # counts of a trailing partial batch still reach the main process
-            yield {"_data_stats": {"seen": 0, "broken": dict(broken)}, "_stats_only": True}
         if first:
             wds_key_check(first, self.cfg.caption_key, self.image_exts, "webdataset shards")
+        # End marker: carries the counts of a trailing partial batch and tells the main process
+        # this worker is done, so a resume can keep the round-robin order of the survivors.
+        yield {"_data_stats": {"seen": 0, "broken": dict(broken)}, "_end": True,
+               "_stream": {"worker": worker, "cursor": cursor, "made": made}}  # fmt: skip
 
 
 class TrainLoader:
@@ -197,6 +202,8 @@ class TrainLoader:
         self.epoch, self.batches_in_epoch, self.items_in_epoch = 0, 0, 0
         self.cursors: dict[int, int] = {}
         self.done: dict[int, int] = {}
+        self.ended: set[int] = set()  # webdataset workers that finished this epoch
+        self.last_worker = -1
         self._stats = {"seen": 0, "broken": 0, "broken_by_reason": Counter()}
         self.source: Any = None
         self.wds_sources: list | None = None
@@ -252,7 +259,8 @@ class TrainLoader:
         nw = max(1, self.num_workers)
         return WdsBatches(self.cfg, self.wds_sources, self.sidecar, self.transform, self.collate,
                           **common, cursors=dict(self.cursors), done=dict(self.done),
-                          rotate=self.items_in_epoch % nw, per_worker=self._per_worker())  # fmt: skip
+                          ended=set(self.ended), per_worker=self._per_worker(),
+                          rotate=(self.last_worker + 1) % nw if self.items_in_epoch else 0)  # fmt: skip
 
     def _epoch_batches(self) -> Iterator[dict[str, Any]]:
         loader = DataLoader(self._dataset(), batch_size=None, shuffle=False,
@@ -263,9 +271,11 @@ class TrainLoader:
             self._count(batch.pop("_data_stats"))
             stream = batch.pop("_stream", None)
             if stream is not None:
+                self.last_worker = stream["worker"]
                 self.cursors[stream["worker"]] = stream["cursor"]
                 self.done[stream["worker"]] = stream["made"]
-            if batch.pop("_stats_only", False):
+            if batch.pop("_end", False):
+                self.ended.add(stream["worker"])
                 continue
             self.batches_in_epoch += 1
             yield batch
@@ -284,7 +294,7 @@ class TrainLoader:
                      self.stats())  # fmt: skip
             self.epoch += 1
             self.batches_in_epoch = self.items_in_epoch = 0
-            self.cursors, self.done = {}, {}
+            self.cursors, self.done, self.ended, self.last_worker = {}, {}, set(), -1
 
     def _count(self, stats: dict[str, Any]) -> None:
         self._stats["seen"] += stats["seen"]
@@ -312,7 +322,8 @@ class TrainLoader:
         return {
             "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
             "items_in_epoch": self.items_in_epoch, "cursors": dict(self.cursors),
-            "done": dict(self.done), "num_workers": self.num_workers,
+            "done": dict(self.done), "ended": sorted(self.ended), "last_worker": self.last_worker,
+            "num_workers": self.num_workers,
             "world_size": self.world_size, "stats": self.stats(),
         }  # fmt: skip
 
@@ -328,6 +339,8 @@ class TrainLoader:
         self.items_in_epoch = int(state.get("items_in_epoch", self.batches_in_epoch))
         self.cursors = {int(k): int(v) for k, v in state.get("cursors", {}).items()}
         self.done = {int(k): int(v) for k, v in state.get("done", {}).items()}
+        self.ended = {int(w) for w in state.get("ended", [])}
+        self.last_worker = int(state.get("last_worker", -1))
         st = state.get("stats", {})
         self._stats = {"seen": int(st.get("seen", 0)), "broken": int(st.get("broken", 0)),
                        "broken_by_reason": Counter(st.get("broken_by_reason", {}))}  # fmt: skip

@@ -160,12 +160,15 @@ def check_keys(records: list[dict], caption_key: str, where: str,
             f"{where}: none of the first {len(records)} samples has an image key "
             f"({' or '.join(image_keys)}); keys present: {', '.join(present)}"
         )
-    caption_fields = (caption_key, "captions", "long_caption", "sentences")
-    if not any(k in r for r in records for k in caption_fields):
+    # the default key accepts any caption field; an explicitly configured key must exist
+    fields = (caption_key, "captions", "long_caption", "sentences")
+    if caption_key != "caption":
+        fields = (caption_key,)
+    if not any(k in r for r in records for k in fields):
         raise ValueError(
             f"{where}: none of the first {len(records)} samples has the caption key "
-            f"'{caption_key}' (nor captions/long_caption/sentences); keys present: "
-            f"{', '.join(present)}. Set data.caption_key to one of them."
+            f"'{caption_key}'{' (nor captions/long_caption/sentences)' if len(fields) > 1 else ''}"
+            f"; keys present: {', '.join(present)}. Set data.caption_key to one of them."
         )
 
 
@@ -255,10 +258,11 @@ def load_sidecar(path: str) -> dict[str, dict]:
 def wds_raw(sample: dict[str, Any], caption_key: str, image_exts: tuple[str, ...],
             sidecar: dict[str, dict] | None = None) -> dict[str, Any]:  # fmt: skip
     """Raw sample from webdataset members. The caption comes from ``json[caption_key]``, else
-    from the member with extension ``caption_key``, else from ``txt`` (img2dataset)."""
+    from the member with extension ``caption_key``, else (default key only) from ``txt``."""
     key = sample["__key__"].rsplit("/", 1)[-1]
     image = next((sample[e] for e in image_exts if e in sample), None)
-    text = sample.get(caption_key if caption_key in sample else "txt")
+    text_ext = caption_key if caption_key in sample else "txt" if caption_key == "caption" else ""
+    text = sample.get(text_ext)
     record: Any = sample.get("json", b"{}")
     if text is not None or sidecar:
         try:  # an invalid JSON stays bytes and is counted as broken by make_sample
@@ -291,6 +295,7 @@ def wds_key_check(samples: list[dict], caption_key: str, image_exts: tuple[str, 
         except BrokenSample:
             continue
         if isinstance(r, dict):
-            records.append({**r, **({caption_key: 1} if caption_key in s or "txt" in s else {})})
+            has_text = caption_key in s or (caption_key == "caption" and "txt" in s)
+            records.append({**r, **({caption_key: 1} if has_text else {})})
     if records:
         check_keys(records, caption_key, where)
