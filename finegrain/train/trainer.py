@@ -26,6 +26,7 @@ from finegrain.train.optim import build_optimizer, lr_at, set_lr
 from finegrain.train.step import exact_accumulation, to_device
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+HEADLINE = ("recall@1", "acc1", "miou")  # metrics echoed on the console after an eval
 
 
 class NonFiniteLossError(ValueError):
@@ -243,7 +244,7 @@ class Trainer:
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
                     metrics = self.evaluate(log)
             self.save()
-            metrics = self.evaluate(log)
+            metrics = self.evaluate(log, final=True)
             status = "completed"
         except NonFiniteLossError:
             status = "stopped: non-finite loss"
@@ -317,13 +318,15 @@ class Trainer:
         dist_utils.barrier()
         return path
 
-    def evaluate(self, log: RunLogger) -> dict[str, float]:
-        """Run ``cfg.eval.tasks`` on rank 0 (training RNG untouched); {} when none."""
+    def evaluate(self, log: RunLogger, final: bool = False) -> dict[str, float]:
+        """Run ``cfg.eval.tasks`` on rank 0 (training RNG untouched); {} when none.
+
+        The final evaluation also writes plots and ``eval/results.{json,md}``."""
         tasks = list(self.cfg.eval.tasks)
         results: dict[str, float] = {}
         if tasks and self.info.is_main:
             try:
-                from finegrain.eval import run_tasks
+                from finegrain.eval import run_tasks, write_report
             except ImportError as e:
                 warnings.warn(
                     f"evaluation skipped: finegrain.eval is unavailable ({e})", stacklevel=2
@@ -331,23 +334,19 @@ class Trainer:
                 run_tasks = None
             if run_tasks is not None:
                 rng = ckpt.rng_state()
-                self.method.eval()
+                out_dir = self.run_dir / "eval" if final else None
                 try:
-                    results = run_tasks(
-                        self.method,
-                        tasks,
-                        device=str(self.device),
-                        out_dir=str(self.run_dir / "eval" / f"step_{self.step:07d}"),
-                        progress=False,
-                    )
+                    results = run_tasks(self.method, tasks, device=str(self.device),
+                                        out_dir=out_dir, progress=False, data_cfg=self.cfg.data)  # fmt: skip
                 finally:
                     self.method.train()
                     ckpt.set_rng_state(rng)
+                if out_dir is not None:
+                    write_report(results, out_dir)
                 log.metrics(self.step, results)
-                log.write(
-                    f"eval @ step {self.step}: "
-                    + ", ".join(f"{k}={v:.4g}" for k, v in results.items())
-                )
+                head = {k: v for k, v in results.items() if k.endswith(HEADLINE)}
+                log.write(f"eval @ step {self.step}: " + ", ".join(
+                    f"{k}={v:.4g}" for k, v in head.items()))  # fmt: skip
         dist_utils.barrier()
         return results
 
