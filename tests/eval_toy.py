@@ -20,8 +20,12 @@ from finegrain.encoders.base import ImageTowerConfig
 from finegrain.methods.base import Method, MethodConfig
 
 COLORS = {
-    "red": (230, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 230),
-    "yellow": (240, 230, 20), "purple": (150, 30, 190), "white": (245, 245, 245),
+    "red": (230, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (30, 40, 230),
+    "yellow": (240, 230, 20),
+    "purple": (150, 30, 190),
+    "white": (245, 245, 245),
 }
 VOCAB, LEN, DIM, PATCH = 512, 12, 16, 8
 
@@ -40,6 +44,8 @@ def word_id(w: str) -> int:
 class ToyMethod(Method):
     """Global toy: image = projection of mean colour + a little random pixel projection;
     text = mean of word embeddings where colour words sit on their colour's projection."""
+
+    Config = ToyConfig
 
     def __init__(self, cfg: ToyConfig | None = None) -> None:
         super().__init__(cfg or ToyConfig())
@@ -117,8 +123,9 @@ class ConditionedToy(ToyMethod):
         return (F.normalize(pooled, dim=-1) * text_feats[None]).sum(-1)  # (B, T)
 
 
-def naive_conditioned(m: ConditionedToy, image_feats: torch.Tensor, text_feats: torch.Tensor
-                      ) -> torch.Tensor:
+def naive_conditioned(
+    m: ConditionedToy, image_feats: torch.Tensor, text_feats: torch.Tensor
+) -> torch.Tensor:
     """The same score as a double loop over pairs (reference)."""
     out = torch.empty(image_feats.shape[0], text_feats.shape[0])
     for i in range(image_feats.shape[0]):
@@ -154,3 +161,13 @@ def color_scene(colors: list[str], size: int = 32) -> tuple[Image.Image, np.ndar
         arr[ys : ys + h, xs : xs + h] = COLORS[c]
         mask[ys : ys + h, xs : xs + h] = 1 + names.index(c)
     return Image.fromarray(arr), mask
+
+
+def register_toy() -> None:
+    """Make ``method.name=toy`` loadable by ``finegrain.train.checkpoint.load_method``."""
+    from finegrain.registry import METHODS
+
+    try:
+        METHODS.add("toy", ToyMethod)
+    except ValueError:  # already registered by another test
+        pass

@@ -79,13 +79,14 @@ def test_rerank_key_orders_candidates_first_by_conditioned_score():
 
 def write_manifest(tmp_path, n_per_color: int = 3) -> str:
     rows = []
-    (tmp_path / "img").mkdir()
+    (tmp_path / "img").mkdir(parents=True)
     for k, c in enumerate(COLORS):
         for j in range(n_per_color):
             name = f"img/{c}_{j}.png"
             color_image(c, seed=10 * k + j).save(tmp_path / name)
-            rows.append({"image": name, "captions": [f"a {c} picture", f"{c} square {j}"],
-                         "split": "test"})
+            rows.append(
+                {"image": name, "captions": [f"a {c} picture", f"{c} square {j}"], "split": "test"}
+            )
     path = tmp_path / "captions.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return str(path)
@@ -98,13 +99,20 @@ def _task(path: str, **kw) -> EvalTaskConfig:
 def test_run_tasks_global_conditioned_rerank(tmp_path):
     path = write_manifest(tmp_path)
     m = ConditionedToy()
-    tasks = [_task(path), _task(path, scoring="conditioned"),
-             _task(path, scoring="rerank", rerank_k=3), _task(path, scoring="rerank", rerank_k=100)]
+    tasks = [
+        _task(path),
+        _task(path, scoring="conditioned"),
+        _task(path, scoring="rerank", rerank_k=3),
+        _task(path, scoring="rerank", rerank_k=100),
+    ]
     res = run_tasks(m, tasks, progress=False)
     assert m.training, "run_tasks must restore train mode"
     g = "retrieval/manifest/"
     for prefix in (g, g + "conditioned/", g + "rerank+k3/", g + "rerank+k100/"):
-        r1, r10 = res[prefix + "image_retrieval_recall@1"], res[prefix + "image_retrieval_recall@10"]
+        r1, r10 = (
+            res[prefix + "image_retrieval_recall@1"],
+            res[prefix + "image_retrieval_recall@10"],
+        )
         assert 0.0 <= r1 <= r10 <= 1.0
         # by colour the toy finds the right group of 3 images: far above chance (1/18)
         assert res[prefix + "image_retrieval_recall@5"] > 0.6, (prefix, res)
@@ -115,10 +123,13 @@ def test_run_tasks_global_conditioned_rerank(tmp_path):
 
 def test_rerank_with_k1_keeps_global_top1(tmp_path):
     path = write_manifest(tmp_path, 2)
-    res = run_tasks(ConditionedToy(), [_task(path), _task(path, scoring="rerank", rerank_k=1)],
-                    progress=False)
+    res = run_tasks(
+        ConditionedToy(), [_task(path), _task(path, scoring="rerank", rerank_k=1)], progress=False
+    )
     for k in ("image_retrieval_recall@1", "text_retrieval_recall@5", "image_retrieval_mean_rank"):
-        assert res[f"retrieval/manifest/rerank+k1/{k}"] == pytest.approx(res[f"retrieval/manifest/{k}"])
+        assert res[f"retrieval/manifest/rerank+k1/{k}"] == pytest.approx(
+            res[f"retrieval/manifest/{k}"]
+        )
 
 
 def test_conditioned_scoring_needs_score_features(tmp_path):
@@ -142,6 +153,9 @@ def test_flickr8k_test_split(flickr8k_dir):
     data = load_task_data(cfg)
     assert len(data.images) == 1000 and len(data.texts) == 5000
     assert torch.bincount(torch.tensor(data.text_to_image)).eq(5).all()
-    res = run_tasks(ToyMethod(), [EvalTaskConfig(task="retrieval", dataset="flickr8k",
-                                                 path=str(flickr8k_dir), limit=40)], progress=False)
+    res = run_tasks(
+        ToyMethod(),
+        [EvalTaskConfig(task="retrieval", dataset="flickr8k", path=str(flickr8k_dir), limit=40)],
+        progress=False,
+    )
     assert 0 < res["retrieval/flickr8k/text_retrieval_recall@10"] <= 1

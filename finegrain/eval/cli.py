@@ -1,0 +1,124 @@
+"""``finegrain eval``: evaluate one or more checkpoints on declarative tasks.
+
+    finegrain eval --checkpoint runs/flair_cc3m --tasks retrieval:flickr8k=/data/flickr8k
+    finegrain eval --checkpoint a.safetensors --checkpoint runs/b \\
+        --tasks "zeroshot:synthetic/shape@descriptions=builtin,retrieval:synthetic/sentences" \\
+        --set scoring=rerank --out reports/ab
+
+Task syntax: ``TASK:DATASET[/VARIANT][=PATH][@key=value]...`` where keys are fields of
+``EvalTaskConfig`` (``scoring``, ``rerank_k``, ``templates``, ``descriptions``,
+``fusion_alpha``, ``context_length``, ``background_threshold``, ``image_root``, ``limit``, ...);
+``--set key=value`` applies to every task. Without ``--tasks`` the run config's ``eval.tasks``
+are used. Writes ``results.json`` and ``results.md`` (one column per checkpoint) and the plots
+under ``--out`` and prints the Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from finegrain.config import ConfigError, from_dict
+from finegrain.eval.config import EvalTaskConfig
+from finegrain.registry import suggest
+
+USER_ERROR = 2
+
+
+def parse_task(spec: str, common: dict[str, str] | None = None) -> EvalTaskConfig:
+    """``retrieval:coco/karpathy=/data/coco.json@scoring=rerank`` -> an ``EvalTaskConfig``."""
+    head, *opts = spec.strip().split("@")
+    if ":" not in head:
+        raise ValueError(f"task '{spec}' must look like TASK:DATASET[/VARIANT][=PATH][@key=value]")
+    task, rest = head.split(":", 1)
+    target, _, path = rest.partition("=")
+    dataset, _, variant = target.partition("/")
+    data: dict[str, object] = {"task": task, "dataset": dataset, "variant": variant, "path": path}
+    data.update(common or {})
+    for o in opts:
+        if "=" not in o:
+            raise ValueError(f"task option '{o}' in '{spec}' must look like key=value")
+        k, v = o.split("=", 1)
+        data[k] = v
+    fields = [f.name for f in dataclasses.fields(EvalTaskConfig)]
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ValueError(f"unknown task option '{unknown[0]}'{suggest(unknown[0], fields)}; "
+                         f"valid: {', '.join(fields)}")  # fmt: skip
+    return from_dict(EvalTaskConfig, data)
+
+
+def _split_specs(text: str) -> list[str]:
+    return [s for s in (p.strip() for p in text.split(",")) if s]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="finegrain eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", action="append", required=True, metavar="RUN_OR_FILE",
+                   help="run dir, checkpoint dir or .safetensors file (repeat to compare)")  # fmt: skip
+    p.add_argument(
+        "--tasks", default="", help="comma-separated TASK:DATASET[/VARIANT][=PATH][@k=v]"
+    )
+    p.add_argument("--set", action="append", default=[], metavar="key=value",
+                   help="task option applied to every task")  # fmt: skip
+    p.add_argument("--out", default="", help="output folder (default: <first run>/eval)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _label(ckpt: str, run_name: str, taken: set[str]) -> str:
+    label = run_name if run_name and run_name not in taken else Path(ckpt).name
+    while label in taken:
+        label += "'"
+    return label
+
+
+def run(args: argparse.Namespace) -> int:
+    from finegrain.eval import run_tasks, write_report
+    from finegrain.eval.report import markdown_table
+    from finegrain.train.checkpoint import load_method
+
+    common = {}
+    for s in args.set:
+        if "=" not in s:
+            raise ValueError(f"--set '{s}' must look like key=value")
+        k, v = s.split("=", 1)
+        common[k] = v
+    results: dict[str, dict[str, float]] = {}
+    out = Path(args.out) if args.out else None
+    for ckpt in args.checkpoint:
+        method, cfg = load_method(ckpt, map_location=args.device)
+        specs = _split_specs(args.tasks)
+        tasks = [parse_task(s, common) for s in specs] or [
+            from_dict(EvalTaskConfig, {**dataclasses.asdict(t), **common}) for t in cfg.eval.tasks
+        ]
+        if not tasks:
+            raise ValueError(f"no --tasks given and the run config of {ckpt} lists no eval.tasks")
+        if out is None:
+            base = Path(ckpt)
+            out = (base if base.is_dir() else base.parent) / "eval"
+        label = _label(ckpt, getattr(cfg, "name", ""), set(results))
+        results[label] = run_tasks(method, tasks, device=args.device, out_dir=out / label,
+                                   progress=not args.quiet, data_cfg=cfg.data)  # fmt: skip
+    assert out is not None
+    paths = write_report(results, out)
+    shown = {
+        m: {k: v for k, v in r.items() if not k.endswith("/seconds")} for m, r in results.items()
+    }
+    print(markdown_table(shown), end="")
+    print(f"wrote {paths['json']} and {paths['markdown']}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``finegrain eval``; returns the exit code (2 for user mistakes)."""
+    args = _parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, ConfigError, FileNotFoundError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"finegrain eval: error: {msg}", file=sys.stderr)
+        return USER_ERROR
