@@ -1,1 +1,1 @@
-"""heads."""
+"""Heads: pooling, projections, region decoder, pixel decoder (see ../shared/DESIGN.md)."""

@@ -1,0 +1,174 @@
+"""The two baseline methods: CLIP (Radford et al. 2021) and SigLIP (Zhai et al. 2023).
+
+Both are dual encoders: image tower + text tower, each followed by a bias-free linear
+projection into ``embed_dim``, L2-normalised. They differ only in the loss:
+
+- ``clip``: symmetric softmax InfoNCE (CLIP Fig. 3), learnable temperature ``t = exp(s)``,
+  ``s`` initialised to ``log(1/0.07)`` and clamped to ``ln 100`` after every optimizer step
+  (CLIP Sec. 2.5). Across ranks: local loss with gather-with-grad by default.
+- ``siglip``: pairwise sigmoid loss (SigLIP Eq. 1), learnable ``t = exp(s)`` (init ``log 10``)
+  and bias ``b`` (init -10, SigLIP Sec. 3.2); ring exchange across ranks as big_vision.
+  With ``num_captions > 1`` the batch carries K captions per image (``texts`` (B, K, L)) and
+  the multi-positive sigmoid loss treats all K as positives.
+
+``features`` returns only per-sample tensors (normalised embeddings); the logit scale/bias are
+module parameters read in ``loss_from_features``, so micro-batch features concatenate for
+exact gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from finegrain.data.collate import ContrastiveCollate
+from finegrain.encoders.base import build_image_tower, build_text_tower
+from finegrain.heads.projection import Projection
+from finegrain.losses.contrastive import (
+    EXCHANGES,
+    clip_loss,
+    multi_positive_sigmoid_loss,
+    siglip_loss,
+)
+from finegrain.methods.base import Method, MethodConfig, normalize
+from finegrain.outputs import MethodOutput
+from finegrain.registry import METHODS
+
+
+@dataclass
+class CLIPConfig(MethodConfig):
+    name: str = "clip"
+    projection: str = "linear"  # linear | none (towers' width must equal embed_dim)
+    init_logit_scale: float = math.log(1 / 0.07)  # s, with t = exp(s)
+    max_logit_scale: float = 100.0  # clamp t <= this after each step (0 = no clamp)
+    local_loss: bool = True  # each rank: its rows vs all columns (O(B N) memory)
+    gather: bool = True  # negatives from all ranks (gathered with gradient)
+
+
+@dataclass
+class SigLIPConfig(MethodConfig):
+    name: str = "siglip"
+    projection: str = "linear"
+    init_logit_scale: float = math.log(10.0)
+    init_logit_bias: float = -10.0
+    max_logit_scale: float = 0.0  # big_vision does not clamp; > 0 clamps t <= this
+    num_captions: int = 1  # K > 1: multi-positive sigmoid loss over `texts` (B, K, L)
+    exchange: str = "ring"  # ring (big_vision chunked) | gather
+
+
+class DualEncoder(Method):
+    """Towers + projections + the Method contract shared by CLIP and SigLIP."""
+
+    Config = CLIPConfig
+    num_captions = 1
+
+    def __init__(self, cfg: CLIPConfig | SigLIPConfig) -> None:
+        super().__init__(cfg)
+        self.image = build_image_tower(cfg.image)
+        self.text = build_text_tower(cfg.text)
+        self.image_proj = Projection(
+            self.image.width, cfg.embed_dim, cfg.projection, where="image tower"
+        )
+        self.text_proj = Projection(
+            self.text.width, cfg.embed_dim, cfg.projection, where="text tower"
+        )
+        # open_clip towers keep their pretrained projections: start from them when they fit
+        self.image_proj.init_from(getattr(self.image, "pretrained_proj", None))
+        self.text_proj.init_from(getattr(self.text, "pretrained_proj", None))
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+
+    # ---- encoders -------------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.text.tokenizer(texts)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        x = self.image_proj(self.image(images).pooled)  # (B, E)
+        return _l2(x) if normalize else x
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        lead = tokens.shape[:-1]  # (B,) or (B, K)
+        x = self.text_proj(self.text(tokens.reshape(-1, tokens.shape[-1])).pooled)  # (B*K, E)
+        x = x.reshape(*lead, -1)
+        return _l2(x) if normalize else x
+
+    def dense_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, E, h, w): patch tokens through the image projection (not normalised).
+
+        For a CLS-trained CLIP/SigLIP this is the naive MaskCLIP-style dense feature (Zhou et
+        al. 2022 use the value path of the last block; we use the final patch tokens): the
+        patches were never trained to align with text, so expect coarse segmentation."""
+        out = self.image(images)
+        tokens = self.image_proj(out.tokens)  # (B, N, E)
+        b, _, e = tokens.shape
+        h, w = out.grid_hw
+        return tokens.transpose(1, 2).reshape(b, e, h, w)
+
+    # ---- training -------------------------------------------------------------------
+    def make_collate(self, train: bool = True) -> ContrastiveCollate:
+        return ContrastiveCollate(self.text.tokenizer, self.num_captions, train=train)
+
+    def features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        key = "texts" if self.num_captions > 1 else "text"
+        if key not in batch:
+            raise ValueError(
+                f"method '{self.cfg.name}' needs batch['{key}']; got keys {sorted(batch)}"
+            )
+        text = self.encode_text(batch[key])  # (B, E) or (B, K, E)
+        return {"image": self.encode_image(batch["image"]), "text": text}
+
+    def after_optimizer_step(self, step: int) -> None:
+        if self.cfg.max_logit_scale > 0:
+            with torch.no_grad():
+                self.logit_scale.clamp_(0.0, math.log(self.cfg.max_logit_scale))
+
+    def _metrics(self) -> dict[str, float | torch.Tensor]:
+        return {"logit_scale": self.logit_scale.detach().exp()}
+
+
+def _l2(x: torch.Tensor) -> torch.Tensor:
+    return normalize(x)
+
+
+@METHODS.register("clip")
+class CLIP(DualEncoder):
+    """CLIP: softmax InfoNCE over image-text pairs (Radford et al. 2021, Fig. 3)."""
+
+    Config = CLIPConfig
+
+    def loss_from_features(self, feats: dict[str, torch.Tensor]) -> MethodOutput:
+        c = self.cfg
+        loss = clip_loss(feats["image"], feats["text"], self.logit_scale.exp(),
+                         local_loss=c.local_loss, gather=c.gather)  # fmt: skip
+        return MethodOutput(loss=loss, losses={"clip_loss": loss.detach()}, metrics=self._metrics())
+
+
+@METHODS.register("siglip")
+class SigLIP(DualEncoder):
+    """SigLIP: pairwise sigmoid loss (Zhai et al. 2023, Eq. 1); multi-positive with K captions."""
+
+    Config = SigLIPConfig
+
+    def __init__(self, cfg: SigLIPConfig) -> None:
+        if cfg.exchange not in EXCHANGES:
+            raise ValueError(
+                f"unknown exchange '{cfg.exchange}'; valid choices: {', '.join(EXCHANGES)}"
+            )
+        if cfg.num_captions < 1:
+            raise ValueError(f"num_captions must be >= 1, got {cfg.num_captions}")
+        super().__init__(cfg)
+        self.num_captions = cfg.num_captions
+        self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
+
+    def loss_from_features(self, feats: dict[str, torch.Tensor]) -> MethodOutput:
+        image, text = feats["image"], feats["text"]
+        scale, bias, ex = self.logit_scale.exp(), self.logit_bias, self.cfg.exchange
+        if text.dim() == 3:  # (B, K, E): K positives per image
+            loss = multi_positive_sigmoid_loss(image, text, scale, bias, exchange=ex)
+        else:
+            loss = siglip_loss(image, text, scale, bias, exchange=ex)
+        metrics = {**self._metrics(), "logit_bias": self.logit_bias.detach()}
+        return MethodOutput(loss=loss, losses={"siglip_loss": loss.detach()}, metrics=metrics)
