@@ -29,6 +29,7 @@ More than ``max_broken_fraction`` broken (after ``min_broken_check`` samples) st
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from collections import Counter
@@ -149,7 +150,10 @@ class WdsBatches(IterableDataset):
                             shuffle_buffer=self.cfg.shuffle_buffer)  # fmt: skip
         cursor, made = 0, self.done.get(worker, 0)
         skip = self.cursors.get(worker, 0)
-        first: list | None = [] if skip == 0 else None  # for the fail-fast key check
+        if skip == 0:  # fail fast on keys no sample has, before decoding anything
+            head = list(itertools.islice(stream, KEY_CHECK_SAMPLES))
+            wds_key_check(head, self.cfg.caption_key, self.image_exts, "webdataset shards")
+            stream = itertools.chain(head, stream)
         samples, broken = [], Counter()
         for raw in stream:
             if self.per_worker is not None and made >= self.per_worker:
@@ -157,11 +161,6 @@ class WdsBatches(IterableDataset):
             cursor += 1
             if cursor <= skip:  # replaying a resumed stream: no decoding
                 continue
-            if first is not None:
-                first.append(raw)
-                if len(first) == KEY_CHECK_SAMPLES:
-                    wds_key_check(first, self.cfg.caption_key, self.image_exts, "webdataset shards")
-                    first = None
             try:
                 s = make_sample(wds_raw(raw, self.cfg.caption_key, self.image_exts, self.sidecar),
                                 self.transform, mix_seed(self.seed, self.epoch, slot.index, cursor),
@@ -175,8 +174,6 @@ class WdsBatches(IterableDataset):
                 batch["_stream"] = {"worker": worker, "cursor": cursor, "made": made}
                 samples, broken = [], Counter()
                 yield batch
-        if first:
-            wds_key_check(first, self.cfg.caption_key, self.image_exts, "webdataset shards")
         # End marker: carries the counts of a trailing partial batch and tells the main process
         # this worker is done, so a resume can keep the round-robin order of the survivors.
         yield {"_data_stats": {"seen": 0, "broken": dict(broken)}, "_end": True,

@@ -282,6 +282,8 @@ def wds_raw(sample: dict[str, Any], caption_key: str, image_exts: tuple[str, ...
 def wds_key_check(samples: list[dict], caption_key: str, image_exts: tuple[str, ...],
                   where: str) -> None:  # fmt: skip
     """Fail fast (a known OpenCLIP hang) when the first samples lack the configured keys."""
+    if not samples:
+        return
     exts = sorted({k for s in samples for k in s if not k.startswith("__")})
     if not any(e in s for s in samples for e in image_exts):
         raise ValueError(
