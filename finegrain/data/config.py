@@ -42,4 +42,5 @@ class DataConfig:
     sidecar: str = ""  # JSONL joined by "key" onto wds samples (extra fields: regions, ...)
     epoch_samples: int = 0  # wds: samples per epoch over all ranks (0 = one pass over shards)
     min_box_visible: float = 0.25  # drop a region keeping less than this fraction after a crop
+    load_masks: bool = False  # decode `mask.png` members into sample["mask"] (evaluation data)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

@@ -162,8 +162,10 @@ class WdsBatches(IterableDataset):
             if cursor <= skip:  # replaying a resumed stream: no decoding
                 continue
             try:
-                s = make_sample(wds_raw(raw, self.cfg.caption_key, self.image_exts, self.sidecar),
-                                self.transform, mix_seed(self.seed, self.epoch, slot.index, cursor),
+                r = wds_raw(raw, self.cfg.caption_key, self.image_exts, self.sidecar)
+                if not self.cfg.load_masks:
+                    r["mask"] = None
+                s = make_sample(r, self.transform, mix_seed(self.seed, self.epoch, slot.index, cursor),
                                 self.cfg.caption_key)  # fmt: skip
                 samples.append(s)
             except BrokenSample as e:
@@ -212,7 +214,9 @@ class TrainLoader:
         if cfg.source == "synthetic":
             from finegrain.data.synthetic_sets import SyntheticScenes
 
-            self.source = SyntheticScenes(cfg.synthetic, cfg.image_size, self.transform)
+            self.source = SyntheticScenes(
+                cfg.synthetic, cfg.image_size, self.transform, with_mask=cfg.load_masks
+            )
         elif cfg.source in ("jsonl", "csv"):
             if not cfg.train:
                 raise ValueError(f"data.train must name the {cfg.source} manifest")
