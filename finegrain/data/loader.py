@@ -75,42 +75,36 @@ def _with_stats(collate: Callable, samples: list[dict], broken: Counter) -> dict
 
 
 class MapBatches(Dataset):
-    """Batch ``b`` of one epoch of a map-style source for one rank (indexable by batch)."""
+    """All batches of a map-style source for one rank, indexed by the *global* batch number
+    ``g = epoch * num_batches + b``, so one DataLoader (and its workers) serves every epoch."""
 
     def __init__(self, source: Any, transform: BoxTransform, collate: Callable, *, seed: int,
-                 epoch: int, rank: int, world_size: int, batch_size: int, start: int,
-                 caption_key: str) -> None:  # fmt: skip
+                 rank: int, world_size: int, batch_size: int, caption_key: str) -> None:  # fmt: skip
         self.source, self.transform, self.collate = source, transform, collate
-        self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world_size
-        self.batch_size, self.start, self.caption_key = batch_size, start, caption_key
+        self.seed, self.rank, self.world = seed, rank, world_size
+        self.batch_size, self.caption_key = batch_size, caption_key
         self.n = len(source)
         self.num_batches = (self.n // world_size) // batch_size
-        self._perm: torch.Tensor | None = None
+        self._perm: tuple[int, torch.Tensor] | None = None
 
-    def __len__(self) -> int:
-        return max(0, self.num_batches - self.start)
+    def perm(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:  # once per worker process and epoch
+            g = torch.Generator().manual_seed(mix_seed(self.seed, "perm", epoch) % 2**63)
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        return self._perm[1]
 
-    def perm(self) -> torch.Tensor:
-        if self._perm is None:  # computed once per worker process and epoch
-            g = torch.Generator().manual_seed(mix_seed(self.seed, "perm", self.epoch) % 2**63)
-            self._perm = torch.randperm(self.n, generator=g)
-        return self._perm
-
-    def load(self, index: int, seed: int) -> dict[str, Any]:
-        if hasattr(self.source, "sample") and not hasattr(self.source, "rows"):
-            return self.source.sample(index, seed)
-        return make_sample(self.source.raw(index), self.transform, seed, self.caption_key)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        b = self.start + i
-        perm, samples, broken = self.perm(), [], Counter()
+    def __getitem__(self, g: int) -> dict[str, Any]:
+        epoch, b = divmod(g, self.num_batches)
+        perm, samples, broken = self.perm(epoch), [], Counter()
         for j in range(b * self.batch_size, (b + 1) * self.batch_size):
             pos = self.rank + self.world * j  # epoch-global position, disjoint across ranks
             for attempt in range(MAX_ATTEMPTS):
                 index = int(perm[pos]) if attempt == 0 else random.Random(
-                    mix_seed(self.seed, self.epoch, pos, "substitute", attempt)).randrange(self.n)  # fmt: skip
+                    mix_seed(self.seed, epoch, pos, "substitute", attempt)).randrange(self.n)  # fmt: skip
+                seed = mix_seed(self.seed, epoch, pos, attempt)
                 try:
-                    samples.append(self.load(index, mix_seed(self.seed, self.epoch, pos, attempt)))
+                    raw = self.source.raw(index)
+                    samples.append(make_sample(raw, self.transform, seed, self.caption_key))
                     break
                 except BrokenSample as e:
                     broken[e.reason] += 1
@@ -250,52 +244,64 @@ class TrainLoader:
             raise ValueError("data.epoch_samples is too small for one batch per worker and rank")
         return n
 
-    def _dataset(self) -> Dataset | IterableDataset:
-        common = {"seed": self.seed, "epoch": self.epoch, "rank": self.rank,
-                  "world_size": self.world_size}  # fmt: skip
-        if self.source is not None:
-            return MapBatches(self.source, self.transform, self.collate, **common,
-                              batch_size=self.cfg.batch_size, start=self.batches_in_epoch,
-                              caption_key=self.cfg.caption_key)  # fmt: skip
-        nw = max(1, self.num_workers)
-        return WdsBatches(self.cfg, self.wds_sources, self.sidecar, self.transform, self.collate,
-                          **common, cursors=dict(self.cursors), done=dict(self.done),
-                          ended=set(self.ended), per_worker=self._per_worker(),
-                          rotate=(self.last_worker + 1) % nw if self.items_in_epoch else 0)  # fmt: skip
+    def _iter_map(self) -> Iterator[dict[str, Any]]:
+        """Map-style: one endless DataLoader over global batch numbers."""
+        ds = MapBatches(self.source, self.transform, self.collate, seed=self.seed, rank=self.rank,
+                        world_size=self.world_size, batch_size=self.cfg.batch_size,
+                        caption_key=self.cfg.caption_key)  # fmt: skip
+        start = self.epoch * ds.num_batches + self.batches_in_epoch
+        loader = DataLoader(ds, batch_size=None, sampler=itertools.count(start),
+                            num_workers=self.num_workers, collate_fn=_identity)  # fmt: skip
+        for batch in loader:
+            self._count(batch.pop("_data_stats"))
+            self.batches_in_epoch += 1
+            if self.batches_in_epoch == ds.num_batches:
+                self._end_epoch()
+            yield batch
 
-    def _epoch_batches(self) -> Iterator[dict[str, Any]]:
-        loader = DataLoader(self._dataset(), batch_size=None, shuffle=False,
-                            num_workers=self.num_workers, collate_fn=_identity,
-                            persistent_workers=False)  # fmt: skip
+    def _wds_epoch(self) -> Iterator[dict[str, Any]]:
+        """Webdataset: one DataLoader per epoch (workers restart their streams)."""
+        nw = max(1, self.num_workers)
+        ds = WdsBatches(self.cfg, self.wds_sources, self.sidecar, self.transform, self.collate,
+                        seed=self.seed, epoch=self.epoch, rank=self.rank,
+                        world_size=self.world_size, cursors=dict(self.cursors),
+                        done=dict(self.done), ended=set(self.ended), per_worker=self._per_worker(),
+                        rotate=(self.last_worker + 1) % nw if self.items_in_epoch else 0)  # fmt: skip
+        loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity)
         for batch in loader:
             self.items_in_epoch += 1
             self._count(batch.pop("_data_stats"))
-            stream = batch.pop("_stream", None)
-            if stream is not None:
-                self.last_worker = stream["worker"]
-                self.cursors[stream["worker"]] = stream["cursor"]
-                self.done[stream["worker"]] = stream["made"]
+            stream = batch.pop("_stream")
+            self.last_worker = stream["worker"]
+            self.cursors[stream["worker"]] = stream["cursor"]
+            self.done[stream["worker"]] = stream["made"]
             if batch.pop("_end", False):
                 self.ended.add(stream["worker"])
                 continue
             self.batches_in_epoch += 1
             yield batch
 
+    def _end_epoch(self) -> None:
+        log.info("data epoch %d done: %d batches, %s", self.epoch, self.batches_in_epoch,
+                 self.stats())  # fmt: skip
+        self.epoch += 1
+        self.batches_in_epoch = self.items_in_epoch = 0
+        self.cursors, self.done, self.ended, self.last_worker = {}, {}, set(), -1
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.source is not None:
+            yield from self._iter_map()
+            return
         while True:
             produced = 0
-            for batch in self._epoch_batches():
+            for batch in self._wds_epoch():
                 produced += 1
                 yield batch
             if produced == 0 and self.batches_in_epoch == 0:
                 raise RuntimeError(
-                    f"data source yielded no batch in epoch {self.epoch}: {self.stats()}"
+                    f"webdataset shards yielded no batch in epoch {self.epoch}: {self.stats()}"
                 )
-            log.info("data epoch %d done: %d batches, %s", self.epoch, self.batches_in_epoch,
-                     self.stats())  # fmt: skip
-            self.epoch += 1
-            self.batches_in_epoch = self.items_in_epoch = 0
-            self.cursors, self.done, self.ended, self.last_worker = {}, {}, set(), -1
+            self._end_epoch()
 
     def _count(self, stats: dict[str, Any]) -> None:
         self._stats["seen"] += stats["seen"]
