@@ -18,6 +18,8 @@ from finegrain.losses.distributed import (
     world_info,
 )
 
+pytestmark = pytest.mark.distributed
+
 WORLD, B, K, D = 2, 3, 2, 8
 
 CASES = {

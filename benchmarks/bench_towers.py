@@ -1,0 +1,173 @@
+"""Forward+backward speed and peak memory: finegrain's native CLIP towers vs open_clip's own
+model of the same architecture (same widths/depths/heads, random init, same loss).
+
+    python benchmarks/bench_towers.py                       # CPU: ViT-B-16, batch 8, fp32
+    python benchmarks/bench_towers.py --arch ViT-S-32 --batch 4 --steps 1   # quick CPU check
+    python benchmarks/bench_towers.py --device cuda --batch 256 --precision bf16
+
+Each model runs in a fresh subprocess so CPU peak memory is not shared between them. Memory:
+CUDA ``torch.cuda.max_memory_allocated`` over warmup + timed steps minus what was allocated
+before them (model + inputs); CPU the growth of the process peak RSS (``ru_maxrss``) over the
+RSS measured just before the first step, i.e. activations + gradients (an estimate: the
+allocator may keep freed pages, and RSS counts pages, not tensors). Prints one JSON object with both results and ratios
+(``speed_ratio`` = ours / open_clip samples/s, ``memory_ratio`` = ours / open_clip memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing as mp
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _ours(arch: str) -> torch.nn.Module:
+    """finegrain CLIP with towers sized like open_clip's ``arch`` config."""
+    import open_clip
+
+    from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
+    from finegrain.methods.clip import CLIP, CLIPConfig
+
+    mc = open_clip.get_model_config(arch)
+    v, t = mc["vision_cfg"], mc["text_cfg"]
+    vw = v["width"]
+    image = ImageTowerConfig(name="vit", image_size=v["image_size"], patch_size=v["patch_size"],
+                             width=vw, depth=v["layers"], heads=vw // v.get("head_width", 64),
+                             mlp_ratio=v.get("mlp_ratio", 4.0))  # fmt: skip
+    text = TextTowerConfig(name="transformer", context_length=t["context_length"],
+                           vocab_size=t["vocab_size"], width=t["width"], depth=t["layers"],
+                           heads=t["heads"], mlp_ratio=t.get("mlp_ratio", 4.0))  # fmt: skip
+    return CLIP(CLIPConfig(image=image, text=text, embed_dim=mc["embed_dim"]))
+
+
+def _loss_fn(
+    kind: str, model: torch.nn.Module, images: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
+    from finegrain.losses.contrastive import clip_loss
+
+    if kind == "ours":
+        return model({"image": images, "text": ids}).loss
+    img, txt, scale = model(images, ids)  # open_clip: normalised features and exp'd scale
+    return clip_loss(img, txt, scale)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _run(kind: str, args: dict[str, Any], out: Any) -> None:
+    torch.manual_seed(0)
+    if args["threads"] > 0:
+        torch.set_num_threads(args["threads"])
+    dev = torch.device(args["device"])
+    if kind == "ours":
+        model = _ours(args["arch"])
+    else:
+        import open_clip
+
+        model = open_clip.create_model(args["arch"])
+    model.to(dev).train()
+    size = _image_size(args["arch"])
+    images = torch.randn(args["batch"], 3, size, size, device=dev)
+    ids = torch.randint(1, 49000, (args["batch"], 77), device=dev)
+    ids[:, -1] = 49407  # EOT
+    amp = (torch.autocast(dev.type, dtype=torch.bfloat16) if args["precision"] == "bf16"
+           else contextlib.nullcontext())  # fmt: skip
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        with amp:
+            loss = _loss_fn(kind, model, images, ids)
+        loss.backward()
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes()  # ru_maxrss cannot be reset: measure from before the first step
+    for _ in range(args["warmup"]):  # not timed
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args["steps"]):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+        how = "cuda max_memory_allocated minus allocated before the first step"
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        how = "cpu ru_maxrss minus RSS before the first step"
+    params = sum(p.numel() for p in model.parameters())
+    out.put({"kind": kind, "samples_per_s": args["batch"] * args["steps"] / elapsed,
+             "step_s": elapsed / args["steps"], "peak_memory_mb": max(peak, 0) / 2**20,
+             "memory_measure": how, "params_m": params / 1e6})  # fmt: skip
+
+
+def _image_size(arch: str) -> int:
+    import open_clip
+
+    return int(open_clip.get_model_config(arch)["vision_cfg"]["image_size"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--arch", default="ViT-B-16", help="open_clip architecture name (ViT-B-16, ViT-S-32)"
+    )
+    p.add_argument("--batch", type=int, default=None, help="default: 8 on CPU, 256 on CUDA")
+    p.add_argument("--steps", type=int, default=2, help="timed steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 1)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--precision", default=None, choices=["fp32", "bf16"], help="default: fp32 CPU, bf16 CUDA"
+    )
+    p.add_argument(
+        "--rounds", type=int, default=1, help="alternate runs; the fastest of each is kept"
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    a = p.parse_args()
+    cuda = a.device.startswith("cuda")
+    args = {"arch": a.arch, "batch": a.batch or (256 if cuda else 8), "steps": a.steps,
+            "warmup": max(1, a.warmup), "device": a.device, "threads": a.threads, "rounds": a.rounds,
+            "precision": a.precision or ("bf16" if cuda else "fp32")}  # fmt: skip
+    ctx = mp.get_context("spawn")
+    results: dict[str, dict] = {}
+    for _ in range(a.rounds):  # alternate the two so machine load hits both alike
+        for kind in ("ours", "open_clip"):
+            q = ctx.Queue()
+            proc = ctx.Process(target=_run, args=(kind, args, q))
+            proc.start()
+            res = q.get()
+            proc.join()
+            best = results.get(kind)
+            if best is None or res["samples_per_s"] > best["samples_per_s"]:
+                results[kind] = res
+    ours, ref = results["ours"], results["open_clip"]
+    report = {
+        "benchmark": "clip_towers_forward_backward", **args,
+        "torch": torch.__version__, "ours": ours, "open_clip": ref,
+        "speed_ratio": ours["samples_per_s"] / ref["samples_per_s"],
+        "memory_ratio": ours["peak_memory_mb"] / max(ref["peak_memory_mb"], 1e-9),
+    }  # fmt: skip
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
