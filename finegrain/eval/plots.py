@@ -3,6 +3,7 @@ attention maps and retrieval example grids, saved as PNG."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from finegrain.methods.base import Method  # noqa: E402
 
 def _show(ax: Any, img: Any, title: str = "") -> None:
     ax.imshow(img)
-    ax.set_title(title[:40], fontsize=7)
+    ax.set_title(textwrap.fill(title[:60], 26), fontsize=6)
     ax.axis("off")
 
 
