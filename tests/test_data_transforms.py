@@ -107,3 +107,21 @@ def test_bad_config() -> None:
         train_transform(DataConfig(augment="flip"))
     with pytest.raises(ValueError, match="crop_scale"):
         BoxTransform(size=8, mode="rrc", crop_scale=(0.0, 1.0))
+
+
+def test_flip_swaps_left_right_in_text() -> None:
+    from finegrain.data.sources import make_sample
+    from finegrain.data.synthetic import generate_scene, position_words, scene_record
+    from finegrain.data.transforms import swap_left_right
+
+    assert swap_left_right("Left of the right, bright") == "Right of the left, bright"
+    t = BoxTransform(size=64, mode="squash", hflip=True)
+    flips = 0
+    for seed in range(12):
+        scene = generate_scene(seed, 64)
+        raw = {"key": str(seed), "image": scene["image"], "record": scene_record(scene)}
+        s = make_sample(raw, t, seed)
+        flips += s["regions"][0]["box"] != scene["regions"][0]["box"]
+        for region, sentence in zip(s["regions"], s["sentences"]):
+            assert position_words(region["box"]) in sentence.lower(), (seed, sentence)
+    assert 0 < flips < 12

@@ -30,7 +30,7 @@ class DataConfig:
     image_size: int = 64
     augment: str = "rrc"  # none | rrc (random resized crop + flip) | squash (GRAIN-style resize)
     crop_scale: tuple[float, float] = (0.5, 1.0)
-    hflip: bool = False  # off by default: captions say "left"/"right"
+    hflip: bool = False  # random horizontal flip; 'left'/'right' in the texts are swapped with it
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     resampled: bool = False  # webdataset: infinite sampling with replacement

@@ -27,7 +27,7 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from finegrain.data.schema import BrokenSample, parse_record
-from finegrain.data.transforms import BoxTransform
+from finegrain.data.transforms import BoxTransform, swap_left_right
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 KEY_CHECK_SAMPLES = 16  # fail fast when none of the first samples has a configured key
@@ -81,12 +81,25 @@ def make_sample(
         raise BrokenSample("missing_image", f"sample '{raw['key']}' has no image")
     image = decode_image(raw["image"])
     mask = None if raw.get("mask") is None else decode_mask(raw["mask"], image.size)
-    rng = random.Random(seed)
-    tensor, regions, mask_t = transform(image, fields["regions"], rng, mask)
-    sample = {**fields, "seed": seed, "image": tensor, "regions": regions}
-    if mask_t is not None:
-        sample["mask"] = mask_t
+    out = transform.apply(image, fields["regions"], random.Random(seed), mask)
+    sample = {**fields, "seed": seed, "image": out.image, "regions": out.regions}
+    if out.flipped:  # "on the left" becomes "on the right" in a mirrored image
+        sample = flip_text(sample)
+    if out.mask is not None:
+        sample["mask"] = out.mask
     return sample
+
+
+def flip_text(sample: dict[str, Any]) -> dict[str, Any]:
+    """Swap 'left'/'right' in every text field of a horizontally flipped sample."""
+    return {
+        **sample,
+        "caption": swap_left_right(sample["caption"]),
+        "captions": [swap_left_right(c) for c in sample["captions"]],
+        "long_caption": swap_left_right(sample["long_caption"]),
+        "sentences": [swap_left_right(c) for c in sample["sentences"]],
+        "regions": [{**r, "text": swap_left_right(r["text"])} for r in sample["regions"]],
+    }
 
 
 # ---- manifests ------------------------------------------------------------------------------

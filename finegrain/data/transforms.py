@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,14 +73,14 @@ class BoxTransform:
         side = min(width, height)  # centre square (eval, and rrc's fallback)
         return (width - side) / 2, (height - side) / 2, float(side), float(side)
 
-    def __call__(
+    def apply(
         self,
         image: Image.Image,
         regions: list[dict[str, Any]] | None = None,
         rng: random.Random | None = None,
         mask: np.ndarray | None = None,
-    ) -> tuple[torch.Tensor, list[dict[str, Any]], torch.Tensor | None]:
-        """Returns (image (3, S, S) normalised, regions moved into the output, mask (S, S))."""
+    ) -> Transformed:
+        """Crop/resize/flip ``image`` with its regions and mask; see ``Transformed``."""
         rng = rng or random.Random(0)
         if image.mode != "RGB":
             image = image.convert("RGB")
@@ -104,7 +105,38 @@ class BoxTransform:
             if flip:
                 m = m.transpose(Image.FLIP_LEFT_RIGHT)
             mask_t = torch.from_numpy(np.asarray(m).astype(np.int64))
-        return tensor, moved, mask_t
+        return Transformed(tensor, moved, mask_t, flip)
+
+    def __call__(
+        self,
+        image: Image.Image,
+        regions: list[dict[str, Any]] | None = None,
+        rng: random.Random | None = None,
+        mask: np.ndarray | None = None,
+    ) -> tuple[torch.Tensor, list[dict[str, Any]], torch.Tensor | None]:
+        """(image (3, S, S) normalised, regions moved into the output, mask (S, S) or None)."""
+        t = self.apply(image, regions, rng, mask)
+        return t.image, t.regions, t.mask
+
+
+@dataclass
+class Transformed:
+    """Result of ``BoxTransform.apply``; ``flipped`` tells callers to mirror text too."""
+
+    image: torch.Tensor  # (3, S, S)
+    regions: list[dict[str, Any]]
+    mask: torch.Tensor | None  # (S, S)
+    flipped: bool
+
+
+_LR = re.compile(r"\b(left|right|Left|Right|LEFT|RIGHT)\b")
+_SWAP = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "LEFT": "RIGHT",
+         "RIGHT": "LEFT"}  # fmt: skip
+
+
+def swap_left_right(text: str) -> str:
+    """Mirror the words 'left' and 'right' (for captions of horizontally flipped images)."""
+    return _LR.sub(lambda m: _SWAP[m.group(1)], text)
 
 
 def move_regions(
