@@ -39,6 +39,9 @@ def _images(folder: Path, n: int) -> None:
 def test_synthesize_inspect_and_train_from_shards(tmp_path: Path, capsys) -> None:
     code, out = _run(["synthesize", "--out", str(tmp_path / "s"), "--num", "10", "--image-size",
                       "32", "--shard-size", "4", "--format", "png"], capsys)  # fmt: skip
+    code, noisy = _run(["synthesize", "--out", str(tmp_path / "n"), "--num", "6", "--image-size",
+                        "32", "--drop-region-prob", "1.0"], capsys)  # fmt: skip
+    assert all(json.loads(s["json"])["regions"] == [] for s in iter_tar(noisy["shards"][0]))
     assert code == 0 and len(out["shards"]) == 3 and out["written"] == 10
     code, info = _run(["inspect", out["pattern"]], capsys)
     assert code == 0 and info["samples"] == 10 and info["broken"] == 0

@@ -218,6 +218,10 @@ def test_missing_paths_and_bad_config(tmp_path: Path) -> None:
         build_train_loader(cfg, collate)
     with pytest.raises(FileNotFoundError, match="manifest not found"):
         build_train_loader(DataConfig(source="jsonl", train=str(tmp_path / "m.jsonl")), collate)
+    good = str(tmp_path / "a.tar")
+    Path(good).write_bytes(b"")
+    with pytest.raises(ValueError, match="positive number"):
+        build_train_loader(DataConfig(source="wds", train=f"{good}::-1"), collate)
     with pytest.raises(ValueError, match="valid choices: synthetic, jsonl, csv, wds"):
         build_train_loader(DataConfig(source="parquet"), collate)
 

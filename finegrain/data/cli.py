@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--shard-size", type=int, default=1000)
     s.add_argument("--format", default="jpg", choices=("jpg", "png", "webp"))
+    s.add_argument("--box-jitter", type=float, default=0.0, help="region box noise (x box size)")
+    s.add_argument("--drop-region-prob", type=float, default=0.0, help="missed detections")
+    s.add_argument("--novel-object-prob", type=float, default=0.1)
     return p
 
 
@@ -61,7 +64,10 @@ def main(argv: list[str]) -> int:
         else:
             from finegrain.data.config import SyntheticConfig
 
-            cfg = SyntheticConfig(seed=args.seed, num_samples=args.num)
+            cfg = SyntheticConfig(seed=args.seed, num_samples=args.num,
+                                  box_jitter=args.box_jitter,
+                                  drop_region_prob=args.drop_region_prob,
+                                  novel_object_prob=args.novel_object_prob)  # fmt: skip
             paths = shards.synthesize(args.out, args.num, args.image_size, args.seed,
                                       args.shard_size, cfg, args.format)  # fmt: skip
             out = {"shards": paths, "pattern": _pattern(paths), "written": args.num}

@@ -205,7 +205,13 @@ def parse_shard_spec(spec: str) -> list[tuple[list[str], float]]:
         shards = list(braceexpand(pattern))
         missing += [s for s in shards if "://" not in s and not s.startswith("pipe:")
                     and not Path(s).expanduser().is_file()]  # fmt: skip
-        out.append((shards, float(weight) if weight else 1.0))
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            w = -1.0
+        if not w > 0:
+            raise ValueError(f"shard weight in '{part}' must be a positive number ('path::0.5')")
+        out.append((shards, w))
     if not out:
         raise ValueError("data.train is empty: give a shard pattern like 'dir/{00000..00009}.tar'")
     if missing:
