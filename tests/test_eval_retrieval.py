@@ -159,3 +159,39 @@ def test_flickr8k_test_split(flickr8k_dir):
         progress=False,
     )
     assert 0 < res["retrieval/flickr8k/text_retrieval_recall@10"] <= 1
+
+
+class TowerTokToy(ToyMethod):
+    """Tokenises like the real methods: ``self.text.tokenizer`` (a CLIP BPE tokenizer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from finegrain.data.tokenizers import ClipTokenizer
+
+        self.text = torch.nn.Module()
+        self.text.tokenizer, self.text.pad_id = ClipTokenizer(16), 0
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.text.tokenizer(texts)
+
+    def encode_text(self, tokens, normalize=True):
+        return super().encode_text(tokens % 512, normalize)
+
+
+def test_context_length_truncates_through_the_tower_tokenizer(tmp_path):
+    from finegrain.eval.common import tokenize
+
+    m = TowerTokToy()
+    ctx = EvalContext.create(m, progress=False)
+    text = "a very long caption " * 10
+    full, short = tokenize(ctx, [text]), tokenize(ctx, [text], context_length=6)
+    assert full.shape == short.shape == (1, 16)
+    assert short[0, :5].tolist() == full[0, :5].tolist()
+    assert short[0, 5].item() == m.text.tokenizer.eot_id and short[0, 6:].eq(0).all()
+    with pytest.raises(ValueError, match="exceeds the 16 positions"):
+        tokenize(ctx, [text], context_length=77)
+    with pytest.raises(ValueError, match="cannot tokenize to context_length=8"):
+        tokenize(EvalContext.create(ToyMethod(), progress=False), ["x"], context_length=8)
+    path = write_manifest(tmp_path, 1)
+    res = run_tasks(m, [_task(path, context_length=4)], progress=False)
+    assert "retrieval/manifest/ctx4/image_retrieval_recall@1" in res

@@ -3,12 +3,14 @@ scoring under a memory budget, and capability checks on methods."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torchvision import transforms as T
 from tqdm import tqdm
 
@@ -69,21 +71,39 @@ def image_batches(
         yield batch.to(ctx.device)
 
 
+def _tower_tokenizer(method: Method) -> Any:
+    """The text tower's tokenizer when it has a ``context_length`` (all finegrain towers)."""
+    tok = getattr(getattr(method, "text", None), "tokenizer", None)
+    return tok if hasattr(tok, "context_length") else None
+
+
 def tokenize(ctx: EvalContext, texts: list[str], context_length: int = 0) -> torch.Tensor:
-    """Tokenise with the method's tokenizer; ``context_length > 0`` asks for that length
-    (the method's ``tokenize`` must accept a ``context_length`` keyword for that)."""
+    """Tokenise with the method's tokenizer. ``context_length > 0`` truncates every text to
+    that many tokens (long-caption retrieval at 77 vs the model's own length, as Long-CLIP and
+    FLAIR report): through ``tokenize(texts, context_length=...)`` when the method accepts it,
+    else through a copy of its text tower's tokenizer, padded back to the tower's width."""
     m = ctx.method
-    if context_length > 0:
-        if "context_length" in inspect.signature(m.tokenize).parameters:
-            return m.tokenize(texts, context_length=context_length)
-        native = getattr(m.cfg.text, "context_length", None)
-        if native != context_length:
-            raise ValueError(
-                f"method '{m.cfg.name}' cannot tokenize to context_length={context_length} "
-                f"(its tokenize() takes no context_length; its own is {native}); "
-                "use context_length=0 for the model's own"
-            )
-    return m.tokenize(texts)
+    if context_length <= 0:
+        return m.tokenize(texts)
+    if "context_length" in inspect.signature(m.tokenize).parameters:
+        return m.tokenize(texts, context_length=context_length)
+    tok = _tower_tokenizer(m)
+    if tok is None:
+        raise ValueError(
+            f"method '{m.cfg.name}' cannot tokenize to context_length={context_length}: its "
+            "tokenize() takes no context_length and it has no text.tokenizer; use context_length=0"
+        )
+    native = int(tok.context_length)
+    if context_length > native:
+        raise ValueError(
+            f"context_length={context_length} exceeds the {native} positions of method "
+            f"'{m.cfg.name}'s text tower; use at most {native} (0 = the model's own)"
+        )
+    short = copy.copy(tok)
+    short.context_length = context_length
+    ids = short(texts)  # (N, context_length)
+    pad = int(getattr(m.text, "pad_id", getattr(tok, "pad_id", 0)))
+    return F.pad(ids, (0, native - ids.shape[1]), value=pad)  # (N, native)
 
 
 @torch.no_grad()
