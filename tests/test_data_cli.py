@@ -124,3 +124,10 @@ def test_csv_manifest_and_sidecar_join(tmp_path: Path, capsys) -> None:
         assert s["sentences"] == [f"First {n}.", f"Second {n}."]
         assert s["regions"][0]["box"] == pytest.approx([0.0, 0.0, 0.5, 1.0])
         assert s["caption"] == f"cap {n}"
+
+
+def test_usage_errors_return_codes(capsys) -> None:
+    assert main(["bogus"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+    assert main(["synthesize", "--out", "x", "--num", "0"]) == 2
+    assert "--num must be >= 1" in capsys.readouterr().err

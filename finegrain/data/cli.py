@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,7 +51,10 @@ def _pattern(paths: list[str]) -> str:
 
 def main(argv: list[str]) -> int:
     """Run ``finegrain data ...``; returns the exit code."""
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # --help or a usage error (argparse already printed it)
+        return int(e.code or 0)
     from finegrain.data import shards
 
     start = time.perf_counter()
@@ -75,7 +79,10 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out["seconds"] = round(time.perf_counter() - start, 3)
-    print(json.dumps(out, indent=1))
+    try:
+        print(json.dumps(out, indent=1), flush=True)
+    except BrokenPipeError:  # e.g. `finegrain data inspect ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
