@@ -1,4 +1,5 @@
-"""Evaluation datasets: three small containers and one dispatch from a task config to a loader.
+"""Evaluation datasets: one dispatch from a task config to a loader (containers live in
+``finegrain.eval.containers``, file formats in ``finegrain.eval.formats``).
 
 Images are kept as paths (decoded lazily, batch by batch) or as in-memory PIL images
 (synthetic scenes, webdataset shards). Every loader checks that each image an annotation file
