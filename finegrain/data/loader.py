@@ -217,6 +217,13 @@ class TrainLoader:
             self.source = ManifestSource(cfg.train, cfg.image_root, cfg.split, cfg.caption_key)
         else:
             self.wds_sources = parse_shard_spec(cfg.train)
+            if self.world_size > 1 and not cfg.epoch_samples:
+                log.warning(
+                    "webdataset over %d ranks without data.epoch_samples: ranks can get "
+                    "different numbers of batches per epoch (a distributed step would hang at "
+                    "the end); set data.epoch_samples (fixed batches per worker)",
+                    self.world_size,
+                )
         if self.source is not None and self.epoch_length == 0:
             raise ValueError(
                 f"{len(self.source)} samples cannot fill one batch of {cfg.batch_size} on each of "
