@@ -5,9 +5,10 @@ augmentation randomness (and, by contract, the collate's caption sampling) deriv
 
 Map-style sources (synthetic scenes, JSONL/CSV manifests). Epoch ``e`` visits
 ``randperm(n, seed=(seed, e))``; rank ``r`` takes positions ``r, r + W, r + 2W, ...`` (W ranks,
-drop_last so all ranks get ``n // W`` positions and the same ``epoch_length``). The DataLoader
-indexes *batches*, so batch ``b`` is the same whatever ``num_workers`` is, and resuming at
-batch ``b`` starts there without touching earlier samples. A broken sample is replaced by a
+drop_last so all ranks get ``n // W`` positions and the same ``epoch_length``). One endless
+DataLoader indexes *global batch numbers* ``epoch * epoch_length + b`` (workers live for the
+whole run), so batch ``b`` is the same whatever ``num_workers`` is, and resuming at batch ``b``
+starts there without touching earlier samples. A broken sample is replaced by a
 deterministic substitute drawn from (seed, epoch, position, attempt): batches always hold
 ``batch_size`` samples. Resume is bit-exact with any number of workers.
 
@@ -15,10 +16,12 @@ Webdataset. Each (rank, worker) slot reads its own raw stream (``finegrain.data.
 cuts ``batch_size`` good samples per batch; the DataLoader interleaves workers round-robin. Each
 batch reports its worker and raw-stream cursor; ``state_dict`` keeps them, and a resumed run
 replays each worker's stream up to its cursor *without decoding* and rotates worker roles so
-the round-robin continues where it stopped. Exact for the same ``num_workers`` and world size
-(epoch mode and resampled mode); in epoch mode without ``epoch_samples``, workers that run out
-at different times may reorder the last batches of an epoch. ``epoch_samples`` fixes the
-number of batches per worker (streams repeat when short), as ``with_epoch`` does in OpenCLIP.
+the round-robin continues where it stopped; each worker ends with a marker item, so workers
+that ran out before the checkpoint stay out after it. Bit-exact for the same ``num_workers``
+and world size, in epoch and resampled mode (tested); the replay costs re-reading the
+consumed shard bytes. ``epoch_samples`` fixes the number of batches per worker (streams repeat
+when short), as ``with_epoch`` does in OpenCLIP; without it the epoch ends when the shards do
+and ``epoch_length`` is None.
 
 Counting. Workers cannot share counters, so every batch carries ``batch["_data_stats"]``
 (samples used/broken in that batch, by reason); the loader pops it in the main process and sums
