@@ -23,7 +23,9 @@ from finegrain.data.synthetic import (
     PATTERNS,
     SHAPES,
     SIZES,
+    _join,
     generate_scene,
+    object_phrase,
     scene_record,
     train_scene_seed,
 )
@@ -122,8 +124,9 @@ def _texts(kind: str, num: int, seed: int, image_size: int) -> dict[str, Any]:
     for i in range(num):
         scene = generate_scene(_eval_seed(kind, seed, i), image_size, cfg=cfg)
         images.append(scene["image"])
-        if kind == "retrieval":
-            caps = list(scene["captions"])
+        if kind == "retrieval":  # the clean caption + a paraphrase (sizes, reversed order)
+            sized = [object_phrase(o, pattern=False) for o in reversed(scene["objects"])]
+            caps = [*scene["captions"], _join(sized)]
         elif kind == "long":
             caps = [scene["long_caption"]]
         else:  # one query per object sentence; the background sentence is shared by many images
