@@ -102,7 +102,8 @@ def object_phrase(obj: dict[str, Any], *, size=True, color=True, pattern=True) -
     return f"{article} {attrs + ' ' if attrs else ''}{obj['shape']}"
 
 
-def _join(phrases: list[str]) -> str:
+def join_phrases(phrases: list[str]) -> str:
+    """'a, b and c'."""
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
@@ -180,7 +181,7 @@ def _noisy_caption(rng: np.random.Generator, objects: list[dict], bg: str) -> st
     chosen = [objects[i] for i in sorted(rng.choice(len(objects), k, replace=False))]
     phrases = [object_phrase(o, size=rng.random() < 0.3, color=rng.random() < 0.7,
                              pattern=rng.random() < 0.3) for o in chosen]  # fmt: skip
-    text = _join(phrases)
+    text = join_phrases(phrases)
     if rng.random() < 0.3:
         text = ["stock image of ", "picture: ", "clipart ", "photo of "][
             int(rng.integers(4))
@@ -249,7 +250,7 @@ def generate_scene(
     return {
         "image": Image.fromarray(canvas.astype(np.uint8), "RGB"),
         "caption": _noisy_caption(rng, objs, tone),
-        "captions": [_join([object_phrase(o, size=False, pattern=False) for o in objs])],
+        "captions": [join_phrases([object_phrase(o, size=False, pattern=False) for o in objs])],
         "long_caption": " ".join(sentences),
         "sentences": sentences,
         "regions": _regions(rng, objs, cfg),

@@ -23,8 +23,8 @@ from finegrain.data.synthetic import (
     PATTERNS,
     SHAPES,
     SIZES,
-    _join,
     generate_scene,
+    join_phrases,
     object_phrase,
     scene_record,
     train_scene_seed,
@@ -126,7 +126,7 @@ def _texts(kind: str, num: int, seed: int, image_size: int) -> dict[str, Any]:
         images.append(scene["image"])
         if kind == "retrieval":  # the clean caption + a paraphrase (sizes, reversed order)
             sized = [object_phrase(o, pattern=False) for o in reversed(scene["objects"])]
-            caps = [*scene["captions"], _join(sized)]
+            caps = [*scene["captions"], join_phrases(sized)]
         elif kind == "long":
             caps = [scene["long_caption"]]
         else:  # one query per object sentence; the background sentence is shared by many images
