@@ -185,3 +185,8 @@ def test_manifest_and_wds_classification(tmp_path):
         )
     )
     assert w.labels == list(range(len(COLORS))) and len(w.images) == len(COLORS)
+
+
+def test_default_templates_for_synthetic_are_plain():
+    assert load_templates("default", "synthetic") == ["{c}"]
+    assert len(load_templates("default", "imagefolder")) == 80

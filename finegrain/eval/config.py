@@ -14,7 +14,7 @@ class EvalTaskConfig:
     variant: str = ""  # dataset-specific sub-split, e.g. synthetic: shape | color_shape | pattern_shape | novel
     num_samples: int = 256  # synthetic only
     batch_size: int = 64
-    templates: str = "default"
+    templates: str = "default"  # default (80 CLIP templates; synthetic: plain) | plain | a clip_benchmark set | file
     descriptions: str = ""  # '' | 'builtin' | path to {class: [descriptor, ...]} JSON
     scoring: str = "global"  # global | conditioned | rerank
     rerank_k: int = 20

@@ -85,7 +85,7 @@ def evaluate_segmentation(
 ) -> tuple[dict[str, float], dict]:
     m = ctx.method
     require(m, "dense_features", f"segmentation/{cfg.dataset}")
-    prompts = class_prompts(data.classnames, load_templates(cfg.templates))
+    prompts = class_prompts(data.classnames, load_templates(cfg.templates, cfg.dataset))
     classes = class_embeddings(ctx, prompts, cfg.batch_size, cfg.context_length)  # (C, D)
     n = len(data.classnames) + 1
     ignore_bg = cfg.background_threshold <= 0

@@ -102,10 +102,13 @@ def imagenet_descriptions() -> dict[str, list[str]]:
     return out
 
 
-def load_templates(spec: str) -> list[str]:
+def load_templates(spec: str, dataset: str = "") -> list[str]:
     """Template set by name: ``default`` (= clip_benchmark ``imagenet1k``, the 80 CLIP
-    templates), ``plain`` (the class name alone), any clip_benchmark set name, or a path to
+    templates; for ``dataset='synthetic'`` = ``plain``, as the scenes' captions are bare noun
+    phrases), ``plain`` (the class name alone), any clip_benchmark set name, or a path to
     a JSON list / text file with one template per line (``{c}`` marks the class)."""
+    if spec in ("", "default") and dataset == "synthetic":
+        spec = "plain"
     if spec in ("", "default"):
         spec = "imagenet1k"
     if spec == "plain":

@@ -44,7 +44,7 @@ def prompts_for(
         cupl = cupl_prompts()
         check_descriptions(classnames, {c: cupl.get(c, []) for c in classnames})
         return [cupl[c] for c in classnames]
-    return class_prompts(classnames, load_templates(cfg.templates), descriptions)
+    return class_prompts(classnames, load_templates(cfg.templates, cfg.dataset), descriptions)
 
 
 def _owner(prompts: list[list[str]]) -> tuple[list[str], torch.Tensor]:
