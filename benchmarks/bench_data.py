@@ -125,7 +125,9 @@ def main() -> None:
         "config": vars(args),
         "samples_per_s_per_worker": {k: round(v, 1) for k, v in med.items()},
         "ratio_ours_vs_open_clip": round(med["ours_k1"] / med["open_clip"], 3),
-        f"ratio_ours_k{args.k}_vs_open_clip_k1": round(med[f"ours_k{args.k}"] / med["open_clip"], 3),
+        f"ratio_ours_k{args.k}_vs_open_clip_k1": round(
+            med[f"ours_k{args.k}"] / med["open_clip"], 3
+        ),
         "generator_images_per_s": {
             "64": round(generator_speed(64, 200), 1),
             "224": round(generator_speed(224, 50), 1),
