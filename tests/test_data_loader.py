@@ -41,7 +41,8 @@ def _same(a: list[dict], b: list[dict]) -> bool:
 
 
 def _synthetic_cfg(**kw) -> DataConfig:
-    cfg = DataConfig(batch_size=4, image_size=32, augment="rrc", hflip=True, **kw)
+    kw = {"batch_size": 4, **kw}
+    cfg = DataConfig(image_size=32, augment="rrc", hflip=True, **kw)
     cfg.synthetic = SyntheticConfig(num_samples=24)
     return cfg
 
@@ -70,6 +71,14 @@ def test_map_style_exact_resume_across_epochs(num_workers: int) -> None:
         assert _same(
             _take(loader, 7), _take(build_train_loader(_synthetic_cfg(), collate, seed=3), 7)
         )
+
+
+def test_resume_with_other_batch_size_is_refused() -> None:
+    loader = build_train_loader(_synthetic_cfg(), collate)
+    _take(loader, 2)
+    other = build_train_loader(_synthetic_cfg(batch_size=6), collate)
+    with pytest.raises(ValueError, match="data.batch_size=4"):
+        other.load_state_dict(loader.state_dict())
 
 
 def test_epochs_reshuffle_and_seeds_differ() -> None:

@@ -340,12 +340,20 @@ class TrainLoader:
             "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
             "items_in_epoch": self.items_in_epoch, "cursors": dict(self.cursors),
             "done": dict(self.done), "ended": sorted(self.ended), "last_worker": self.last_worker,
-            "num_workers": self.num_workers,
+            "num_workers": self.num_workers, "batch_size": self.cfg.batch_size,
+            "source": self.cfg.source,
             "world_size": self.world_size, "stats": self.stats(),
         }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``: the next batch is the one an uninterrupted run yields next."""
+        for name in ("batch_size", "source"):
+            saved, now = state.get(name, getattr(self.cfg, name)), getattr(self.cfg, name)
+            if saved != now:
+                raise ValueError(
+                    f"the data position was saved with data.{name}={saved!r}, this run has "
+                    f"{now!r}; resume with the same value (or start a new run)"
+                )
         if self.wds_sources is not None and (
             state.get("num_workers", self.num_workers) != self.num_workers
             or state.get("world_size", self.world_size) != self.world_size
