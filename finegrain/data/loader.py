@@ -280,8 +280,8 @@ class TrainLoader:
         loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity)
         for batch in loader:
             self.items_in_epoch += 1
-            self._count(batch.pop("_data_stats"))
             stream = batch.pop("_stream")
+            self._count(batch.pop("_data_stats"), f"rank {self.rank} worker {stream['worker']}")
             self.last_worker = stream["worker"]
             self.cursors[stream["worker"]] = stream["cursor"]
             self.done[stream["worker"]] = stream["made"]
@@ -313,14 +313,15 @@ class TrainLoader:
                 )
             self._end_epoch()
 
-    def _count(self, stats: dict[str, Any]) -> None:
+    def _count(self, stats: dict[str, Any], where: str = "") -> None:
         self._stats["seen"] += stats["seen"]
         for reason, n in stats["broken"].items():
             self._stats["broken"] += n
             self._stats["broken_by_reason"][reason] += n
         total = self._stats["seen"] + self._stats["broken"]
         if stats["broken"]:
-            log.warning("skipped broken samples: %s (total %s)", stats["broken"], self.stats())
+            log.warning("skipped broken samples%s: %s (total %s)", f" ({where})" if where else "",
+                        stats["broken"], self.stats())  # fmt: skip
         if total >= self.cfg.min_broken_check and (
             self._stats["broken"] > self.cfg.max_broken_fraction * total
         ):
