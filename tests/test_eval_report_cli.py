@@ -130,3 +130,18 @@ def test_synthetic_splits_through_adapter():
         assert 0.0 <= res[k] <= 1.0, k
     with pytest.raises(ValueError, match="valid choices: shape, color_shape, pattern_shape, novel"):
         run_tasks(ToyMethod(), [EvalTaskConfig(task="zeroshot", variant="colour")], progress=False)
+
+
+def test_run_tasks_uses_the_run_normalisation_found_above_out_dir(tmp_path):
+    from finegrain.data.config import DataConfig
+    from finegrain.eval import _run_data_config
+    from finegrain.recipes.base import RunConfig
+
+    register_toy()
+    save_yaml(
+        RunConfig(method=ToyConfig(), data=DataConfig(mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))),
+        tmp_path / "config.yaml",
+    )
+    found = _run_data_config(tmp_path / "eval" / "step_0000010")
+    assert found is not None and tuple(found.mean) == (0.5, 0.5, 0.5)
+    assert _run_data_config(tmp_path.parent / "elsewhere") is None

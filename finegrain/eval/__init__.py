@@ -55,6 +55,22 @@ def task_prefix(cfg: EvalTaskConfig) -> str:
     return "/".join(p for p in (cfg.task, cfg.dataset, variant) if p)
 
 
+def _run_data_config(out_dir: Path) -> DataConfig | None:
+    """The data section of the run whose ``config.yaml`` sits up to 3 levels above
+    ``out_dir`` (the trainer evaluates into ``<run>/eval/step_N``), so the run's own
+    normalisation is used when the caller passes no ``data_cfg``; None if there is none."""
+    from finegrain.config import load_yaml
+    from finegrain.recipes.base import RunConfig
+
+    for d in [out_dir, *out_dir.parents][:4]:
+        if (d / "config.yaml").is_file():
+            try:
+                return load_yaml(RunConfig, d / "config.yaml").data
+            except ValueError:
+                return None
+    return None
+
+
 def run_tasks(
     method: Method,
     tasks: list[EvalTaskConfig],
@@ -66,11 +82,14 @@ def run_tasks(
 ) -> dict[str, float]:
     """Run every task; plots (and nothing else) are written only when ``out_dir`` is given.
 
-    ``data_cfg`` supplies the normalisation mean/std of the run (default: CLIP's).
+    ``data_cfg`` supplies the normalisation mean/std of the run; without it, the
+    ``config.yaml`` of a run directory holding ``out_dir`` is used, else CLIP's mean/std.
     Restores the method's train/eval mode afterwards.
     """
     from finegrain.eval.plots import save_task_plots
 
+    if data_cfg is None and out_dir is not None:
+        data_cfg = _run_data_config(Path(out_dir))
     ctx = EvalContext.create(method, device, data_cfg, progress)
     was_training = method.training
     method.eval()
