@@ -90,6 +90,13 @@ def test_native_text_transformer_causal_eot() -> None:
     torch.testing.assert_close(tower(changed).tokens[0, :3], out.tokens[0, :3])
     assert not torch.allclose(tower(changed).tokens[0, 3], out.tokens[0, 3])
     assert tower(ids[:, :8]).tokens.shape == (2, 8, 32)  # shorter inputs use the first positions
+    tower.trim_padding = False  # the full-length computation gives the same real tokens
+    full = tower(ids)
+    torch.testing.assert_close(full.pooled, out.pooled)
+    torch.testing.assert_close(full.tokens[out.mask], out.tokens[out.mask])
+    run = int(eot.max()) + 1  # positions after the batch's last EOT are skipped: zeros
+    assert run < 12 and out.tokens[:, run:].abs().sum() == 0 and out.tokens.shape == (2, 12, 32)
+    tower.trim_padding = True
     with pytest.raises(ValueError, match="context_length is 12"):
         tower(torch.zeros(1, 13, dtype=torch.long))
     with pytest.raises(ValueError, match="vocab_size"):

@@ -1,13 +1,15 @@
 """Native CLIP-style causal text transformer (Radford et al. 2021, Sec. 2.4): token + learned
 position embedding, causal pre-norm blocks (fused SDPA, ``is_causal``), final LayerNorm and
 pooling at the EOT token. The position embedding is sized by ``context_length`` (not fixed
-to 77); shorter inputs use its first L rows.
+to 77); shorter inputs use its first L rows. Padding after the batch's last EOT is not run
+through the blocks (causal attention makes that exact); its output states are zeros.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from finegrain.data.tokenizers import ClipTokenizer, HFTokenizer, build_tokenizer
 from finegrain.encoders.base import TextTowerConfig
@@ -61,6 +63,7 @@ class TextTransformer(nn.Module):
             )
         self.width, self.context_length, self.pooling = cfg.width, cfg.context_length, cfg.pooling
         self.pad_id = self.tokenizer.pad_id
+        self.trim_padding = True  # skip the all-padding tail (exact, see forward)
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
         self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio)
@@ -77,9 +80,14 @@ class TextTransformer(nn.Module):
         b, length = ids.shape
         if length > self.context_length:
             raise ValueError(f"got {length} tokens but context_length is {self.context_length}")
-        x = self.token_embedding(ids) + self.positional_embedding[:length]  # (B, L, D)
-        x = self.ln_final(self.transformer(x, is_causal=True))  # (B, L, D)
         eot = eot_positions(ids, self.tokenizer, self.pad_id)  # (B,)
+        # Causal attention: positions after the last EOT never influence earlier ones, so we
+        # run only the first max(EOT)+1 positions (exact for every real token) and pad back.
+        run = int(eot.max().item()) + 1 if self.trim_padding else length
+        x = self.token_embedding(ids[:, :run]) + self.positional_embedding[:run]  # (B, run, D)
+        x = self.ln_final(self.transformer(x, is_causal=True))  # (B, run, D)
+        if run < length:
+            x = F.pad(x, (0, 0, 0, length - run))  # (B, L, D), zeros at padding
         # real tokens: everything up to and including EOT (CLIP pads with id 0, also a real token id)
         mask = torch.arange(length, device=ids.device)[None, :] <= eot[:, None]  # (B, L)
         pooled = pool_tokens(x, mask, self.pooling, eot)
