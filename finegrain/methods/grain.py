@@ -324,6 +324,9 @@ class GRAIN(Method):
             mask.reshape(-1), scale, f["region_text"].reshape(b * r, -1),
             dedup=cfg.region_dedup, symmetric=cfg.region_symmetric, gather=cfg.region_gather,
         )  # fmt: skip
+        rd = (
+            rd + 0.0 * f["region_emb"].sum()
+        )  # every parameter in the graph (DDP), even without regions
         losses = {"global_loss": g, "box_l1_loss": l1, "box_giou_loss": giou, "region_loss": rd}
         total = w_g * g + w_l1 * l1 + w_giou * giou + w_rd * rd
         if cfg.aux_loss and f["pred_boxes"].shape[1] > 1:
