@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 # Metrics shown as percentages in the Markdown table (stored as fractions in JSON, like
@@ -24,6 +25,12 @@ def split_key(key: str) -> tuple[str, str]:
     return head, metric
 
 
+def _natural(key: str) -> tuple:
+    """Sort key: task, then metric with numbers compared as numbers (recall@5 < recall@10)."""
+    head, metric = split_key(key)
+    return head, [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", metric)]
+
+
 def _fmt(metric: str, v: float) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -36,7 +43,7 @@ def markdown_table(results: dict) -> str:
     """One row per (task/dataset, metric), one column per method; fractions shown in %."""
     methods = _by_method(results)
     names = list(methods)
-    keys = sorted({k for r in methods.values() for k in r}, key=lambda k: split_key(k))
+    keys = sorted({k for r in methods.values() for k in r}, key=_natural)
     lines = [
         "| task | metric | " + " | ".join(names) + " |",
         "|---|---|" + "---|" * len(names),
