@@ -195,3 +195,11 @@ def test_context_length_truncates_through_the_tower_tokenizer(tmp_path):
     path = write_manifest(tmp_path, 1)
     res = run_tasks(m, [_task(path, context_length=4)], progress=False)
     assert "retrieval/manifest/ctx4/image_retrieval_recall@1" in res
+
+
+def test_default_budget_batches_many_images_for_a_flair_sized_head():
+    from finegrain.eval.common import pair_bytes
+
+    img, txt = torch.zeros(2, 197, 512), torch.zeros(2, 512)  # ViT-B/16 tokens, D = 512
+    ci, ct = chunk_sizes(1000, 5000, pair_bytes(img, txt), 1024 * 2**20)
+    assert ct == 5000 and ci >= 8, (ci, ct)  # never one image at a time at the default budget

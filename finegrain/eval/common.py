@@ -182,15 +182,24 @@ def chunk_sizes(n_img: int, n_txt: int, pair_bytes: int, budget_bytes: int) -> t
     return ci, ct
 
 
+def pair_bytes(image_feats: Any, text_feats: Any, heads: int = 8) -> int:
+    """Working memory of one (image, text) pair in a text-conditioned attention head: a few
+    text-sized vectors (pooled output, its projection and normalisation, the product) plus
+    one attention row per head over the image's tokens (tokens ~ image bytes / text bytes).
+    Measured FLAIR heads stay below this on CPU (see benchmarks/bench_conditioned_retrieval)."""
+    txt_b, img_b = bytes_per_item(text_feats), bytes_per_item(image_feats)
+    tokens = max(1, img_b // max(1, txt_b))
+    return 4 * txt_b + heads * tokens * 4
+
+
 @torch.no_grad()
 def chunked_scores(
     ctx: EvalContext, image_feats: Any, text_feats: Any, budget_mb: int, desc: str = "scoring"
 ) -> torch.Tensor:
     """(Ni, Nt) ``method.score_features`` evaluated in images x texts chunks whose working
-    memory (estimated as one image's plus one text's features per pair, the size of the
-    per-pair pooled tokens of a text-conditioned attention head) fits ``budget_mb``."""
+    memory (``pair_bytes`` per pair) fits ``budget_mb``."""
     ni, nt = num_items(image_feats), num_items(text_feats)
-    pair = bytes_per_item(image_feats) + bytes_per_item(text_feats)
+    pair = pair_bytes(image_feats, text_feats)
     ci, ct = chunk_sizes(ni, nt, pair, budget_mb * 2**20)
     out = torch.empty(ni, nt, dtype=torch.float32)
     blocks = [(i, t) for i in range(0, ni, ci) for t in range(0, nt, ct)]
