@@ -157,6 +157,16 @@ def test_inference_hooks() -> None:
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
 
 
+def test_projection_init_from_pretrained() -> None:
+    from finegrain.heads.projection import Projection
+
+    proj = Projection(8, 4)
+    w = torch.randn(4, 8)
+    assert proj.init_from(w) and torch.equal(proj.proj.weight, w)
+    assert not proj.init_from(torch.randn(8, 4)) and not proj.init_from(None)
+    torch.testing.assert_close(proj(torch.ones(2, 8)), torch.ones(2, 8) @ w.t())
+
+
 def test_configs_registry_and_bad_input() -> None:
     cfg = from_dict(MethodConfig, {"name": "siglip", "num_captions": 2, "embed_dim": 24})
     assert isinstance(cfg, SigLIPConfig) and cfg.num_captions == 2

@@ -30,13 +30,23 @@ CASES = {
     "multi_ring": lambda i, t, s, b: multi_positive_sigmoid_loss(i, t, s, b, exchange="ring"),
     "multi_gather": lambda i, t, s, b: multi_positive_sigmoid_loss(i, t, s, b, exchange="gather"),
 }
+# edge cases: one sample per rank; the same caption on both ranks (a cross-rank duplicate)
+CASES |= {f"{name}_b1": CASES[name] for name in ("clip_local", "siglip_ring", "multi_ring")}
+CASES |= {f"{name}_dup": CASES[name] for name in ("clip_local", "siglip_ring")}
+
+
+def _local_batch(case: str) -> int:
+    return 1 if case.endswith("_b1") else B
 
 
 def _data(case: str) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(list(CASES).index(case))
-    image = torch.nn.functional.normalize(torch.randn(WORLD * B, D, generator=g), dim=-1)
-    shape = (WORLD * B, K, D) if case.startswith("multi") else (WORLD * B, D)
+    n = WORLD * _local_batch(case)
+    image = torch.nn.functional.normalize(torch.randn(n, D, generator=g), dim=-1)
+    shape = (n, K, D) if case.startswith("multi") else (n, D)
     text = torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)
+    if case.endswith("_dup"):
+        text[B] = text[0]  # rank 1's first caption == rank 0's first caption
     return image, text
 
 
@@ -70,7 +80,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results["ring"] = ring_pass(x.detach())
         for case in CASES:
             image, text = _data(case)
-            sl = slice(rank * B, (rank + 1) * B)
+            b = _local_batch(case)
+            sl = slice(rank * b, (rank + 1) * b)
             results[case] = _run(case, image[sl], text[sl])
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:

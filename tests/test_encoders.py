@@ -58,6 +58,20 @@ def test_native_vit_patch_dropout_and_checkpointing() -> None:
     torch.testing.assert_close(ref.conv1.weight.grad, ckpt.conv1.weight.grad)
 
 
+def test_native_vit_local_weights(tmp_path) -> None:
+    a = build_image_tower(TINY_VIT).eval()
+    torch.save(
+        {"state_dict": {f"module.{k}": v for k, v in a.state_dict().items()}}, tmp_path / "w.pt"
+    )
+    b = build_image_tower(replace(TINY_VIT, pretrained=str(tmp_path / "w.pt"))).eval()
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(b(x).pooled, a(x).pooled)
+    with pytest.raises(ValueError, match="do not fit"):
+        build_image_tower(replace(TINY_VIT, width=48, heads=2, pretrained=str(tmp_path / "w.pt")))
+    with pytest.raises(ValueError, match="not found"):
+        build_image_tower(replace(TINY_VIT, pretrained=str(tmp_path / "missing.pt")))
+
+
 def test_trainable_blocks_freezes_all_but_last() -> None:
     vit = build_image_tower(replace(TINY_VIT, trainable_blocks=1))
     trainable = {n for n, p in vit.named_parameters() if p.requires_grad}

@@ -58,17 +58,9 @@ def build_lite0_network(image_size: int = 224) -> nn.Module:
 
 def load_lite0_weights(net: nn.Module, path: str | Path) -> None:
     """Strict load (every key matched, or a ValueError naming the differences)."""
-    from finegrain.encoders.weights import load_state_dict_file
+    from finegrain.encoders.weights import load_into, load_state_dict_file
 
-    sd = load_state_dict_file(path)
-    own = net.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise ValueError(
-            f"{path} does not fit efficientnet-lite0: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    net.load_state_dict(sd, strict=True)
+    load_into(net, load_state_dict_file(path), str(path))
 
 
 class EfficientNetLite0Tower(nn.Module):

@@ -41,7 +41,7 @@ def _create(name: str, image_size: int) -> nn.Module:
 
 def load_timm_weights(model: nn.Module, path: str) -> None:
     """Load a local checkpoint; drops classifier keys, resamples ``pos_embed`` if needed."""
-    from finegrain.encoders.weights import load_state_dict_file
+    from finegrain.encoders.weights import load_into, load_state_dict_file
 
     sd = load_state_dict_file(path)
     own = model.state_dict()
@@ -52,11 +52,7 @@ def load_timm_weights(model: nn.Module, path: str) -> None:
         npt = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
         grid = model.patch_embed.grid_size
         sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], list(grid), num_prefix_tokens=npt)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"weights {path} do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+    load_into(model, sd, path)
 
 
 class TimmTower(nn.Module):

@@ -185,13 +185,7 @@ def build_vit(cfg: ImageTowerConfig) -> VisionTransformer:
     """Native ViT; ``cfg.pretrained`` may name a local state-dict file of this tower."""
     model = VisionTransformer(cfg)
     if cfg.pretrained:
-        from finegrain.encoders.weights import load_state_dict_file
+        from finegrain.encoders.weights import load_into, load_state_dict_file
 
-        missing, unexpected = model.load_state_dict(
-            load_state_dict_file(cfg.pretrained), strict=False
-        )
-        if missing or unexpected:
-            raise ValueError(
-                f"weights {cfg.pretrained} do not fit: missing {missing}, unexpected {unexpected}"
-            )
+        load_into(model, load_state_dict_file(cfg.pretrained), cfg.pretrained)
     return model

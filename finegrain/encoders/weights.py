@@ -32,3 +32,21 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
+
+
+def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load with one clear ``ValueError`` listing missing/unexpected/mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [
+        f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(sd))
+        if sd[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"weights {source} do not fit {type(model).__name__}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}"
+        )
+    model.load_state_dict(sd, strict=True)
