@@ -75,17 +75,14 @@ def wrap_ddp(method: nn.Module, info: DistInfo) -> nn.Module:
 
 
 def shard_fsdp(method: nn.Module, info: DistInfo, mixed_bf16: bool = False) -> nn.Module:
-    """FSDP2 (``fully_shard``): shard every transformer block of the towers, then the root.
+    """FSDP2 (``fully_shard``): shard every transformer block, then each tower.
 
-    ``features`` and ``loss_from_features`` are registered as forward methods so calling them
-    (as exact gradient accumulation does) all-gathers the root's parameters first.
+    The method's own parameters (projections, the 0-d logit scale that ``fully_shard`` refuses)
+    stay replicated; the trainer all-reduces their gradients (``unsharded_params``). Towers are
+    the modules holding the bulk of the parameters, which is what FSDP is for.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import (
-        MixedPrecisionPolicy,
-        fully_shard,
-        register_fsdp_forward_method,
-    )
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     kwargs: dict = {"mesh": mesh}
@@ -97,11 +94,31 @@ def shard_fsdp(method: nn.Module, info: DistInfo, mixed_bf16: bool = False) -> n
         blocks = getattr(module, "blocks", None) or getattr(module, "resblocks", None)
         if isinstance(blocks, (nn.ModuleList, nn.Sequential)):
             for block in blocks:
-                fully_shard(block, **kwargs)
-    fully_shard(method, **kwargs)
-    for name in ("features", "loss_from_features"):
-        register_fsdp_forward_method(method, name)
+                if _shardable(block):
+                    fully_shard(block, **kwargs)
+    for child in method.children():
+        if _shardable(child):
+            fully_shard(child, **kwargs)
     return method
+
+
+def _shardable(module: nn.Module) -> bool:
+    params = [p for p in module.parameters() if p.requires_grad]
+    return bool(params) and all(p.dim() > 0 for p in module.parameters())
+
+
+def unsharded_params(method: nn.Module) -> list[nn.Parameter]:
+    """Trainable parameters that are not FSDP DTensors (replicated across ranks)."""
+    from torch.distributed.tensor import DTensor
+
+    return [p for p in method.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+
+
+def broadcast_params(params: list[nn.Parameter]) -> None:
+    """Make replicated parameters identical on every rank (rank 0 wins)."""
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, 0)
 
 
 def all_reduce_grads(params: list[nn.Parameter], world_size: int) -> None:

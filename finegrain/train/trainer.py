@@ -108,14 +108,15 @@ class Trainer:
                 seed=cfg.seed,
             )
         self.loader = loader
-        self.optimizer = build_optimizer(self.method, self.t)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.t.precision == "fp16")
         self.step, self.skipped = 0, 0
-        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         _seed_all(cfg.seed + 1 + self.info.rank)  # per-rank training randomness
-        if resume_dir is not None:
-            self._load(resume_dir)
-        self.model = self._wrap()
+        state = self._load(resume_dir) if resume_dir is not None else None
+        self.model = self._wrap()  # FSDP swaps parameters: the optimizer comes after
+        self.optimizer = build_optimizer(self.method, self.t)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if state is not None:
+            self._load_optimizer(state["optimizer"])
 
     # ---- setup ----------------------------------------------------------------------
     def _check_resume_config(self, resume_dir: Path) -> None:
@@ -128,11 +129,11 @@ class Trainer:
             return
         ckpt.check_same_method(saved, self.cfg, str(resume_dir))
 
-    def _load(self, resume_dir: Path) -> None:
+    def _load(self, resume_dir: Path) -> dict[str, Any]:
+        """Weights, scaler, RNG, data position and step; returns the state (optimizer later)."""
         weights, state = ckpt.load_state(resume_dir)
         ckpt.check_compatible(self.method, weights, str(resume_dir))
         self.method.load_state_dict(weights)
-        self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         per_rank = state["per_rank"]
         if len(per_rank) != self.info.world_size:
@@ -145,11 +146,43 @@ class Trainer:
             self.loader.load_state_dict(mine["data"])
         ckpt.set_rng_state(mine["rng"])
         self.step, self.skipped = int(state["step"]), int(state["skipped"])
+        return state
+
+    @property
+    def _fsdp(self) -> bool:
+        return self.info.enabled and self.t.distributed == "fsdp"
+
+    def _load_optimizer(self, osd: dict[str, Any]) -> None:
+        if self._fsdp:  # the checkpoint holds the full (unsharded) optimizer state
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+            set_optimizer_state_dict(self.method, self.optimizer, osd, options=opts)
+        else:
+            self.optimizer.load_state_dict(osd)
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        """Full optimizer state (collective under FSDP)."""
+        if self._fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_optimizer_state_dict(self.method, self.optimizer, options=opts)
+        return self.optimizer.state_dict()
 
     def _wrap(self) -> torch.nn.Module:
         model: torch.nn.Module = self.method
-        if self.info.enabled and self.t.distributed == "fsdp":
+        self.replicated: list[torch.nn.Parameter] = []  # params whose grads we all-reduce
+        if self._fsdp:
             model = dist_utils.shard_fsdp(self.method, self.info, self.t.precision == "bf16")
+            self.replicated = dist_utils.unsharded_params(self.method)
+            dist_utils.broadcast_params(self.replicated)
         elif self.info.enabled and self.t.accum_steps == 1:
             model = dist_utils.wrap_ddp(self.method, self.info)
         elif self.info.enabled:  # exact accumulation bypasses DDP: same init, manual all-reduce
@@ -205,6 +238,8 @@ class Trainer:
                 return out, False
             if self.info.enabled and self.t.distributed == "ddp":
                 dist_utils.all_reduce_grads(self.params, self.info.world_size)
+        if self.replicated:  # FSDP: parameters left outside the shards (e.g. scalars)
+            dist_utils.all_reduce_grads(self.replicated, self.info.world_size)
         if self.t.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.t.grad_clip)
@@ -303,13 +338,14 @@ class Trainer:
             per_rank = [None] * self.info.world_size
             torch.distributed.all_gather_object(per_rank, mine)
         weights = ckpt.model_state(self.method)  # collective under FSDP (full_tensor)
+        optim_state = self._optimizer_state()
         path = None
         if self.info.is_main:
             state = {
                 "step": self.step,
                 "skipped": self.skipped,
                 "per_rank": per_rank,
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optim_state,
                 "scaler": self.scaler.state_dict(),
             }
             path = ckpt.save_checkpoint(
