@@ -124,12 +124,12 @@ def test_native_text_transformer_causal_eot() -> None:
 def test_timm_vit_tokens_and_local_weights(tmp_path) -> None:
     from safetensors.torch import save_file
 
-    cfg = ImageTowerConfig(name="timm", model="vit_small_patch16_224.dino", image_size=32)
+    cfg = ImageTowerConfig(name="timm", model="vit_tiny_patch16_224.augreg_in21k", image_size=32)
     a = build_image_tower(cfg).eval()
     x = torch.randn(2, 3, 32, 32)
     out = a(x)
     feats = a.model.forward_features(x)
-    assert out.tokens.shape == (2, 4, 384) and out.grid_hw == (2, 2) and a.width == 384
+    assert out.tokens.shape == (2, 4, 192) and out.grid_hw == (2, 2) and a.width == 192
     torch.testing.assert_close(out.pooled, feats[:, 0])
     torch.testing.assert_close(out.tokens, feats[:, 1:])
     assert a(torch.randn(1, 3, 48, 64)).grid_hw == (3, 4)  # dynamic image size
@@ -137,7 +137,7 @@ def test_timm_vit_tokens_and_local_weights(tmp_path) -> None:
     b = build_image_tower(replace(cfg, pretrained=str(tmp_path / "w.safetensors"))).eval()
     torch.testing.assert_close(b(x).tokens, out.tokens)
     with pytest.raises(ValueError, match="unknown timm model"):
-        build_image_tower(replace(cfg, model="vit_smal_patch16_224"))
+        build_image_tower(replace(cfg, model="vit_tiny_patch16_22"))
 
 
 def test_open_clip_towers_match_open_clip() -> None:

@@ -27,7 +27,7 @@ def _create(name: str, image_size: int) -> nn.Module:
     if not name:
         raise ValueError("image tower 'timm' needs image.model, e.g. vit_base_patch16_224")
     arch = name.split(".")[0]  # 'vit_small_patch16_224.dino': architecture + weight tag
-    if arch not in timm.list_models():
+    if not timm.is_model(arch):
         from finegrain.registry import suggest
 
         raise ValueError(f"unknown timm model '{arch}'{suggest(arch, timm.list_models())}")
