@@ -103,14 +103,23 @@ def _block(
 
 
 def _foreign_index(
-    rows: torch.Tensor, cols: torch.Tensor, seeds_r, seeds_c, k: int
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    seeds_r: torch.Tensor,
+    seeds_c: torch.Tensor,
+    k: int,
+    *,
+    drop_self: bool,
 ) -> torch.Tensor:
-    """(R, C') flat caption indices of one caption per foreign column image (own image dropped)."""
+    """Flat caption indices (R, C - drop_self): for row image i, caption ``pair_offsets`` of
+    every column image j (``cols`` are positions 0..C-1 of a (C, K) text block); with
+    ``drop_self`` each row's own image (rows[i] == cols[j], exactly one per row) is left out."""
     off = pair_offsets(seeds_r, seeds_c, k)  # (R, C)
     flat = torch.arange(cols.shape[0], device=off.device)[None, :] * k + off  # (R, C)
-    keep = cols[None, :] != rows[:, None]  # (R, C)
-    n_keep = int(keep[0].sum()) if rows.numel() else 0
-    return flat[keep].view(rows.shape[0], n_keep)
+    if not drop_self:
+        return flat
+    keep = cols[None, :] != rows[:, None]  # (R, C), one False per row
+    return flat[keep].view(rows.shape[0], cols.shape[0] - 1)
 
 
 def text_conditioned_sigmoid_loss(
@@ -142,18 +151,22 @@ def text_conditioned_sigmoid_loss(
     if exchange == "gather" or world == 1:
         all_texts = gather_features(texts, with_grad=True)  # (Bg, K, D)
         cols = torch.arange(all_texts.shape[0], device=texts.device)
-        idx = torch.cat([own + rank * b * k, _foreign_index(rows, cols, seeds, all_seeds, k)], 1)
+        idx = torch.cat(
+            [own + rank * b * k, _foreign_index(rows, cols, seeds, all_seeds, k, drop_self=True)], 1
+        )
         total = _block(pooling, kv, all_texts.reshape(-1, d), idx, k, logit_scale, logit_bias)
     else:  # ring: hold one other rank's (B, K, D) text block at a time
         local = torch.arange(b, device=texts.device)
-        idx = torch.cat([own, _foreign_index(local, local, seeds, seeds, k)], 1)
+        idx = torch.cat([own, _foreign_index(local, local, seeds, seeds, k, drop_self=True)], 1)
         total = _block(pooling, kv, texts.reshape(-1, d), idx, k, logit_scale, logit_bias)
         block = texts
         for s in range(1, world):
             block = ring_pass(block)  # the texts of rank (rank - s)
             src = (rank - s) % world
             src_seeds = all_seeds[src * b : (src + 1) * b]
-            idx = _foreign_index(rows, local + src * b, seeds, src_seeds, k)  # (B, B)
+            idx = _foreign_index(
+                rows, local + src * b, seeds, src_seeds, k, drop_self=False
+            )  # (B, B)
             total = total + _block(
                 pooling, kv, block.reshape(-1, d), idx, 0, logit_scale, logit_bias
             )
