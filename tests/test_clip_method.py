@@ -87,6 +87,16 @@ def test_clip_forward_contract_and_gradients() -> None:
     assert id(clip.logit_scale) in no_decay and id(clip.image_proj.proj.weight) not in no_decay
 
 
+def test_bf16_autocast_forward_close_to_fp32() -> None:
+    sig = SigLIP(SigLIPConfig(**TOWERS))
+    batch = sig.make_collate()(samples())
+    ref = sig(batch).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sig(batch)
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    assert out.loss.item() == pytest.approx(ref.item(), rel=5e-2)
+
+
 def test_logit_scale_clamped_after_step() -> None:
     clip = CLIP(CLIPConfig(**TOWERS))
     with torch.no_grad():
