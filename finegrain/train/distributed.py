@@ -146,3 +146,26 @@ def all_reduce_max(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
+
+
+def optimizer_state(method: nn.Module, optimizer: torch.optim.Optimizer, full: bool) -> dict:
+    """The optimizer state to checkpoint; ``full`` gathers FSDP shards (collective)."""
+    if not full:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(method, optimizer, options=opts)
+
+
+def load_optimizer_state(
+    method: nn.Module, optimizer: torch.optim.Optimizer, state: dict, full: bool
+) -> None:
+    """Inverse of ``optimizer_state``; ``full`` re-shards a full state onto FSDP parameters."""
+    if not full:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    set_optimizer_state_dict(method, optimizer, state, options=opts)

@@ -153,28 +153,10 @@ class Trainer:
         return self.info.enabled and self.t.distributed == "fsdp"
 
     def _load_optimizer(self, osd: dict[str, Any]) -> None:
-        if self._fsdp:  # the checkpoint holds the full (unsharded) optimizer state
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_optimizer_state_dict,
-            )
-
-            opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-            set_optimizer_state_dict(self.method, self.optimizer, osd, options=opts)
-        else:
-            self.optimizer.load_state_dict(osd)
+        dist_utils.load_optimizer_state(self.method, self.optimizer, osd, full=self._fsdp)
 
     def _optimizer_state(self) -> dict[str, Any]:
-        """Full optimizer state (collective under FSDP)."""
-        if self._fsdp:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_optimizer_state_dict,
-            )
-
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return get_optimizer_state_dict(self.method, self.optimizer, options=opts)
-        return self.optimizer.state_dict()
+        return dist_utils.optimizer_state(self.method, self.optimizer, full=self._fsdp)
 
     def _wrap(self) -> torch.nn.Module:
         model: torch.nn.Module = self.method
