@@ -264,6 +264,12 @@ def test_cli_errors_and_run(
                         "--describer", str(tmp_path / "missing"), "--detector", str(owl_dir)])  # fmt: skip
     assert rc == 2 and "local model directory" in capsys.readouterr().err
     rc = annotate_main(["--input", str(tmp_path / "x.tar"), "--output-dir", str(tmp_path / "o"), "--describer",
-                        str(llava_dir), "--detector", str(owl_dir), "--max-new-tokens", "4", "--no-progress"])  # fmt: skip
-    assert rc == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"] == 2
+                        str(llava_dir), "--detector", str(owl_dir), "--max-new-tokens", "4", "--no-progress",
+                        "--merge-to", str(tmp_path / "side.jsonl")])  # fmt: skip
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and stats["samples"] == 2 and stats["merged_lines"] == 2
+    from finegrain.data.sources import load_sidecar
+
+    side = load_sidecar(str(tmp_path / "side.jsonl"))  # the data pipeline reads it back
+    assert set(side) == {"000000", "000001"} and "long_caption" in side["000000"]
     assert tarfile.is_tarfile(tmp_path / "x.tar") and (tmp_path / "o" / "x.jsonl").is_file()

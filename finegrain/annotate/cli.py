@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from finegrain.annotate.pipeline import FORMATS, AnnotateConfig, annotate
+from finegrain.annotate.pipeline import FORMATS, AnnotateConfig, annotate, merge_sidecars
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument("--world-size", type=int, default=d.world_size)
     p.add_argument("--no-resume", dest="resume", action="store_false")
+    p.add_argument(
+        "--merge-to", default="", help="after annotating, join all *.jsonl into this sidecar file"
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
@@ -49,11 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     """Entry point used by ``finegrain annotate ...``; returns the exit status."""
     args = vars(build_parser().parse_args(argv))
+    merge_to = args.pop("merge_to")
     if args["prompt"].startswith("@"):
         with open(args["prompt"][1:]) as fh:
             args["prompt"] = fh.read().strip()
     try:
         stats = annotate(AnnotateConfig(**args))
+        if merge_to:
+            stats["merged_lines"] = merge_sidecars(args["output_dir"], merge_to)
     except ValueError as e:
         print(f"finegrain annotate: error: {e}", file=sys.stderr)
         return 2

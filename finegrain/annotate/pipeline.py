@@ -186,14 +186,15 @@ class Annotator:
         by_index = dict(zip(ok, answers))
         records = []
         for i, s in enumerate(batch):
+            key = s["__key__"].rsplit("/", 1)[-1]  # the key finegrain.data joins sidecars on
             rec = {
-                "key": s["__key__"],
+                "key": key,
                 "long_caption": "",
                 "regions": [],
                 "annotation": {"status": "broken"},
             }
             if i in by_index:
-                rec = self._annotate_one(s["__key__"], images[i], by_index[i])
+                rec = self._annotate_one(key, images[i], by_index[i])
             else:
                 self.stats["broken"] += 1
             records.append(rec)
@@ -234,7 +235,7 @@ class Annotator:
             batch.clear()
 
         for sample in read_shard(shard):
-            if sample["__key__"] in writer.done_keys:
+            if sample["__key__"].rsplit("/", 1)[-1] in writer.done_keys:
                 self.stats["resumed_keys"] += 1
                 continue
             batch.append(sample)
@@ -270,3 +271,19 @@ def annotate(
             ann.run_shard(shard, pbar)
     ann.stats["shards_assigned"] = len(mine)
     return dict(ann.stats)
+
+
+def merge_sidecars(output_dir: str, path: str) -> int:
+    """Concatenate every finished per-shard JSONL of ``output_dir`` into one sidecar file
+    (``data.sidecar=`` of a training run); returns the number of lines written."""
+    parts = sorted(Path(output_dir).glob("*.jsonl"))
+    if not parts:
+        raise ValueError(f"no finished sidecar shards (*.jsonl) in {output_dir}")
+    n = 0
+    with open(path, "w") as out:
+        for part in parts:
+            for line in part.read_text().splitlines():
+                if line.strip():
+                    out.write(line + "\n")
+                    n += 1
+    return n
