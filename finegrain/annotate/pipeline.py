@@ -1,4 +1,4 @@
-"""GRAIN's data step over webdataset shards (Halbe et al., arXiv 2412.04429, Sec. 3.1).
+"""GRAIN's data step over webdataset shards (Halbe et al., arXiv 2412.04429, data step).
 
 For each image of each input shard (``jpg``/``png`` + ``txt`` + ``json``, as img2dataset writes):
 

@@ -1,4 +1,4 @@
-"""DETR-style pre-norm region-query decoder (GRAIN, Halbe et al., arXiv 2412.04429, Sec. 3.2).
+"""DETR-style pre-norm region-query decoder (GRAIN, Halbe et al., arXiv 2412.04429).
 
 Follows the released code (shaunak27/grain-clip ``model/tfm.py``) in behaviour:
 

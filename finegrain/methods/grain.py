@@ -6,7 +6,7 @@ memory of a DETR-style pre-norm decoder (``finegrain.heads.region_decoder``) wit
 region queries and one global query. The global query gives the image embedding, the region
 queries give region embeddings and (through a 3-layer MLP + sigmoid) boxes.
 
-Loss (paper Sec. 3.3: ``L_total = L_ic + L_box + L_rd``):
+Loss (paper: ``L_total = L_ic + L_box + L_rd``):
 
 - ``L_ic`` global image-caption InfoNCE, gathered across ranks (``clip_loss``);
 - ``L_box`` = w_l1 * L1 + w_giou * (1 - GIoU) over Hungarian-matched pairs (cost
@@ -26,6 +26,8 @@ paper is an option (``GRAINConfig``):
   all_reduce is commented out, i.e. local count); ``region_dedup=True`` keeps identical
   descriptions out of each other's negatives (the code treats them as negatives);
   ``region_symmetric`` / ``region_gather`` default off as in the code;
+- the released loss composition: ``method.weighting=released method.region_dedup=false
+  method.num_boxes_over_ranks=false`` (and ``aux_loss``, ``region_*`` at their defaults);
 - ``caption="random"``: each sample's caption is the alt-text or an MLLM caption with
   probability 1/2 (the code's ``--is_gala``), drawn with ``random.Random(sample["seed"])``.
 
@@ -324,9 +326,8 @@ class GRAIN(Method):
             mask.reshape(-1), scale, f["region_text"].reshape(b * r, -1),
             dedup=cfg.region_dedup, symmetric=cfg.region_symmetric, gather=cfg.region_gather,
         )  # fmt: skip
-        rd = (
-            rd + 0.0 * f["region_emb"].sum()
-        )  # every parameter in the graph (DDP), even without regions
+        # keep the region projection in the graph (DDP) even for a batch without regions
+        rd = rd + 0.0 * f["region_emb"].sum()
         losses = {"global_loss": g, "box_l1_loss": l1, "box_giou_loss": giou, "region_loss": rd}
         total = w_g * g + w_l1 * l1 + w_giou * giou + w_rd * rd
         if cfg.aux_loss and f["pred_boxes"].shape[1] > 1:
