@@ -1,7 +1,7 @@
 """FLAIR training step vs CLIP training step (same towers, same batch), and FLAIR's batched
 text-conditioned sigmoid loss vs a straightforward per-image loop. Prints one JSON object.
 
-Variants (each timed in a fresh subprocess so peak memory is per variant):
+Variants (timed round-robin on one model, so all see the same machine load):
 - ``clip``: global InfoNCE, one caption per image (``texts[:, 0]``);
 - ``mps``: the multi-positive sigmoid loss on all B x K sub-captions (FLAIR without the
   text-conditioned branch: the same text-tower workload as FLAIR);
@@ -11,8 +11,9 @@ Plus ``tcs_loss``: forward + backward of the text-conditioned loss alone on rand
 batched vs per-image loop (no towers).
 
 CPU defaults are tiny; ``--preset vitb16 --device cuda`` is the paper's ViT-B/16, batch 128,
-K = 8 setup (bf16 autocast). Peak memory: ``torch.cuda.max_memory_allocated`` on GPU, the
-process's max RSS on CPU.
+K = 8 setup (bf16 autocast). Peak memory: on GPU the peak a step allocates on top of the
+model/optimizer state (``max_memory_allocated``); on CPU the max RSS of a fresh process that
+runs one step of the variant.
 
     python benchmarks/bench_flair.py                       # CPU, tiny
     python benchmarks/bench_flair.py --preset vitb16 --device cuda
@@ -105,7 +106,7 @@ def _loss(model, batch: dict[str, torch.Tensor], variant: str) -> torch.Tensor:
     return (tcs + mps) / 2
 
 
-def _time_variant(a: dict[str, Any], variant: str, queue: Any) -> None:
+def _setup(a: dict[str, Any]) -> tuple[Any, Any, dict[str, torch.Tensor], Any]:
     torch.set_num_threads(a["threads"])
     torch.manual_seed(0)
     dev = torch.device(a["device"])
@@ -120,32 +121,81 @@ def _time_variant(a: dict[str, Any], variant: str, queue: Any) -> None:
     batch["texts"][..., -1] = 49407  # an EOT token in every row
     amp = a["device"] == "cuda" and a["precision"] == "bf16"
     ctx = (lambda: torch.autocast("cuda", torch.bfloat16)) if amp else contextlib.nullcontext
-    times = []
+    return model, opt, batch, ctx
+
+
+def _step(model, opt, batch, variant: str, ctx) -> float:
+    """One optimizer step; returns its wall time (seconds, synchronised on GPU)."""
+    cuda = batch["image"].is_cuda
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with ctx():
+        loss = _loss(model, batch, variant)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _time_interleaved(a: dict[str, Any], variants: list[str]) -> dict[str, dict[str, float]]:
+    """Round-robin over variants on one model, so every variant sees the same machine load.
+    On GPU also the peak memory a step adds on top of what was allocated before it."""
+    model, opt, batch, ctx = _setup(a)
+    cuda = a["device"] == "cuda"
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    extra: dict[str, float] = {v: 0.0 for v in variants}
     for step in range(a["warmup"] + a["steps"]):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-            if step == a["warmup"]:
+        for v in variants:
+            if cuda:
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        with ctx():
-            loss = _loss(model, batch, variant)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= a["warmup"]:
-            times.append(time.perf_counter() - t0)
-    sec = sorted(times)[len(times) // 2]
-    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # fmt: skip
-    queue.put({"step_s": sec, "samples_per_s": b / sec, "peak_mem_mb": peak / 2**20})
+            dt = _step(model, opt, batch, v, ctx)
+            if step >= a["warmup"]:
+                times[v].append(dt)
+                if cuda:
+                    extra[v] = max(extra[v], (torch.cuda.max_memory_allocated() - base) / 2**20)
+    out = {}
+    for v in variants:
+        ts = sorted(times[v])
+        out[v] = {
+            "step_s": ts[len(ts) // 2],
+            "min_step_s": ts[0],
+            "samples_per_s": a["batch"] / ts[len(ts) // 2],
+        }
+        if cuda:
+            out[v]["step_peak_mem_mb"] = extra[v]
+    return out
 
 
-def _run_isolated(a: dict[str, Any], variant: str) -> dict[str, float]:
+def _rss_after_step(a: dict[str, Any], variant: str, queue: Any) -> None:
+    model, opt, batch, ctx = _setup(a)
+    _step(model, opt, batch, variant, ctx)
+    queue.put(_vm_hwm_mb())
+
+
+def _vm_hwm_mb() -> float:
+    """This process's peak RSS (MiB). /proc VmHWM is reset by exec, unlike ru_maxrss, which a
+    spawned child inherits from its parent on Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB -> MiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def _cpu_peak_rss(a: dict[str, Any], variant: str) -> float:
+    """Max RSS (MiB) of a fresh process that builds the model and runs one step of ``variant``."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_time_variant, args=(a, variant, q))
+    p = ctx.Process(target=_rss_after_step, args=(a, variant, q))
     p.start()
     out = q.get()
     p.join()
@@ -153,12 +203,12 @@ def _run_isolated(a: dict[str, Any], variant: str) -> dict[str, float]:
 
 
 def _tcs_loss_only(a: dict[str, Any]) -> dict[str, float]:
-    """Forward + backward of the TCS loss alone: batched vs per-image loop (median seconds)."""
+    """Forward + backward of the TCS loss alone, batched vs per-image loop, interleaved."""
     from finegrain.heads.pooling import TextConditionedPooling
     from finegrain.losses.flair import text_conditioned_sigmoid_loss
 
     torch.manual_seed(0)
-    dev, b, k, d = torch.device(a["device"]), a["batch"], a["k"], a["embed"]
+    dev, b, k, d = torch.device(a["device"]), a["loss_batch"], a["k"], a["embed"]
     n = (a["image_size"] // a["patch"]) ** 2
     pool = TextConditionedPooling(d, heads=a["pool_heads"]).to(dev)
     tokens = torch.randn(b, n, d, device=dev, requires_grad=True)
@@ -170,10 +220,9 @@ def _tcs_loss_only(a: dict[str, Any]) -> dict[str, float]:
         ),
         "loop": lambda: per_image_loop_tcs(pool, tokens, texts, 10.0, -10.0, seeds),
     }
-    out = {}
-    for name, fn in fns.items():
-        times = []
-        for step in range(a["warmup"] + a["steps"]):
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for step in range(a["warmup"] + 2 * a["steps"]):
+        for name, fn in fns.items():
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -181,8 +230,8 @@ def _tcs_loss_only(a: dict[str, Any]) -> dict[str, float]:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             if step >= a["warmup"]:
-                times.append(time.perf_counter() - t0)
-        out[f"{name}_s"] = sorted(times)[len(times) // 2]
+                times[name].append(time.perf_counter() - t0)
+    out = {f"{name}_s": sorted(ts)[len(ts) // 2] for name, ts in times.items()}
     out["loop_over_batched"] = out["loop_s"] / out["batched_s"]
     return out
 
@@ -196,24 +245,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--no-memory", action="store_true", help="CPU: skip the per-variant RSS runs")
+    p.add_argument(
+        "--loss-batch", type=int, default=0, help="batch of the loss-only timing (0: --batch)"
+    )
     for key, val in PRESETS["tiny"].items():
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"tiny: {val}")
     ns = p.parse_args(argv)
     a = dict(PRESETS[ns.preset])
     a.update({k: v for k, v in vars(ns).items() if v is not None and k in a})
     a.update(device=ns.device, precision=ns.precision if ns.device == "cuda" else "fp32",
-             steps=ns.steps, warmup=ns.warmup, threads=ns.threads)  # fmt: skip
+             steps=ns.steps, warmup=ns.warmup, threads=ns.threads,
+             loss_batch=ns.loss_batch or a["batch"])  # fmt: skip
     variants = [v for v in ns.variants.split(",") if v]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise SystemExit(f"unknown variant(s) {bad}; valid choices: {', '.join(VARIANTS)}")
-    res: dict[str, Any] = {"config": a, "steps": {v: _run_isolated(a, v) for v in variants}}
+    res: dict[str, Any] = {"config": a, "steps": _time_interleaved(a, variants)}
     s = res["steps"]
+    mem_key = "step_peak_mem_mb" if a["device"] == "cuda" else "process_peak_rss_mb"
+    if a["device"] != "cuda" and not ns.no_memory:
+        for v in variants:
+            s[v][mem_key] = _cpu_peak_rss(a, v)
     ratios = {}
     for num, den in (("flair", "clip"), ("flair", "mps"), ("flair_loop", "flair")):
         if num in s and den in s:
             ratios[f"{num}_over_{den}_step_time"] = s[num]["step_s"] / s[den]["step_s"]
-            ratios[f"{num}_over_{den}_peak_mem"] = s[num]["peak_mem_mb"] / s[den]["peak_mem_mb"]
+            if mem_key in s[num]:
+                ratios[f"{num}_over_{den}_peak_mem"] = s[num][mem_key] / s[den][mem_key]
     res["ratios"] = ratios
     res["tcs_loss"] = _tcs_loss_only(a)
     res["device_name"] = torch.cuda.get_device_name() if a["device"] == "cuda" else "cpu"
