@@ -42,7 +42,7 @@ PRESETS = {
 
 
 def per_image_loop_tcs(pooling, tokens, texts, logit_scale, logit_bias, pair_seed) -> torch.Tensor:
-    """The text-conditioned sigmoid loss (FLAIR Eq. 3-4, released normalisation) written the
+    """The text-conditioned sigmoid loss (FLAIR L^tcs, released normalisation) written the
     straightforward way: for each image, gather its B + K - 1 texts and pool them."""
     from finegrain.losses.flair import pair_offsets
 

@@ -122,7 +122,7 @@ def test_pair_offsets_deterministic_and_spread() -> None:
 
 
 def naive_tcs(pool, tokens, texts, scale, bias, seeds, normalization="released") -> torch.Tensor:
-    """Eq. 3-4 as loops: image i vs its K captions (+1) and caption c_ij of each j != i (-1)."""
+    """L^tcs as loops: image i vs its K captions (+1) and caption c_ij of each j != i (-1)."""
     b, k, _ = texts.shape
     off = pair_offsets(seeds, seeds, k)
     total = torch.zeros(())
@@ -139,7 +139,7 @@ def naive_tcs(pool, tokens, texts, scale, bias, seeds, normalization="released")
 
 
 def naive_mps(image, texts, scale, bias, normalization="released") -> torch.Tensor:
-    """Eq. 5 as loops over (image i, caption k of image j)."""
+    """L^mps as loops over (image i, caption k of image j)."""
     b, k, _ = texts.shape
     total = torch.zeros(())
     for i in range(b):

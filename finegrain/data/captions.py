@@ -1,6 +1,6 @@
 """Sentence splitting and FLAIR's diverse sub-caption sampling.
 
-FLAIR (Xiao et al., CVPR 2025, arXiv 2412.03561, Sec. 3.1 "Sampling diverse sub-captions")
+FLAIR (Xiao et al., CVPR 2025, arXiv 2412.03561, Sec. 3 "diverse caption sampling")
 splits a long (MLLM) caption into sentences and, for every image, samples K sub-captions of
 1..S sentences each: half are *consecutive* windows of the caption, half are sentences taken
 from *random* positions and concatenated.
@@ -153,7 +153,7 @@ def sample_subcaptions(
     *,
     mode: str = "diverse",
 ) -> list[str]:
-    """K sub-captions of 1..max_sentences sentences each (FLAIR Sec. 3.1, "diverse sampling").
+    """K sub-captions of 1..max_sentences sentences each (FLAIR Sec. 3, "diverse caption sampling").
 
     mode: "diverse" (released FLAIR: 1 sentence -> uniform pick; 2+ -> half consecutive
     windows, half random positions), "consecutive" (windows only) or "random" (positions

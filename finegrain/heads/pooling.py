@@ -1,7 +1,7 @@
 """Pooling heads: token -> vector pooling (cls, mean, max, learned-query attention) and FLAIR's
 text-conditioned attention pooling.
 
-Text-conditioned attention pooling (FLAIR, Xiao et al., CVPR 2025, arXiv 2412.03561, Eq. 2):
+Text-conditioned attention pooling (FLAIR, Xiao et al., CVPR 2025, arXiv 2412.03561, Sec. 3, f_AttnPool):
 
     v_tc(I, T) = MHA( q = LN_q(t),  k = LN_k(P),  v = LN_v(P) )
 

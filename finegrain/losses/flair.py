@@ -1,13 +1,13 @@
-"""FLAIR's losses (Xiao et al., CVPR 2025, arXiv 2412.03561, Sec. 3.3, Eq. 3-5).
+"""FLAIR's losses (Xiao et al., CVPR 2025, arXiv 2412.03561, Sec. 3: L^tcs and L^mps).
 
-Text-conditioned sigmoid loss (Eq. 3-4). Every image i is pooled (``TextConditionedPooling``)
+Text-conditioned sigmoid loss L^tcs. Every image i is pooled (``TextConditionedPooling``)
 against M = B + K - 1 texts: its own K sub-captions (positives, z = +1) and ONE sub-caption of
 every other image j (negatives, z = -1); the pooled vector is compared with the very text that
 produced it:
 
     L_tcs = -1/n Σ_i Σ_m log σ( z_im (t <v_tc(I_i, T_m) / |.|, T_m / |T_m|> + b) )
 
-Multi-positive sigmoid loss (Eq. 5): global image embedding vs all B x K global sub-caption
+Multi-positive sigmoid loss L^mps: global image embedding vs all B x K global sub-caption
 embeddings, K positives per image (``finegrain.losses.contrastive.multi_positive_sigmoid_loss``).
 
 Which caption of image j is the negative for image i is a deterministic hash of the two
@@ -133,7 +133,7 @@ def text_conditioned_sigmoid_loss(
     exchange: str = "gather",
     normalization: str = "released",
 ) -> torch.Tensor:
-    """FLAIR Eq. 3-4 (see module docstring), batched: keys/values of every image and queries
+    """FLAIR L^tcs (see module docstring), batched: keys/values of every image and queries
     of every text are projected once; all B x (B + K - 1) pairs go through one attention call.
 
     tokens: (B, N, D) projected patch tokens; texts: (B, K, D) projected sub-caption
@@ -184,7 +184,7 @@ def flair_multi_positive_loss(
     exchange: str = "gather",
     normalization: str = "released",
 ) -> torch.Tensor:
-    """FLAIR Eq. 5: global image (B, D) vs all B x K global sub-captions (B, K, D), both
+    """FLAIR L^mps: global image (B, D) vs all B x K global sub-captions (B, K, D), both
     L2-normalised, K positives per image; other ranks' captions are negatives. Wraps
     ``multi_positive_sigmoid_loss`` (normalised by B) and rescales to the chosen convention
     ("released": divided by the number of texts B * K)."""

@@ -1,20 +1,20 @@
 """FLAIR: Fine-grained Language-informed Image Representations (Xiao et al., CVPR 2025,
 arXiv 2412.03561; code ExplainableML/flair, built on OpenCLIP).
 
-Model (paper Sec. 3.2, released ``FLAIR`` model):
+Model (paper Sec. 3, "text-conditioned attention pooling"; released ``FLAIR`` model):
 
 - image tower tokens after its final norm; ONE shared bias-free linear projection maps the CLS
   token to the global image embedding and the patch tokens to local tokens (``image_post``);
 - text tower EOT embedding through its own projection (``text_post``) -> sub-caption embedding;
 - text-conditioned attention pooling (``finegrain.heads.pooling.TextConditionedPooling``,
-  Eq. 2): LN on q/k/v, the text embedding as query, projected patch tokens (CLS excluded) as
+  f_AttnPool): LN on q/k/v, the text embedding as query, projected patch tokens (CLS excluded) as
   keys/values, plus the ``add_zero_attn`` zero slot.
 
-Loss (Sec. 3.3): ``(L_tcs + L_mps) / 2`` with one shared learnable scale ``t = exp(s)``
+Loss (paper Sec. 3, L^tcs and L^mps): ``(L_tcs + L_mps) / 2`` with one shared learnable scale ``t = exp(s)``
 (``s`` initialised to log(1/0.07), clamped to ``[0, log 100]`` after every optimizer step as the
 released ``train.py``) and bias ``b`` (init -10); see ``finegrain.losses.flair``.
 
-Data (Sec. 3.1): K sub-captions of 1..3 sentences per image (``finegrain.data.captions``),
+Data (paper Sec. 3, "diverse caption sampling"): K sub-captions of 1..3 sentences per image (``finegrain.data.captions``),
 sampled in the collate with ``random.Random(sample["seed"])``. Caption pool per sample
 (``caption_source="auto"``): ``sentences``, else the sentences of ``long_caption``, else
 ``captions`` (each caption a "sentence": Flickr8k's 5 human captions), else the sentences of
