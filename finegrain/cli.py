@@ -201,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"finegrain {args.command}: error: {msg}", file=sys.stderr)
         return USER_ERROR
+    except RuntimeError as e:  # bad data past data.max_broken_fraction: one line, not a trace
+        if type(e).__name__ != "TooManyBrokenSamples":
+            raise
+        print(f"finegrain {args.command}: data error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"finegrain {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -97,6 +97,10 @@ def test_train_then_incompatible_resume(tmp_path, capsys):
     assert cli.main(["train", "--config", f"{out}/config.yaml", "--output-dir", out,
                      "--resume", "latest", "train.steps=3"]) == 0  # fmt: skip
     assert latest_checkpoint(out).name == "step_0000003"
+    ev = ["eval", "--checkpoint", out, "--tasks", "retrieval:synthetic@num_samples=16",
+          "--out", str(tmp_path / "ev")]  # fmt: skip
+    assert cli.main(ev) == 0, "finegrain eval loads the run through load_method"
+    assert (tmp_path / "ev" / "results.json").is_file()
     capsys.readouterr()
     assert cli.main(["train", "--recipe", "clip_smoke", "--resume", str(tmp_path / "none"),
                      "--output-dir", out, *QUICK]) == 2  # fmt: skip
