@@ -2,7 +2,9 @@
 
 Both consume the same pre-collated batches (data loading excluded) and run interleaved, so
 machine noise hits both alike; the bare loop is ``zero_grad; method(batch).loss.backward();
-AdamW.step()``. Prints one JSON object. CPU default is tiny; on a GPU pass e.g.
+AdamW.step()``. With ``--set train.accum_steps=K`` the bare loop accumulates K micro-batch
+losses naively, so the ratio is the price of *exact* contrastive accumulation (each
+micro-batch's features are computed twice). Prints one JSON object. CPU default is tiny; on a GPU pass e.g.
 ``--recipe clip_vitb16 --set data.batch_size=64 --device cuda``.
 
     python benchmarks/bench_trainer.py --steps 20 --repeats 3
@@ -59,12 +61,14 @@ def bare_loop(method, batches, steps, cfg, device) -> float:
     it = cycle(batches)
     _sync(device)
     t0 = time.perf_counter()
+    k = cfg.train.accum_steps  # k > 1: naive accumulation (per-micro-batch loss, inexact)
     for _ in range(steps):
-        batch = to_device(next(it), device)
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            loss = method(batch).loss
-        loss.backward()
+        for _ in range(k):
+            batch = to_device(next(it), device)
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                loss = method(batch).loss / k
+            loss.backward()
         opt.step()
     _sync(device)
     return steps / (time.perf_counter() - t0)
@@ -114,7 +118,7 @@ def main() -> None:
     b, o = statistics.median(bare), statistics.median(ours)
     out = {
         "recipe": args.recipe, "device": str(device), "precision": cfg.train.precision,
-        "batch_size": cfg.data.batch_size, "steps": args.steps, "repeats": args.repeats,
+        "batch_size": cfg.data.batch_size, "accum_steps": cfg.train.accum_steps, "steps": args.steps, "repeats": args.repeats,
         "bare_steps_per_s": round(b, 3), "trainer_steps_per_s": round(o, 3),
         "trainer_over_bare": round(o / b, 4), "overhead_pct": round(100 * (b / o - 1), 2),
         "bare_runs": [round(x, 3) for x in bare], "trainer_runs": [round(x, 3) for x in ours],
