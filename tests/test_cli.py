@@ -119,10 +119,13 @@ def test_subcommands_dispatch_lazily(monkeypatch, capsys):
 
 
 @needs_clip
-def test_demo_trains_and_prints_table(tmp_path, capsys):
+@pytest.mark.parametrize("method", ["clip", "siglip", "flair", "grain"])
+def test_demo_trains_and_prints_table(tmp_path, capsys, method):
+    if method not in METHODS:
+        pytest.skip(f"method '{method}' is not available")
     task = "eval.tasks=[{task: retrieval, dataset: synthetic, num_samples: 16}]"
-    argv = ["demo", "--output-dir", str(tmp_path), "train.steps=2", "data.batch_size=8",
-            "train.progress=false", "data.num_workers=0", task]  # fmt: skip
+    argv = ["demo", "--method", method, "--output-dir", str(tmp_path), "train.steps=2",
+            "data.batch_size=8", "train.progress=false", "data.num_workers=0", task]  # fmt: skip
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "| retrieval/synthetic | image_retrieval_recall@1 (%) |" in out
