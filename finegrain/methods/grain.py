@@ -49,6 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from finegrain.data.collate import stack_images
 from finegrain.encoders.base import build_image_tower, build_text_tower
 from finegrain.heads.region_decoder import RegionDecoder
 from finegrain.losses.contrastive import clip_loss
@@ -140,14 +141,6 @@ def select_regions(
     return [k[1] for k in kept], [k[2] for k in kept], dropped, truncated
 
 
-def _stack_images(samples: list[dict[str, Any]]) -> torch.Tensor:
-    try:
-        from finegrain.data.collate import stack_images
-    except ImportError:  # the data engineer's helper not present: plain stack
-        return torch.stack([s["image"] for s in samples])
-    return stack_images(samples)
-
-
 class GRAINCollate:
     """Picklable collate: schema samples -> GRAIN batch (see docs/CONTRACTS.md)."""
 
@@ -186,7 +179,7 @@ class GRAINCollate:
             idx = torch.tensor(slots)
             region_text[idx[:, 0], idx[:, 1]] = tok
         batch = {
-            "image": _stack_images(samples),
+            "image": stack_images(samples),
             "text": text,
             "boxes": boxes,
             "region_mask": mask,
