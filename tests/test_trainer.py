@@ -94,9 +94,10 @@ def test_trainer_accum_matches_large_batch(tmp_path):
 
 def test_training_lowers_loss_and_writes_logs(tmp_path):
     tr = toy_trainer(tmp_path, steps=40)
-    tr.method.cfg.dropout = 0.0
     batch = _batch(32)
+    tr.method.eval()  # no dropout when measuring
     before = tr.method(batch).loss.item()
+    tr.method.train()
     summary = tr.fit()
     tr.method.eval()
     after = tr.method(batch).loss.item()
@@ -201,3 +202,19 @@ def test_incompatible_resume_is_one_line(tmp_path):
     cfg.method.hidden = 32
     with pytest.raises(ValueError, match=r"incompatible checkpoint .*method.hidden \(16 vs 32\)"):
         Trainer(cfg, loader=ToyLoader(), resume="latest")
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager(tmp_path):
+    """train.compile=true (inductor on CPU) takes the same steps as eager, to float tolerance."""
+    runs = {}
+    for name, compile_ in (("eager", False), ("compiled", True)):
+        cfg = toy_run_config(tmp_path / name, 3, compile=compile_)
+        cfg.method.dropout = 0.0  # inductor draws dropout masks from its own RNG stream
+        runs[name] = Trainer(cfg, loader=ToyLoader())
+    eager, compiled = runs["eager"], runs["compiled"]
+    assert compiled.model is not compiled.method, "the model must be wrapped by torch.compile"
+    eager.fit()
+    compiled.fit()
+    for k, v in eager.method.state_dict().items():
+        torch.testing.assert_close(compiled.method.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
