@@ -116,35 +116,30 @@ CLASSIFICATION_FORMATS = ("imagefolder", "manifest", "wds")
 SEGMENTATION_FORMATS = ("voc",)
 
 
+def _check_dataset(cfg: EvalTaskConfig, formats_: dict[str, Any]) -> None:
+    """A ValueError naming the valid datasets of the task (the built-in scenes included)."""
+    if cfg.dataset not in formats_:
+        valid = ["synthetic", *formats_]
+        raise ValueError(
+            f"unknown {cfg.task} dataset '{cfg.dataset}'{suggest(cfg.dataset, valid)}; "
+            f"valid choices: {', '.join(valid)}"
+        )
+
+
 def load_task_data(cfg: EvalTaskConfig, image_size: int = 64) -> Any:
     """Load the dataset a task config names; raises a ValueError naming valid choices."""
     if cfg.dataset == "synthetic":
         return _synthetic(cfg, image_size)
     path, root = _default_path(cfg), cfg.image_root
     if cfg.task == "retrieval":
-        if cfg.dataset not in RETRIEVAL_FORMATS:
-            valid = ["synthetic", *RETRIEVAL_FORMATS]
-            raise ValueError(
-                f"unknown retrieval dataset '{cfg.dataset}'{suggest(cfg.dataset, valid)}; "
-                f"valid choices: {', '.join(valid)}"
-            )
+        _check_dataset(cfg, RETRIEVAL_FORMATS)
         data = RETRIEVAL_FORMATS[cfg.dataset](path, root, cfg)
         return formats.limit_retrieval(data, cfg.limit) if cfg.dataset != "sharegpt4v" else data
     if cfg.task == "zeroshot":
-        if cfg.dataset not in CLASSIFICATION_FORMATS:
-            valid = ["synthetic", *CLASSIFICATION_FORMATS]
-            raise ValueError(
-                f"unknown zeroshot dataset '{cfg.dataset}'{suggest(cfg.dataset, valid)}; "
-                f"valid choices: {', '.join(valid)}"
-            )
+        _check_dataset(cfg, CLASSIFICATION_FORMATS)
         return _classification(cfg, path, root)
     if cfg.task == "segmentation":
-        if cfg.dataset not in SEGMENTATION_FORMATS:
-            valid = ["synthetic", *SEGMENTATION_FORMATS]
-            raise ValueError(
-                f"unknown segmentation dataset '{cfg.dataset}'{suggest(cfg.dataset, valid)}; "
-                f"valid choices: {', '.join(valid)}"
-            )
+        _check_dataset(cfg, SEGMENTATION_FORMATS)
         images, masks, names = formats.load_voc(path, cfg.split)
         if cfg.classnames:
             names = load_classnames(cfg.classnames)
