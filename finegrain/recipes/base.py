@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from finegrain.data.config import DataConfig
+from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
 from finegrain.eval.config import EvalConfig
 from finegrain.methods.base import MethodConfig
 from finegrain.registry import RECIPES
@@ -25,6 +26,17 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def vitb16_towers() -> dict[str, ImageTowerConfig | TextTowerConfig]:
+    """open_clip ``ViT-B-16`` sizes: ViT-B/16 at 224 px + 12-layer, 512-wide text transformer
+    (77 tokens), as ``MethodConfig`` keyword arguments ``image=`` / ``text=``."""
+    return {
+        "image": ImageTowerConfig(name="vit", image_size=224, patch_size=16, width=768,
+                                  depth=12, heads=12),
+        "text": TextTowerConfig(name="transformer", context_length=77, width=512, depth=12,
+                                heads=8),
+    }  # fmt: skip
 
 
 def recipe(name: str) -> Callable[[Callable[[], RunConfig]], Callable[[], RunConfig]]:

@@ -19,7 +19,7 @@ from finegrain.data.config import DataConfig, SyntheticConfig
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
 from finegrain.eval.config import EvalConfig, EvalTaskConfig
 from finegrain.methods.base import MethodConfig
-from finegrain.recipes.base import RunConfig, data_path, recipe
+from finegrain.recipes.base import RunConfig, data_path, recipe, vitb16_towers
 from finegrain.train.config import TrainConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -63,12 +63,7 @@ def _tiny_towers(width: int, depth: int, heads: int, context: int) -> dict[str, 
 
 
 def _vitb16(method: str) -> RunConfig:
-    towers = {
-        "image": ImageTowerConfig(name="vit", image_size=224, patch_size=16, width=768,
-                                  depth=12, heads=12),
-        "text": TextTowerConfig(name="transformer", context_length=77, width=512, depth=12,
-                                heads=8),
-    }  # fmt: skip
+    towers = vitb16_towers()
     data = DataConfig(source="wds", batch_size=256, image_size=224, num_workers=8,
                       augment="rrc", crop_scale=(0.9, 1.0), caption_key="txt")  # fmt: skip
     gpus, epochs = 8, 32

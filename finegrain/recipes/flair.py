@@ -21,7 +21,7 @@ from finegrain.data.config import DataConfig
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
 from finegrain.eval.config import EvalConfig, EvalTaskConfig
 from finegrain.methods.flair import FLAIRConfig
-from finegrain.recipes.base import RunConfig, recipe
+from finegrain.recipes.base import RunConfig, recipe, vitb16_towers
 from finegrain.train.config import TrainConfig
 
 # CC3M-recap as used by the paper: 2,823,019 samples, 32 epochs at 8 GPUs x 128 (2 nodes x 4).
@@ -53,10 +53,7 @@ def flair_vitb16() -> RunConfig:
     """FLAIR ViT-B/16 on CC3M-recap-style shards (paper setup; pass data.train=)."""
     method = FLAIRConfig(
         embed_dim=512,
-        image=ImageTowerConfig(
-            name="vit", image_size=224, patch_size=16, width=768, depth=12, heads=12
-        ),
-        text=TextTowerConfig(name="transformer", context_length=77, width=512, depth=12, heads=8),
+        **vitb16_towers(),
         num_subcaptions=8,
         max_sentences=3,
         pool_heads=8,

@@ -17,7 +17,7 @@ from finegrain.data.config import DataConfig
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
 from finegrain.eval.config import EvalConfig, EvalTaskConfig
 from finegrain.methods.grain import GRAINConfig
-from finegrain.recipes.base import RunConfig, recipe
+from finegrain.recipes.base import RunConfig, recipe, vitb16_towers
 from finegrain.train.config import TrainConfig
 
 CC3M_SAMPLES = 2_823_019  # the released code trains on CC3M / CC12M; 3M is the default scale
@@ -48,10 +48,7 @@ def grain_vitb16() -> RunConfig:
     """GRAIN ViT-B/16 from scratch on annotated shards (released setup; pass data.train=)."""
     method = GRAINConfig(
         embed_dim=512,
-        image=ImageTowerConfig(
-            name="vit", image_size=224, patch_size=16, width=768, depth=12, heads=12
-        ),
-        text=TextTowerConfig(name="transformer", context_length=77, width=512, depth=12, heads=8),
+        **vitb16_towers(),
         num_region_queries=5,
         decoder_width=512,
         decoder_depth=6,
