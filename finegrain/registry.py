@@ -78,6 +78,7 @@ METHODS: Registry = Registry(
     "method",
     (
         "finegrain.methods.clip",
+        "finegrain.methods.clippy",
         "finegrain.methods.flair",
         "finegrain.methods.grain",
     ),

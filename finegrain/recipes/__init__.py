@@ -2,7 +2,7 @@
 
 import importlib
 
-for _mod in ("clip", "flair", "grain"):
+for _mod in ("clip", "clippy", "flair", "grain"):
     try:
         importlib.import_module(f"finegrain.recipes.{_mod}")
     except ModuleNotFoundError as _e:

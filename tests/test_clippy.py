@@ -1,0 +1,163 @@
+"""CLIPpy: max pooling (gradient routing, naive reference), CLS handling, token sub-sampling
+(fraction, determinism, resume), dense features, recipes and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from finegrain.heads.pooling import max_pool
+from finegrain.methods.base import build_method
+from finegrain.methods.clippy import (
+    CLIPpy,
+    CLIPpyCollate,
+    check_keep_fraction,
+    num_kept,
+    sample_keep,
+)
+from finegrain.recipes.base import get_recipe
+
+
+def _naive_max_pool(tokens, mask=None):
+    b, n, d = tokens.shape
+    out = torch.empty(b, d, dtype=tokens.dtype)
+    for i in range(b):
+        for c in range(d):
+            vals = [tokens[i, j, c].item() for j in range(n) if mask is None or mask[i, j]]
+            out[i, c] = max(vals)
+    return out
+
+
+def test_max_pool_matches_naive_loop():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 5, generator=g, dtype=torch.float64)
+    mask = torch.rand(3, 7, generator=g) > 0.4
+    mask[:, 0] = True
+    torch.testing.assert_close(max_pool(x), _naive_max_pool(x), rtol=0, atol=0)
+    torch.testing.assert_close(max_pool(x, mask), _naive_max_pool(x, mask), rtol=0, atol=0)
+
+
+def test_max_pool_gradient_reaches_only_the_argmax_token():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 9, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    (max_pool(x) * w).sum().backward()
+    arg = x.detach().argmax(dim=1)  # (B, D): the token owning each channel
+    want = torch.zeros_like(x)
+    for b in range(2):
+        for c in range(6):
+            want[b, arg[b, c], c] = w[b, c]
+    assert torch.equal(x.grad, want)
+    assert (x.grad != 0).sum() == 2 * 6  # one token per (image, channel), nothing else
+
+
+def _tiny(**fields):
+    cfg = get_recipe("clippy_smoke").method
+    return build_method(dataclasses.replace(cfg, **fields))
+
+
+def test_encode_image_is_max_over_projected_patches_without_cls():
+    torch.manual_seed(0)
+    m = _tiny(cls_token="train").eval()
+    images = torch.randn(2, 3, 64, 64)
+    out = m.image(images)
+    want = m.image_proj(out.tokens).amax(dim=1)  # (B, E): patches only, CLS dropped
+    torch.testing.assert_close(m.encode_image(images, normalize=False), want)
+    dense = m.dense_features(images)  # (B, E, h, w)
+    assert dense.shape == (2, m.cfg.embed_dim, 8, 8)
+    torch.testing.assert_close(dense.flatten(2).amax(dim=2), want)
+
+
+@pytest.mark.parametrize("cls_token", ["exclude", "train"])
+def test_training_features_pool_cls_only_with_train(cls_token):
+    torch.manual_seed(0)
+    m = _tiny(cls_token=cls_token).train()
+    images = torch.randn(2, 3, 64, 64)
+    tokens = m.tokenize(["a red circle", "a blue square"])
+    feats = m.features({"image": images, "text": tokens})
+    out = m.image(images)
+    cands = (
+        out.tokens if cls_token == "exclude" else torch.cat([out.pooled[:, None], out.tokens], 1)
+    )
+    want = torch.nn.functional.normalize(m.image_proj(cands).amax(1), dim=-1)
+    torch.testing.assert_close(feats["image"], want)
+    assert feats["text"].shape == (2, m.cfg.embed_dim)
+
+
+def test_bad_config_is_one_line():
+    with pytest.raises(ValueError, match=r"token_keep must be in \(0, 1\]"):
+        _tiny(token_keep=0.0)
+    with pytest.raises(ValueError, match=r"token_keep must be in \(0, 1\]"):
+        _tiny(token_keep=1.5)
+    with pytest.raises(ValueError, match="valid choices: exclude, train"):
+        _tiny(cls_token="always")
+    for bad in (float("nan"), -0.1):
+        with pytest.raises(ValueError, match=r"\(0, 1\]"):
+            check_keep_fraction(bad)
+
+
+def _samples(n, seed0=0):
+    return [{"image": torch.zeros(3, 32, 48), "caption": f"scene {i}", "seed": seed0 + i}
+            for i in range(n)]  # fmt: skip
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.5, 1.0])
+def test_collate_keeps_the_configured_fraction(fraction):
+    tok = get_recipe("clippy_smoke")  # a tokenizer from the smoke towers
+    m = build_method(tok.method)
+    coll = CLIPpyCollate(m.text.tokenizer, patch_size=8, keep_fraction=fraction)
+    batch = coll(_samples(4))
+    n = (32 // 8) * (48 // 8)  # 24 patches
+    if fraction == 1.0:
+        assert "keep" not in batch
+        return
+    keep = batch["keep"]
+    assert keep.shape == (4, num_kept(n, fraction)) and keep.shape[1] == round(n * fraction)
+    for row in keep.tolist():
+        assert row == sorted(set(row)) and 0 <= row[0] and row[-1] < n
+    assert len({tuple(r) for r in keep.tolist()}) > 1, "each sample draws its own keep set"
+    again = coll(_samples(4))["keep"]
+    assert torch.equal(keep, again), "the keep set is a function of the sample seed"
+    assert torch.equal(keep[2:], coll(_samples(4)[2:])["keep"]), "independent of batch mates"
+    assert not CLIPpyCollate(m.text.tokenizer, 8, fraction, train=False)(_samples(2)).get("keep")
+
+
+def test_sample_keep_uses_every_patch_over_many_samples():
+    seen = set()
+    for s in range(200):
+        seen.update(sample_keep(s, 50, 10))
+    assert seen == set(range(50))
+    assert num_kept(784, 0.2) == 157 and num_kept(3, 0.01) == 1
+
+
+def test_recipes_follow_the_paper_and_replication():
+    rep, paper = get_recipe("clippy_vitb16"), get_recipe("clippy_vitb16_paper")
+    for cfg in (rep, paper):
+        m = cfg.method
+        assert m.name == "clippy" and m.embed_dim == 768 and m.projection == "none"
+        assert m.image.name == "timm" and m.image.model.startswith("vit_base_patch16_224")
+        assert m.image.grad_checkpointing and m.text.grad_checkpointing
+        assert m.text.name == "hf" and m.text.pooling == "mean"
+        assert m.image.pretrained.endswith("dino_vitbase16_pretrain.pth")
+        assert m.text.path.endswith("sentence-t5-base")
+        t = cfg.train
+        assert (cfg.data.batch_size, t.lr, t.weight_decay) == (1024, 5e-4, 0.2)
+        assert cfg.data.source == "wds"
+    assert (rep.method.cls_token, rep.method.token_keep, rep.data.image_size) == ("train", 1.0, 224)
+    assert (paper.method.cls_token, paper.method.token_keep) == ("exclude", 0.2)
+    assert paper.data.image_size == paper.method.image.image_size == 448
+    f8k = get_recipe("clippy_flickr8k")
+    clip = get_recipe("clip_flickr8k")
+    assert (f8k.method.image, f8k.method.text) == (clip.method.image, clip.method.text)
+    assert (f8k.data, f8k.train) == (clip.data, clip.train)
+
+
+def test_missing_pretrained_paths_fail_clearly(tmp_path):
+    cfg = get_recipe("clippy_vitb16").method
+    cfg = dataclasses.replace(
+        cfg, image=dataclasses.replace(cfg.image, pretrained=str(tmp_path / "x.pth"))
+    )
+    with pytest.raises(ValueError, match="weights file not found"):
+        CLIPpy(cfg)
