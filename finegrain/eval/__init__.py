@@ -17,6 +17,7 @@ from finegrain.data.config import DataConfig
 from finegrain.eval.common import EvalContext
 from finegrain.eval.config import EvalConfig, EvalTaskConfig
 from finegrain.eval.datasets import load_task_data
+from finegrain.eval.grouping import GroupingTaskConfig, evaluate_grouping
 from finegrain.eval.report import markdown_table, write_report
 from finegrain.eval.retrieval import evaluate_retrieval
 from finegrain.eval.segmentation import evaluate_segmentation
@@ -27,10 +28,12 @@ from finegrain.registry import EVAL_TASKS
 EVAL_TASKS.add("zeroshot", evaluate_zeroshot)
 EVAL_TASKS.add("retrieval", evaluate_retrieval)
 EVAL_TASKS.add("segmentation", evaluate_segmentation)
+EVAL_TASKS.add("grouping", evaluate_grouping)
 
 __all__ = [
     "EvalConfig",
     "EvalTaskConfig",
+    "GroupingTaskConfig",
     "markdown_table",
     "run_tasks",
     "task_prefix",
@@ -38,18 +41,23 @@ __all__ = [
 ]
 
 
-def task_prefix(cfg: EvalTaskConfig) -> str:
-    """``task/dataset[/variant]``; non-default scoring, descriptions and fusion join the
-    variant with '+', so several settings of one dataset never collide."""
+def task_prefix(cfg: EvalTaskConfig | GroupingTaskConfig) -> str:
+    """``task/dataset[/variant]``; non-default scoring, descriptions, fusion, background
+    prompts and inference size join the variant with '+', so several settings of one dataset
+    never collide. Task kinds without a field use its default."""
     if cfg.name:
         return cfg.name
+    get = getattr
+    scoring = get(cfg, "scoring", "global")
     mods = [
-        cfg.variant,
-        cfg.scoring if cfg.scoring != "global" else "",
-        f"k{cfg.rerank_k}" if cfg.scoring == "rerank" else "",
-        "desc" if cfg.descriptions else "",
-        f"alpha{cfg.fusion_alpha:g}" if cfg.fusion_alpha < 1 else "",
-        f"ctx{cfg.context_length}" if cfg.context_length else "",
+        get(cfg, "variant", ""),
+        scoring if scoring != "global" else "",
+        f"k{get(cfg, 'rerank_k', 0)}" if scoring == "rerank" else "",
+        "desc" if get(cfg, "descriptions", "") else "",
+        f"alpha{cfg.fusion_alpha:g}" if get(cfg, "fusion_alpha", 1.0) < 1 else "",
+        f"ctx{cfg.context_length}" if get(cfg, "context_length", 0) else "",
+        "bg" if get(cfg, "background", "") else "",
+        f"{cfg.image_size}px" if get(cfg, "image_size", 0) else "",
     ]
     variant = "+".join(m for m in mods if m)
     return "/".join(p for p in (cfg.task, cfg.dataset, variant) if p)

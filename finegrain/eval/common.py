@@ -61,10 +61,16 @@ class EvalContext:
 
 
 def image_batches(
-    ctx: EvalContext, images: list[ImageItem], batch_size: int, desc: str, crop: bool = True
+    ctx: EvalContext,
+    images: list[ImageItem],
+    batch_size: int,
+    desc: str,
+    crop: bool = True,
+    size: int = 0,
 ) -> Iterator[torch.Tensor]:
-    """(B, 3, S, S) normalised batches on ``ctx.device``."""
-    tf = eval_transform(ctx.image_size, ctx.mean, ctx.std, crop)
+    """(B, 3, S, S) normalised batches on ``ctx.device``; S = ``size`` or the model's input
+    size (a larger ``size`` gives dense tasks more patches at test time)."""
+    tf = eval_transform(size or ctx.image_size, ctx.mean, ctx.std, crop)
     starts = range(0, len(images), batch_size)
     for s in ctx.bar(starts, desc, total=len(starts)):
         batch = torch.stack([tf(load_image(im)) for im in images[s : s + batch_size]])

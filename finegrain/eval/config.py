@@ -21,6 +21,10 @@ class EvalTaskConfig:
     fusion_alpha: float = 1.0  # GRAIN: alpha * global + (1 - alpha) * region
     context_length: int = 0  # 0 = the model's
     background_threshold: float = 0.0
+    background: str = ""  # segmentation: comma-separated background prompts (argmax -> label 0)
+    image_size: int = (
+        0  # dense tasks: inference resolution (0 = the model's; larger = more patches)
+    )
     name: str = ""  # key prefix in results ('' = derived)
     # --- added by the evaluation suite ---
     image_root: str = ""  # images of an annotation file ('' = next to the annotation file)

@@ -19,6 +19,7 @@ from finegrain.eval.containers import (
     RetrievalData,
     SegmentationData,
 )
+from finegrain.eval.grouping import load_grouping_data
 from finegrain.eval.templates import load_classnames
 from finegrain.registry import suggest
 
@@ -128,6 +129,8 @@ def _check_dataset(cfg: EvalTaskConfig, formats_: dict[str, Any]) -> None:
 
 def load_task_data(cfg: EvalTaskConfig, image_size: int = 64) -> Any:
     """Load the dataset a task config names; raises a ValueError naming valid choices."""
+    if cfg.task == "grouping":
+        return load_grouping_data(cfg, image_size)
     if cfg.dataset == "synthetic":
         return _synthetic(cfg, image_size)
     path, root = _default_path(cfg), cfg.image_root
@@ -144,4 +147,6 @@ def load_task_data(cfg: EvalTaskConfig, image_size: int = 64) -> Any:
         if cfg.classnames:
             names = load_classnames(cfg.classnames)
         return SegmentationData(_limit(images, cfg.limit), _limit(masks, cfg.limit), names)
-    raise ValueError(f"unknown task '{cfg.task}'; valid choices: zeroshot, retrieval, segmentation")
+    raise ValueError(
+        f"unknown task '{cfg.task}'; valid choices: zeroshot, retrieval, segmentation, grouping"
+    )

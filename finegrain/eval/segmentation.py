@@ -8,10 +8,17 @@ w_c (templates averaged, as in zero-shot classification),
 Images are squashed to the model's square input size (no crop), so the upsampled prediction
 lines up with the full mask.
 
+Background (CLIPpy Sec. 4 and its replication, which adds "background" and stuff classes to the
+prompts and maps every prediction outside the object classes to background):
+``background="background,sky,wall"`` appends these prompts to the classes; a pixel whose
+argmax is one of them is predicted 0. ``background_threshold > 0`` additionally predicts 0
+where the best similarity is below it. Higher-resolution inference: ``image_size`` (> the
+model's input size) feeds more patches at test time (towers resample position embeddings).
+
 Metrics: mIoU (mean over classes that occur in the ground truth or the prediction) and pixel
-accuracy, from one confusion matrix over all images; label 255 is ignored. With
-``background_threshold == 0`` background pixels are ignored and mIoU is over object classes
-only (the "VOC-20" convention); with a threshold > 0 background is class 0 of the mIoU
+accuracy, from one confusion matrix over all images; label 255 is ignored. Without background
+handling (no prompts, threshold 0) background pixels are ignored and mIoU is over object
+classes only (the "VOC-20" convention); with either, background is class 0 of the mIoU
 ("VOC-21").
 """
 
@@ -30,17 +37,28 @@ from finegrain.eval.zeroshot import class_embeddings
 IGNORE = 255
 
 
+def background_prompts(spec: str) -> list[str]:
+    """The background class names of a comma-separated ``background`` field ('' = none)."""
+    return [n.strip() for n in spec.split(",") if n.strip()]
+
+
 def predict_masks(
-    dense: torch.Tensor, classes: torch.Tensor, sizes: list[tuple[int, int]], threshold: float
+    dense: torch.Tensor,
+    classes: torch.Tensor,
+    sizes: list[tuple[int, int]],
+    threshold: float,
+    num_background: int = 0,
 ) -> list[torch.Tensor]:
-    """dense (B, D, h, w), classes (C, D) normalised -> B label maps (H_i, W_i) in 0..C."""
+    """dense (B, D, h, w), classes (C + K, D) normalised, the last ``num_background`` = K of
+    them background prompts -> B label maps (H_i, W_i) in 0..C (0 = background)."""
+    num_objects = classes.shape[0] - num_background
     z = F.normalize(dense.float(), dim=1)
     sim = torch.einsum("bdhw,cd->bchw", z, classes.to(z.device))  # (B, C, h, w)
     out = []
     for b, (h, w) in enumerate(sizes):
         up = F.interpolate(sim[b : b + 1], size=(h, w), mode="bilinear", align_corners=False)[0]
         best, arg = up.max(0)  # (H, W)
-        pred = arg + 1
+        pred = torch.where(arg >= num_objects, torch.zeros_like(arg), arg + 1)
         if threshold > 0:
             pred = torch.where(best < threshold, torch.zeros_like(pred), pred)
         out.append(pred.cpu())
@@ -85,20 +103,27 @@ def evaluate_segmentation(
 ) -> tuple[dict[str, float], dict]:
     m = ctx.method
     require(m, "dense_features", f"segmentation/{cfg.dataset}")
-    prompts = class_prompts(data.classnames, load_templates(cfg.templates, cfg.dataset))
-    classes = class_embeddings(ctx, prompts, cfg.batch_size, cfg.context_length)  # (C, D)
+    bg = background_prompts(cfg.background)
+    clash = sorted(set(bg) & set(data.classnames))
+    if clash:
+        raise ValueError(f"background prompts {clash} are also object classes of {cfg.dataset}")
+    names = list(data.classnames) + bg
+    prompts = class_prompts(names, load_templates(cfg.templates, cfg.dataset))
+    classes = class_embeddings(ctx, prompts, cfg.batch_size, cfg.context_length)  # (C + K, D)
     n = len(data.classnames) + 1
-    ignore_bg = cfg.background_threshold <= 0
+    ignore_bg = cfg.background_threshold <= 0 and not bg
     conf = torch.zeros(n, n, dtype=torch.long)
     keep: dict = {"preds": [], "masks": [], "indices": []}
     s = 0
-    for batch in image_batches(ctx, data.images, cfg.batch_size, "segmentation", crop=False):
+    batches = image_batches(
+        ctx, data.images, cfg.batch_size, "segmentation", crop=False, size=cfg.image_size
+    )
+    for batch in batches:
         masks = [torch.from_numpy(load_mask(mk)) for mk in data.masks[s : s + batch.shape[0]]]
         dense = m.dense_features(batch)  # (B, D, h, w)
         assert dense.dim() == 4, f"dense_features must be (B, D, h, w), got {tuple(dense.shape)}"
-        preds = predict_masks(
-            dense, classes, [tuple(mk.shape) for mk in masks], cfg.background_threshold
-        )
+        sizes = [tuple(mk.shape) for mk in masks]
+        preds = predict_masks(dense, classes, sizes, cfg.background_threshold, len(bg))
         for j, (p, g) in enumerate(zip(preds, masks)):
             conf += confusion(p, g, n, ignore_bg)
             if len(keep["preds"]) < cfg.num_examples:
