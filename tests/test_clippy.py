@@ -161,3 +161,20 @@ def test_missing_pretrained_paths_fail_clearly(tmp_path):
     )
     with pytest.raises(ValueError, match="weights file not found"):
         CLIPpy(cfg)
+
+
+def test_pretrained_file_of_another_architecture_lists_keys(tmp_path):
+    from finegrain.encoders.base import ImageTowerConfig, build_image_tower
+
+    small = ImageTowerConfig(name="vit", image_size=32, patch_size=8, width=32, depth=3, heads=2)
+    torch.save(build_image_tower(small).state_dict(), tmp_path / "other.pt")
+    cfg = get_recipe("clippy_smoke").method  # a 2-deep, 64-wide ViT
+    cfg = dataclasses.replace(
+        cfg, image=dataclasses.replace(cfg.image, pretrained=str(tmp_path / "other.pt"))
+    )
+    with pytest.raises(ValueError) as e:
+        build_method(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and "do not fit VisionTransformer" in msg
+    assert "unexpected (first: transformer.blocks.2." in msg  # the extra third block
+    assert "mis-shaped (first: class_embedding: file (32,) vs model (64,)" in msg

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 WRAPPER_KEYS = ("state_dict", "model", "module", "model_state")
+SHOW = 5  # keys listed per kind in a mismatch error
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -35,18 +36,30 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load with one clear ``ValueError`` listing missing/unexpected/mis-shaped keys."""
+    """Strict load with one clear ``ValueError``: how many keys are missing / unexpected /
+    mis-shaped, and the first ``SHOW`` of each (file shape vs model shape), so a checkpoint of
+    another architecture (ViT-S weights for a ViT-B tower, a DINO file for an open_clip tower)
+    is recognisable from the message alone."""
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     shapes = [
-        f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
         for k in sorted(set(own) & set(sd))
         if sd[k].shape != own[k].shape
     ]
     if missing or unexpected or shapes:
+        parts = [
+            f"{len(keys)} {what} (first: {', '.join(keys[:SHOW])})"
+            for what, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("mis-shaped", shapes),
+            )  # fmt: skip
+            if keys
+        ]
         raise ValueError(
-            f"weights {source} do not fit {type(model).__name__}: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}"
+            f"weights {source} do not fit {type(model).__name__} (the configured architecture): "
+            + "; ".join(parts)
         )
     model.load_state_dict(sd, strict=True)
