@@ -139,15 +139,21 @@ def _texts(kind: str, num: int, seed: int, image_size: int) -> dict[str, Any]:
 
 def _segmentation(num: int, seed: int, image_size: int) -> dict[str, Any]:
     cfg = SyntheticConfig(novel_object_prob=0.0)
-    images, masks, instances = [], [], []
+    images, masks, instances, colors = [], [], [], []
     for i in range(num):
         scene = generate_scene(_eval_seed("segmentation", seed, i), image_size, cfg=cfg)
         images.append(scene["image"])
         masks.append(scene["semantic_mask"].astype(np.int64))
-        instances.append(scene["instance_mask"].astype(np.int64))
+        inst = scene["instance_mask"].astype(np.int64)
+        instances.append(inst)
+        by_color = np.zeros_like(inst)  # 0 = background, 1 + COLORS index of the object
+        for j, obj in enumerate(scene["objects"]):
+            by_color[inst == j + 1] = 1 + COLORS.index(obj["color"])
+        colors.append(by_color)
     # mask value v > 0 is classnames[v - 1]; novel shapes do not occur in these scenes
     return {"images": images, "masks": masks, "instance_masks": instances,
-            "classnames": list(ALL_SHAPES)}  # fmt: skip
+            "classnames": list(ALL_SHAPES), "color_masks": colors,
+            "color_classnames": list(COLORS)}  # fmt: skip
 
 
 def eval_split(kind: str, num: int, seed: int = 10_000, image_size: int = 64) -> dict[str, Any]:
@@ -156,7 +162,8 @@ def eval_split(kind: str, num: int, seed: int = 10_000, image_size: int = 64) ->
     kinds: ``shape`` | ``color_shape`` | ``pattern_shape`` | ``novel`` -> images, labels,
     classnames, descriptions; ``retrieval`` | ``sentences`` | ``long`` -> images, captions (list
     of lists), texts, text_to_image; ``segmentation`` -> images, masks (HxW, 0 = background,
-    v = classnames[v - 1]), instance_masks (HxW, 0 = background, i = object i), classnames.
+    v = classnames[v - 1]), instance_masks (HxW, 0 = background, i = object i), classnames,
+    color_masks (HxW, v = color_classnames[v - 1]: objects labelled by colour), color_classnames.
     """
     if kind not in EVAL_KINDS:
         raise ValueError(

@@ -27,7 +27,7 @@ from finegrain.registry import suggest
 SYNTHETIC_KINDS = {
     "zeroshot": ("shape", "color_shape", "pattern_shape", "novel"),
     "retrieval": ("retrieval", "sentences", "long"),
-    "segmentation": ("segmentation",),
+    "segmentation": ("segmentation", "color"),  # objects labelled by shape | by colour
 }
 
 
@@ -51,7 +51,8 @@ def _synthetic(cfg: EvalTaskConfig, image_size: int) -> Any:
             f"synthetic {cfg.task} variant '{kind}'{suggest(kind, list(kinds))}; "
             f"valid choices: {', '.join(kinds)}"
         )
-    d = synthetic_split(kind, cfg.num_samples, image_size=image_size)
+    split = "segmentation" if cfg.task == "segmentation" else kind
+    d = synthetic_split(split, cfg.num_samples, image_size=image_size)
     if cfg.task == "zeroshot":
         return ClassificationData(
             list(d["images"]),
@@ -60,7 +61,10 @@ def _synthetic(cfg: EvalTaskConfig, image_size: int) -> Any:
             d.get("descriptions"),
         )
     if cfg.task == "segmentation":
-        return SegmentationData(list(d["images"]), list(d["masks"]), list(d["classnames"]))
+        pre = "color_" if kind == "color" else ""
+        return SegmentationData(
+            list(d["images"]), list(d[f"{pre}masks"]), list(d[f"{pre}classnames"])
+        )
     if kind == "sentences":
         return RetrievalData(
             list(d["images"]), list(d["texts"]), [int(i) for i in d["text_to_image"]]
