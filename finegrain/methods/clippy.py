@@ -47,6 +47,7 @@ import torch
 
 from finegrain.data.collate import ContrastiveCollate, caption_candidates
 from finegrain.data.schema import mix_seed
+from finegrain.encoders.base import num_kept
 from finegrain.heads.pooling import max_pool
 from finegrain.methods.base import normalize
 from finegrain.methods.clip import CLIP, CLIPConfig
@@ -72,11 +73,6 @@ def check_keep_fraction(fraction: float, what: str = "token_keep") -> float:
             f"{what} must be in (0, 1] (fraction of patch tokens kept), got {fraction}"
         )
     return f
-
-
-def num_kept(n: int, fraction: float) -> int:
-    """How many of ``n`` patch tokens a keep fraction keeps: round(n * f), at least 1."""
-    return max(1, min(n, int(round(n * fraction))))
 
 
 def sample_keep(seed: int, n: int, m: int) -> list[int]:
