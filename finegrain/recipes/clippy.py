@@ -14,7 +14,8 @@ sub-sampling variant, the smoke twin and a pretrained CPU variant beside ``clip_
 - ``clippy_smoke``: tiny ViT + tiny mean-pooled text transformer on the built-in scenes (CPU).
 - ``clippy_flickr8k`` (+ ``_smoke``): ``clip_flickr8k`` with the method swapped: the same
   pretrained EfficientNet-Lite0 + all-MiniLM-L6-v2 towers, data, steps and eval, so CLIPpy and
-  CLIP compare at one budget; adds zero-shot segmentation on the built-in scenes.
+  CLIP compare at one budget; adds zero-shot segmentation and bottom-up grouping on the
+  built-in scenes.
 
 Default weight paths live under ``$FINEGRAIN_HOME/models``; a missing file or directory fails
 at build time with the path in the message.
@@ -63,7 +64,8 @@ def _vitb16(paper: bool) -> RunConfig:
         weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6, grad_clip=0.0, precision="fp32",
         checkpoint_every=1000, log_every=50, eval_every=5000,
     )  # fmt: skip
-    tasks = [*synthetic_tasks(1024), segmentation_task(512)]
+    grouping = EvalTaskConfig(task="grouping", dataset="synthetic", num_samples=512)
+    tasks = [*synthetic_tasks(1024), segmentation_task(512), grouping]
     name = "clippy_vitb16_paper" if paper else "clippy_vitb16"
     return RunConfig(name=name, method=method, data=data, train=train,
                      eval=EvalConfig(tasks=tasks))  # fmt: skip
@@ -87,7 +89,8 @@ def clippy_smoke() -> RunConfig:
     cfg = _smoke("clippy")
     cfg.name = "clippy_smoke"
     cfg.method.text = dataclasses.replace(cfg.method.text, pooling="mean")
-    cfg.eval = EvalConfig(tasks=[*cfg.eval.tasks, segmentation_task(16)])
+    grouping = EvalTaskConfig(task="grouping", dataset="synthetic", num_samples=16)
+    cfg.eval = EvalConfig(tasks=[*cfg.eval.tasks, segmentation_task(16), grouping])
     return cfg
 
 
@@ -96,8 +99,9 @@ def _clippy_flickr8k(smoke: bool) -> RunConfig:
     m = cfg.method
     cfg.name = "clippy_flickr8k_smoke" if smoke else "clippy_flickr8k"
     cfg.method = method_config("clippy", embed_dim=m.embed_dim, image=m.image, text=m.text)
-    seg = segmentation_task(4 if smoke else 256)
-    cfg.eval = EvalConfig(tasks=[*cfg.eval.tasks, seg])
+    n = 4 if smoke else 256
+    grouping = EvalTaskConfig(task="grouping", dataset="synthetic", num_samples=n)
+    cfg.eval = EvalConfig(tasks=[*cfg.eval.tasks, segmentation_task(n), grouping])
     return cfg
 
 
