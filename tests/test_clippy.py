@@ -259,3 +259,21 @@ def test_token_subsampling_resume_is_bitwise_exact(tmp_path):
     ref = full.method.state_dict()
     for k, v in again.method.state_dict().items():
         assert torch.equal(v, ref[k]), k
+
+
+def test_features_concatenate_for_exact_accumulation():
+    torch.manual_seed(0)
+    m = _tiny(token_keep=0.5).train()
+    samples = [{"image": torch.randn(3, 64, 64), "caption": f"a blue star {i}", "seed": i}
+               for i in range(6)]  # fmt: skip
+    batch = m.make_collate(train=True)(samples)
+    halves = [{k: v[s] if torch.is_tensor(v) else v for k, v in batch.items()}
+              for s in (slice(0, 3), slice(3, 6))]  # fmt: skip
+    with torch.no_grad():
+        whole = m.features(batch)
+        parts = [m.features(h) for h in halves]
+    for key in ("image", "text"):
+        cat = torch.cat([p[key] for p in parts])
+        torch.testing.assert_close(cat, whole[key], rtol=1e-5, atol=1e-6)
+    joined = m.loss_from_features({k: torch.cat([p[k] for p in parts]) for k in whole})
+    torch.testing.assert_close(joined.loss, m.loss_from_features(whole).loss)

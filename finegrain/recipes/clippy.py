@@ -3,7 +3,8 @@ sub-sampling variant, the smoke twin and a pretrained CPU variant beside ``clip_
 
 - ``clippy_vitb16``: DINO ViT-B/16 image tower (timm ``vit_base_patch16_224`` architecture, the
   ``.dino`` weights as a local file in ``method.image.pretrained``), Sentence-T5-base text
-  tower (local directory in ``method.text.path``, T5 encoder + mean pooling), embed dim 768
+  tower (local directory in ``method.text.path``, T5 encoder + mean pooling; its
+  sentence-transformers ``2_Dense`` head is not loaded, as in the replication), embed dim 768
   with no projections (768-wide towers), batch 1,024 per GPU, AdamW lr 5e-4, wd 0.2,
   gradient checkpointing, fp32 as the replication trains (``train.precision=bf16`` works),
   CC-12M-style webdataset shards (``data.train=...``), the replication's schedule (open_clip
