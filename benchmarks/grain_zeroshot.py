@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from finegrain.data.config import SyntheticConfig
-    from finegrain.data.synthetic import SyntheticScenes
+    from finegrain.data.synthetic_sets import SyntheticScenes
     from finegrain.eval import run_tasks
     from finegrain.methods.base import build_method
     from finegrain.recipes.grain import grain_smoke_method, zeroshot_tasks

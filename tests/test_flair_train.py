@@ -22,7 +22,7 @@ import torch
 
 import finegrain.encoders  # noqa: F401  (registers the towers)
 from finegrain.data.config import SyntheticConfig
-from finegrain.data.synthetic import SyntheticScenes
+from finegrain.data.synthetic_sets import SyntheticScenes
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
 from finegrain.methods.flair import FLAIR, FLAIRConfig
 

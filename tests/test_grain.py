@@ -10,7 +10,7 @@ import torch
 
 from finegrain.config import ConfigError, apply_overrides
 from finegrain.data.config import SyntheticConfig
-from finegrain.data.synthetic import SyntheticScenes
+from finegrain.data.synthetic_sets import SyntheticScenes
 from finegrain.losses.matching import box_cxcywh_to_xyxy, elementwise_giou, hungarian_match
 from finegrain.methods.base import build_method
 from finegrain.methods.grain import GRAIN, GRAINCollate, choose_caption, select_regions

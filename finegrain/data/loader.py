@@ -184,10 +184,6 @@ class TrainLoader:
 
     def __init__(self, cfg: DataConfig, collate: Callable, *, rank: int = 0, world_size: int = 1,
                  seed: int = 0) -> None:  # fmt: skip
-        if cfg.source not in SOURCES:
-            raise ValueError(
-                f"unknown data.source '{cfg.source}'; valid choices: {', '.join(SOURCES)}"
-            )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
         if cfg.batch_size < 1:

@@ -21,13 +21,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from finegrain.config import Checked
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
 from finegrain.outputs import MethodOutput
 from finegrain.registry import METHODS
 
 
 @dataclass
-class MethodConfig:
+class MethodConfig(Checked):
     """Fields every method has; methods subclass this with their own fields."""
 
     __registry__ = METHODS

@@ -38,17 +38,15 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn as nn
 
-from finegrain.data.captions import SAMPLING_MODES, sample_subcaptions, split_sentences
+from finegrain.data.captions import sample_subcaptions, split_sentences
 from finegrain.encoders.base import build_image_tower, build_text_tower
 from finegrain.heads.pooling import TextConditionedPooling
 from finegrain.losses.flair import (
-    EXCHANGES,
-    NORMALIZATIONS,
     flair_multi_positive_loss,
     text_conditioned_sigmoid_loss,
 )
@@ -57,7 +55,8 @@ from finegrain.methods.base import normalize as l2_normalize
 from finegrain.outputs import MethodOutput
 from finegrain.registry import METHODS
 
-CAPTION_SOURCES = ("auto", "sentences", "long_caption", "captions", "caption")
+CaptionSource = Literal["auto", "sentences", "long_caption", "captions", "caption"]
+CAPTION_SOURCES: tuple[str, ...] = get_args(CaptionSource)
 _SEED_MOD = 2**31 - 1
 
 
@@ -67,13 +66,13 @@ class FLAIRConfig(MethodConfig):
     embed_dim: int = 512
     num_subcaptions: int = 8  # K sub-captions per image
     max_sentences: int = 3  # each sub-caption has 1..max_sentences sentences
-    sampling: str = "diverse"  # diverse | consecutive | random (finegrain.data.captions)
-    caption_source: str = "auto"  # auto | sentences | long_caption | captions | caption
+    sampling: Literal["diverse", "consecutive", "random"] = "diverse"  # finegrain.data.captions
+    caption_source: CaptionSource = "auto"
     pool_heads: int = 8
     zero_slot: bool = True  # the add_zero_attn "attend to nothing" key/value
     add_mps_loss: bool = True  # total = (tcs + mps) / 2; False: tcs only
-    loss_normalization: str = "released"  # released | per_image
-    exchange: str = "gather"  # gather | ring (texts of other ranks, with gradient)
+    loss_normalization: Literal["released", "per_image"] = "released"
+    exchange: Literal["gather", "ring"] = "gather"  # texts of other ranks, with gradient
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float = -10.0
     max_logit_scale: float = 100.0
@@ -81,17 +80,6 @@ class FLAIRConfig(MethodConfig):
 
 
 def _check_config(cfg: FLAIRConfig) -> None:
-    choices = {
-        "sampling": (cfg.sampling, SAMPLING_MODES),
-        "caption_source": (cfg.caption_source, CAPTION_SOURCES),
-        "loss_normalization": (cfg.loss_normalization, NORMALIZATIONS),
-        "exchange": (cfg.exchange, EXCHANGES),
-    }
-    for field_, (value, valid) in choices.items():
-        if value not in valid:
-            raise ValueError(
-                f"method.{field_}='{value}' is not valid; valid choices: {', '.join(valid)}"
-            )
     if cfg.num_subcaptions < 1 or cfg.max_sentences < 1:
         raise ValueError(
             f"method.num_subcaptions and method.max_sentences must be >= 1, got "
