@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
-        method.after_optimizer_step(step)
+        method.after_optimizer_step(step + 1, args.steps)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             res = run_tasks(method, tasks, progress=False)
             method.train()

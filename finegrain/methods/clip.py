@@ -119,7 +119,7 @@ class DualEncoder(Method):
         text = self.encode_text(batch[key])  # (B, E) or (B, K, E)
         return {"image": self.encode_image(batch["image"]), "text": text}
 
-    def after_optimizer_step(self, step: int) -> None:
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
         if self.cfg.max_logit_scale > 0:
             with torch.no_grad():
                 self.logit_scale.clamp_(0.0, math.log(self.cfg.max_logit_scale))

@@ -15,11 +15,11 @@ Loss (paper Sec. 3, L^tcs and L^mps): ``(L_tcs + L_mps) / 2`` with one shared le
 released ``train.py``) and bias ``b`` (init -10); see ``finegrain.losses.flair``.
 
 Data (paper Sec. 3, "diverse caption sampling"): K sub-captions of 1..3 sentences per image (``finegrain.data.captions``),
-sampled in the collate with ``random.Random(sample["seed"])``. Caption pool per sample
+sampled in the collate from the sample's ``"subcaption"`` stream (``sample_rng``). Caption pool per sample
 (``caption_source="auto"``): ``sentences``, else the sentences of ``long_caption``, else
 ``captions`` (each caption a "sentence": Flickr8k's 5 human captions), else the sentences of
-``caption``. Samples whose pool is empty are skipped and counted (``skipped_samples`` in the
-batch and in the metrics); a pool with fewer sentences than needed is sampled with replacement.
+``caption``. Samples whose pool is empty are skipped and counted (``batch["stats"]``
+``skipped_samples``, logged as ``stats/skipped_samples``); a pool with fewer sentences than needed is sampled with replacement.
 
 Deviations from the released code, as options: ``loss_normalization`` ("released": sums divided
 by texts per image, as ``FlairLoss``; "per_image": SigLIP's / B); the negative caption of each
@@ -36,7 +36,6 @@ tokens (the same space as text embeddings and as the keys/values of the pooling)
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -44,6 +43,8 @@ import torch
 import torch.nn as nn
 
 from finegrain.data.captions import sample_subcaptions, split_sentences
+from finegrain.data.collate import add_stats
+from finegrain.data.schema import sample_rng
 from finegrain.encoders.base import build_image_tower, build_text_tower
 from finegrain.heads.pooling import TextConditionedPooling
 from finegrain.losses.flair import (
@@ -114,7 +115,7 @@ def caption_pool(sample: dict[str, Any], source: str = "auto") -> list[str]:
 
 class FLAIRCollate:
     """Picklable collate: schema samples -> ``image`` (B, 3, H, W), ``texts`` (B, K, L),
-    ``pair_seed`` (B,), ``skipped_samples`` (count of samples without any caption)."""
+    ``pair_seed`` (B,), ``stats`` {``skipped_samples``: samples without any caption}."""
 
     def __init__(self, tokenizer: Any, k: int, max_sentences: int, mode: str, source: str) -> None:
         self.tokenizer, self.k, self.max_sentences = tokenizer, k, max_sentences
@@ -126,7 +127,7 @@ class FLAIRCollate:
             pool = caption_pool(s, self.source)
             if not pool:
                 continue
-            rng = random.Random(s.get("seed", 0))
+            rng = sample_rng(s.get("seed", 0), "subcaption")
             subcaps += sample_subcaptions(pool, self.k, self.max_sentences, rng, mode=self.mode)
             kept.append(s)
         if not kept:
@@ -135,14 +136,14 @@ class FLAIRCollate:
                 f"(caption_source='{self.source}'; valid choices: {', '.join(CAPTION_SOURCES)})"
             )
         texts = self.tokenizer(subcaps)  # (B*K, L)
-        return {
+        batch = {
             "image": torch.stack([s["image"] for s in kept]),  # (B, 3, H, W)
             "texts": texts.view(len(kept), self.k, -1),  # (B, K, L)
             "pair_seed": torch.tensor(
                 [int(s.get("seed", i)) % _SEED_MOD for i, s in enumerate(kept)]
             ),
-            "skipped_samples": len(samples) - len(kept),
         }
+        return add_stats(batch, skipped_samples=len(samples) - len(kept))
 
 
 @METHODS.register("flair")
@@ -229,7 +230,7 @@ class FLAIR(Method):
         metrics = {"logit_scale": scale.detach(), "logit_bias": bias.detach()}
         return MethodOutput(loss=loss, losses=losses, metrics=metrics)
 
-    def after_optimizer_step(self, step: int) -> None:
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
         with torch.no_grad():  # released train.py: clamp_(0, ln 100)
             self.logit_scale.clamp_(0.0, math.log(self.cfg.max_logit_scale))
 

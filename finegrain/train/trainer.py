@@ -2,7 +2,12 @@
 
 The trainer knows only the method contract (``finegrain/methods/base.py``): ``forward`` /
 ``features`` + ``loss_from_features`` -> ``MethodOutput``, ``param_groups``,
-``after_optimizer_step``, ``make_collate``. It never looks at a method's name.
+``after_optimizer_step``, ``make_transform``, ``make_collate``, ``fsdp_units``. It never looks
+at a method's name.
+
+Stats: the collate's ``batch["stats"]`` (summed over the micro-batches of a step) and the
+method's ``MethodOutput.stats`` are logged as ``stats/<name>`` (TensorBoard, console) and summed
+over the run into summary.json's ``"stats"`` (checkpointed, so a resumed run totals the same).
 """
 
 from __future__ import annotations
@@ -86,10 +91,12 @@ class Trainer:
                 rank=self.info.rank,
                 world_size=self.info.world_size,
                 seed=cfg.seed,
+                transform=self.method.make_transform(cfg.data, train=True),
             )
         self.loader = loader
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.t.precision == "fp16")
         self.step, self.skipped = 0, 0
+        self.stats: dict[str, float] = {}  # run totals of the stats channel
         _seed_all(cfg.seed + 1 + self.info.rank)  # per-rank training randomness
         state = self._load(resume_dir) if resume_dir is not None else None
         self.model = self._wrap()  # FSDP swaps parameters: the optimizer comes after
@@ -123,6 +130,7 @@ class Trainer:
             self.loader.load_state_dict(mine["data"])
         ckpt.set_rng_state(mine["rng"])
         self.step, self.skipped = int(state["step"]), int(state["skipped"])
+        self.stats = {k: float(v) for k, v in mine.get("stats", {}).items()}
         return state
 
     @property
@@ -239,6 +247,7 @@ class Trainer:
                     metrics = self.evaluate(log)
             self.save()
             metrics = self.evaluate(log, final=True)
+            self.stats = dist_utils.sum_over_ranks(self.stats)
             status = "completed"
         except NonFiniteLossError:
             status = "stopped: non-finite loss"
@@ -262,7 +271,11 @@ class Trainer:
                 f"step {self.step + 1}: non-finite loss, step skipped ({self.skipped} so far)"
             )
         self.step += 1
-        self.method.after_optimizer_step(self.step)
+        if applied:  # a skipped step changed nothing: no EMA / centre update either
+            self.method.after_optimizer_step(self.step, self.t.steps)
+        stats = step_stats(micro, out)
+        for k, v in stats.items():
+            self.stats[k] = self.stats.get(k, 0.0) + v
         n = sum(_batch_size(b) for b in micro)
         dt = time.perf_counter() - t0
         scalars: dict[str, Any] = {
@@ -275,6 +288,7 @@ class Trainer:
         }
         scalars.update({k: v.detach() for k, v in out.losses.items()})
         scalars.update(out.metrics)
+        scalars.update({f"stats/{k}": v for k, v in stats.items()})
         if self.step % self.t.log_every == 0 and hasattr(self.loader, "stats"):
             scalars.update(
                 {
@@ -291,6 +305,7 @@ class Trainer:
         mine = {
             "rng": ckpt.rng_state(),
             "data": self.loader.state_dict() if hasattr(self.loader, "state_dict") else None,
+            "stats": dict(self.stats),
         }
         per_rank = [mine]
         if self.info.enabled:
@@ -353,6 +368,7 @@ class Trainer:
             "skipped_steps": self.skipped,
             "data": stats,
             "metrics": metrics,
+            "stats": dict(sorted(self.stats.items())),
             "wall_s": round(wall, 3),
             "steps_per_s": (self.step - first) / wall if wall > 0 else math.nan,
             "world_size": self.info.world_size,
@@ -360,6 +376,18 @@ class Trainer:
         if self.info.is_main:
             write_json(self.run_dir / "summary.json", summary)
         return summary
+
+
+def step_stats(micro: list[dict[str, Any]], out: MethodOutput) -> dict[str, float]:
+    """The stats channel of one step: ``batch["stats"]`` summed over the micro-batches, plus
+    the method's ``out.stats`` (a key in both is summed)."""
+    total: dict[str, float] = {}
+    for b in micro:
+        for k, v in (b.get("stats") or {}).items() if isinstance(b, dict) else ():
+            total[k] = total.get(k, 0.0) + float(v)
+    for k, v in out.stats.items():
+        total[k] = total.get(k, 0.0) + float(v)
+    return total
 
 
 def _batch_size(batch: Any) -> int:
