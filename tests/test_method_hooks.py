@@ -121,7 +121,7 @@ def test_grain_smoke_run_logs_its_counts(tmp_path):
 
     cfg = get_recipe("grain_smoke")
     cfg.output_dir, cfg.eval.tasks = str(tmp_path), []
-    cfg.train.steps, cfg.train.accum_steps, cfg.data.batch_size = 2, 2, 4
+    cfg.train.steps, cfg.train.accum_steps, cfg.data.batch_size = 1, 2, 4
     summary = Trainer(cfg).fit()
     stats = summary["stats"]
     assert {"regions", "dropped_boxes", "truncated_regions", "images_without_regions",
