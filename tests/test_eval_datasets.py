@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from eval_toy import color_image
 from PIL import Image
 
 from finegrain.eval.config import EvalTaskConfig
 from finegrain.eval.datasets import load_task_data
+
+from helpers.eval_toy import color_image
 
 
 def _img(path: Path, seed: int = 0) -> None:

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from finegrain.losses.contrastive import at_least_fp32
 from finegrain.methods.base import Method, MethodConfig
 from finegrain.outputs import MethodOutput
 from finegrain.registry import METHODS
@@ -57,8 +58,8 @@ class ToyCLIP(Method):
         return {"image": self.image_proj(batch["image"]), "text": self.text_proj(batch["text"])}
 
     def loss_from_features(self, feats: dict[str, torch.Tensor]) -> MethodOutput:
-        img = F.normalize(feats["image"].float(), dim=-1)  # (B, D)
-        txt = F.normalize(feats["text"].float(), dim=-1)  # (B, D)
+        img = F.normalize(at_least_fp32(feats["image"]), dim=-1)  # (B, D)
+        txt = F.normalize(at_least_fp32(feats["text"]), dim=-1)  # (B, D)
         logits = self.logit_scale.exp() * img @ txt.t()  # (B, B)
         labels = torch.arange(len(img), device=img.device)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
