@@ -21,9 +21,11 @@ def assert_close_scaled(
     rtol: float = 1e-4,
     atol_rel: float = 1e-6,
     msg: str = "",
+    atol: float = 0.0,
 ) -> None:
-    """``assert_close`` with ``atol = atol_rel * max|expected|``: the absolute slack follows the
-    tensor's magnitude, so one large element does not make rounding of the others fail."""
+    """``assert_close`` with ``atol = max(atol, atol_rel * max|expected|)``: the absolute slack
+    follows the tensor's magnitude (rounding of a sum is relative to its largest terms, not to
+    each element), so an element near zero in a large tensor does not fail on rounding."""
 
     def message(m: str) -> str:
         return f"{msg}: {m}" if msg else m
@@ -32,7 +34,7 @@ def assert_close_scaled(
         torch.testing.assert_close(actual, expected, rtol=0, atol=0, msg=message)
         return
     scale = expected.detach().abs().max().item() if expected.numel() else 0.0
-    atol = atol_rel * max(scale, 1.0e-12)
+    atol = max(atol, atol_rel * scale, 1.0e-30)
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=message)
 
 
