@@ -79,12 +79,12 @@ def test_clip_forward_contract_and_gradients() -> None:
         "logit_scale",
         "image.conv1.weight",
         "text.token_embedding.weight",
-        "text_proj.proj.weight",
+        "text_proj.weight",
     ):
         assert clip.get_parameter(name).grad is not None, name
     groups = clip.param_groups(0.1)
     no_decay = {id(p) for p in groups[1]["params"]}
-    assert id(clip.logit_scale) in no_decay and id(clip.image_proj.proj.weight) not in no_decay
+    assert id(clip.logit_scale) in no_decay and id(clip.image_proj.weight) not in no_decay
 
 
 def test_bf16_autocast_forward_close_to_fp32() -> None:
@@ -148,7 +148,7 @@ def test_projection_init_from_pretrained() -> None:
 
     proj = Projection(8, 4)
     w = torch.randn(4, 8)
-    assert proj.init_from(w) and torch.equal(proj.proj.weight, w)
+    assert proj.init_from(w) and torch.equal(proj.weight, w)
     assert not proj.init_from(torch.randn(8, 4)) and not proj.init_from(None)
     torch.testing.assert_close(proj(torch.ones(2, 8)), torch.ones(2, 8) @ w.t())
 
