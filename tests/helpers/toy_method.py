@@ -5,7 +5,7 @@ ToyCLIP: linear image and text towers, a learned logit scale, symmetric InfoNCE
 batches with the ``TrainLoader`` interface (``state_dict``/``load_state_dict``/``stats``).
 
 Run as a script it trains through ``Trainer`` (used by the SIGKILL resume test):
-``python tests/toy_method.py OUT_DIR STEPS CKPT_EVERY [--resume latest] [--sleep S]``.
+``python tests/helpers/toy_method.py OUT_DIR STEPS CKPT_EVERY [--resume latest] [--sleep S]``.
 """
 
 from __future__ import annotations
