@@ -7,7 +7,14 @@ import json
 import pytest
 import torch
 import torch.nn as nn
-from toy_method import StatsLoader, ToyEMA, ToyEMAConfig, ToyLoader, toy_run_config, toy_trainer
+from helpers.toy_method import (
+    StatsLoader,
+    ToyEMA,
+    ToyEMAConfig,
+    ToyLoader,
+    toy_run_config,
+    toy_trainer,
+)
 
 from finegrain.train.checkpoint import latest_checkpoint
 from finegrain.train.optim import build_optimizer
