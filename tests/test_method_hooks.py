@@ -7,6 +7,11 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+
+from finegrain.train.checkpoint import latest_checkpoint
+from finegrain.train.optim import build_optimizer
+from finegrain.train.trainer import Trainer
+
 from helpers.toy_method import (
     StatsLoader,
     ToyEMA,
@@ -15,10 +20,6 @@ from helpers.toy_method import (
     toy_run_config,
     toy_trainer,
 )
-
-from finegrain.train.checkpoint import latest_checkpoint
-from finegrain.train.optim import build_optimizer
-from finegrain.train.trainer import Trainer
 
 
 class _Crash(ToyLoader):
