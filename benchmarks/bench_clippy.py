@@ -43,7 +43,7 @@ def _build(a: dict[str, Any], method: str) -> Any:
     import finegrain.encoders  # noqa: F401  (registers the towers)
     from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
     from finegrain.methods.base import build_method
-    from finegrain.recipes.clip import method_config
+    from finegrain.recipes.base import method_config
 
     torch.manual_seed(0)
     image = ImageTowerConfig(name="vit", image_size=a["image_size"], patch_size=a["patch"],

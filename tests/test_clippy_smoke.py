@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from finegrain.eval.config import EvalConfig, EvalTaskConfig
-from finegrain.recipes.base import get_recipe
-from finegrain.recipes.clip import method_config
+from finegrain.recipes.base import get_recipe, method_config
 from finegrain.train.trainer import Trainer
 
 STEPS, BATCH, LR = 40, 32, 2e-3

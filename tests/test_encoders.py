@@ -17,6 +17,8 @@ from finegrain.encoders import (
 )
 from finegrain.encoders.vit import Attention
 
+from helpers.numerics import assert_close_scaled
+
 TINY_VIT = ImageTowerConfig(name="vit", image_size=32, patch_size=8, width=32, depth=2, heads=2)
 TINY_TEXT = TextTowerConfig(name="transformer", context_length=12, width=32, depth=2, heads=2)
 
@@ -55,7 +57,7 @@ def test_native_vit_patch_dropout_and_checkpointing() -> None:
     ckpt.load_state_dict(ref.state_dict())
     for m in (ref, ckpt):
         m(x).tokens.square().sum().backward()
-    torch.testing.assert_close(ref.conv1.weight.grad, ckpt.conv1.weight.grad)
+    assert_close_scaled(ckpt.conv1.weight.grad, ref.conv1.weight.grad, rtol=1e-5, atol_rel=1e-6)
 
 
 def test_native_vit_local_weights(tmp_path) -> None:
@@ -247,7 +249,7 @@ def test_hf_bert_and_t5_from_local_dir(tmp_path) -> None:
     out = t5(torch.tensor([[5, 6, 7, 1, 0, 0]]))
     assert t5.width == 16 and out.mask.tolist() == [[True] * 4 + [False] * 2]
     torch.testing.assert_close(out.pooled, out.tokens[:, :4].mean(1))
-    with pytest.raises(ValueError, match="valid choices: mean, cls"):
+    with pytest.raises(ValueError, match="pooling 'max'.*valid choices: eot, mean, cls"):
         build_text_tower(TextTowerConfig(name="hf", path=str(t5_dir), pooling="max"))
     with pytest.raises(ValueError, match="local model directory"):
         build_text_tower(TextTowerConfig(name="hf", path=str(tmp_path / "nope")))

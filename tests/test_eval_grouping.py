@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from eval_toy import COLORS, PlainToy, ToyMethod
 from PIL import Image
 
 from finegrain.data.config import DataConfig
@@ -22,6 +21,8 @@ from finegrain.eval.grouping import (
     group_patches,
     instance_jaccards,
 )
+
+from helpers.eval_toy import COLORS, PlainToy, ToyMethod
 
 
 def test_group_patches_hand_computed():

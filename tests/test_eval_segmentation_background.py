@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from eval_toy import COLORS, ToyMethod
 from PIL import Image
 
 from finegrain.eval import run_tasks
 from finegrain.eval.config import EvalTaskConfig
 from finegrain.eval.segmentation import background_prompts, predict_masks
+
+from helpers.eval_toy import COLORS, ToyMethod
 
 
 def test_background_prompts_predict_zero():

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
+import random
 from typing import Any
+
+from finegrain.data.captions import split_sentences
 
 SCHEMA_KEYS = (
     "key", "seed", "image", "caption", "captions", "long_caption", "sentences", "regions",
@@ -47,6 +49,19 @@ def mix_seed(*parts: Any) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def sample_rng(seed: int, stage: str) -> random.Random:
+    """The random stream of one *stage* of one sample: ``random.Random(mix_seed(seed, stage))``.
+
+    Every random stage of a sample draws from its own stream, so changing one stage (a crop
+    scale, the number of views) never shifts the draws of another (the sub-captions). Stages in
+    use: ``"crop"``, ``"flip"`` (the ``image`` transform), ``"view0"``, ``"view1"``, ... (extra
+    views), ``"caption"`` (caption choice), ``"subcaption"`` (FLAIR), ``"mask"`` (token masks).
+    """
+    if not isinstance(stage, str) or not stage:
+        raise ValueError(f"sample_rng: stage must be a non-empty string, got {stage!r}")
+    return random.Random(mix_seed(int(seed), stage))
+
+
 def validate_box(box: Any) -> list[float]:
     """``[x0, y0, x1, y1]`` normalised to the image, clipped into [0, 1]; ``BrokenSample('box')``
     when it is malformed, outside the image (beyond rounding) or empty."""
@@ -64,22 +79,6 @@ def validate_box(box: Any) -> list[float]:
     if x1 <= x0 or y1 <= y0:
         raise BrokenSample("box", f"box {box!r} has x1 <= x0 or y1 <= y0")
     return [x0, y0, x1, y1]
-
-
-def fallback_split_sentences(text: str) -> list[str]:
-    """Split on newlines, ``</s>`` and sentence-final '.', '!' or '?' (used only when
-    ``finegrain.data.captions`` is not available)."""
-    parts = re.split(r"\n+|</s>|(?<=[.!?])\s+", text)
-    return [p.strip() for p in parts if p and p.strip()]
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of a long caption: ``finegrain.data.captions.split_sentences`` when present."""
-    try:
-        from finegrain.data.captions import split_sentences as split
-    except ImportError:
-        return fallback_split_sentences(text)
-    return list(split(text))
 
 
 def _str_list(value: Any, name: str) -> list[str]:

@@ -20,45 +20,27 @@ Per image, with z_p (p = 1..N) the L2-normalised patch features:
 
 Data: the built-in scenes' instance masks (``dataset=synthetic``) or a VOC-style folder with
 ``SegmentationObject/<id>.png`` instance masks, ``JPEGImages/<id>.jpg`` and an optional
-``ImageSets/Segmentation/<split>.txt`` (``dataset=voc``).
+``ImageSets/Segmentation/<split>.txt`` (``dataset=voc``). Config: ``GroupingTaskConfig``
+(``task: grouping``; ``num_groups``, ``center``, ``image_size``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from finegrain.config import finegrain_home
-from finegrain.data.synthetic import eval_split
+from finegrain.data.synthetic_sets import eval_split
 from finegrain.eval.common import EvalContext, image_batches, require
+from finegrain.eval.config import GroupingTaskConfig
 from finegrain.eval.containers import ImageItem, load_mask
 
 IGNORE = 255
 GROUPING_DATASETS = ("synthetic", "voc")
-
-
-@dataclass
-class GroupingTaskConfig:
-    """One bottom-up grouping task (its own config kind; ``EvalTaskConfig(task='grouping')``
-    also works and takes these defaults for the grouping-only fields)."""
-
-    task: str = "grouping"
-    dataset: Literal["synthetic", "voc"] = "synthetic"
-    path: str = ""  # voc: the folder with SegmentationObject/ and JPEGImages/
-    split: str = "test"  # voc: ImageSets/Segmentation/<split>.txt when present, else every mask
-    num_samples: int = 256  # synthetic only
-    batch_size: int = 64
-    limit: int = 0  # keep the first N images (0 = all)
-    image_size: int = 0  # inference resolution (0 = the model's; larger = more patches)
-    num_groups: int = 8  # k principal directions as centres (paper: 8)
-    center: bool = False  # True: centred PCA (covariance) instead of the uncentred SVD
-    name: str = ""  # key prefix in results ('' = grouping/<dataset>)
-    num_examples: int = 4
 
 
 @dataclass
@@ -72,14 +54,6 @@ class InstanceData:
         assert len(self.images) == len(self.masks), "one instance mask per image"
         if not self.images:
             raise ValueError("grouping dataset is empty")
-
-
-def as_grouping_config(cfg: Any) -> GroupingTaskConfig:
-    """A ``GroupingTaskConfig`` from itself or from any task config sharing its field names."""
-    if isinstance(cfg, GroupingTaskConfig):
-        return cfg
-    names = {f.name for f in fields(GroupingTaskConfig)}
-    return GroupingTaskConfig(**{k: getattr(cfg, k) for k in names if hasattr(cfg, k)})
 
 
 def group_patches(feats: torch.Tensor, k: int = 8, center: bool = False) -> torch.Tensor:
@@ -121,8 +95,9 @@ def instance_jaccards(groups: torch.Tensor, instances: torch.Tensor) -> list[flo
 
 
 @torch.no_grad()
-def evaluate_grouping(ctx: EvalContext, cfg: Any, data: InstanceData) -> tuple[dict, dict]:
-    g = as_grouping_config(cfg)
+def evaluate_grouping(
+    ctx: EvalContext, g: GroupingTaskConfig, data: InstanceData
+) -> tuple[dict, dict]:
     if g.num_groups < 1:
         raise ValueError(f"num_groups must be >= 1, got {g.num_groups}")
     require(ctx.method, "dense_features", f"grouping/{g.dataset}")
@@ -175,9 +150,8 @@ def load_voc_instances(path: Path, split: str) -> InstanceData:
     return InstanceData(images, masks)
 
 
-def load_grouping_data(cfg: Any, image_size: int) -> InstanceData:
+def load_grouping_data(g: GroupingTaskConfig, image_size: int) -> InstanceData:
     """The instance-mask dataset a grouping task names."""
-    g = as_grouping_config(cfg)
     if g.dataset == "synthetic":
         d = eval_split("segmentation", g.num_samples, image_size=image_size)
         data = InstanceData(list(d["images"]), list(d["instance_masks"]))

@@ -13,7 +13,7 @@ CLIPpy is CLIP with three changes (paper Sec. 3):
 3. **Token sub-sampling** (Sec. 3.4): training at up to 2x the resolution while keeping only a
    random 20% of the patch tokens, so the high-resolution step costs less than the full 1x
    step. Here ``token_keep`` is the kept fraction; the keep set is drawn per sample from the
-   sample's own seed (``random.Random(mix_seed(seed, "keep"))``) in the collate, so it is
+   sample's own stream (``sample_rng(seed, "keep")``) in the collate, so it is
    identical after a resume and with any number of loader workers, and it goes through the
    image tower's ``keep=`` argument (native ViT, timm and open_clip ViTs alike).
 
@@ -39,14 +39,13 @@ replication's evaluation (``encode_image(..., pool=False)[:, 1:]``).
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
 from finegrain.data.collate import ContrastiveCollate, caption_candidates
-from finegrain.data.schema import mix_seed
+from finegrain.data.schema import sample_rng
 from finegrain.encoders.base import num_kept
 from finegrain.heads.pooling import max_pool
 from finegrain.methods.base import normalize
@@ -77,7 +76,7 @@ def check_keep_fraction(fraction: float, what: str = "token_keep") -> float:
 
 def sample_keep(seed: int, n: int, m: int) -> list[int]:
     """The sorted indices of ``m`` of ``n`` patches, drawn from the sample's own seed."""
-    return sorted(random.Random(mix_seed(int(seed), "keep")).sample(range(n), m))
+    return sorted(sample_rng(int(seed), "keep").sample(range(n), m))
 
 
 class CLIPpyCollate(ContrastiveCollate):

@@ -30,8 +30,8 @@ from finegrain.config import finegrain_home
 from finegrain.data.config import DataConfig
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
 from finegrain.eval.config import EvalConfig, EvalTaskConfig
-from finegrain.recipes.base import RunConfig, recipe
-from finegrain.recipes.clip import _flickr8k, _smoke, method_config, synthetic_tasks
+from finegrain.recipes.base import RunConfig, method_config, recipe
+from finegrain.recipes.clip import _flickr8k, _smoke, synthetic_tasks
 from finegrain.train.config import TrainConfig
 
 CC12M_SAMPLES = 10_968_539  # the replication's --train-num-samples (CC-12M as downloaded)
