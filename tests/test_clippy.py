@@ -238,6 +238,7 @@ class _Crash:
             yield b
 
 
+@pytest.mark.slow
 def test_token_subsampling_resume_is_bitwise_exact(tmp_path):
     from finegrain.train.trainer import Trainer
 

@@ -42,6 +42,7 @@ def train_and_eval(method: str, out_dir: str) -> dict[str, float]:
     return summary["metrics"]
 
 
+@pytest.mark.slow
 def test_clippy_segments_better_than_cls_pooled_clip(tmp_path, one_thread):
     clippy = train_and_eval("clippy", str(tmp_path / "clippy"))
     clip = train_and_eval("clip", str(tmp_path / "clip"))
