@@ -278,3 +278,22 @@ def test_features_concatenate_for_exact_accumulation():
         torch.testing.assert_close(cat, whole[key], rtol=1e-5, atol=1e-6)
     joined = m.loss_from_features({k: torch.cat([p[k] for p in parts]) for k in whole})
     torch.testing.assert_close(joined.loss, m.loss_from_features(whole).loss)
+
+
+def test_sentence_t5_text_tower_is_mean_pooled(tmp_path):
+    """clippy_vitb16's text path: a (tiny, random) T5 encoder directory through the hf tower."""
+    transformers = pytest.importorskip("transformers")
+    cfg_t5 = transformers.T5Config(vocab_size=100, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                   num_heads=2)  # fmt: skip
+    transformers.T5EncoderModel(cfg_t5).save_pretrained(tmp_path / "st5")
+    base = get_recipe("clippy_smoke").method
+    text = dataclasses.replace(get_recipe("clippy_vitb16").method.text, path=str(tmp_path / "st5"),
+                               grad_checkpointing=False)  # fmt: skip
+    torch.manual_seed(0)
+    m = build_method(dataclasses.replace(base, text=text)).eval()
+    ids = torch.tensor([[5, 6, 7, 1, 0, 0], [8, 9, 1, 0, 0, 0]])  # T5: </s> = 1, pad = 0
+    states = m.text.model(input_ids=ids, attention_mask=(ids != 0).long()).last_hidden_state
+    real = (ids != 0).unsqueeze(-1).float()
+    mean = (states * real).sum(1) / real.sum(1)  # sentence-transformers mean pooling
+    want = torch.nn.functional.normalize(m.text_proj(mean), dim=-1)
+    torch.testing.assert_close(m.encode_text(ids), want, rtol=1e-5, atol=1e-6)
