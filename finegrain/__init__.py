@@ -6,4 +6,12 @@ pulls in no training-only dependency (torchvision, timm, open_clip, transformers
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "load"]
+
+
+def load(path_or_spec, device="cpu", strict=True):  # noqa: ANN001, ANN201 (see finegrain.api.load)
+    """``model, preprocess = finegrain.load(run_dir | checkpoint | 'open_clip:M=F' | 'hf:DIR' |
+    'flair:F')``; see ``finegrain.api``. Imported lazily so ``import finegrain`` stays cheap."""
+    from finegrain.api import load as _load
+
+    return _load(path_or_spec, device=device, strict=strict)
