@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-WRAPPER_KEYS = ("state_dict", "model", "module", "model_state")
+# checkpoint wrappers, tried in order ("teacher": DINO training checkpoints, whose teacher is
+# the released/evaluated backbone)
+WRAPPER_KEYS = ("state_dict", "model", "module", "model_state", "teacher")
 # OpenAI TorchScript archives carry these ints next to the weights
 TORCHSCRIPT_EXTRAS = ("input_resolution", "context_length", "vocab_size")
 
@@ -63,7 +65,10 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} does not hold a state dict (got {type(sd).__name__})")
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
-    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if sd and not tensors:
+        raise ValueError(f"{path} holds no tensors at the top level (keys {sorted(sd)[:5]})")
+    return tensors
 
 
 @dataclass

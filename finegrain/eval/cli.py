@@ -1,6 +1,8 @@
 """``finegrain eval``: evaluate one or more checkpoints on declarative tasks.
 
     finegrain eval --checkpoint runs/flair_cc3m --tasks retrieval:flickr8k=/data/flickr8k
+    finegrain eval --checkpoint runs/clip --checkpoint open_clip:ViT-B-16=openai.pt \\
+        --checkpoint hf:siglip-base --tasks zeroshot:imagefolder=/data/pets
     finegrain eval --checkpoint a.safetensors --checkpoint runs/b \\
         --tasks "zeroshot:synthetic/shape@descriptions=builtin,retrieval:synthetic/sentences" \\
         --set scoring=rerank --out reports/ab
@@ -57,7 +59,8 @@ def _split_specs(text: str) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finegrain eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", action="append", required=True, metavar="RUN_OR_FILE",
-                   help="run dir, checkpoint dir or .safetensors file (repeat to compare)")  # fmt: skip
+                   help="run dir, checkpoint dir, .safetensors file, or a spec open_clip:MODEL=FILE"
+                        " | hf:DIR | flair:FILE (repeat to compare)")  # fmt: skip
     p.add_argument(
         "--tasks", default="", help="comma-separated TASK:DATASET[/VARIANT][=PATH][@k=v]"
     )
@@ -79,7 +82,7 @@ def _label(ckpt: str, run_name: str, taken: set[str]) -> str:
 def run(args: argparse.Namespace) -> int:
     from finegrain.eval import run_tasks, write_report
     from finegrain.eval.report import markdown_table
-    from finegrain.train.checkpoint import load_method
+    from finegrain.interop import load_method_spec, split_spec
 
     common = {}
     for s in args.set:
@@ -90,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, dict[str, float]] = {}
     out = Path(args.out) if args.out else None
     for ckpt in args.checkpoint:
-        method, cfg = load_method(ckpt, map_location=args.device)
+        method, cfg = load_method_spec(ckpt, device=args.device)
         specs = _split_specs(args.tasks)
         tasks = [parse_task(s, common) for s in specs] or [
             from_dict(EvalTaskConfig, {**dataclasses.asdict(t), **common}) for t in cfg.eval.tasks
@@ -99,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"no --tasks given and the run config of {ckpt} lists no eval.tasks")
         if out is None:
             base = Path(ckpt)
-            out = (base if base.is_dir() else base.parent) / "eval"
+            if split_spec(ckpt)[0]:  # an external checkpoint: never write into its folder
+                out = Path("eval")
+            else:
+                out = (base if base.is_dir() else base.parent) / "eval"
         label = _label(ckpt, getattr(cfg, "name", ""), set(results))
         results[label] = run_tasks(method, tasks, device=args.device, out_dir=out / label,
                                    progress=not args.quiet, data_cfg=cfg.data)  # fmt: skip
