@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from finegrain.data.tokenizers import HFTokenizer
-from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
+from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig, reject_token_options
 from finegrain.encoders.vit import freeze_except_last
 from finegrain.outputs import TextOutput, VisionOutput
 from finegrain.registry import IMAGE_TOWERS, TEXT_TOWERS
@@ -69,12 +69,6 @@ def load_part(module: nn.Module, path: str, prefix: str) -> None:
     load_into(module, part, f"{f} ({prefix}*)")
 
 
-def _no_token_ops(name: str, keep: Any, mask: Any, attn: Any) -> None:
-    for arg, value in (("keep", keep), ("mask", mask), ("return_attention", attn)):
-        if value is not None and value is not False:
-            raise ValueError(f"image tower '{name}' does not support {arg}= (token subsets)")
-
-
 class HFClipVision(nn.Module):
     def __init__(self, cfg: ImageTowerConfig) -> None:
         super().__init__()
@@ -98,7 +92,7 @@ class HFClipVision(nn.Module):
 
     def forward(self, images: torch.Tensor, *, keep: Any = None, mask: Any = None,
                 return_attention: Any = False) -> VisionOutput:  # fmt: skip
-        _no_token_ops("hf_clip", keep, mask, return_attention)
+        reject_token_options("hf_clip", keep, mask, return_attention)
         p = self.patch_size
         if images.shape[-2] % p or images.shape[-1] % p:
             raise ValueError(f"image size {tuple(images.shape[-2:])} is not divisible by patch {p}")

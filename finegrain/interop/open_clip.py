@@ -149,7 +149,8 @@ def _native_key(k: str) -> str:
 def _tower_state(tower: nn.Module, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(OpenCLIP keys without the ``visual.`` prefix for images, tower config) of one tower."""
     name = type(tower).__name__
-    sd = {k: v.detach().cpu() for k, v in tower.state_dict().items()}
+    # the learned iBOT mask token is a training-only parameter without an OpenCLIP equivalent
+    sd = {k: v.detach().cpu() for k, v in tower.state_dict().items() if k != "mask_token"}
     if name in ("OpenCLIPVision",):
         return rename(sd, lambda k: k[len("visual.") :]), {}
     if name == "OpenCLIPText":
@@ -161,7 +162,8 @@ def _tower_state(tower: nn.Module, kind: str) -> tuple[dict[str, torch.Tensor], 
         )
         blk = tower.transformer.blocks
         heads = blk[0].attn.heads if len(blk) else 1
-        return sd, {"width": tower.width, "layers": len(blk), "patch_size": tower.patch_size,
+        patch = tower.patch_size[0] if isinstance(tower.patch_size, tuple) else tower.patch_size
+        return sd, {"width": tower.width, "layers": len(blk), "patch_size": int(patch),
                     "head_width": tower.width // heads,
                     "mlp_ratio": blk[0].mlp[0].out_features / tower.width if len(blk) else 4.0}  # fmt: skip
     if name == "TextTransformer" and kind == "text":
