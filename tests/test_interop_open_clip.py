@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -95,3 +97,21 @@ def test_export_open_clip_reloads_in_open_clip(tmp_path, recipe):
     back, _ = load_method_spec(f"open_clip:{out}")  # and finegrain reads the folder again
     with torch.no_grad():
         assert close(back.encode_image(x), ours.encode_image(x))
+
+
+def test_eval_table_with_a_run_and_an_open_clip_baseline(tmp_path, capsys):
+    from finegrain.cli import main
+
+    ref, cfg_file = open_clip_reference(tmp_path)
+    torch.save(ref.state_dict(), tmp_path / "oc.pt")
+    run = make_run(tmp_path / "run", "clip_smoke")
+    out = tmp_path / "report"
+    rc = main(["eval", "--checkpoint", str(run), "--checkpoint", f"open_clip:{cfg_file}={tmp_path / 'oc.pt'}",
+               "--tasks", "zeroshot:synthetic/shape@num_samples=16@batch_size=16", "--out", str(out), "--quiet"])  # fmt: skip
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "| clip_smoke | open_clip:tiny-oc |" in table
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"clip_smoke", "open_clip:tiny-oc"}
+    assert main(["eval", "--checkpoint", "openclip:x=y", "--tasks", "zeroshot:synthetic"]) == 2
+    assert "valid prefixes: open_clip:, hf:, flair:" in capsys.readouterr().err
