@@ -115,3 +115,14 @@ def test_eval_table_with_a_run_and_an_open_clip_baseline(tmp_path, capsys):
     assert set(results) == {"clip_smoke", "open_clip:tiny-oc"}
     assert main(["eval", "--checkpoint", "openclip:x=y", "--tasks", "zeroshot:synthetic"]) == 2
     assert "valid prefixes: open_clip:, hf:, flair:" in capsys.readouterr().err
+
+
+def test_torchscript_archives_give_their_tensors_and_runs_need_a_prefix(tmp_path):
+    from finegrain.encoders.weights import load_state_dict_file
+
+    lin = torch.nn.Linear(3, 2)
+    torch.jit.script(lin).save(str(tmp_path / "openai.pt"))  # OpenAI's CLIP files are TorchScript
+    sd = load_state_dict_file(tmp_path / "openai.pt")
+    assert torch.equal(sd["weight"], lin.weight.detach()) and set(sd) == {"weight", "bias"}
+    with pytest.raises(FileNotFoundError, match="need a spec prefix: open_clip:, hf:, flair:"):
+        load_method_spec(str(tmp_path / "openai.pt"))

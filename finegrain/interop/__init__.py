@@ -68,12 +68,48 @@ def load_method_spec(spec: str, strict: bool = True, device: str = "cpu") -> tup
     """``(method in eval mode, RunConfig)`` for any spec (see the module docstring)."""
     prefix, rest = split_spec(spec)
     if not prefix:
-        from finegrain.train.checkpoint import load_method
-
-        return load_method(rest, map_location=device)
+        method, cfg = load_run(rest, strict=strict)
+        return method.to(device).eval(), cfg
     module = importlib.import_module(SPEC_PREFIXES[prefix])
     method, cfg = module.load(rest, strict=strict)
     return method.to(device).eval(), cfg
 
 
-__all__ = ["SPEC_PREFIXES", "load_method_spec", "run_config", "split_spec"]
+def load_run(path_or_file: str, strict: bool = True) -> tuple[Any, Any]:
+    """A finegrain run dir, checkpoint dir or ``model.safetensors`` (config from the nearest
+    ``config.yaml`` above it) -> (method, RunConfig); weights checked by ``load_into``."""
+    from pathlib import Path
+
+    from finegrain.config import load_yaml
+    from finegrain.encoders.weights import load_into, load_state_dict_file
+    from finegrain.methods.base import build_method
+    from finegrain.train.checkpoint import MODEL_FILE, find_config, latest_checkpoint
+
+    try:
+        from finegrain.run_config import RunConfig
+    except ImportError:  # before the RunConfig move
+        from finegrain.recipes.base import RunConfig
+
+    path = Path(path_or_file).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        ckpt = path if (path / MODEL_FILE).is_file() else latest_checkpoint(path)
+        if ckpt is None:
+            raise FileNotFoundError(f"no finegrain checkpoint under {path / 'ckpt'}")
+        path = ckpt / MODEL_FILE
+    try:
+        config_file = find_config(path.parent)
+    except FileNotFoundError:
+        valid = ", ".join(f"{p}:" for p in SPEC_PREFIXES)
+        raise FileNotFoundError(
+            f"{path} is not part of a finegrain run (no config.yaml above it); weights of "
+            f"other libraries need a spec prefix: {valid} (e.g. open_clip:ViT-B-16={path})"
+        ) from None
+    cfg = load_yaml(RunConfig, config_file)
+    method = build_method(cfg.method)
+    load_into(method, load_state_dict_file(path), str(path), strict=strict)
+    return method.eval(), cfg
+
+
+__all__ = ["SPEC_PREFIXES", "load_method_spec", "load_run", "run_config", "split_spec"]

@@ -154,11 +154,25 @@ def open_clip_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+# OpenCLIP options a CLIPModel can only express at these values (anything else is refused)
+_PLAIN_VISION = {"ls_init_value": None, "no_ln_pre": False, "attentional_pool": False,
+                 "pool_type": "tok", "final_ln_after_pool": False, "pos_embed_type": "learnable",
+                 "act_kwargs": None, "norm_kwargs": None}  # fmt: skip
+_PLAIN_TEXT = {"ls_init_value": None, "embed_cls": False, "no_causal_mask": False,
+               "pool_type": "argmax", "proj_bias": False, "proj_type": "linear",
+               "final_ln_after_pool": False, "act_kwargs": None, "norm_kwargs": None}  # fmt: skip
+
+
 def hf_clip_config(model_cfg: dict[str, Any]) -> Any:
     """A ``transformers.CLIPConfig`` equal to an OpenCLIP model config (CLIP ViT + causal text)."""
     from transformers import CLIPConfig
 
     v, t = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    for where, part, allowed in (("vision_cfg", v, _PLAIN_VISION), ("text_cfg", t, _PLAIN_TEXT)):
+        odd = {k: x for k, x in part.items() if k in allowed and x != allowed[k]}
+        odd.update({k: x for k, x in part.items() if k.startswith(("timm_", "hf_")) and x})
+        if odd:
+            raise ValueError(f"OpenCLIP {where} {odd} has no Hugging Face CLIPModel equivalent")
     act = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
     vw, tw = int(v["width"]), int(t["width"])
     vision = {"hidden_size": vw, "intermediate_size": int(vw * v.get("mlp_ratio", 4.0)),
