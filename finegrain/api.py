@@ -19,6 +19,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from finegrain.eval.common import eval_transform
+from finegrain.eval.segmentation import predict_masks
+from finegrain.eval.templates import class_prompts, load_templates
+from finegrain.interop import load_method_spec
+from finegrain.interop.common import read_scale_bias
+
 ImageLike = Any  # PIL.Image | str | Path | Tensor | a sequence of those
 
 
@@ -26,7 +32,6 @@ def load(
     path_or_spec: str | Path, device: str = "cpu", strict: bool = True
 ) -> tuple[FinegrainModel, Callable[[Any], torch.Tensor]]:
     """``(model, preprocess)``: ``preprocess(PIL image) -> (3, S, S)`` normalised tensor."""
-    from finegrain.interop import load_method_spec
 
     method, cfg = load_method_spec(str(path_or_spec), strict=strict, device=device)
     model = FinegrainModel(method, cfg, device)
@@ -37,7 +42,6 @@ class FinegrainModel:
     """A finegrain ``Method`` in eval mode with a friendly inference API."""
 
     def __init__(self, method: Any, config: Any, device: str | torch.device = "cpu") -> None:
-        from finegrain.eval.common import eval_transform
 
         self.method, self.config = method.eval(), config
         self.device = torch.device(device)
@@ -92,7 +96,6 @@ class FinegrainModel:
 
     @property
     def logit_scale(self) -> float:
-        from finegrain.interop.common import read_scale_bias
 
         return float(read_scale_bias(self.method)[0].exp())
 
@@ -114,7 +117,6 @@ class FinegrainModel:
         logit scale ``t``; ``s_c`` the cosine with the class embedding (mean of normalised prompt
         embeddings; prompts ``template(c)``, with descriptions ``"... which has {d}"``, GRAIN
         Sec. 3.4) or, for text-conditioned methods, the mean conditioned score of the prompts."""
-        from finegrain.eval.templates import class_prompts, load_templates
 
         temps = load_templates(templates) if isinstance(templates, str) else list(templates)
         prompts = class_prompts(list(class_names), temps, descriptions)
@@ -143,7 +145,6 @@ class FinegrainModel:
         """(H, W) label map at the model's input size: ``1 + argmax_c cos(z(p), w_c)`` over the
         method's dense (per-patch) features upsampled bilinearly; 0 where the best cosine is
         below ``threshold`` (background)."""
-        from finegrain.eval.segmentation import predict_masks
 
         x = self.images(image)[:1]
         dense = self.method.dense_features(x)  # (1, E, h, w)

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 
+from finegrain.api import load
+from finegrain.config import ConfigError
+
 USER_ERROR = 2
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -93,8 +96,6 @@ def _parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from finegrain.api import load
-
     if bool(args.classes) == bool(args.embeddings):
         raise ValueError("give --classes (zero-shot labels) or --embeddings OUT (one of them)")
     if args.top_k < 1 or args.batch_size < 1:
@@ -133,7 +134,6 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str]) -> int:
     """Entry point of ``finegrain predict``; returns the exit code (2 for user mistakes)."""
-    from finegrain.config import ConfigError
 
     args = _parser().parse_args(argv)
     try:

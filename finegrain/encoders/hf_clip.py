@@ -28,6 +28,7 @@ import torch.nn as nn
 from finegrain.data.tokenizers import HFTokenizer
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig, reject_token_options
 from finegrain.encoders.vit import freeze_except_last
+from finegrain.encoders.weights import load_into, load_state_dict_file
 from finegrain.outputs import TextOutput, VisionOutput
 from finegrain.registry import IMAGE_TOWERS, TEXT_TOWERS
 
@@ -58,7 +59,6 @@ def weights_file(path: str) -> Path | None:
 
 def load_part(module: nn.Module, path: str, prefix: str) -> None:
     """Load the ``prefix``-keys of the folder's weights into ``module`` (strict within them)."""
-    from finegrain.encoders.weights import load_into, load_state_dict_file
 
     f = weights_file(path)
     if f is None:

@@ -23,10 +23,9 @@ from finegrain.data.tokenizers import HFTokenizer
 from finegrain.encoders.base import TextTowerConfig
 from finegrain.encoders.text_transformer import pool_tokens
 from finegrain.encoders.vit import freeze_except_last
+from finegrain.encoders.weights import load_into, load_state_dict_file
 from finegrain.outputs import TextOutput
 from finegrain.registry import TEXT_TOWERS
-
-HF_POOLINGS = ("mean", "cls")
 
 
 def minilm_dir() -> Path:
@@ -56,7 +55,6 @@ def encoder_weights(path: str, model: nn.Module) -> dict[str, torch.Tensor]:
     """The folder's weights (single or sharded safetensors / bin) in ``model``'s key space:
     the task wrapper prefix (``bert.``, ``roberta.``, ...) stripped and the expected extras
     above dropped."""
-    from finegrain.encoders.weights import load_state_dict_file
 
     d = Path(path)
     index = [d / f"{n}.index.json" for n in ("model.safetensors", "pytorch_model.bin")]
@@ -84,8 +82,6 @@ def _load_encoder(path: str) -> nn.Module:
     """Build the encoder from its config and load the local weights strictly (quiet: no
     transformers load report; unexpected differences raise naming the keys)."""
     from transformers import AutoConfig, AutoModel, T5EncoderModel
-
-    from finegrain.encoders.weights import load_into
 
     if not path or not Path(path).is_dir():
         raise ValueError(f"text tower 'hf' needs text.path: a local model directory (got '{path}')")
@@ -118,11 +114,6 @@ class HFTextTower(nn.Module):
     def __init__(self, cfg: TextTowerConfig) -> None:
         super().__init__()
         pooling = "mean" if cfg.pooling == "eot" else cfg.pooling  # 'eot' = the config default
-        if pooling not in HF_POOLINGS:
-            raise ValueError(
-                f"text pooling '{cfg.pooling}' is not available for Hugging Face encoders; "
-                f"valid choices: {', '.join(HF_POOLINGS)}"
-            )
         self.model = _load_encoder(cfg.path)
         self.pooling = pooling
         conf = self.model.config

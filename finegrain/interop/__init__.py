@@ -23,6 +23,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from finegrain.config import load_yaml
+from finegrain.encoders.weights import load_into, load_state_dict_file
+from finegrain.methods.base import build_method
+from finegrain.run_config import RunConfig
+from finegrain.train.checkpoint import MODEL_FILE, find_config, latest_checkpoint
+
 SPEC_PREFIXES = {
     "open_clip": "finegrain.interop.open_clip",
     "hf": "finegrain.interop.hf",
@@ -53,10 +59,6 @@ def split_spec(spec: str) -> tuple[str, str]:
 
 def run_config(method_cfg: Any, name: str, mean: tuple, std: tuple) -> Any:
     """A ``RunConfig`` describing an external checkpoint (name, method, preprocessing)."""
-    try:
-        from finegrain.run_config import RunConfig
-    except ImportError:  # before the RunConfig move
-        from finegrain.recipes.base import RunConfig
 
     cfg = RunConfig(name=name, method=method_cfg)
     cfg.data.image_size = method_cfg.image.image_size
@@ -79,16 +81,6 @@ def load_run(path_or_file: str, strict: bool = True) -> tuple[Any, Any]:
     """A finegrain run dir, checkpoint dir or ``model.safetensors`` (config from the nearest
     ``config.yaml`` above it) -> (method, RunConfig); weights checked by ``load_into``."""
     from pathlib import Path
-
-    from finegrain.config import load_yaml
-    from finegrain.encoders.weights import load_into, load_state_dict_file
-    from finegrain.methods.base import build_method
-    from finegrain.train.checkpoint import MODEL_FILE, find_config, latest_checkpoint
-
-    try:
-        from finegrain.run_config import RunConfig
-    except ImportError:  # before the RunConfig move
-        from finegrain.recipes.base import RunConfig
 
     path = Path(path_or_file).expanduser()
     if not path.exists():

@@ -28,7 +28,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from finegrain.interop import load_method_spec
 from finegrain.interop.common import image_tower, projection_weight, read_scale_bias
+from finegrain.interop.hf import export as hf_export
+from finegrain.interop.open_clip import _tower_state
+from finegrain.interop.open_clip import export as oc_export
 
 FORMATS = ("open_clip", "hf", "towers")
 USER_ERROR = 2
@@ -36,7 +40,6 @@ USER_ERROR = 2
 
 def tower_export(tower: nn.Module, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict in the tower's library layout, description) of one tower."""
-    from finegrain.interop.open_clip import _tower_state
 
     name = type(tower).__name__
     if name in ("VisionTransformer", "OpenCLIPVision", "TextTransformer", "OpenCLIPText"):
@@ -90,7 +93,6 @@ def export_towers(method: nn.Module, out: Path) -> Path:
 
 
 def export(spec: str, fmt: str, out: Path) -> Path:
-    from finegrain.interop import load_method_spec
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format '{fmt}'; valid choices: {', '.join(FORMATS)}")
@@ -104,10 +106,7 @@ def export(spec: str, fmt: str, out: Path) -> Path:
         raise ValueError(f"--format {fmt} is for {'/'.join(allowed)} methods, not "
                          f"'{cfg.method.name}'; use --format towers")  # fmt: skip
     if fmt == "open_clip":
-        from finegrain.interop.open_clip import export as oc_export
-
         return oc_export(method, cfg, out)
-    from finegrain.interop.hf import export as hf_export
 
     return hf_export(method, cfg, out)
 

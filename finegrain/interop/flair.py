@@ -32,9 +32,13 @@ from typing import Any
 
 import torch
 
+from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
+from finegrain.encoders.weights import load_into, load_state_dict_file
 from finegrain.interop import OPENAI_MEAN, OPENAI_STD, run_config
 from finegrain.interop.common import rename
 from finegrain.interop.open_clip import TEXT_KEYS, resolve_model
+from finegrain.methods.base import build_method
+from finegrain.methods.flair import FLAIRConfig
 
 DEFAULT_MODEL = "ViT-B-16"
 _PROJ = {"image_post.proj": "image_proj.weight", "text_post.proj": "text_proj.weight"}
@@ -65,10 +69,6 @@ def to_finegrain(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def load(rest: str, strict: bool = True) -> tuple[Any, Any]:
     """``[MODEL=]FILE`` -> (flair method, RunConfig)."""
-    from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
-    from finegrain.encoders.weights import load_into, load_state_dict_file
-    from finegrain.methods.base import build_method
-    from finegrain.methods.flair import FLAIRConfig
 
     name, eq, file = rest.partition("=")
     if not eq:

@@ -36,8 +36,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
+from finegrain.encoders.hf_clip import read_config, weights_file
+from finegrain.encoders.weights import load_into, load_state_dict_file
 from finegrain.interop import OPENAI_MEAN, OPENAI_STD, run_config
+from finegrain.interop import open_clip as oc
 from finegrain.interop.common import rename
+from finegrain.methods.base import build_method
+from finegrain.methods.clip import CLIPConfig, SigLIPConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "spiece.model")  # fmt: skip
@@ -78,8 +84,6 @@ def preprocessing(path: Path, kind: str, default_size: int) -> tuple[int, tuple,
 
 
 def method_config(path: str, conf: Any) -> Any:
-    from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
-    from finegrain.methods.clip import CLIPConfig, SigLIPConfig
 
     vc, tc = conf.vision_config, conf.text_config
     image = ImageTowerConfig(name="hf_clip", pretrained=path, image_size=int(vc.image_size))
@@ -95,9 +99,6 @@ def method_config(path: str, conf: Any) -> Any:
 
 def load(rest: str, strict: bool = True) -> tuple[Any, Any]:
     """``DIR`` of a CLIPModel / SiglipModel -> (clip/siglip method, RunConfig)."""
-    from finegrain.encoders.hf_clip import read_config, weights_file
-    from finegrain.encoders.weights import load_into, load_state_dict_file
-    from finegrain.methods.base import build_method
 
     path = Path(rest).expanduser()
     conf = read_config(str(path))
@@ -210,7 +211,6 @@ def write_clip_tokenizer(out: Path, context_length: int) -> None:
 
 def _hf_tower_state(method: nn.Module) -> tuple[Any, dict[str, torch.Tensor], str]:
     """(HF config, HF state dict, source folder) for a method with ``hf_clip`` towers."""
-    from finegrain.encoders.hf_clip import read_config
 
     src = method.cfg.image.pretrained
     conf = read_config(src)
@@ -234,9 +234,6 @@ def _hf_tower_state(method: nn.Module) -> tuple[Any, dict[str, torch.Tensor], st
 def export(method: nn.Module, cfg: Any, out: Path) -> Path:
     """Write a HF ``CLIPModel`` / ``SiglipModel`` folder (``save_pretrained`` + tokenizer)."""
     from transformers import CLIPModel, SiglipModel
-
-    from finegrain.encoders.weights import load_into
-    from finegrain.interop import open_clip as oc
 
     out.mkdir(parents=True, exist_ok=True)
     if cfg.method.image.name == "hf_clip" and cfg.method.text.name == "hf_clip":

@@ -34,8 +34,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from finegrain.data.tokenizers import ClipTokenizer
+from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
+from finegrain.encoders.weights import load_into, load_state_dict_file
 from finegrain.interop import OPENAI_MEAN, OPENAI_STD, run_config
 from finegrain.interop.common import image_tower, projection_weight, read_scale_bias, rename
+from finegrain.methods.base import build_method
+from finegrain.methods.clip import CLIPConfig, SigLIPConfig
+from finegrain.registry import suggest
 
 TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.")
 CONFIG_FILE = "open_clip_config.json"
@@ -90,16 +96,12 @@ def resolve_model(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
         return str(path), cfg.get("model_cfg", cfg), cfg.get("preprocess_cfg", {})
     cfg = open_clip.get_model_config(name)
     if cfg is None:
-        from finegrain.registry import suggest
-
         raise ValueError(f"unknown open_clip model '{name}'{suggest(name, open_clip.list_models())}"
                          "; give an open_clip.list_models() name or a model-config .json")  # fmt: skip
     return name, cfg, {}
 
 
 def method_config(name: str, cfg: dict[str, Any], siglip: bool) -> Any:
-    from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
-    from finegrain.methods.clip import CLIPConfig, SigLIPConfig
 
     v, t = cfg["vision_cfg"], cfg["text_cfg"]
     size = v.get("image_size", 224)
@@ -113,8 +115,6 @@ def method_config(name: str, cfg: dict[str, Any], siglip: bool) -> Any:
 
 def load(rest: str, strict: bool = True) -> tuple[Any, Any]:
     """``MODEL=FILE`` or ``DIR`` (an OpenCLIP local-dir) -> (clip/siglip method, RunConfig)."""
-    from finegrain.encoders.weights import load_into, load_state_dict_file
-    from finegrain.methods.base import build_method
 
     name, eq, file = rest.partition("=")
     if not eq:
@@ -167,8 +167,6 @@ def _tower_state(tower: nn.Module, kind: str) -> tuple[dict[str, torch.Tensor], 
                     "head_width": tower.width // heads,
                     "mlp_ratio": blk[0].mlp[0].out_features / tower.width if len(blk) else 4.0}  # fmt: skip
     if name == "TextTransformer" and kind == "text":
-        from finegrain.data.tokenizers import ClipTokenizer
-
         if not isinstance(tower.tokenizer, ClipTokenizer) or tower.pooling != "eot":
             raise ValueError("only text towers with the CLIP tokenizer and eot pooling export "
                              "to open_clip")  # fmt: skip
