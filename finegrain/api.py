@@ -32,7 +32,6 @@ def load(
     path_or_spec: str | Path, device: str = "cpu", strict: bool = True
 ) -> tuple[FinegrainModel, Callable[[Any], torch.Tensor]]:
     """``(model, preprocess)``: ``preprocess(PIL image) -> (3, S, S)`` normalised tensor."""
-
     method, cfg = load_method_spec(str(path_or_spec), strict=strict, device=device)
     model = FinegrainModel(method, cfg, device)
     return model, model.preprocess
@@ -117,7 +116,6 @@ class FinegrainModel:
         logit scale ``t``; ``s_c`` the cosine with the class embedding (mean of normalised prompt
         embeddings; prompts ``template(c)``, with descriptions ``"... which has {d}"``, GRAIN
         Sec. 3.4) or, for text-conditioned methods, the mean conditioned score of the prompts."""
-
         temps = load_templates(templates) if isinstance(templates, str) else list(templates)
         prompts = class_prompts(list(class_names), temps, descriptions)
         flat = [p for ps in prompts for p in ps]
@@ -145,7 +143,6 @@ class FinegrainModel:
         """(H, W) label map at the model's input size: ``1 + argmax_c cos(z(p), w_c)`` over the
         method's dense (per-patch) features upsampled bilinearly; 0 where the best cosine is
         below ``threshold`` (background)."""
-
         x = self.images(image)[:1]
         dense = self.method.dense_features(x)  # (1, E, h, w)
         owner = torch.arange(len(class_names), device=self.device)

@@ -134,7 +134,6 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str]) -> int:
     """Entry point of ``finegrain predict``; returns the exit code (2 for user mistakes)."""
-
     args = _parser().parse_args(argv)
     try:
         return run(args)

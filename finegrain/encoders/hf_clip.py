@@ -59,7 +59,6 @@ def weights_file(path: str) -> Path | None:
 
 def load_part(module: nn.Module, path: str, prefix: str) -> None:
     """Load the ``prefix``-keys of the folder's weights into ``module`` (strict within them)."""
-
     f = weights_file(path)
     if f is None:
         return  # a config-only folder: random init (finegrain.interop loads the weights)

@@ -55,7 +55,6 @@ def encoder_weights(path: str, model: nn.Module) -> dict[str, torch.Tensor]:
     """The folder's weights (single or sharded safetensors / bin) in ``model``'s key space:
     the task wrapper prefix (``bert.``, ``roberta.``, ...) stripped and the expected extras
     above dropped."""
-
     d = Path(path)
     index = [d / f"{n}.index.json" for n in ("model.safetensors", "pytorch_model.bin")]
     shards = [d / s for f in index if f.is_file()

@@ -59,7 +59,6 @@ def split_spec(spec: str) -> tuple[str, str]:
 
 def run_config(method_cfg: Any, name: str, mean: tuple, std: tuple) -> Any:
     """A ``RunConfig`` describing an external checkpoint (name, method, preprocessing)."""
-
     cfg = RunConfig(name=name, method=method_cfg)
     cfg.data.image_size = method_cfg.image.image_size
     cfg.data.mean, cfg.data.std = tuple(mean), tuple(std)

@@ -23,10 +23,16 @@ def rename(
 def scale_bias_keys(method: nn.Module) -> tuple[str, str | None]:
     """State-dict keys of the method's log logit scale ``s`` (t = exp(s)) and bias (or None)."""
     own = method.state_dict()
-    scale = "logit_scale" if "logit_scale" in own else None
-    bias = "logit_bias" if "logit_bias" in own else None
+
+    def find(name: str) -> str | None:
+        if name in own:  # on the method itself (finegrain.heads.logit_scale installs it there)
+            return name
+        found = [k for k in own if k.endswith("." + name)]  # or on one submodule (a loss)
+        return found[0] if len(found) == 1 else None
+
+    scale, bias = find("logit_scale"), find("logit_bias")
     if scale is None:
-        raise ValueError(f"method {type(method).__name__} has no logit_scale to map")
+        raise ValueError(f"method {type(method).__name__} has no (unique) logit_scale to map")
     return scale, bias
 
 
@@ -68,3 +74,13 @@ def tower_prefix(method: nn.Module, tower: nn.Module) -> str:
         if mod is tower:
             return name + "."
     raise ValueError("tower is not a direct child of the method")
+
+
+def place_scale_bias(sd: dict[str, torch.Tensor], method: nn.Module) -> dict[str, torch.Tensor]:
+    """Move converted ``logit_scale`` / ``logit_bias`` entries to where ``method`` keeps them."""
+    scale, bias = scale_bias_keys(method)
+    out = dict(sd)
+    for name, key in (("logit_scale", scale), ("logit_bias", bias)):
+        if key is not None and key != name and name in out:
+            out[key] = out.pop(name)
+    return out

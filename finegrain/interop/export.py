@@ -40,7 +40,6 @@ USER_ERROR = 2
 
 def tower_export(tower: nn.Module, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict in the tower's library layout, description) of one tower."""
-
     name = type(tower).__name__
     if name in ("VisionTransformer", "OpenCLIPVision", "TextTransformer", "OpenCLIPText"):
         sd, cfg = _tower_state(tower, kind)

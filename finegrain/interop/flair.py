@@ -35,7 +35,7 @@ import torch
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
 from finegrain.encoders.weights import load_into, load_state_dict_file
 from finegrain.interop import OPENAI_MEAN, OPENAI_STD, run_config
-from finegrain.interop.common import rename
+from finegrain.interop.common import place_scale_bias, rename
 from finegrain.interop.open_clip import TEXT_KEYS, resolve_model
 from finegrain.methods.base import build_method
 from finegrain.methods.flair import FLAIRConfig
@@ -69,7 +69,6 @@ def to_finegrain(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def load(rest: str, strict: bool = True) -> tuple[Any, Any]:
     """``[MODEL=]FILE`` -> (flair method, RunConfig)."""
-
     name, eq, file = rest.partition("=")
     if not eq:
         name, file = DEFAULT_MODEL, rest
@@ -84,6 +83,6 @@ def load(rest: str, strict: bool = True) -> tuple[Any, Any]:
         embed_dim=int(model_cfg["embed_dim"]),
     )  # fmt: skip
     method = build_method(mcfg)
-    load_into(method, sd, file, strict=strict)
+    load_into(method, place_scale_bias(sd, method), file, strict=strict)
     mean, std = pre.get("mean", OPENAI_MEAN), pre.get("std", OPENAI_STD)
     return method.eval(), run_config(mcfg, f"flair:{Path(file).stem}", mean, std)

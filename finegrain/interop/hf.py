@@ -41,7 +41,12 @@ from finegrain.encoders.hf_clip import read_config, weights_file
 from finegrain.encoders.weights import load_into, load_state_dict_file
 from finegrain.interop import OPENAI_MEAN, OPENAI_STD, run_config
 from finegrain.interop import open_clip as oc
-from finegrain.interop.common import rename
+from finegrain.interop.common import (
+    place_scale_bias,
+    read_scale_bias,
+    rename,
+    scale_bias_keys,
+)
 from finegrain.methods.base import build_method
 from finegrain.methods.clip import CLIPConfig, SigLIPConfig
 
@@ -99,7 +104,6 @@ def method_config(path: str, conf: Any) -> Any:
 
 def load(rest: str, strict: bool = True) -> tuple[Any, Any]:
     """``DIR`` of a CLIPModel / SiglipModel -> (clip/siglip method, RunConfig)."""
-
     path = Path(rest).expanduser()
     conf = read_config(str(path))
     f = weights_file(str(path))
@@ -107,7 +111,12 @@ def load(rest: str, strict: bool = True) -> tuple[Any, Any]:
         raise ValueError(f"{path} has no model.safetensors or pytorch_model.bin")
     mcfg = method_config(str(path), conf)
     method = build_method(mcfg)
-    load_into(method, to_finegrain(load_state_dict_file(f)), str(f), strict=strict)
+    load_into(
+        method,
+        place_scale_bias(to_finegrain(load_state_dict_file(f)), method),
+        str(f),
+        strict=strict,
+    )
     size, mean, std = preprocessing(path, conf.model_type, mcfg.image.image_size)
     mcfg.image.image_size = size
     return method.eval(), run_config(mcfg, f"hf:{path.name}", mean, std)
@@ -211,7 +220,6 @@ def write_clip_tokenizer(out: Path, context_length: int) -> None:
 
 def _hf_tower_state(method: nn.Module) -> tuple[Any, dict[str, torch.Tensor], str]:
     """(HF config, HF state dict, source folder) for a method with ``hf_clip`` towers."""
-
     src = method.cfg.image.pretrained
     conf = read_config(src)
     inv = {"image.": "", "text.": "", "image_proj.proj.weight": "visual_projection.weight",
@@ -223,11 +231,12 @@ def _hf_tower_state(method: nn.Module) -> tuple[Any, dict[str, torch.Tensor], st
                 k = b + k[len(a) :] if a.endswith(".") else b
                 break
         sd[k] = v.detach().cpu()
-    if "logit_bias" in sd:
-        sd["logit_scale"], sd["logit_bias"] = (
-            sd["logit_scale"].reshape(1),
-            sd["logit_bias"].reshape(1),
-        )
+    scale_key, bias_key = scale_bias_keys(method)
+    scale, bias = read_scale_bias(method)
+    sd = {k: v for k, v in sd.items() if k not in (scale_key, bias_key)}
+    sd["logit_scale"] = scale if bias is None else scale.reshape(1)  # SigLIP keeps shape (1,)
+    if bias is not None:
+        sd["logit_bias"] = bias.reshape(1)
     return conf, sd, src
 
 

@@ -38,7 +38,13 @@ from finegrain.data.tokenizers import ClipTokenizer
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
 from finegrain.encoders.weights import load_into, load_state_dict_file
 from finegrain.interop import OPENAI_MEAN, OPENAI_STD, run_config
-from finegrain.interop.common import image_tower, projection_weight, read_scale_bias, rename
+from finegrain.interop.common import (
+    image_tower,
+    place_scale_bias,
+    projection_weight,
+    read_scale_bias,
+    rename,
+)
 from finegrain.methods.base import build_method
 from finegrain.methods.clip import CLIPConfig, SigLIPConfig
 from finegrain.registry import suggest
@@ -115,7 +121,6 @@ def method_config(name: str, cfg: dict[str, Any], siglip: bool) -> Any:
 
 def load(rest: str, strict: bool = True) -> tuple[Any, Any]:
     """``MODEL=FILE`` or ``DIR`` (an OpenCLIP local-dir) -> (clip/siglip method, RunConfig)."""
-
     name, eq, file = rest.partition("=")
     if not eq:
         from open_clip.factory import _find_checkpoint_in_dir
@@ -129,7 +134,7 @@ def load(rest: str, strict: bool = True) -> tuple[Any, Any]:
     sd = to_finegrain(load_state_dict_file(file))
     mcfg = method_config(oc_name, model_cfg, siglip="logit_bias" in sd)
     method = build_method(mcfg)
-    load_into(method, sd, file, strict=strict)
+    load_into(method, place_scale_bias(sd, method), file, strict=strict)
     mean, std = pre.get("mean", OPENAI_MEAN), pre.get("std", OPENAI_STD)
     return method.eval(), run_config(mcfg, f"open_clip:{Path(name).stem}", mean, std)
 
