@@ -16,7 +16,9 @@ HF key                             finegrain key
 =================================  ==========================================
 
 Preprocessing comes from ``preprocessor_config.json`` (mean/std/size) when present; else
-OpenAI's mean/std (CLIP) or 0.5/0.5 (SigLIP).
+OpenAI's mean/std (CLIP) or 0.5/0.5 (SigLIP). finegrain's evaluation resizes the short side
+and centre-crops for every model; HF's SigLIP processor squashes the whole image to a square
+instead, so SigLIP numbers on non-square images can differ slightly from HF pipelines.
 
 Export (``--format hf``): ``hf_clip`` towers go back to their own class; ``clip`` methods with
 native ``vit``/``transformer`` or ``open_clip`` towers become a ``CLIPModel`` (via the OpenCLIP
