@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from interop_refs import close, make_run
 
 import finegrain
+
+from helpers.interop import close, make_run
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

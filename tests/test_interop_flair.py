@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 pytest.importorskip("open_clip")
 
-from interop_refs import TEXTS, close, open_clip_reference  # noqa: E402
-
 from finegrain.interop import load_method_spec  # noqa: E402
+
+from helpers.interop import TEXTS, close, open_clip_reference  # noqa: E402
 
 
 class FlairReference(nn.Module):

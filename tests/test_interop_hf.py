@@ -7,11 +7,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from interop_refs import TEXTS, close, hf_clip_reference, hf_siglip_reference, make_run  # noqa: E402
-
 from finegrain.data.tokenizers import ClipTokenizer  # noqa: E402
 from finegrain.interop import load_method_spec  # noqa: E402
 from finegrain.interop.common import read_scale_bias  # noqa: E402
+
+from helpers.interop import TEXTS, close, hf_clip_reference, hf_siglip_reference, make_run  # noqa: E402
 
 
 def _features(out: object) -> torch.Tensor:

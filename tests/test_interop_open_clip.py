@@ -9,10 +9,10 @@ import torch
 
 pytest.importorskip("open_clip")
 
-from interop_refs import TEXTS, close, make_run, open_clip_reference  # noqa: E402
-
 from finegrain.interop import load_method_spec, split_spec  # noqa: E402
 from finegrain.interop.common import read_scale_bias  # noqa: E402
+
+from helpers.interop import TEXTS, close, make_run, open_clip_reference  # noqa: E402
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])

@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from finegrain.heads.projection import Projection
+
 
 def rename(
     sd: dict[str, torch.Tensor], rule: Callable[[str], str | None]
@@ -46,20 +48,19 @@ def read_scale_bias(method: nn.Module) -> tuple[torch.Tensor, torch.Tensor | Non
 
 
 def projection_weight(module: nn.Module | torch.Tensor | None) -> torch.Tensor | None:
-    """(E, W) weight of a projection: ``Projection`` (linear/none), ``nn.Linear`` or a
-    ``(W, E)`` parameter used as ``x @ P``; None for an identity projection."""
+    """(E, W) weight of a projection: ``finegrain.heads.projection.Projection`` (None for
+    ``none``), ``nn.Linear`` (bias-free) or a ``(W, E)`` parameter used as ``x @ P``."""
     if module is None:
         return None
     if isinstance(module, torch.Tensor):
         return module.detach().t()
-    proj = getattr(module, "proj", module)
-    if proj is None:
-        return None
-    if isinstance(proj, nn.Linear):
-        if proj.bias is not None:
+    if isinstance(module, Projection):
+        return None if module.weight is None else module.weight.detach()
+    if isinstance(module, nn.Linear):
+        if module.bias is not None:
             raise ValueError("projections with a bias cannot be exported")
-        return proj.weight.detach()
-    raise ValueError(f"cannot export a projection of type {type(proj).__name__}")
+        return module.weight.detach()
+    raise ValueError(f"cannot export a projection of type {type(module).__name__}")
 
 
 def image_tower(method: nn.Module) -> nn.Module:

@@ -13,8 +13,9 @@
 - ``towers`` (every method): ``image_tower.safetensors`` / ``text_tower.safetensors``, each in
   the tower's own library layout (OpenCLIP ``visual.*`` / text keys for open_clip and native
   towers, timm keys for timm towers, Hugging Face keys for HF towers) + ``towers.json`` naming
-  the architecture of each; plus the method's global projections and logit scale when it has
-  them (``projections.safetensors``).
+  the architecture of each; plus the method's projections (``image_proj``/``text_proj``, each
+  (E, W)) and logit scale/bias when it has them (``projections.safetensors``; GRAIN applies its
+  ``image_proj`` after the region decoder, not to the tower output).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ HF key                             finegrain key
 =================================  ==========================================
 ``vision_model.<rest>``            ``image.vision_model.<rest>``
 ``text_model.<rest>``              ``text.text_model.<rest>``
-``visual_projection.weight``       ``image_proj.proj.weight`` (CLIP)
-``text_projection.weight``         ``text_proj.proj.weight`` (CLIP)
+``visual_projection.weight``       ``image_proj.weight`` (CLIP)
+``text_projection.weight``         ``text_proj.weight`` (CLIP)
 ``logit_scale``, ``logit_bias``    the method's log scale and bias (shape () here, (1,) in SigLIP)
 ``*.position_ids``                 dropped (constant buffers of older checkpoints)
 =================================  ==========================================
@@ -64,8 +64,8 @@ def _fg_key(k: str) -> str | None:
         return "image." + k
     if k.startswith("text_model."):
         return "text." + k
-    return {"visual_projection.weight": "image_proj.proj.weight",
-            "text_projection.weight": "text_proj.proj.weight"}.get(k, k)  # fmt: skip
+    return {"visual_projection.weight": "image_proj.weight",
+            "text_projection.weight": "text_proj.weight"}.get(k, k)  # fmt: skip
 
 
 def to_finegrain(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -224,8 +224,8 @@ def _hf_tower_state(method: nn.Module) -> tuple[Any, dict[str, torch.Tensor], st
     """(HF config, HF state dict, source folder) for a method with ``hf_clip`` towers."""
     src = method.cfg.image.pretrained
     conf = read_config(src)
-    inv = {"image.": "", "text.": "", "image_proj.proj.weight": "visual_projection.weight",
-           "text_proj.proj.weight": "text_projection.weight"}  # fmt: skip
+    inv = {"image.": "", "text.": "", "image_proj.weight": "visual_projection.weight",
+           "text_proj.weight": "text_projection.weight"}  # fmt: skip
     sd = {}
     for k, v in method.state_dict().items():
         for a, b in inv.items():

@@ -9,9 +9,9 @@ is loaded into the ``clip`` method (``siglip`` when the file has ``logit_bias``)
 ==============================  ==========================================
 OpenCLIP key                    finegrain key
 ==============================  ==========================================
-``visual.proj`` (W, E)          ``image_proj.proj.weight`` (E, W), transposed
+``visual.proj`` (W, E)          ``image_proj.weight`` (E, W), transposed
 ``visual.<rest>``               ``image.visual.<rest>``
-``text_projection`` (W, E)      ``text_proj.proj.weight`` (E, W), transposed
+``text_projection`` (W, E)      ``text_proj.weight`` (E, W), transposed
 ``token_embedding.*``, ``positional_embedding``, ``transformer.*``, ``ln_final.*``
                                 ``text.<same>``
 ``logit_scale``, ``logit_bias`` the method's logit scale (log t) and bias
@@ -52,7 +52,7 @@ from finegrain.registry import suggest
 TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.")
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
-_PROJ = {"visual.proj": "image_proj.proj.weight", "text_projection": "text_proj.proj.weight"}
+_PROJ = {"visual.proj": "image_proj.weight", "text_projection": "text_proj.weight"}
 
 
 # ---- import --------------------------------------------------------------------------
