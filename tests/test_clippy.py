@@ -176,8 +176,8 @@ def test_pretrained_file_of_another_architecture_lists_keys(tmp_path):
         build_method(cfg)
     msg = str(e.value)
     assert "\n" not in msg and "do not fit VisionTransformer" in msg
-    assert "unexpected (first: transformer.blocks.2." in msg  # the extra third block
-    assert "mis-shaped (first: class_embedding: file (32,) vs model (64,)" in msg
+    assert "unexpected ['transformer.blocks.2." in msg  # the extra third block
+    assert "mis-shaped ['class_embedding: (32,) vs (64,)" in msg
 
 
 @pytest.mark.parametrize("tower", ["vit", "timm"])

@@ -79,7 +79,7 @@ def test_methods_share_units(name: str) -> None:
     assert m.logit_scale.item() == pytest.approx(math.log(t0))
     with torch.no_grad():
         m.logit_scale.fill_(9.0)
-    m.after_optimizer_step(1)
+    m.after_optimizer_step(1, 10)
     assert m.logit_scale.item() == pytest.approx(9.0 if name == "siglip" else math.log(100.0))
     assert "logit_scale" in m.state_dict()
     projections = [n for n, mod in m.named_modules() if isinstance(mod, Projection)]
