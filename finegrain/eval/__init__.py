@@ -17,6 +17,7 @@ from finegrain.data.config import DataConfig
 from finegrain.eval.common import EvalContext
 from finegrain.eval.config import EvalConfig, EvalTaskConfig
 from finegrain.eval.datasets import load_task_data
+from finegrain.eval.linear_probe import LinearProbeTaskConfig, evaluate_linear_probe
 from finegrain.eval.report import markdown_table, write_report
 from finegrain.eval.retrieval import evaluate_retrieval
 from finegrain.eval.segmentation import evaluate_segmentation
@@ -27,10 +28,12 @@ from finegrain.registry import EVAL_TASKS
 EVAL_TASKS.add("zeroshot", evaluate_zeroshot)
 EVAL_TASKS.add("retrieval", evaluate_retrieval)
 EVAL_TASKS.add("segmentation", evaluate_segmentation)
+EVAL_TASKS.add("linear_probe", evaluate_linear_probe)
 
 __all__ = [
     "EvalConfig",
     "EvalTaskConfig",
+    "LinearProbeTaskConfig",
     "markdown_table",
     "run_tasks",
     "task_prefix",

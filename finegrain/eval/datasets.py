@@ -128,6 +128,10 @@ def _check_dataset(cfg: EvalTaskConfig, formats_: dict[str, Any]) -> None:
 
 def load_task_data(cfg: EvalTaskConfig, image_size: int = 64) -> Any:
     """Load the dataset a task config names; raises a ValueError naming valid choices."""
+    if cfg.task == "linear_probe":  # two splits (train the head / measure), own config kind
+        from finegrain.eval.linear_probe import load_probe_data
+
+        return load_probe_data(cfg, image_size)
     if cfg.dataset == "synthetic":
         return _synthetic(cfg, image_size)
     path, root = _default_path(cfg), cfg.image_root
