@@ -26,13 +26,18 @@ import torch.nn.functional as F
 from finegrain.losses.distributed import all_reduce_mean
 
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16/fp16 logits are upcast; float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _cross_entropy(p_teacher: torch.Tensor, s_logits: torch.Tensor, tau_s: float) -> torch.Tensor:
-    return -(p_teacher * F.log_softmax(s_logits.float() / tau_s, dim=-1)).sum(-1)
+    return -(p_teacher * F.log_softmax(_f32(s_logits) / tau_s, dim=-1)).sum(-1)
 
 
 def teacher_probs(t: torch.Tensor, center: torch.Tensor, tau_t: float) -> torch.Tensor:
     """Centred, sharpened teacher distribution (no gradient)."""
-    return F.softmax((t.detach().float() - center.float()) / tau_t, dim=-1)
+    return F.softmax((_f32(t.detach()) - center.to(_f32(t).dtype)) / tau_t, dim=-1)
 
 
 def dino_cls_loss(
@@ -50,7 +55,7 @@ def dino_cls_loss(
     if v < 2:
         raise ValueError(f"the DINO CLS loss needs >= 2 views, got {v}")
     pt = teacher_probs(teacher, center.reshape(1, 1, -1), teacher_temp)  # (B, V, K)
-    total, terms = student.new_zeros((), dtype=torch.float32), 0
+    total, terms = 0.0, 0
     for q in range(v):
         for s in range(v):
             if s != q:
@@ -81,7 +86,7 @@ def ibot_patch_loss(
 @torch.no_grad()
 def batch_center(t: torch.Tensor) -> torch.Tensor:
     """(B, ..., K) teacher logits -> (K,) mean over every leading dim and every rank."""
-    flat = t.detach().float().reshape(-1, t.shape[-1])
+    flat = _f32(t.detach()).reshape(-1, t.shape[-1])
     return all_reduce_mean(flat.sum(0), flat.shape[0])
 
 

@@ -33,4 +33,5 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     assert pred.shape == target.shape, f"pred {tuple(pred.shape)} != target {tuple(target.shape)}"
     if pred.shape[-2] == 0:
         return pred.sum() * 0.0
-    return (pred.float() - target.float()).pow(2).mean()
+    dt = torch.promote_types(pred.dtype, torch.float32)
+    return (pred.to(dt) - target.to(dt)).pow(2).mean()
