@@ -48,7 +48,7 @@ def test_native_vit_patch_dropout_and_checkpointing() -> None:
     vit = build_image_tower(replace(TINY_VIT, patch_dropout=0.5))
     x = torch.randn(2, 3, 32, 32)
     out = vit.train()(x)
-    assert out.tokens.shape == (2, 8, 32) and out.grid_hw == (1, 8)
+    assert out.tokens.shape == (2, 8, 32) and out.grid_hw == (4, 4) and out.keep.shape == (2, 8)
     assert vit.eval()(x).tokens.shape == (2, 16, 32)  # inactive at eval
     ref = build_image_tower(TINY_VIT).train()
     ckpt = build_image_tower(replace(TINY_VIT, grad_checkpointing=True)).train()
