@@ -64,9 +64,11 @@ def image_backbone_to_timm(tower: nn.Module) -> tuple[dict[str, torch.Tensor], d
             sd[k] = v.clone()
         blocks = tower.transformer.blocks
         n = tower.positional_embedding.shape[1] - 1
+        p = tower.patch_size if isinstance(tower.patch_size, int) else tower.patch_size[0]
+        sd.pop("mask_token", None)  # iBOT's learned mask embedding: not part of a timm ViT
         kwargs = {
-            "img_size": int(round(n**0.5)) * tower.patch_size,
-            "patch_size": tower.patch_size,
+            "img_size": int(round(n**0.5)) * p,
+            "patch_size": p,
             "embed_dim": tower.width,
             "depth": len(blocks),
             "num_heads": blocks[0].attn.heads,
