@@ -59,7 +59,7 @@ def test_linear_probe_is_deterministic_and_runs_on_builtin_scenes():
 
 
 def test_linear_probe_errors_are_one_line(tmp_path):
-    with pytest.raises(ValueError, match="unknown linear_probe dataset 'ade'; valid choices"):
+    with pytest.raises(ValueError, match="LinearProbeTaskConfig.dataset .ade.; valid choices"):
         LinearProbeTaskConfig(dataset="ade")
     with pytest.raises(ValueError, match="has no dense_features.*linear_probe"):
         run_tasks(PlainToy(), [LinearProbeTaskConfig(num_train=2, num_samples=2)], progress=False)

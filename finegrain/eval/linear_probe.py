@@ -31,44 +31,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from finegrain.eval.common import EvalContext, image_batches, require
+from finegrain.eval.config import LinearProbeTaskConfig
 from finegrain.eval.containers import SegmentationData, load_mask
 from finegrain.eval.segmentation import IGNORE, confusion, seg_metrics
 
-PROBE_DATASETS = ("synthetic", "voc")
 TRAIN_SEED = 20_000  # the synthetic probe-training split; the test split uses the eval seed
-
-
-@dataclass
-class LinearProbeTaskConfig:
-    """One linear-probe segmentation task (its own config kind, next to the other tasks')."""
-
-    task: str = "linear_probe"
-    dataset: str = "synthetic"  # synthetic | voc
-    path: str = ""  # VOC-style folder (dataset=voc)
-    train_split: str = "train"
-    split: str = "val"  # the split the mIoU is measured on (voc); synthetic: its own test split
-    num_train: int = 256  # synthetic: images to train the head on
-    num_samples: int = 256  # synthetic: images to measure on
-    limit: int = 0  # voc: keep only the first N images of each split (0 = all)
-    batch_size: int = 32
-    epochs: int = 30
-    lr: float = 1e-2
-    weight_decay: float = 1e-4
-    seed: int = 0
-    num_examples: int = 4
-    name: str = ""  # key prefix in results ('' = linear_probe/<dataset>)
-
-    def __post_init__(self) -> None:
-        if self.dataset not in PROBE_DATASETS:
-            raise ValueError(
-                f"unknown linear_probe dataset '{self.dataset}'; valid choices: "
-                f"{', '.join(PROBE_DATASETS)}"
-            )
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"linear_probe needs epochs >= 1 and batch_size >= 1, "
-                             f"got {self.epochs} / {self.batch_size}")  # fmt: skip
-        if not self.name:
-            self.name = f"linear_probe/{self.dataset}"
 
 
 @dataclass
@@ -157,6 +124,9 @@ def evaluate_linear_probe(
     ctx: EvalContext, cfg: LinearProbeTaskConfig, data: ProbeData
 ) -> tuple[dict[str, float], dict]:
     require(ctx.method, "dense_features", f"linear_probe/{cfg.dataset}")
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ValueError(f"linear_probe needs epochs >= 1 and batch_size >= 1, "
+                         f"got {cfg.epochs} / {cfg.batch_size}")  # fmt: skip
     names = data.train.classnames
     if list(data.test.classnames) != list(names):
         raise ValueError("linear_probe train and test splits have different class lists")
