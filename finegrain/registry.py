@@ -75,6 +75,7 @@ METHODS: Registry = Registry(
         "finegrain.methods.clip",
         "finegrain.methods.flair",
         "finegrain.methods.grain",
+        "finegrain.methods.detailclip",
     ),
 )
 IMAGE_TOWERS: Registry = Registry("image tower", ("finegrain.encoders",))
