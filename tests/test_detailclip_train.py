@@ -73,12 +73,19 @@ def test_two_gloo_ranks_equal_one_process_on_the_joined_batch(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     ref = _step(_model(), _batch())
-    for key in ("loss", "clip_loss", "ibot_patch_loss", "ibot_cls_loss", "recon_loss"):
+    # the self-distillation and reconstruction terms are float64 end to end; the shared
+    # clip_loss takes its logits in float32 (losses/contrastive.py), hence its looser
+    # tolerance on the value (its gradients agree to ~1e-15)
+    for key in ("ibot_patch_loss", "ibot_cls_loss", "recon_loss"):
         mean = torch.stack([r[key] for r in ranks]).mean()  # DDP: mean of the ranks' losses
-        torch.testing.assert_close(mean, ref[key], rtol=1e-9, atol=1e-12, msg=key)
+        torch.testing.assert_close(mean, ref[key], rtol=1e-10, atol=1e-12, msg=key)
+    for key in ("loss", "clip_loss"):
+        mean = torch.stack([r[key] for r in ranks]).mean()
+        torch.testing.assert_close(mean, ref[key], rtol=1e-6, atol=1e-7, msg=key)
     for name, g in ref["grads"].items():
         mean = torch.stack([r["grads"][name] for r in ranks]).mean(0)  # DDP averages grads
-        torch.testing.assert_close(mean, g, rtol=1e-7, atol=1e-10, msg=name)
+        atol = 1e-10 * float(g.abs().max()) + 1e-15  # scaled to the tensor's magnitude
+        torch.testing.assert_close(mean, g, rtol=1e-8, atol=atol, msg=name)
     for key in ("center_cls", "center_patch"):  # all-reduced: every rank holds the global mean
         for r in ranks:
             torch.testing.assert_close(r[key], ref[key], rtol=1e-6, atol=1e-9, msg=key)
