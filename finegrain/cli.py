@@ -5,6 +5,8 @@
     finegrain train --recipe clip_smoke --resume latest
     finegrain recipes                               # one line per recipe
     finegrain eval ... | finegrain data ... | finegrain annotate ...
+    finegrain predict --checkpoint RUN_OR_SPEC --images DIR --classes a,b | --embeddings OUT.npy
+    finegrain export RUN --format open_clip|hf|towers
 
 User mistakes (unknown recipe or key, wrong type, missing path, unwritable output dir,
 incompatible resume, non-finite loss) print one line on stderr and exit with code 2.
@@ -26,6 +28,8 @@ SUBCOMMANDS = {
     "eval": ("finegrain.eval.cli", "evaluate a checkpoint on declarative tasks"),
     "data": ("finegrain.data.cli", "inspect / convert / write data shards"),
     "annotate": ("finegrain.annotate.cli", "make GRAIN region annotations (MLLM + detector)"),
+    "predict": ("finegrain.predict", "zero-shot labels or embeddings for a folder of images"),
+    "export": ("finegrain.interop.export", "export a run to OpenCLIP / Hugging Face formats"),
 }
 
 

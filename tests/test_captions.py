@@ -98,3 +98,16 @@ def test_bad_arguments_are_clear() -> None:
         sample_subcaptions(["a"], 0, 2, random.Random(0))
     with pytest.raises(ValueError, match="must be strings"):
         sample_subcaptions([1, 2], 2, 2, random.Random(0))  # type: ignore[list-item]
+
+
+def test_one_sentence_splitter_for_training_and_evaluation() -> None:
+    """Training (FLAIR's pool, the schema's long captions) and evaluation (DOCCI/IIW sentence
+    retrieval, class descriptions) split with the same function; the final period stays, as
+    in FLAIR's released code."""
+    from finegrain.data import schema
+    from finegrain.eval import formats, templates
+    from finegrain.methods import flair
+
+    for module in (schema, formats, templates, flair):
+        assert module.split_sentences is split_sentences, module.__name__
+    assert split_sentences("A red star. A blue ring.") == ["A red star.", "A blue ring."]

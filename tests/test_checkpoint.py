@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from toy_method import ToyCLIP, ToyConfig, toy_trainer
 
 from finegrain.train.checkpoint import (
     check_compatible,
@@ -21,6 +20,8 @@ from finegrain.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+
+from helpers.toy_method import ToyCLIP, ToyConfig, toy_trainer
 
 HERE = Path(__file__).resolve().parent
 
@@ -98,7 +99,7 @@ def test_load_method_from_run_ckpt_and_file(tmp_path):
 
 
 def _toy_cmd(out, *extra):
-    return [sys.executable, str(HERE / "toy_method.py"), str(out), "12", "3", *extra]
+    return [sys.executable, str(HERE / "helpers" / "toy_method.py"), str(out), "12", "3", *extra]
 
 
 def _env():

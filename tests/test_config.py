@@ -22,7 +22,9 @@ class Outer:
 
 
 def test_from_dict_coerces_and_nests():
-    cfg = from_dict(Outer, {"name": "y", "inner": {"depth": "3", "lr": "0.1", "sizes": [4, 5], "flag": "true"}})
+    cfg = from_dict(
+        Outer, {"name": "y", "inner": {"depth": "3", "lr": "0.1", "sizes": [4, 5], "flag": "true"}}
+    )
     assert cfg.inner == Inner(depth=3, lr=0.1, sizes=(4, 5), flag=True)
     assert cfg.name == "y"
 
@@ -86,5 +88,8 @@ def test_registry_errors_list_choices():
     reg: Registry = Registry("method")
     reg.add("clip", object())
     reg.add("siglip", object())
-    with pytest.raises(ValueError, match=r"unknown method 'clp' \(did you mean 'clip'\?\); valid choices: clip, siglip"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown method 'clp' \(did you mean 'clip'\?\); valid choices: clip, siglip",
+    ):
         reg.get("clp")

@@ -19,6 +19,8 @@ from finegrain.data.loader import build_train_loader
 from finegrain.data.sources import iter_tar
 from finegrain.data.synthetic_sets import SyntheticScenes
 
+from helpers.shards import bad_shard
+
 
 def collate(samples: list[dict]) -> dict:
     return {"image": torch.stack([s["image"] for s in samples]), "samples": samples}
@@ -82,9 +84,7 @@ def test_convert_jsonl_manifest_round_trip(tmp_path: Path, capsys) -> None:
 
 
 def test_inspect_reports_broken_and_missing(tmp_path: Path, capsys) -> None:
-    from tests.test_data_loader import _bad_shard
-
-    path = _bad_shard(tmp_path)
+    path = bad_shard(tmp_path)
     code, info = _run(["inspect", path], capsys)
     assert code == 0 and info["samples"] == 17 and info["broken"] == 5
     assert info["broken_by_reason"] == {"decode": 1, "json": 1, "box": 2, "caption": 1}

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -13,8 +11,9 @@ from PIL import Image
 
 from finegrain.data.config import DataConfig, SyntheticConfig
 from finegrain.data.loader import TooManyBrokenSamples, build_train_loader
-from finegrain.data.shards import encode_image, synthesize
-from finegrain.data.synthetic import generate_scene, scene_record
+from finegrain.data.shards import synthesize
+
+from helpers.shards import bad_shard
 
 
 def collate(samples: list[dict]) -> dict:
@@ -144,38 +143,9 @@ def test_wds_ranks_disjoint_and_mixing(shards: str, tmp_path: Path) -> None:
     assert loader.state_dict()["epoch"] == 0 and len(keys) == 36  # 30 + 6 samples per epoch
 
 
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> str:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
-
-
-def _good(i: int) -> list[tuple[str, bytes]]:
-    scene = generate_scene(i, 32)
-    return [(f"{i:04d}.jpg", encode_image(scene["image"])), (f"{i:04d}.txt", b"alt text"),
-            (f"{i:04d}.json", json.dumps(scene_record(scene)).encode())]  # fmt: skip
-
-
-def _bad_shard(tmp_path: Path) -> str:
-    """Five broken samples first, then 12 good ones."""
-    ok = encode_image(Image.new("RGB", (32, 32)))
-    members = [("b1.jpg", b"not a jpeg"), ("b1.txt", b"x"), ("b1.json", b"{}")]
-    members += [("b2.jpg", ok), ("b2.txt", b"x"), ("b2.json", b"{broken json")]
-    box = {"regions": [{"text": "t", "box": [0.1, 0.1, 1.7, 0.5]}]}
-    members += [("b3.jpg", ok), ("b3.txt", b"x"), ("b3.json", json.dumps(box).encode())]
-    flipped = {"regions": [{"text": "t", "box": [0.6, 0.1, 0.2, 0.5]}]}
-    members += [("b4.jpg", ok), ("b4.txt", b"x"), ("b4.json", json.dumps(flipped).encode())]
-    members += [("b5.jpg", ok), ("b5.json", b"{}")]  # no caption anywhere
-    members += [m for i in range(12) for m in _good(i)]
-    return _tar(tmp_path / "bad.tar", members)
-
-
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_broken_samples_skipped_and_counted(tmp_path: Path, num_workers: int) -> None:
-    cfg = DataConfig(source="wds", train=_bad_shard(tmp_path), batch_size=3, image_size=32,
+    cfg = DataConfig(source="wds", train=bad_shard(tmp_path), batch_size=3, image_size=32,
                      num_workers=num_workers, max_broken_fraction=0.5, shuffle_buffer=1)  # fmt: skip
     loader = build_train_loader(cfg, collate)
     batches = _take(loader, 4)  # one epoch: 12 good samples (2 workers: 6 each)
@@ -187,7 +157,7 @@ def test_broken_samples_skipped_and_counted(tmp_path: Path, num_workers: int) ->
 
 
 def test_too_many_broken_stops_with_clear_error(tmp_path: Path) -> None:
-    cfg = DataConfig(source="wds", train=_bad_shard(tmp_path), batch_size=4, image_size=32,
+    cfg = DataConfig(source="wds", train=bad_shard(tmp_path), batch_size=4, image_size=32,
                      max_broken_fraction=0.05, min_broken_check=5)  # fmt: skip
     with pytest.raises(TooManyBrokenSamples, match="max_broken_fraction"):
         _take(build_train_loader(cfg, collate), 6)

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import sys
 
 import pytest
 
 from finegrain.data.schema import (
     BrokenSample,
-    fallback_split_sentences,
     mix_seed,
     parse_record,
-    split_sentences,
     validate_box,
 )
 
@@ -60,14 +57,6 @@ def test_record_fields_and_meta() -> None:
     assert parse_record({"alt": "x"}, "k", caption_key="alt")["caption"] == "x"
     only_sentences = parse_record({"sentences": ["s1", "s2"]}, "k")
     assert only_sentences["sentences"] == ["s1", "s2"] and only_sentences["caption"] == ""
-
-
-def test_sentence_split_fallback_when_captions_module_missing(monkeypatch) -> None:
-    text = "A red star.\nA blue ring!</s>The background is beige."
-    expected = ["A red star.", "A blue ring!", "The background is beige."]
-    assert fallback_split_sentences(text) == expected
-    monkeypatch.setitem(sys.modules, "finegrain.data.captions", None)  # import now fails
-    assert split_sentences(text) == expected
 
 
 def test_mix_seed_is_stable_and_spread() -> None:

@@ -125,3 +125,24 @@ def test_flip_swaps_left_right_in_text() -> None:
         for region, sentence in zip(s["regions"], s["sentences"]):
             assert position_words(region["box"]) in sentence.lower(), (seed, sentence)
     assert 0 < flips < 12
+
+
+@pytest.mark.parametrize("wh", [(500, 375), (333, 500), (97, 131), (64, 64)])
+def test_one_eval_transform_is_clips_pixel_for_pixel(wh: tuple[int, int]) -> None:
+    """Training's ``center`` mode, ``data.transforms.eval_transform`` and the evaluation tasks'
+    preprocessing are one transform, identical to torchvision's Resize + CenterCrop."""
+    from torchvision import transforms as T
+
+    from finegrain.eval.common import eval_transform as task_transform
+
+    w, h = wh
+    rng = np.random.default_rng(w * h)
+    image = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    cfg = DataConfig(image_size=64)
+    ref = T.Compose([T.Resize(64, interpolation=T.InterpolationMode.BICUBIC),
+                     T.CenterCrop(64), T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])(image)  # fmt: skip
+    assert torch.equal(eval_transform(cfg)(image)[0], ref)
+    assert torch.equal(task_transform(64, tuple(cfg.mean), tuple(cfg.std))(image), ref)
+    # a box covering the whole image ends up covering the whole crop
+    _, moved, _ = eval_transform(cfg)(image, [{"text": "all", "box": [0.0, 0.0, 1.0, 1.0]}])
+    assert moved[0]["box"] == pytest.approx([0.0, 0.0, 1.0, 1.0])

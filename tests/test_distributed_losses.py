@@ -40,11 +40,16 @@ def _local_batch(case: str) -> int:
 
 
 def _data(case: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64, so that 2 ranks == 1 process holds to 1e-10 whatever the machine's kernels."""
     g = torch.Generator().manual_seed(list(CASES).index(case))
     n = WORLD * _local_batch(case)
-    image = torch.nn.functional.normalize(torch.randn(n, D, generator=g), dim=-1)
+    image = torch.nn.functional.normalize(
+        torch.randn(n, D, generator=g, dtype=torch.float64), dim=-1
+    )
     shape = (n, K, D) if case.startswith("multi") else (n, D)
-    text = torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)
+    text = torch.nn.functional.normalize(
+        torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1
+    )
     if case.endswith("_dup"):
         text[B] = text[0]  # rank 1's first caption == rank 0's first caption
     return image, text
@@ -53,8 +58,8 @@ def _data(case: str) -> tuple[torch.Tensor, torch.Tensor]:
 def _run(case: str, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
     image = image.clone().requires_grad_(True)
     text = text.clone().requires_grad_(True)
-    scale = torch.tensor(7.0, requires_grad=True)
-    bias = torch.tensor(-2.0, requires_grad=True)
+    scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
     loss = CASES[case](image, text, scale, bias)
     loss.backward()
     out = {"loss": loss.detach(), "image": image.grad, "text": text.grad, "scale": scale.grad}
@@ -127,11 +132,11 @@ def test_two_ranks_equal_joined_batch(ranks: list[dict], case: str) -> None:
     per_rank = [r[case] for r in ranks]
     # DDP averages over ranks: mean of local losses == joined loss, same for gradients.
     mean_loss = torch.stack([r["loss"] for r in per_rank]).mean()
-    torch.testing.assert_close(mean_loss, ref["loss"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mean_loss, ref["loss"], rtol=1e-10, atol=1e-12)
     for name in ("image", "text"):
         joined = torch.cat([r[name] for r in per_rank]) / WORLD
-        torch.testing.assert_close(joined, ref[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(joined, ref[name], rtol=1e-10, atol=1e-12)
     for name in ("scale", "bias"):
         if name in ref:
             avg = torch.stack([r[name] for r in per_rank]).mean()
-            torch.testing.assert_close(avg, ref[name], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(avg, ref[name], rtol=1e-10, atol=1e-12)

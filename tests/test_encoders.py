@@ -17,6 +17,8 @@ from finegrain.encoders import (
 )
 from finegrain.encoders.vit import Attention
 
+from helpers.numerics import assert_close_scaled
+
 TINY_VIT = ImageTowerConfig(name="vit", image_size=32, patch_size=8, width=32, depth=2, heads=2)
 TINY_TEXT = TextTowerConfig(name="transformer", context_length=12, width=32, depth=2, heads=2)
 
@@ -55,7 +57,7 @@ def test_native_vit_patch_dropout_and_checkpointing() -> None:
     ckpt.load_state_dict(ref.state_dict())
     for m in (ref, ckpt):
         m(x).tokens.square().sum().backward()
-    torch.testing.assert_close(ref.conv1.weight.grad, ckpt.conv1.weight.grad)
+    assert_close_scaled(ckpt.conv1.weight.grad, ref.conv1.weight.grad, rtol=1e-5, atol_rel=1e-6)
 
 
 def test_native_vit_local_weights(tmp_path) -> None:

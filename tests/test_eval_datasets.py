@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from eval_toy import color_image
 from PIL import Image
 
 from finegrain.eval.config import EvalTaskConfig
 from finegrain.eval.datasets import load_task_data
+
+from helpers.eval_toy import color_image
 
 
 def _img(path: Path, seed: int = 0) -> None:
@@ -101,11 +102,11 @@ def test_docci_sentence_level_and_long(tmp_path):
     for r in rows:
         _img(tmp_path / "images" / r["image_file"])
     d = _load("docci", tmp_path)
-    assert d.texts == [
-        "A red cup sits on a table",
+    assert d.texts == [  # the training splitter: the final period stays (FLAIR's released code)
+        "A red cup sits on a table.",
         "Its handle faces left!",
-        "A spoon lies nearby",
-        "A blue wall",
+        "A spoon lies nearby.",
+        "A blue wall.",
     ]
     assert d.text_to_image == [0, 0, 0, 1]
     long = _load("docci", tmp_path, variant="long")
@@ -121,7 +122,7 @@ def test_iiw_400(tmp_path):
     for r in rows:
         _img(tmp_path / "images_aar" / f"{r['image/key']}.jpg")
     d = _load("iiw", tmp_path / "data.jsonl")
-    assert d.texts == ["First", "Second one", "Only one"] and d.text_to_image == [0, 0, 1]
+    assert d.texts == ["First.", "Second one.", "Only one."] and d.text_to_image == [0, 0, 1]
 
 
 def test_dci_long_captions(tmp_path):

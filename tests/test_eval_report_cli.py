@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from eval_toy import ConditionedToy, ToyConfig, ToyMethod, register_toy
 from safetensors.torch import save_file
 from test_eval_retrieval import write_manifest
 from test_eval_zeroshot import write_imagefolder
@@ -16,6 +15,8 @@ from finegrain.eval import run_tasks, write_report
 from finegrain.eval.cli import main, parse_task
 from finegrain.eval.config import EvalTaskConfig
 from finegrain.eval.report import markdown_table
+
+from helpers.eval_toy import ConditionedToy, ToyConfig, ToyMethod, register_toy
 
 
 def test_write_report_json_and_markdown(tmp_path):

@@ -7,13 +7,21 @@ import json
 
 import pytest
 import torch
-from eval_toy import COLORS, ConditionedToy, PlainToy, ToyMethod, color_image, naive_conditioned
 
 from finegrain.eval import run_tasks
 from finegrain.eval.common import EvalContext, chunk_sizes, chunked_scores
 from finegrain.eval.config import EvalTaskConfig
 from finegrain.eval.datasets import load_task_data
 from finegrain.eval.retrieval import rank_metrics, rerank_key, retrieval_ranks, topk_mask
+
+from helpers.eval_toy import (
+    COLORS,
+    ConditionedToy,
+    PlainToy,
+    ToyMethod,
+    color_image,
+    naive_conditioned,
+)
 
 
 def naive_ranks(scores: torch.Tensor, owner: list[int]) -> tuple[list[int], list[int]]:

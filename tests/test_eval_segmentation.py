@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from eval_toy import COLORS, PlainToy, ToyMethod, color_scene
 from PIL import Image
 
 from finegrain.eval import run_tasks
 from finegrain.eval.config import EvalTaskConfig
 from finegrain.eval.segmentation import confusion, predict_masks, seg_metrics
+
+from helpers.eval_toy import COLORS, PlainToy, ToyMethod, color_scene
 
 
 def test_predict_masks_matches_per_pixel_reference():

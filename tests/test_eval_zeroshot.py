@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from eval_toy import COLORS, ConditionedToy, PlainToy, ToyMethod, color_image
 
 from finegrain.eval import run_tasks
 from finegrain.eval.common import EvalContext
@@ -24,6 +23,8 @@ from finegrain.eval.templates import (
     template_sets,
 )
 from finegrain.eval.zeroshot import class_embeddings, classification_metrics, zeroshot_logits
+
+from helpers.eval_toy import COLORS, ConditionedToy, PlainToy, ToyMethod, color_image
 
 
 def test_packaged_templates_classnames_and_descriptions():

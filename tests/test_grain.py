@@ -42,23 +42,7 @@ def test_registered_and_shapes(scenes: list[dict]) -> None:
     assert reg.shape == (6, q, d) and torch.allclose(reg.norm(dim=-1), torch.ones(6, q), atol=1e-5)
     boxes = m.predict_boxes(imgs)
     assert boxes.shape == (6, q, 4) and (boxes[..., 2:] >= boxes[..., :2]).all()
-    assert m.dense_features(imgs).shape == (6, d, 8, 8)
     assert m.has_regions and not hasattr(m.decoder, "class_embed"), "no unused class head"
-
-
-def test_microbatch_features_concatenate(scenes: list[dict]) -> None:
-    m = small().eval()  # eval: no dropout, so both paths see the same network
-    col = m.make_collate(True)
-    full = col(scenes[:8])
-    with torch.no_grad():
-        f_full = m.features(full)
-        parts = [m.features(col(scenes[i : i + 4])) for i in (0, 4)]
-    assert all(v.shape[0] == 8 for v in f_full.values()), "every feature has the batch dim"
-    joined = {k: torch.cat([p[k] for p in parts]) for k in f_full}
-    a, b = m.loss_from_features(f_full), m.loss_from_features(joined)
-    for k in a.losses:
-        assert torch.allclose(a.losses[k], b.losses[k], atol=1e-5), k
-    assert set(a.losses) == {"global_loss", "box_l1_loss", "box_giou_loss", "region_loss"}
 
 
 def test_collate_bad_input_counted() -> None:

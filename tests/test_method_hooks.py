@@ -7,11 +7,19 @@ import json
 import pytest
 import torch
 import torch.nn as nn
-from toy_method import StatsLoader, ToyEMA, ToyEMAConfig, ToyLoader, toy_run_config, toy_trainer
 
 from finegrain.train.checkpoint import latest_checkpoint
 from finegrain.train.optim import build_optimizer
 from finegrain.train.trainer import Trainer
+
+from helpers.toy_method import (
+    StatsLoader,
+    ToyEMA,
+    ToyEMAConfig,
+    ToyLoader,
+    toy_run_config,
+    toy_trainer,
+)
 
 
 class _Crash(ToyLoader):
@@ -121,7 +129,7 @@ def test_grain_smoke_run_logs_its_counts(tmp_path):
 
     cfg = get_recipe("grain_smoke")
     cfg.output_dir, cfg.eval.tasks = str(tmp_path), []
-    cfg.train.steps, cfg.train.accum_steps, cfg.data.batch_size = 2, 2, 4
+    cfg.train.steps, cfg.train.accum_steps, cfg.data.batch_size = 1, 2, 4
     summary = Trainer(cfg).fit()
     stats = summary["stats"]
     assert {"regions", "dropped_boxes", "truncated_regions", "images_without_regions",

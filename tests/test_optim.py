@@ -2,10 +2,11 @@ import math
 
 import pytest
 import torch
-from toy_method import ToyCLIP, ToyConfig
 
 from finegrain.train.config import TrainConfig
 from finegrain.train.optim import build_optimizer, cosine_lr, lr_at, set_lr
+
+from helpers.toy_method import ToyCLIP, ToyConfig
 
 
 def naive_schedule(step, base, warmup, total, floor):

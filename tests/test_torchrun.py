@@ -14,6 +14,8 @@ import pytest
 from finegrain.registry import METHODS
 from finegrain.train.checkpoint import latest_checkpoint, load_state
 
+from helpers.numerics import assert_close_scaled
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [
     pytest.mark.distributed,
@@ -63,7 +65,6 @@ def test_torchrun_two_ranks_trains_checkpoints_and_resumes(tmp_path):
 def test_torchrun_fsdp_matches_ddp(tmp_path):
     """FSDP2 (towers sharded, scalars replicated) takes the same 2 steps as DDP (both within
     warmup, so the schedule length does not matter)."""
-    import torch
 
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     assert _torchrun(ddp, "train.steps=2").returncode == 0
@@ -73,5 +74,6 @@ def test_torchrun_fsdp_matches_ddp(tmp_path):
     b, state = load_state(latest_checkpoint(fsdp))
     assert set(a) == set(b)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+        # float32 through AdamW on different reductions: slack scaled to each tensor's size
+        assert_close_scaled(b[k], a[k], rtol=1e-4, atol_rel=1e-4, atol=1e-5, msg=k)
     assert state["optimizer"]["state"], "the full optimizer state is saved under FSDP"

@@ -2,11 +2,13 @@ import json
 
 import pytest
 import torch
-from toy_method import ToyCLIP, ToyConfig, ToyLoader, toy_run_config, toy_trainer
 
 from finegrain.train.checkpoint import latest_checkpoint, load_state
 from finegrain.train.step import exact_accumulation
 from finegrain.train.trainer import NonFiniteLossError, Trainer
+
+from helpers.numerics import assert_close_scaled
+from helpers.toy_method import ToyCLIP, ToyConfig, ToyLoader, toy_run_config, toy_trainer
 
 
 class CrashingLoader(ToyLoader):
@@ -25,15 +27,16 @@ def _grads(method):
     return {n: p.grad.detach().clone() for n, p in method.named_parameters() if p.grad is not None}
 
 
-def _batch(n=16):
+def _batch(n=16, dtype=torch.float32):
     loader = ToyLoader(n=64, batch_size=n)
-    return next(iter(loader))
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in next(iter(loader)).items()}
 
 
 def test_exact_accumulation_equals_big_batch_gradient():
+    """float64 (exactness on any machine's kernels; see helpers.numerics)."""
     torch.manual_seed(0)
-    method = ToyCLIP(ToyConfig())
-    big = _batch(16)
+    method = ToyCLIP(ToyConfig()).double()
+    big = _batch(16, torch.float64)
     method.zero_grad()
     method(big).loss.backward()
     ref = _grads(method)
@@ -44,7 +47,7 @@ def test_exact_accumulation_equals_big_batch_gradient():
     got = _grads(method)
     assert set(got) == set(ref)
     for n in ref:  # logit_scale included: counted once, not once per micro-batch
-        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-12, msg=n)
     torch.testing.assert_close(out.loss, method(big).loss)
 
 
@@ -62,8 +65,8 @@ def test_naive_per_microbatch_accumulation_differs():
 
 def test_accumulation_reuses_dropout_masks():
     torch.manual_seed(1)
-    method = ToyCLIP(ToyConfig(dropout=0.5))
-    big = _batch(8)
+    method = ToyCLIP(ToyConfig(dropout=0.5)).double()
+    big = _batch(8, torch.float64)
     micro = [{k: v[i : i + 4] for k, v in big.items()} for i in (0, 4)]
     state = torch.get_rng_state()
     exact_accumulation(micro, method.features, method.loss_from_features)
@@ -75,7 +78,7 @@ def test_accumulation_reuses_dropout_masks():
     full = {k: torch.cat([f[k] for f in feats]) for k in feats[0]}
     method.loss_from_features(full).loss.backward()
     for n, g in _grads(method).items():
-        torch.testing.assert_close(got[n], g, rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(got[n], g, rtol=1e-10, atol=1e-12, msg=n)
 
 
 def test_trainer_accum_matches_large_batch(tmp_path):
@@ -88,8 +91,10 @@ def test_trainer_accum_matches_large_batch(tmp_path):
     a = Trainer(a_cfg, loader=ToyLoader(batch_size=8, seed=0, n=32))
     a.fit()
     b.fit()
+    # float32 through AdamW (which amplifies rounding of near-zero gradients): the absolute
+    # slack follows each tensor's magnitude (helpers.numerics)
     for (n, p), q in zip(a.method.state_dict().items(), b.method.state_dict().values()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+        assert_close_scaled(q, p, rtol=1e-4, atol_rel=1e-4, atol=1e-5, msg=n)
 
 
 def test_training_lowers_loss_and_writes_logs(tmp_path):
@@ -217,4 +222,6 @@ def test_torch_compile_matches_eager(tmp_path):
     eager.fit()
     compiled.fit()
     for k, v in eager.method.state_dict().items():
-        torch.testing.assert_close(compiled.method.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
+        assert_close_scaled(
+            compiled.method.state_dict()[k], v, rtol=1e-4, atol_rel=1e-4, atol=1e-5, msg=k
+        )

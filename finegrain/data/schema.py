@@ -19,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-import re
 from typing import Any
+
+from finegrain.data.captions import split_sentences
 
 SCHEMA_KEYS = (
     "key", "seed", "image", "caption", "captions", "long_caption", "sentences", "regions",
@@ -78,22 +79,6 @@ def validate_box(box: Any) -> list[float]:
     if x1 <= x0 or y1 <= y0:
         raise BrokenSample("box", f"box {box!r} has x1 <= x0 or y1 <= y0")
     return [x0, y0, x1, y1]
-
-
-def fallback_split_sentences(text: str) -> list[str]:
-    """Split on newlines, ``</s>`` and sentence-final '.', '!' or '?' (used only when
-    ``finegrain.data.captions`` is not available)."""
-    parts = re.split(r"\n+|</s>|(?<=[.!?])\s+", text)
-    return [p.strip() for p in parts if p and p.strip()]
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of a long caption: ``finegrain.data.captions.split_sentences`` when present."""
-    try:
-        from finegrain.data.captions import split_sentences as split
-    except ImportError:
-        return fallback_split_sentences(text)
-    return list(split(text))
 
 
 def _str_list(value: Any, name: str) -> list[str]:

@@ -16,7 +16,8 @@ as in DINO/iBOT's global crops), each from its own stream and each moving its ow
 Modes: ``rrc`` random resized crop (area fraction ``crop_scale``, aspect 3/4..4/3, as
 torchvision's ``RandomResizedCrop``); ``squash`` resize the whole image to a square without
 cropping (GRAIN, Halbe et al., keeps all annotated boxes); ``none`` / ``center`` resize the short
-side and take the centre square (the CLIP evaluation transform).
+side and take the centre square (``resize_center_crop``, the CLIP evaluation transform, identical
+to torchvision's Resize + CenterCrop; ``eval_transform`` is the one evaluation transform).
 """
 
 from __future__ import annotations
@@ -95,10 +96,15 @@ class BoxTransform:
         if image.mode != "RGB":
             image = image.convert("RGB")
         width, height = image.size
-        left, top, cw, ch = self.crop_rect(width, height, rng)
+        if self.mode in ("center", "none"):  # the one eval transform: exactly CLIP's
+            out, (left, top, cw, ch) = resize_center_crop(image, self.size)
+        else:
+            left, top, cw, ch = self.crop_rect(width, height, rng)
+            out = image.resize(
+                (self.size, self.size), Image.BICUBIC, box=(left, top, left + cw, top + ch)
+            )
         flip = self.hflip and (flip_rng or rng).random() < 0.5
         pil_box = (left, top, left + cw, top + ch)
-        out = image.resize((self.size, self.size), Image.BICUBIC, box=pil_box)
         if flip:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
         arr = torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1)  # (3, S, S) uint8
@@ -138,6 +144,24 @@ class BoxTransform:
         """(image (3, S, S) normalised, regions moved into the output, mask (S, S) or None)."""
         t = self.apply(image, regions, rng, mask)
         return t.image, t.regions, t.mask
+
+
+def resize_center_crop(
+    image: Image.Image, size: int
+) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """CLIP's evaluation preprocessing, pixel for pixel as torchvision's
+    ``Resize(size, BICUBIC)`` + ``CenterCrop(size)`` on a PIL image (what OpenCLIP evaluates
+    with): bicubic resize of the short side to ``size``, then the centre ``size x size``
+    crop. Returns the crop and its rectangle (left, top, w, h) in source pixels (for boxes)."""
+    width, height = image.size
+    if width <= height:
+        new_w, new_h = size, int(size * height / width)
+    else:
+        new_w, new_h = int(size * width / height), size
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    out = image.resize((new_w, new_h), Image.BICUBIC).crop((left, top, left + size, top + size))
+    sx, sy = width / new_w, height / new_h
+    return out, (left * sx, top * sy, size * sx, size * sy)
 
 
 @dataclass

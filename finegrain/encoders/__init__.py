@@ -3,6 +3,7 @@
 
 from finegrain.encoders import (  # noqa: F401  (imported to register the towers)
     efficientnet,
+    hf_clip,
     hf_text,
     open_clip_tower,
     text_transformer,

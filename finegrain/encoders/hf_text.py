@@ -11,6 +11,7 @@ methods' job: they L2-normalise after their projection).
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from finegrain.data.tokenizers import HFTokenizer
 from finegrain.encoders.base import TextTowerConfig
 from finegrain.encoders.text_transformer import pool_tokens
 from finegrain.encoders.vit import freeze_except_last
+from finegrain.encoders.weights import load_into, load_state_dict_file
 from finegrain.outputs import TextOutput
 from finegrain.registry import TEXT_TOWERS
 
@@ -42,16 +44,54 @@ def minilm_dir() -> Path:
     return root
 
 
+# Keys a local checkpoint may hold that the encoder we build does not, by design (all other
+# differences are errors): ``pooler.*`` (BERT's NSP pooler; finegrain pools itself, so the
+# encoder is built with add_pooling_layer=False), pre-training heads (``cls.*``, ``lm_head.*``,
+# T5's ``decoder.*``), and ``*position_ids`` buffers that newer transformers no longer save.
+EXPECTED_EXTRA = ("pooler.", "cls.", "lm_head.", "decoder.")
+
+
+def encoder_weights(path: str, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The folder's weights (single or sharded safetensors / bin) in ``model``'s key space:
+    the task wrapper prefix (``bert.``, ``roberta.``, ...) stripped and the expected extras
+    above dropped."""
+    d = Path(path)
+    index = [d / f"{n}.index.json" for n in ("model.safetensors", "pytorch_model.bin")]
+    shards = [d / s for f in index if f.is_file()
+              for s in sorted(set(json.loads(f.read_text())["weight_map"].values()))]  # fmt: skip
+    files = shards or [f for f in (d / "model.safetensors", d / "pytorch_model.bin") if f.is_file()]
+    if not files:
+        raise ValueError(f"no model.safetensors or pytorch_model.bin in {d}")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(load_state_dict_file(f))
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    own = model.state_dict()
+    if prefix != "." and not any(k in own for k in sd) and any(k.startswith(prefix) for k in sd):
+        sd = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items()}
+    sd = {k: v for k, v in sd.items() if k in own or not (k.startswith(EXPECTED_EXTRA)
+                                                          or k.endswith("position_ids"))}  # fmt: skip
+    tied = "encoder.embed_tokens.weight"  # T5: tied to shared.weight, often not saved
+    if tied in own and tied not in sd and "shared.weight" in sd:
+        sd[tied] = sd["shared.weight"]
+    return sd
+
+
 def _load_encoder(path: str) -> nn.Module:
+    """Build the encoder from its config and load the local weights strictly (quiet: no
+    transformers load report; unexpected differences raise naming the keys)."""
     from transformers import AutoConfig, AutoModel, T5EncoderModel
 
     if not path or not Path(path).is_dir():
         raise ValueError(f"text tower 'hf' needs text.path: a local model directory (got '{path}')")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if config.model_type in ("t5", "mt5", "umt5"):
-        return T5EncoderModel.from_pretrained(path, local_files_only=True)
-    extra = {"add_pooling_layer": False} if config.model_type in ("bert", "roberta") else {}
-    return AutoModel.from_pretrained(path, local_files_only=True, **extra)
+        model = T5EncoderModel(config)
+    else:
+        extra = {"add_pooling_layer": False} if config.model_type in ("bert", "roberta") else {}
+        model = AutoModel.from_config(config, **extra)
+    load_into(model, encoder_weights(path, model), path)
+    return model.eval()
 
 
 def _layers(model: nn.Module) -> Any:

@@ -16,6 +16,9 @@ random keep set as in the native ViT), CLS attention of a resblock from its
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +46,38 @@ def create_open_clip(name: str, pretrained: str = "", **kwargs: Any) -> nn.Modul
     """``open_clip.create_model`` with a clear error for unknown names and local weights only."""
     import open_clip
 
+    path = Path(name).expanduser()
+    if path.suffix == ".json" and path.is_file():  # a model config file (finegrain.interop)
+        open_clip.add_model_config(path)
+        name = path.stem
     names = open_clip.list_models()
-    if name not in names:
+    if name.startswith("local-dir:"):  # an OpenCLIP folder: its own config and weights
+        pretrained = ""
+    elif name not in names:
         raise ValueError(
             f"unknown open_clip model '{name}'{suggest(name, names)}; e.g. ViT-B-16, ViT-B-32"
         )
     if pretrained and not Path(pretrained).expanduser().is_file():
         raise ValueError(f"open_clip weights must be a local file, not found: {pretrained}")
-    return open_clip.create_model(name, pretrained=pretrained or None, **kwargs)
+    with _quiet_random_init():
+        return open_clip.create_model(name, pretrained=pretrained or None, **kwargs)
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """Random init is expected here (weights are loaded by finegrain afterwards): drop open_clip's
+    root-logger warning about it, and nothing else."""
+    f = _DropRandomInitWarning()
+    logging.getLogger().addFilter(f)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(f)
 
 
 class OpenCLIPVision(nn.Module):

@@ -58,12 +58,19 @@ def _create(name: str, image_size: int) -> nn.Module:
 
 
 def load_timm_weights(model: nn.Module, path: str) -> None:
-    """Load a local checkpoint; drops classifier keys, resamples ``pos_embed`` if needed."""
+    """Load a local checkpoint; drops classifier keys, resamples ``pos_embed`` if needed.
+
+    Self-supervised checkpoints load as they are released: DINO's backbone files
+    (``dino_deitsmall16_pretrain.pth``: timm ViT keys) and DINO training checkpoints
+    (``{"teacher": {"backbone.*", "head.*"}, ...}``: the teacher backbone, projection head
+    dropped)."""
     from finegrain.encoders.weights import load_into, load_state_dict_file
 
     sd = load_state_dict_file(path)
     own = model.state_dict()
     sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc.", "classifier."))}
+    if sd and all(k.startswith("backbone.") for k in sd):  # DINO/iBOT training checkpoints
+        sd = {k[len("backbone.") :]: v for k, v in sd.items()}
     if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
         from timm.layers import resample_abs_pos_embed
 

@@ -1,12 +1,46 @@
-"""Loading local weight files safely (safetensors or ``torch.load(weights_only=True)``)."""
+"""Loading local weight files safely (safetensors or ``torch.load(weights_only=True)``).
+
+- ``.safetensors``: read with safetensors (no code at all).
+- torch files (``.pt``, ``.pth``, ``.bin``, ``.ckpt``): ``torch.load(weights_only=True)``;
+  a pickle that would need code execution (custom classes, lambdas) is refused with one line.
+- TorchScript archives (OpenAI's original CLIP ``.pt`` files): only their tensors are read
+  (``torch.jit.load(...).state_dict()``; TorchScript cannot run arbitrary Python code).
+"""
 
 from __future__ import annotations
 
+import pickle
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-WRAPPER_KEYS = ("state_dict", "model", "module", "model_state")
+# checkpoint wrappers, tried in order ("teacher": DINO training checkpoints, whose teacher is
+# the released/evaluated backbone)
+WRAPPER_KEYS = ("state_dict", "model", "module", "model_state", "teacher")
+# OpenAI TorchScript archives carry these ints next to the weights
+TORCHSCRIPT_EXTRAS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.split("/", 2)[1:2] == ["code"] for n in z.namelist()[:200])
+
+
+def _torch_load(path: Path) -> object:
+    if _is_torchscript(path):
+        sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        return {k: v for k, v in sd.items() if k not in TORCHSCRIPT_EXTRAS}
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"refusing to load {path}: the file is a pickle that needs code execution "
+            "(not plain tensors); convert it to .safetensors where it was made"
+        ) from None
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -23,7 +57,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
         sd = load_file(str(path), device="cpu")
     else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = _torch_load(path)
     for key in WRAPPER_KEYS:
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
@@ -31,22 +65,59 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} does not hold a state dict (got {type(sd).__name__})")
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
-    return sd
+    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if sd and not tensors:
+        raise ValueError(f"{path} holds no tensors at the top level (keys {sorted(sd)[:5]})")
+    return tensors
 
 
-def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load with one clear ``ValueError`` listing missing/unexpected/mis-shaped keys."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = [
-        f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(sd))
-        if sd[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"weights {source} do not fit {type(model).__name__}: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}"
+@dataclass
+class LoadReport:
+    """What a non-strict load left out (empty lists after a strict load)."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self, n: int = 5) -> str:
+        return (
+            f"{len(self.missing)} missing {self.missing[:n]}, {len(self.unexpected)} unexpected "
+            f"{self.unexpected[:n]}, {len(self.mismatched)} mis-shaped {self.mismatched[:n]}"
         )
-    model.load_state_dict(sd, strict=True)
+
+
+def load_into(
+    model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, strict: bool = True
+) -> LoadReport:
+    """Load ``sd`` into ``model``; strict: one clear ``ValueError`` naming the first missing,
+    unexpected and mis-shaped keys. ``strict=False`` loads what fits and returns (and warns
+    with) the list of what was skipped."""
+    own = model.state_dict()
+    report = LoadReport(
+        missing=sorted(set(own) - set(sd)),
+        unexpected=sorted(set(sd) - set(own)),
+        mismatched=[
+            f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+            for k in sorted(set(own) & set(sd))
+            if sd[k].shape != own[k].shape
+        ],
+    )
+    if report.clean:
+        model.load_state_dict(sd, strict=True)
+        return report
+    if strict:
+        raise ValueError(
+            f"weights {source} do not fit {type(model).__name__}: {report.summary()} "
+            "(strict=False loads what fits and lists what was skipped)"
+        )
+    bad = {m.split(":")[0] for m in report.mismatched}
+    model.load_state_dict({k: v for k, v in sd.items() if k in own and k not in bad}, strict=False)
+    import warnings
+
+    warnings.warn(f"weights {source} loaded with strict=False: skipped {report.summary()}",
+                  stacklevel=2)  # fmt: skip
+    return report

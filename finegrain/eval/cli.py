@@ -1,6 +1,8 @@
 """``finegrain eval``: evaluate one or more checkpoints on declarative tasks.
 
     finegrain eval --checkpoint runs/flair_cc3m --tasks retrieval:flickr8k=/data/flickr8k
+    finegrain eval --checkpoint runs/clip --checkpoint open_clip:ViT-B-16=openai.pt \\
+        --checkpoint hf:siglip-base --tasks zeroshot:imagefolder=/data/pets
     finegrain eval --checkpoint a.safetensors --checkpoint runs/b \\
         --tasks "zeroshot:synthetic/shape@descriptions=builtin,retrieval:synthetic/sentences" \\
         --set scoring=rerank --out reports/ab
@@ -25,8 +27,8 @@ from finegrain.config import ConfigError, from_dict
 from finegrain.eval import run_tasks, write_report
 from finegrain.eval.config import EvalTaskConfig, task_config_class
 from finegrain.eval.report import markdown_table
+from finegrain.interop import load_method_spec, split_spec
 from finegrain.registry import EVAL_TASK_CONFIGS, suggest
-from finegrain.train.checkpoint import load_method
 
 USER_ERROR = 2
 
@@ -86,8 +88,9 @@ def _parser() -> argparse.ArgumentParser:
         "--checkpoint",
         action="append",
         required=True,
-        metavar="RUN_OR_FILE",
-        help="run dir, checkpoint dir or .safetensors file (repeat to compare)",
+        metavar="RUN_OR_SPEC",
+        help="run dir, checkpoint dir, .safetensors file, or a spec open_clip:MODEL=FILE"
+        " | hf:DIR | flair:FILE (repeat to compare)",
     )
     p.add_argument(
         "--tasks", default="", help="comma-separated TASK:DATASET[/VARIANT][=PATH][@k=v]"
@@ -123,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, dict[str, float]] = {}
     out = Path(args.out) if args.out else None
     for ckpt in args.checkpoint:
-        method, cfg = load_method(ckpt, map_location=args.device)
+        method, cfg = load_method_spec(ckpt, device=args.device)
         specs = _split_specs(args.tasks)
         tasks = [parse_task(s, common) for s in specs] or [
             from_dict(EvalTaskConfig, {**dataclasses.asdict(t), **_only(common, t)})
@@ -133,7 +136,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"no --tasks given and the run config of {ckpt} lists no eval.tasks")
         if out is None:
             base = Path(ckpt)
-            out = (base if base.is_dir() else base.parent) / "eval"
+            if split_spec(ckpt)[0]:  # an external checkpoint: never write into its folder
+                out = Path("eval")
+            else:
+                out = (base if base.is_dir() else base.parent) / "eval"
         label = _label(ckpt, getattr(cfg, "name", ""), set(results))
         results[label] = run_tasks(
             method,

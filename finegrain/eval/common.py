@@ -11,24 +11,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torchvision import transforms as T
 from tqdm import tqdm
 
 from finegrain.data.config import DataConfig
+from finegrain.data.transforms import BoxTransform
 from finegrain.eval.containers import ImageItem, load_image
 from finegrain.methods.base import Method
 
 
 def eval_transform(image_size: int, mean: tuple, std: tuple, crop: bool = True) -> Callable:
-    """CLIP eval preprocessing: bicubic resize of the short side + center crop (``crop``), or
-    a squash to a square (segmentation, so masks stay aligned), then normalise."""
-    resize = T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True)
-    if not crop:
-        resize = T.Resize(
-            (image_size, image_size), interpolation=T.InterpolationMode.BICUBIC, antialias=True
-        )
-    steps = [resize] + ([T.CenterCrop(image_size)] if crop else [])
-    return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+    """PIL image -> (3, S, S) normalised tensor through the one evaluation transform
+    (``finegrain.data.transforms.BoxTransform``): bicubic resize of the short side + centre
+    crop (``crop``), or a squash to a square (segmentation, so masks stay aligned)."""
+    tf = BoxTransform(size=image_size, mode="center" if crop else "squash", mean=mean, std=std)
+    return lambda image: tf(image)[0]
 
 
 @dataclass

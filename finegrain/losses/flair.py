@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from finegrain.heads.pooling import TextConditionedPooling
-from finegrain.losses.contrastive import multi_positive_sigmoid_loss
+from finegrain.losses.contrastive import at_least_fp32, multi_positive_sigmoid_loss
 from finegrain.losses.distributed import (
     all_gather_no_grad,
     gather_features,
@@ -96,7 +96,7 @@ def _block(
     q = pooling.queries(texts)[idx]  # (B, M, H, dh): each text projected once, then picked
     pooled = F.normalize(pooling.attend(q, *kv), dim=-1)  # (B, M, D)
     target = F.normalize(texts, dim=-1)[idx]  # (B, M, D)
-    logits = (logit_scale * (pooled * target).sum(-1) + logit_bias).float()  # (B, M)
+    logits = at_least_fp32(logit_scale * (pooled * target).sum(-1) + logit_bias)  # (B, M)
     signs = -torch.ones_like(logits)
     signs[:, :n_pos] = 1.0
     return -F.logsigmoid(signs * logits).sum()

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from finegrain.losses.contrastive import at_least_fp32
 from finegrain.losses.distributed import world_info
 
 EPS = 1e-7
@@ -151,8 +152,9 @@ def box_losses(
     if pred.shape[0] == 0:
         zero = pred.sum() * 0.0
         return zero, zero.clone()
-    l1 = F.l1_loss(pred.float(), target.float(), reduction="sum") / num_boxes
-    _, giou = elementwise_giou(box_cxcywh_to_xyxy(pred.float()), box_cxcywh_to_xyxy(target.float()))
+    pred, target = at_least_fp32(pred), at_least_fp32(target)
+    l1 = F.l1_loss(pred, target, reduction="sum") / num_boxes
+    _, giou = elementwise_giou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target))
     return l1, (1.0 - giou).sum() / num_boxes
 
 

@@ -57,8 +57,20 @@ class MethodConfig(Checked):
 
 # Parameters whose names contain one of these never get weight decay (norms, biases, logit
 # scale/bias, position/token embeddings, learned queries), as in CLIP/OpenCLIP and the papers.
-NO_DECAY_KEYS = ("bias", "norm", "ln_", "logit_scale", "logit_bias", "embed", "cls_token",
-                 "pos", "query", "queries", "gamma", "scale")
+NO_DECAY_KEYS = (
+    "bias",
+    "norm",
+    "ln_",
+    "logit_scale",
+    "logit_bias",
+    "embed",
+    "cls_token",
+    "pos",
+    "query",
+    "queries",
+    "gamma",
+    "scale",
+)
 
 
 class Method(nn.Module):

@@ -3,11 +3,11 @@
 Both are dual encoders: image tower + text tower, each followed by a bias-free linear
 projection into ``embed_dim``, L2-normalised. They differ only in the loss:
 
-- ``clip``: symmetric softmax InfoNCE (CLIP Fig. 3), learnable temperature ``t = exp(s)``,
-  ``s`` initialised to ``log(1/0.07)`` and clamped to ``ln 100`` after every optimizer step
-  (CLIP Sec. 2.5). Across ranks: local loss with gather-with-grad by default.
-- ``siglip``: pairwise sigmoid loss (SigLIP Eq. 1), learnable ``t = exp(s)`` (init ``log 10``)
-  and bias ``b`` (init -10, SigLIP Sec. 3.2); ring exchange across ranks as big_vision.
+- ``clip``: symmetric softmax InfoNCE (CLIP Fig. 3), learnable logit scale ``t = exp(s)``
+  (``finegrain.heads.logit_scale``), initialised to t = 1/0.07 and clamped to t <= 100 after
+  every optimizer step (CLIP Sec. 2.5). Across ranks: local loss with gather-with-grad by default.
+- ``siglip``: pairwise sigmoid loss (SigLIP Eq. 1), learnable ``t`` (init 10) and bias ``b``
+  (init -10, SigLIP Sec. 3.2), no clamp; ring exchange across ranks as big_vision.
   With ``num_captions > 1`` the batch carries K captions per image (``texts`` (B, K, L)) and
   the multi-positive sigmoid loss treats all K as positives.
 
@@ -18,15 +18,14 @@ exact gradient accumulation.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn as nn
 
 from finegrain.data.collate import ContrastiveCollate
 from finegrain.encoders.base import build_image_tower, build_text_tower
+from finegrain.heads.logit_scale import LogitScale
 from finegrain.heads.projection import Projection
 from finegrain.losses.contrastive import (
     clip_loss,
@@ -42,7 +41,7 @@ from finegrain.registry import METHODS
 class CLIPConfig(MethodConfig):
     name: str = "clip"
     projection: Literal["linear", "none"] = "linear"  # none: towers' width must equal embed_dim
-    init_logit_scale: float = math.log(1 / 0.07)  # s, with t = exp(s)
+    init_logit_scale: float = 1 / 0.07  # t at init (the parameter is s = ln t)
     max_logit_scale: float = 100.0  # clamp t <= this after each step (0 = no clamp)
     local_loss: bool = True  # each rank: its rows vs all columns (O(B N) memory)
     gather: bool = True  # negatives from all ranks (gathered with gradient)
@@ -52,7 +51,7 @@ class CLIPConfig(MethodConfig):
 class SigLIPConfig(MethodConfig):
     name: str = "siglip"
     projection: Literal["linear", "none"] = "linear"
-    init_logit_scale: float = math.log(10.0)
+    init_logit_scale: float = 10.0  # t at init
     init_logit_bias: float = -10.0
     max_logit_scale: float = 0.0  # big_vision does not clamp; > 0 clamps t <= this
     num_captions: int = 1  # K > 1: multi-positive sigmoid loss over `texts` (B, K, L)
@@ -78,7 +77,13 @@ class DualEncoder(Method):
         # open_clip towers keep their pretrained projections: start from them when they fit
         self.image_proj.init_from(getattr(self.image, "pretrained_proj", None))
         self.text_proj.init_from(getattr(self.text, "pretrained_proj", None))
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        self.temperature = LogitScale(
+            cfg.init_logit_scale, cfg.max_logit_scale, bias_init=self._bias_init(cfg)
+        ).install(self)  # parameters self.logit_scale (s = ln t) and self.logit_bias
+
+    @staticmethod
+    def _bias_init(cfg: CLIPConfig | SigLIPConfig) -> float | None:
+        return None
 
     # ---- encoders -------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> torch.Tensor:
@@ -120,12 +125,7 @@ class DualEncoder(Method):
         return {"image": self.encode_image(batch["image"]), "text": text}
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        if self.cfg.max_logit_scale > 0:
-            with torch.no_grad():
-                self.logit_scale.clamp_(0.0, math.log(self.cfg.max_logit_scale))
-
-    def _metrics(self) -> dict[str, float | torch.Tensor]:
-        return {"logit_scale": self.logit_scale.detach().exp()}
+        self.temperature.clamp_()
 
 
 def _l2(x: torch.Tensor) -> torch.Tensor:
@@ -140,9 +140,10 @@ class CLIP(DualEncoder):
 
     def loss_from_features(self, feats: dict[str, torch.Tensor]) -> MethodOutput:
         c = self.cfg
-        loss = clip_loss(feats["image"], feats["text"], self.logit_scale.exp(),
+        loss = clip_loss(feats["image"], feats["text"], self.temperature.scale(),
                          local_loss=c.local_loss, gather=c.gather)  # fmt: skip
-        return MethodOutput(loss=loss, losses={"clip_loss": loss.detach()}, metrics=self._metrics())
+        metrics = self.temperature.metrics()
+        return MethodOutput(loss=loss, losses={"clip_loss": loss.detach()}, metrics=metrics)
 
 
 @METHODS.register("siglip")
@@ -156,14 +157,17 @@ class SigLIP(DualEncoder):
             raise ValueError(f"num_captions must be >= 1, got {cfg.num_captions}")
         super().__init__(cfg)
         self.num_captions = cfg.num_captions
-        self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
+
+    @staticmethod
+    def _bias_init(cfg: CLIPConfig | SigLIPConfig) -> float | None:
+        return cfg.init_logit_bias
 
     def loss_from_features(self, feats: dict[str, torch.Tensor]) -> MethodOutput:
         image, text = feats["image"], feats["text"]
-        scale, bias, ex = self.logit_scale.exp(), self.logit_bias, self.cfg.exchange
+        scale, bias, ex = self.temperature.scale(), self.temperature.bias(), self.cfg.exchange
         if text.dim() == 3:  # (B, K, E): K positives per image
             loss = multi_positive_sigmoid_loss(image, text, scale, bias, exchange=ex)
         else:
             loss = siglip_loss(image, text, scale, bias, exchange=ex)
-        metrics = {**self._metrics(), "logit_bias": self.logit_bias.detach()}
+        metrics = self.temperature.metrics()
         return MethodOutput(loss=loss, losses={"siglip_loss": loss.detach()}, metrics=metrics)

@@ -11,8 +11,8 @@ Model (paper Sec. 3, "text-conditioned attention pooling"; released ``FLAIR`` mo
   keys/values, plus the ``add_zero_attn`` zero slot.
 
 Loss (paper Sec. 3, L^tcs and L^mps): ``(L_tcs + L_mps) / 2`` with one shared learnable scale ``t = exp(s)``
-(``s`` initialised to log(1/0.07), clamped to ``[0, log 100]`` after every optimizer step as the
-released ``train.py``) and bias ``b`` (init -10); see ``finegrain.losses.flair``.
+(``finegrain.heads.logit_scale``: t initialised to 1/0.07, clamped to ``1 <= t <= 100`` after every
+optimizer step as the released ``train.py``) and bias ``b`` (init -10); see ``finegrain.losses.flair``.
 
 Data (paper Sec. 3, "diverse caption sampling"): K sub-captions of 1..3 sentences per image (``finegrain.data.captions``),
 sampled in the collate from the sample's ``"subcaption"`` stream (``sample_rng``). Caption pool per sample
@@ -35,7 +35,6 @@ tokens (the same space as text embeddings and as the keys/values of the pooling)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -46,7 +45,9 @@ from finegrain.data.captions import sample_subcaptions, split_sentences
 from finegrain.data.collate import add_stats
 from finegrain.data.schema import sample_rng
 from finegrain.encoders.base import build_image_tower, build_text_tower
+from finegrain.heads.logit_scale import LogitScale
 from finegrain.heads.pooling import TextConditionedPooling
+from finegrain.heads.projection import Projection
 from finegrain.losses.flair import (
     flair_multi_positive_loss,
     text_conditioned_sigmoid_loss,
@@ -74,9 +75,9 @@ class FLAIRConfig(MethodConfig):
     add_mps_loss: bool = True  # total = (tcs + mps) / 2; False: tcs only
     loss_normalization: Literal["released", "per_image"] = "released"
     exchange: Literal["gather", "ring"] = "gather"  # texts of other ranks, with gradient
-    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_scale: float = 1 / 0.07  # t at init (the parameter is s = ln t)
     init_logit_bias: float = -10.0
-    max_logit_scale: float = 100.0
+    max_logit_scale: float = 100.0  # clamp t <= this after each step (0 = no clamp)
     score_max_elements: int = 2**25  # pooled entries per chunk in score_features
 
 
@@ -155,14 +156,18 @@ class FLAIR(Method):
         _check_config(cfg)
         self.image = build_image_tower(cfg.image)
         self.text = build_text_tower(cfg.text)
-        d = cfg.embed_dim
-        self.image_proj = nn.Linear(self.image.width, d, bias=False)  # shared: CLS and patches
-        self.text_proj = nn.Linear(self.text.width, d, bias=False)
-        for proj, width in ((self.image_proj, self.image.width), (self.text_proj, self.text.width)):
-            nn.init.normal_(proj.weight, std=width**-0.5)  # OpenCLIP's projection init
+        d, iw, tw = cfg.embed_dim, self.image.width, self.text.width
+        # both nn.Linear inits drawn before both OpenCLIP inits: the random draws of the
+        # original FLAIR file, so a seed gives the same initial weights as before
+        w_img, w_txt = (nn.Linear(w, d, bias=False).weight.detach() for w in (iw, tw))
+        nn.init.normal_(w_img, std=iw**-0.5)
+        nn.init.normal_(w_txt, std=tw**-0.5)
+        self.image_proj = Projection(iw, d, weight=w_img)  # shared: CLS and patches
+        self.text_proj = Projection(tw, d, weight=w_txt)
         self.pooling = TextConditionedPooling(d, heads=cfg.pool_heads, zero_slot=cfg.zero_slot)
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
-        self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
+        self.temperature = LogitScale(
+            cfg.init_logit_scale, cfg.max_logit_scale, bias_init=cfg.init_logit_bias
+        ).install(self)  # parameters self.logit_scale (s = ln t) and self.logit_bias
 
     # ---- towers + projections -------------------------------------------------------
     def _image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
@@ -212,7 +217,7 @@ class FLAIR(Method):
 
     def loss_from_features(self, feats: dict[str, torch.Tensor]) -> MethodOutput:
         c = self.cfg
-        scale, bias = self.logit_scale.exp(), self.logit_bias
+        scale, bias = self.temperature.scale(), self.temperature.bias()
         tcs = text_conditioned_sigmoid_loss(
             self.pooling, feats["image_tokens"], feats["texts"], scale, bias,
             pair_seed=feats["pair_seed"], exchange=c.exchange, normalization=c.loss_normalization,
@@ -227,12 +232,10 @@ class FLAIR(Method):
             )  # fmt: skip
             losses["mps_loss"] = mps
             loss = (tcs + mps) / 2
-        metrics = {"logit_scale": scale.detach(), "logit_bias": bias.detach()}
-        return MethodOutput(loss=loss, losses=losses, metrics=metrics)
+        return MethodOutput(loss=loss, losses=losses, metrics=self.temperature.metrics())
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        with torch.no_grad():  # released train.py: clamp_(0, ln 100)
-            self.logit_scale.clamp_(0.0, math.log(self.cfg.max_logit_scale))
+        self.temperature.clamp_()  # released train.py: clamp_(0, ln 100)
 
     # ---- inference ------------------------------------------------------------------
     def image_features_for_scoring(self, images: torch.Tensor) -> torch.Tensor:

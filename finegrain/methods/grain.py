@@ -42,18 +42,18 @@ truncated by the tokenizer. The collate also counts ``regions`` (kept) and
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from finegrain.data.collate import add_stats, stack_images
 from finegrain.data.schema import sample_rng
 from finegrain.encoders.base import build_image_tower, build_text_tower
+from finegrain.heads.logit_scale import LogitScale
+from finegrain.heads.projection import Projection
 from finegrain.heads.region_decoder import RegionDecoder
 from finegrain.losses.contrastive import clip_loss
 from finegrain.losses.matching import (
@@ -97,8 +97,8 @@ class GRAINConfig(MethodConfig):
     region_symmetric: bool = False
     region_gather: bool = False
     caption: Literal["random", "alt", "mllm"] = "random"  # random: --is_gala
-    init_logit_scale: float = math.log(1 / 0.07)
-    max_logit_scale: float = math.log(100.0)  # released code clamps to 4.6052
+    init_logit_scale: float = 1 / 0.07  # t at init (the parameter is s = ln t)
+    max_logit_scale: float = 100.0  # clamp t <= this (released code: s <= 4.6052 = ln 100)
 
 
 def loss_weights(cfg: GRAINConfig) -> tuple[float, float, float, float]:
@@ -206,13 +206,13 @@ class GRAIN(Method):
             self.visual.width, cfg.decoder_width, cfg.decoder_depth, cfg.decoder_heads,
             cfg.num_region_queries, cfg.decoder_ffn_dim, cfg.decoder_dropout, cfg.box_mlp_layers,
         )  # fmt: skip
-        w = cfg.decoder_width
-        self.image_proj = nn.Parameter(torch.randn(w, cfg.embed_dim) * w**-0.5)
-        self.region_proj = nn.Parameter(torch.randn(w, cfg.embed_dim) * w**-0.5)
-        self.text_proj = nn.Parameter(
-            torch.randn(self.text.width, cfg.embed_dim) * self.text.width**-0.5
-        )
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        w, tw, d = cfg.decoder_width, self.text.width, cfg.embed_dim
+        # initial weights drawn as the released (width, D) matrices ``x @ P``: same draws as before
+        self.image_proj = Projection(w, d, weight=(torch.randn(w, d) * w**-0.5).t())
+        self.region_proj = Projection(w, d, weight=(torch.randn(w, d) * w**-0.5).t())
+        self.text_proj = Projection(tw, d, weight=(torch.randn(tw, d) * tw**-0.5).t())
+        self.temperature = LogitScale(cfg.init_logit_scale, cfg.max_logit_scale).install(self)
+        self._register_load_state_dict_pre_hook(_matrix_projection_keys)
 
     # ---- encoders ---------------------------------------------------------------------
     def _decode(self, images: torch.Tensor, return_all: bool = False) -> dict[str, torch.Tensor]:
@@ -221,16 +221,16 @@ class GRAIN(Method):
         return self.decoder(tokens, return_all=return_all)
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        x = self.text(tokens).pooled @ self.text_proj  # (B, D)
+        x = self.text_proj(self.text(tokens).pooled)  # (B, D)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        x = self._decode(images)["global"] @ self.image_proj  # (B, D)
+        x = self.image_proj(self._decode(images)["global"])  # (B, D)
         return F.normalize(x, dim=-1) if normalize else x
 
     def region_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """(B, Q, D) normalised region-query embeddings."""
-        return normalize(self._decode(images)["regions"] @ self.region_proj)
+        return normalize(self.region_proj(self._decode(images)["regions"]))
 
     def predict_boxes(self, images: torch.Tensor) -> torch.Tensor:
         """(B, Q, 4) final-layer boxes as normalised xyxy."""
@@ -240,7 +240,7 @@ class GRAIN(Method):
         """(B, D, h, w): patch tokens through the decoder's memory projection and image_proj."""
         out = self.visual(images)
         mem = self.decoder.memory_norm(self.decoder.proj(out.tokens))  # (B, N, W)
-        x = normalize(mem @ self.image_proj)  # (B, N, D)
+        x = normalize(self.image_proj(mem))  # (B, N, D)
         h, w = out.grid_hw
         return x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
 
@@ -254,8 +254,7 @@ class GRAIN(Method):
         )
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        with torch.no_grad():
-            self.logit_scale.clamp_(0, self.cfg.max_logit_scale)
+        self.temperature.clamp_()
 
     # ---- training ---------------------------------------------------------------------
     def features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -267,9 +266,9 @@ class GRAIN(Method):
         if mask.any():  # only real descriptions go through the text tower
             desc[mask] = self.encode_text(rt[mask]).to(desc.dtype)
         return {
-            "image_emb": normalize(dec["global"] @ self.image_proj),  # (B, D)
+            "image_emb": normalize(self.image_proj(dec["global"])),  # (B, D)
             "text_emb": self.encode_text(batch["text"]),  # (B, D)
-            "region_emb": normalize(dec["regions"] @ self.region_proj),  # (B, Q, D)
+            "region_emb": normalize(self.region_proj(dec["regions"])),  # (B, Q, D)
             "pred_boxes": dec["boxes"].transpose(0, 1),  # (B, L, Q, 4) cxcywh
             "desc_emb": desc,  # (B, R, D)
             "boxes": batch["boxes"].to(dec["boxes"].dtype),  # (B, R, 4) cxcywh
@@ -291,7 +290,7 @@ class GRAIN(Method):
     def loss_from_features(self, feats: dict[str, torch.Tensor]) -> MethodOutput:
         cfg, f = self.cfg, feats
         w_g, w_l1, w_giou, w_rd = self.weights
-        scale = self.logit_scale.exp()
+        scale = self.temperature.scale()
         g = clip_loss(f["image_emb"], f["text_emb"], scale, local_loss=True, gather=True)
         mask = f["region_mask"]
         n_local = mask.sum().float()
@@ -329,3 +328,11 @@ class GRAIN(Method):
         }
         stats = {"target_boxes": float(n_local), "matched_boxes": float(bi.numel())}
         return MethodOutput(loss=total, losses=losses, metrics=metrics, stats=stats)
+
+
+def _matrix_projection_keys(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Checkpoints from before ``Projection``: ``image_proj`` etc. were (width, D) matrices."""
+    for name in ("image_proj", "region_proj", "text_proj"):
+        old = state_dict.get(prefix + name)
+        if old is not None and prefix + name + ".weight" not in state_dict:
+            state_dict[prefix + name + ".weight"] = state_dict.pop(prefix + name).t()

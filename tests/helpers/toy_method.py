@@ -7,7 +7,7 @@ cross-entropy to the centred, sharpened teacher output (Caron et al. 2021, eq. 1
 batches with the ``TrainLoader`` interface (``state_dict``/``load_state_dict``/``stats``).
 
 Run as a script it trains through ``Trainer`` (used by the SIGKILL resume test):
-``python tests/toy_method.py OUT_DIR STEPS CKPT_EVERY [--resume latest] [--sleep S]``.
+``python tests/helpers/toy_method.py OUT_DIR STEPS CKPT_EVERY [--resume latest] [--sleep S]``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from finegrain.losses.contrastive import at_least_fp32
 from finegrain.methods.base import Method, MethodConfig
 from finegrain.outputs import MethodOutput
 from finegrain.registry import METHODS
@@ -61,8 +62,8 @@ class ToyCLIP(Method):
         return {"image": self.image_proj(batch["image"]), "text": self.text_proj(batch["text"])}
 
     def loss_from_features(self, feats: dict[str, torch.Tensor]) -> MethodOutput:
-        img = F.normalize(feats["image"].float(), dim=-1)  # (B, D)
-        txt = F.normalize(feats["text"].float(), dim=-1)  # (B, D)
+        img = F.normalize(at_least_fp32(feats["image"]), dim=-1)  # (B, D)
+        txt = F.normalize(at_least_fp32(feats["text"]), dim=-1)  # (B, D)
         logits = self.logit_scale.exp() * img @ txt.t()  # (B, B)
         labels = torch.arange(len(img), device=img.device)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2

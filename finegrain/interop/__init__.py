@@ -1,0 +1,106 @@
+"""Weights in and out: load OpenCLIP, Hugging Face and FLAIR checkpoints into finegrain
+methods, export finegrain runs to OpenCLIP and Hugging Face formats.
+
+A *spec* names what to load:
+
+- ``open_clip:MODEL=FILE``: an OpenCLIP checkpoint (``.pt``/``.bin``/``.safetensors`` state dict,
+  OpenAI-style keys or OpenCLIP training checkpoints) of architecture ``MODEL`` (an
+  ``open_clip.list_models()`` name or a model-config ``.json`` file) -> ``clip`` (``siglip``
+  when the file holds a ``logit_bias``) with open_clip towers (``finegrain.interop.open_clip``);
+- ``hf:DIR``: a Hugging Face ``CLIPModel`` / ``SiglipModel`` directory -> ``clip`` / ``siglip``
+  with ``hf_clip`` towers (``finegrain.interop.hf``);
+- ``flair:[MODEL=]FILE``: a released FLAIR checkpoint -> ``flair`` (``finegrain.interop.flair``);
+- anything else without a prefix: a finegrain run directory, checkpoint directory or
+  ``model.safetensors`` file.
+
+Every loader returns ``(method in eval mode, RunConfig)`` whose ``data.mean``/``data.std`` and
+``method.image.image_size`` are the checkpoint's preprocessing, so evaluation and
+``finegrain.load`` treat external checkpoints exactly like finegrain runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from finegrain.config import load_yaml
+from finegrain.encoders.weights import load_into, load_state_dict_file
+from finegrain.methods.base import build_method
+from finegrain.run_config import RunConfig
+from finegrain.train.checkpoint import MODEL_FILE, find_config, latest_checkpoint
+
+SPEC_PREFIXES = {
+    "open_clip": "finegrain.interop.open_clip",
+    "hf": "finegrain.interop.hf",
+    "flair": "finegrain.interop.flair",
+}
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """``'hf:path/dir'`` -> ``('hf', 'path/dir')``; ``('', spec)`` for a plain path.
+
+    A prefix is a leading ``word:`` that is not a Windows drive letter; unknown prefixes raise
+    one line listing the valid ones."""
+    head, sep, rest = spec.partition(":")
+    if not sep or len(head) <= 1 or "/" in head or "\\" in head or "." in head:
+        return "", spec
+    if head not in SPEC_PREFIXES:
+        valid = ", ".join(f"{p}:" for p in SPEC_PREFIXES)
+        raise ValueError(
+            f"unknown checkpoint spec prefix '{head}:' in '{spec}'; valid prefixes: {valid} "
+            "(or a finegrain run directory / checkpoint path without a prefix)"
+        )
+    if not rest:
+        raise ValueError(f"checkpoint spec '{spec}' names no file or directory after '{head}:'")
+    return head, rest
+
+
+def run_config(method_cfg: Any, name: str, mean: tuple, std: tuple) -> Any:
+    """A ``RunConfig`` describing an external checkpoint (name, method, preprocessing)."""
+    cfg = RunConfig(name=name, method=method_cfg)
+    cfg.data.image_size = method_cfg.image.image_size
+    cfg.data.mean, cfg.data.std = tuple(mean), tuple(std)
+    return cfg
+
+
+def load_method_spec(spec: str, strict: bool = True, device: str = "cpu") -> tuple[Any, Any]:
+    """``(method in eval mode, RunConfig)`` for any spec (see the module docstring)."""
+    prefix, rest = split_spec(spec)
+    if not prefix:
+        method, cfg = load_run(rest, strict=strict)
+        return method.to(device).eval(), cfg
+    module = importlib.import_module(SPEC_PREFIXES[prefix])
+    method, cfg = module.load(rest, strict=strict)
+    return method.to(device).eval(), cfg
+
+
+def load_run(path_or_file: str, strict: bool = True) -> tuple[Any, Any]:
+    """A finegrain run dir, checkpoint dir or ``model.safetensors`` (config from the nearest
+    ``config.yaml`` above it) -> (method, RunConfig); weights checked by ``load_into``."""
+    from pathlib import Path
+
+    path = Path(path_or_file).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        ckpt = path if (path / MODEL_FILE).is_file() else latest_checkpoint(path)
+        if ckpt is None:
+            raise FileNotFoundError(f"no finegrain checkpoint under {path / 'ckpt'}")
+        path = ckpt / MODEL_FILE
+    try:
+        config_file = find_config(path.parent)
+    except FileNotFoundError:
+        valid = ", ".join(f"{p}:" for p in SPEC_PREFIXES)
+        raise FileNotFoundError(
+            f"{path} is not part of a finegrain run (no config.yaml above it); weights of "
+            f"other libraries need a spec prefix: {valid} (e.g. open_clip:ViT-B-16={path})"
+        ) from None
+    cfg = load_yaml(RunConfig, config_file)
+    method = build_method(cfg.method)
+    load_into(method, load_state_dict_file(path), str(path), strict=strict)
+    return method.eval(), cfg
+
+
+__all__ = ["SPEC_PREFIXES", "load_method_spec", "load_run", "run_config", "split_spec"]
