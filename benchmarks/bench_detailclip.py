@@ -134,7 +134,15 @@ def in_subprocess(variant: str, args: argparse.Namespace) -> dict:
     q = ctx.Queue()
     p = ctx.Process(target=run_variant, args=(variant, args, q))
     p.start()
-    res = q.get()
+    while True:  # a crashed child must not leave the parent waiting forever
+        try:
+            res = q.get(timeout=5)
+            break
+        except Exception:
+            if not p.is_alive():
+                raise RuntimeError(
+                    f"{variant} benchmark process died (exit {p.exitcode})"
+                ) from None
     p.join()
     return res
 

@@ -35,7 +35,6 @@ Where the released code differs from the paper text (code is the default, the pa
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -48,6 +47,7 @@ from finegrain.data.transforms import MultiViewTransform, ViewAugment, eval_tran
 from finegrain.encoders.base import build_image_tower, build_text_tower
 from finegrain.heads.ema import ema_update_, make_teacher
 from finegrain.heads.ibot import IBOTHead
+from finegrain.heads.logit_scale import LogitScale
 from finegrain.heads.pixel_decoder import MAEDecoder, PixelHead
 from finegrain.heads.projection import Projection
 from finegrain.heads.token_removal import (
@@ -78,8 +78,8 @@ TEXT_BLOCK_KEYS = ("transformer.", "blocks.", "encoder.layer.", "layers.")
 class DetailCLIPConfig(MethodConfig):
     name: str = "detailclip"
     projection: Literal["linear", "none"] = "linear"
-    init_logit_scale: float = math.log(1 / 0.07)
-    max_logit_scale: float = 100.0
+    init_logit_scale: float = 1 / 0.07  # t at init (the parameter is s = ln t)
+    max_logit_scale: float = 100.0  # clamp t <= this after each step (0 = no clamp)
     local_loss: bool = True
     gather: bool = True
     # two views (released train_transform, applied twice)
@@ -177,7 +177,7 @@ class DetailCLIP(Method):
         self.image_proj = Projection(width, cfg.embed_dim, cfg.projection, where="image tower")
         self.text_proj = Projection(self.text.width, cfg.embed_dim, cfg.projection,
                                     where="text tower")  # fmt: skip
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        self.temperature = LogitScale(cfg.init_logit_scale, cfg.max_logit_scale).install(self)
         self.decoder = MAEDecoder(width, cfg.decoder_depth, cfg.decoder_heads)
         self.pixel_head = PixelHead(width, self.patch)
         self.ibot_head = IBOTHead(width, cfg.ibot_out_dim, cfg.ibot_hidden_dim,
@@ -311,7 +311,7 @@ class DetailCLIP(Method):
     def loss_from_features(self, feats: dict[str, torch.Tensor]) -> MethodOutput:
         c = self.cfg
         tau_cls, tau_patch = self.temperatures()
-        scale, img, text = self.logit_scale.exp(), feats["image"], feats["text"]
+        scale, img, text = self.temperature.scale(), feats["image"], feats["text"]
         clip = sum(clip_loss(img[:, i], text, scale, local_loss=c.local_loss, gather=c.gather)
                    for i in range(img.shape[1])) / img.shape[1]  # fmt: skip
         cls = dino_cls_loss(
@@ -326,7 +326,7 @@ class DetailCLIP(Method):
             self._pending = (batch_center(feats["t_cls"]), batch_center(feats["t_patch_mean"]))
         losses = {"clip_loss": clip, "ibot_patch_loss": patch, "ibot_cls_loss": cls,
                   "recon_loss": recon}  # fmt: skip
-        metrics = {"logit_scale": scale.detach(), "teacher_temp": tau_cls,
+        metrics = {**self.temperature.metrics(), "teacher_temp": tau_cls,
                    "teacher_patch_temp": tau_patch}  # fmt: skip
         b, v, r = feats["pixels"].shape[:3]
         stats = {"removed_tokens": float(b * v * r)}  # over both views of the batch
@@ -338,8 +338,7 @@ class DetailCLIP(Method):
         """Clamp, centres, EMA teacher. ``step`` applied updates so far: the next iteration is
         the released iteration ``it = step``, whose teacher is m[it] t + (1 - m[it]) theta_it."""
         c = self.cfg
-        if c.max_logit_scale > 0:
-            self.logit_scale.clamp_(0.0, math.log(c.max_logit_scale))
+        self.temperature.clamp_()
         if self._pending is not None:
             self.center_cls.copy_(ema_center(self.center_cls, self._pending[0], c.center_momentum))
             self.center_patch.copy_(ema_center(self.center_patch, self._pending[1],
