@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from eval_toy import COLORS, PlainToy, ToyMethod, color_scene
 from PIL import Image
 
 from finegrain.eval import run_tasks
-from finegrain.eval.linear_probe import LinearProbeTaskConfig, train_probe
+from finegrain.eval.config import LinearProbeTaskConfig
+from finegrain.eval.linear_probe import train_probe
+
+from helpers.eval_toy import COLORS, PlainToy, ToyMethod, color_scene
 
 
 def _write_voc(root, scenes, split_of):

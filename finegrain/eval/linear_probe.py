@@ -23,8 +23,6 @@ and ``num_samples`` images) or a VOC-style folder (``dataset="voc"``: ``train_sp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,41 +31,8 @@ from PIL import Image
 from finegrain.eval.common import EvalContext, image_batches, require
 from finegrain.eval.config import LinearProbeTaskConfig
 from finegrain.eval.containers import SegmentationData, load_mask
+from finegrain.eval.datasets import ProbeData
 from finegrain.eval.segmentation import IGNORE, confusion, seg_metrics
-
-TRAIN_SEED = 20_000  # the synthetic probe-training split; the test split uses the eval seed
-
-
-@dataclass
-class ProbeData:
-    train: SegmentationData
-    test: SegmentationData
-
-
-def load_probe_data(cfg: LinearProbeTaskConfig, image_size: int = 64) -> ProbeData:
-    """The two splits a probe task names (one-line errors for unknown datasets / folders)."""
-    from pathlib import Path
-
-    from finegrain.eval import formats
-    from finegrain.eval.datasets import synthetic_split
-
-    def _seg(d: dict) -> SegmentationData:
-        return SegmentationData(list(d["images"]), list(d["masks"]), list(d["classnames"]))
-
-    if cfg.dataset == "synthetic":
-        train = synthetic_split(
-            "segmentation", cfg.num_train, seed=TRAIN_SEED, image_size=image_size
-        )
-        test = synthetic_split("segmentation", cfg.num_samples, image_size=image_size)
-        return ProbeData(_seg(train), _seg(test))
-    if not cfg.path:
-        raise ValueError("linear_probe dataset=voc needs path= (a VOC-style folder)")
-    lim = (lambda x: x[: cfg.limit]) if cfg.limit > 0 else (lambda x: x)
-    splits = []
-    for split in (cfg.train_split, cfg.split):
-        images, masks, names = formats.load_voc(Path(cfg.path).expanduser(), split)
-        splits.append(SegmentationData(lim(images), lim(masks), names))
-    return ProbeData(*splits)
 
 
 def _resized_masks(data: SegmentationData, size: int) -> torch.Tensor:
