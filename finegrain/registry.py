@@ -76,6 +76,7 @@ METHODS: Registry = Registry(
         "finegrain.methods.clippy",
         "finegrain.methods.flair",
         "finegrain.methods.grain",
+        "finegrain.methods.detailclip",
     ),
 )
 IMAGE_TOWERS: Registry = Registry("image tower", ("finegrain.encoders",))

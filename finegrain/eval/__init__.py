@@ -21,6 +21,7 @@ from finegrain.eval.config import (
     EvalConfig,
     EvalTaskConfig,
     GroupingTaskConfig,
+    LinearProbeTaskConfig,
     RetrievalTaskConfig,
     SegmentationTaskConfig,
     ZeroShotTaskConfig,
@@ -28,6 +29,7 @@ from finegrain.eval.config import (
 )
 from finegrain.eval.datasets import load_task_data
 from finegrain.eval.grouping import evaluate_grouping
+from finegrain.eval.linear_probe import evaluate_linear_probe
 from finegrain.eval.report import markdown_table, write_report
 from finegrain.eval.retrieval import evaluate_retrieval
 from finegrain.eval.segmentation import evaluate_segmentation
@@ -39,11 +41,13 @@ EVAL_TASKS.add("zeroshot", evaluate_zeroshot)
 EVAL_TASKS.add("retrieval", evaluate_retrieval)
 EVAL_TASKS.add("segmentation", evaluate_segmentation)
 EVAL_TASKS.add("grouping", evaluate_grouping)
+EVAL_TASKS.add("linear_probe", evaluate_linear_probe)
 
 __all__ = [
     "EvalConfig",
     "EvalTaskConfig",
     "GroupingTaskConfig",
+    "LinearProbeTaskConfig",
     "RetrievalTaskConfig",
     "SegmentationTaskConfig",
     "ZeroShotTaskConfig",

@@ -116,6 +116,25 @@ class GroupingTaskConfig(EvalTaskConfig):
     center: bool = False  # True: centred PCA (covariance) instead of the uncentred SVD
 
 
+@task_kind("linear_probe")
+@dataclass
+class LinearProbeTaskConfig(EvalTaskConfig):
+    """Linear-probe segmentation on frozen dense features (``finegrain.eval.linear_probe``): a
+    1x1-conv head trained on ``train_split`` (synthetic: ``num_train`` generated scenes), mIoU on
+    ``split`` (synthetic: ``num_samples`` scenes of the evaluation seeds)."""
+
+    task: Literal["linear_probe"] = "linear_probe"
+    dataset: Literal["synthetic", "voc"] = "synthetic"
+    train_split: str = "train"
+    split: str = "val"
+    num_train: int = 256
+    batch_size: int = 32
+    epochs: int = 30
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+
 def task_config_class(task: str) -> type[EvalTaskConfig]:
     """The config class of task kind ``task``; a ``ValueError`` naming the kinds otherwise."""
     return EVAL_TASK_CONFIGS.get(task)

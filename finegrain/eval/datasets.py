@@ -8,6 +8,7 @@ references exists, and names the missing file and the annotation file when one d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,8 @@ def load_task_data(cfg: EvalTaskConfig, image_size: int = 64) -> Any:
     """Load the dataset a task config names; raises a ValueError naming valid choices."""
     if cfg.task == "grouping":
         return load_grouping_data(cfg, image_size)
+    if cfg.task == "linear_probe":  # two splits (train the head / measure), own config kind
+        return load_probe_data(cfg, image_size)
     if cfg.dataset == "synthetic":
         return _synthetic(cfg, image_size)
     path, root = _default_path(cfg), cfg.image_root
@@ -146,5 +149,37 @@ def load_task_data(cfg: EvalTaskConfig, image_size: int = 64) -> Any:
             names = load_classnames(cfg.classnames)
         return SegmentationData(_limit(images, cfg.limit), _limit(masks, cfg.limit), names)
     raise ValueError(
-        f"unknown task '{cfg.task}'; valid choices: zeroshot, retrieval, segmentation, grouping"
+        f"unknown task '{cfg.task}'; valid choices: zeroshot, retrieval, segmentation, grouping, linear_probe"
     )
+
+
+# ---- linear-probe segmentation: a training and a measuring split ---------------------------
+PROBE_TRAIN_SEED = 20_000  # the synthetic probe-training scenes; the test split uses the eval seed
+
+
+@dataclass
+class ProbeData:
+    train: SegmentationData
+    test: SegmentationData
+
+
+def load_probe_data(cfg: EvalTaskConfig, image_size: int = 64) -> ProbeData:
+    """The two splits of a ``LinearProbeTaskConfig``: generated scenes (``num_train`` from
+    ``PROBE_TRAIN_SEED``, ``num_samples`` from the evaluation seeds) or a VOC-style folder's
+    ``train_split`` / ``split`` lists."""
+
+    def _seg(d: dict) -> SegmentationData:
+        return SegmentationData(list(d["images"]), list(d["masks"]), list(d["classnames"]))
+
+    if cfg.dataset == "synthetic":
+        train = synthetic_split("segmentation", cfg.num_train, seed=PROBE_TRAIN_SEED,
+                                image_size=image_size)  # fmt: skip
+        test = synthetic_split("segmentation", cfg.num_samples, image_size=image_size)
+        return ProbeData(_seg(train), _seg(test))
+    if not cfg.path:
+        raise ValueError("linear_probe dataset=voc needs path= (a VOC-style folder)")
+    splits = []
+    for split in (cfg.train_split, cfg.split):
+        images, masks, names = formats.load_voc(Path(cfg.path).expanduser(), split)
+        splits.append(SegmentationData(_limit(images, cfg.limit), _limit(masks, cfg.limit), names))
+    return ProbeData(*splits)

@@ -139,3 +139,16 @@ def ring_pass(x: torch.Tensor) -> torch.Tensor:
     if world == 1:
         return x
     return neighbour_exchange_with_grad(x, (rank + 1) % world, (rank - 1) % world)
+
+
+@torch.no_grad()
+def all_reduce_mean(x: torch.Tensor, count: int) -> torch.Tensor:
+    """Mean over every rank's samples: ``sum_r x_r / sum_r count_r`` where ``x`` is this rank's
+    *sum* over its ``count`` samples (DINO/iBOT centring over the global batch). No gradient."""
+    _, world = world_info()
+    total = torch.tensor([float(count)], device=x.device, dtype=torch.float64)
+    s = x.detach().clone()
+    if world > 1:
+        dist.all_reduce(s, op=dist.ReduceOp.SUM)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return s / total.to(s.dtype)

@@ -1,0 +1,230 @@
+"""DetailCLIP method: loss composition, teacher (no grads, eval mode, EMA), centres, exact
+accumulation, resume, errors."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
+from finegrain.heads.token_removal import attention_keep
+from finegrain.losses.distillation import ema_momentum
+from finegrain.methods.detailclip import DetailCLIP, DetailCLIPConfig
+from finegrain.train.step import exact_accumulation
+
+
+def tiny_config(**kw) -> DetailCLIPConfig:
+    base = dict(
+        image=ImageTowerConfig(name="vit", image_size=16, patch_size=4, width=16, depth=2, heads=2),
+        text=TextTowerConfig(name="transformer", context_length=8, width=16, depth=1, heads=2),
+        embed_dim=8, ibot_out_dim=12, ibot_hidden_dim=16, ibot_bottleneck_dim=8, decoder_heads=2,
+        teacher_temp_warmup_steps=4,
+    )  # fmt: skip
+    base.update(kw)
+    return DetailCLIPConfig(**base)
+
+
+def tiny_batch(b: int = 4, seed: int = 0, size: int = 16) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(1, 50, (b, 8), generator=g)
+    text[:, -1] = 49407  # EOT, highest id
+    return {"views": torch.randn(b, 2, 3, size, size, generator=g), "text": text,
+            "image": torch.randn(b, 3, size, size, generator=g)}  # fmt: skip
+
+
+def _perturb(m: DetailCLIP, scale: float = 0.05) -> None:
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn_like(p))
+
+
+def test_named_terms_and_weighted_sum():
+    m = DetailCLIP(tiny_config(clip_weight=2.0, ibot_patch_weight=3.0, ibot_cls_weight=0.5,
+                               recon_weight=4.0)).train()  # fmt: skip
+    out = m(tiny_batch())
+    assert set(out.losses) == {"clip_loss", "ibot_patch_loss", "ibot_cls_loss", "recon_loss"}
+    lo = out.losses
+    want = (
+        2 * lo["clip_loss"]
+        + 3 * lo["ibot_patch_loss"]
+        + 0.5 * lo["ibot_cls_loss"]
+        + 4 * lo["recon_loss"]
+    )
+    torch.testing.assert_close(out.loss.detach(), want)
+    assert all(math.isfinite(v.item()) for v in lo.values())
+
+
+def test_clip_term_is_mean_over_both_views():
+    m = DetailCLIP(tiny_config()).train()
+    f = m.features(tiny_batch())
+    img, txt, s = f["image"].double(), f["text"].double(), m.logit_scale.exp().double()
+
+    def naive(i):  # symmetric InfoNCE, CLIP Fig. 3
+        logits = s * img[:, i] @ txt.t()
+        y = torch.arange(len(txt))
+        return (F.cross_entropy(logits, y) + F.cross_entropy(logits.t(), y)) / 2
+
+    got = m.loss_from_features(f).losses["clip_loss"].double()
+    torch.testing.assert_close(got, (naive(0) + naive(1)) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_student_keeps_the_teachers_top_attention_blocks():
+    m = DetailCLIP(tiny_config()).train()
+    views = tiny_batch()["views"].flatten(0, 1)
+    keep, _, grid = m._teacher(views)
+    attn = m.teacher["image"](views, return_attention=True).attention.mean(dim=(1, 2))
+    assert torch.equal(keep, attention_keep(attn, grid, 0.5))
+    assert keep.shape == (8, 4 * (int(4 * 0.5) + 1))  # 3 of 4 blocks on a 4x4 grid
+
+
+def test_no_gradient_reaches_the_teacher_and_it_stays_in_eval():
+    m = DetailCLIP(tiny_config())
+    m.train()
+    assert not m.teacher.training and all(not t.training for t in m.teacher.modules())
+    m(tiny_batch()).loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in m.teacher.parameters())
+    assert m.image.conv1.weight.grad is not None
+    ids = {id(p) for g in m.param_groups(0.1) for p in g["params"]}
+    assert not ids & {id(p) for p in m.teacher.parameters()}
+
+
+def test_ema_and_centre_update_math():
+    m = DetailCLIP(tiny_config()).train()
+    batch = tiny_batch()
+    feats = m.features(batch)
+    m.loss_from_features(feats)
+    t_before = {k: v.clone() for k, v in m.teacher.state_dict().items()}
+    _perturb(m)
+    m.after_optimizer_step(3, 10)
+    mom = ema_momentum(3, 10)
+    assert mom == pytest.approx(1 - 0.004 * (math.cos(math.pi * 0.3) + 1) / 2)
+    for name, p in m.teacher["image"].named_parameters():
+        s = dict(m.image.named_parameters())[name]
+        want = mom * t_before[f"image.{name}"] + (1 - mom) * s
+        torch.testing.assert_close(p, want)
+    # released: only the text transformer blocks are EMA'd, embeddings/final norm shared
+    tt = m.teacher["text"]
+    torch.testing.assert_close(tt.token_embedding.weight, m.text.token_embedding.weight)
+    blk = "transformer.blocks.0.attn.qkv.weight"
+    want = mom * t_before[f"text.{blk}"] + (1 - mom) * dict(m.text.named_parameters())[blk]
+    torch.testing.assert_close(dict(tt.named_parameters())[blk], want)
+    c_cls = 0.1 * feats["t_cls"].detach().float().reshape(-1, 12).mean(0)
+    c_patch = 0.1 * feats["t_patch_mean"].detach().float().reshape(-1, 12).mean(0)
+    torch.testing.assert_close(m.center_cls, c_cls)
+    torch.testing.assert_close(m.center_patch, c_patch)
+    assert int(m.step) == 3
+
+
+def test_teacher_temperatures_follow_the_step():
+    m = DetailCLIP(tiny_config(teacher_temp_warmup_steps=4))
+    assert m.temperatures(0) == (0.04, 0.04) and m.temperatures(3) == (0.04, 0.04)
+    assert m.temperatures(4) == (0.04, 0.07)
+
+
+def _grads(m):
+    return {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def test_exact_accumulation_equals_full_batch():
+    torch.manual_seed(0)
+    m = DetailCLIP(tiny_config()).double().train()
+    _perturb(m, 0.2)
+    batch = tiny_batch(6)
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+    out = m(batch)
+    out.loss.backward()
+    full = _grads(m)
+    m.zero_grad(set_to_none=True)
+    micro = [{k: v[i : i + 3] for k, v in batch.items()} for i in (0, 3)]
+    acc, done = exact_accumulation(micro, m.features, m.loss_from_features)
+    assert done
+    torch.testing.assert_close(acc.loss, out.loss, rtol=1e-10, atol=1e-12)
+    got = _grads(m)
+    assert got.keys() == full.keys()
+    for k in full:
+        torch.testing.assert_close(got[k], full[k], rtol=1e-8, atol=1e-10, msg=k)
+
+
+def test_state_dict_holds_teacher_centres_and_step():
+    m = DetailCLIP(tiny_config())
+    sd = m.state_dict()
+    assert {"center_cls", "center_patch", "step"} <= set(sd)
+    assert any(k.startswith("teacher.image.") for k in sd)
+    assert any(k.startswith("teacher.ibot_head.") for k in sd)
+
+
+def test_save_load_then_continue_is_exact():
+    def run(m, opt, steps, start):
+        for s in range(start, start + steps):
+            out = m(tiny_batch(seed=s))
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+            m.after_optimizer_step(s + 1, 6)
+        return out.loss.detach()
+
+    torch.manual_seed(0)
+    a = DetailCLIP(tiny_config()).train()
+    opt_a = torch.optim.AdamW([p for g in a.param_groups(0.1) for p in g["params"]], lr=1e-2)
+    run(a, opt_a, 3, 0)
+    state, opt_state = copy.deepcopy(a.state_dict()), copy.deepcopy(opt_a.state_dict())
+    la = run(a, opt_a, 3, 3)
+    b = DetailCLIP(tiny_config()).train()
+    b.load_state_dict(state)
+    opt_b = torch.optim.AdamW([p for g in b.param_groups(0.1) for p in g["params"]], lr=1e-2)
+    opt_b.load_state_dict(opt_state)
+    lb = run(b, opt_b, 3, 3)
+    assert torch.equal(la, lb)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_teacher_architecture_mismatch_on_load_is_one_line():
+    sd = DetailCLIP(tiny_config()).state_dict()
+    key = "teacher.ibot_head.last_layer.weight_v"
+    sd[key] = torch.zeros(5, 8)
+    with pytest.raises(ValueError, match="teacher and student architectures must match") as e:
+        DetailCLIP(tiny_config()).load_state_dict(sd)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"keep_ratio": 0.0, "keep_count": "floor"}, "keeps no token"),
+        ({"image": ImageTowerConfig(image_size=12, patch_size=4, width=16, depth=1, heads=2)},
+         "cannot be divided into 2x2"),
+        ({"num_views": 1}, "num_views >= 2"),
+    ],
+)  # fmt: skip
+def test_bad_config_is_one_line(kw, match):
+    with pytest.raises(ValueError, match=match) as e:
+        DetailCLIP(tiny_config(**kw))
+    assert "\n" not in str(e.value)
+
+
+def test_missing_views_is_clear_in_training_and_image_is_used_in_eval():
+    m = DetailCLIP(tiny_config()).train()
+    batch = {"image": torch.randn(2, 3, 16, 16), "text": torch.ones(2, 8).long()}
+    with pytest.raises(ValueError, match=r"needs batch\['views'\]"):
+        m.features(batch)
+    f = m.eval().features(batch)
+    assert f["image"].shape == (2, 2, 8) and torch.equal(f["image"][:, 0], f["image"][:, 1])
+
+
+def test_random_removal_and_teacher_eval_model():
+    m = DetailCLIP(tiny_config(removal="random")).train()
+    assert math.isfinite(m(tiny_batch()).loss.item())
+    t = DetailCLIP(tiny_config(eval_model="teacher")).eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert t.dense_features(x).shape == (2, 8, 4, 4)
+    _perturb(t)
+    torch.testing.assert_close(  # the teacher did not move: eval uses it, not the student
+        t.encode_image(x),
+        F.normalize(t.teacher["image_proj"](t.teacher["image"](x).pooled), dim=-1),
+    )
