@@ -76,6 +76,21 @@ def _label(ckpt: str, run_name: str, taken: set[str]) -> str:
     return label
 
 
+def check_device(device: str) -> None:
+    """One-line error for a device that does not exist here (before any model is built)."""
+    import torch
+
+    if device == "cpu":
+        return
+    if not device.startswith("cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N; got {device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use cpu")
+    index = device.partition(":")[2]
+    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPUs")
+
+
 def run(args: argparse.Namespace) -> int:
     from finegrain.eval import run_tasks, write_report
     from finegrain.eval.report import markdown_table
@@ -87,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--set '{s}' must look like key=value")
         k, v = s.split("=", 1)
         common[k] = v
+    check_device(args.device)
     results: dict[str, dict[str, float]] = {}
     out = Path(args.out) if args.out else None
     for ckpt in args.checkpoint:
