@@ -10,7 +10,8 @@ Task syntax: ``TASK:DATASET[/VARIANT][=PATH][@key=value]...`` where keys are fie
 ``fusion_alpha``, ``context_length``, ``background_threshold``, ``image_root``, ``limit``, ...);
 ``--set key=value`` applies to every task. Without ``--tasks`` the run config's ``eval.tasks``
 are used. Writes ``results.json`` and ``results.md`` (one column per checkpoint) and the plots
-under ``--out`` and prints the Markdown table.
+under ``--out`` (default ``<run>/eval``; a folder that holds earlier results is never reused:
+the next free ``<out>-2``, ``<out>-3``... is taken and named on stderr) and prints the table.
 """
 
 from __future__ import annotations
@@ -91,6 +92,17 @@ def check_device(device: str) -> None:
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPUs")
 
 
+def _fresh(out: Path) -> Path:
+    """``out`` when new or empty, else the next free ``out-2``, ``out-3``...: an evaluation
+    never replaces earlier results."""
+    from finegrain.train.guard import unique_dir
+
+    fresh = unique_dir(out)
+    if fresh != out:
+        print(f"finegrain eval: {out} holds earlier results; writing to {fresh}", file=sys.stderr)
+    return fresh
+
+
 def run(args: argparse.Namespace) -> int:
     from finegrain.eval import run_tasks, write_report
     from finegrain.eval.report import markdown_table
@@ -104,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         common[k] = v
     check_device(args.device)
     results: dict[str, dict[str, float]] = {}
-    out = Path(args.out) if args.out else None
+    out = _fresh(Path(args.out)) if args.out else None
     for ckpt in args.checkpoint:
         method, cfg = load_method(ckpt, map_location=args.device)
         specs = _split_specs(args.tasks)
@@ -115,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"no --tasks given and the run config of {ckpt} lists no eval.tasks")
         if out is None:
             base = Path(ckpt)
-            out = (base if base.is_dir() else base.parent) / "eval"
+            out = _fresh((base if base.is_dir() else base.parent) / "eval")
         label = _label(ckpt, getattr(cfg, "name", ""), set(results))
         results[label] = run_tasks(method, tasks, device=args.device, out_dir=out / label,
                                    progress=not args.quiet, data_cfg=cfg.data)  # fmt: skip

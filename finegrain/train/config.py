@@ -24,6 +24,7 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 10
     eval_every: int = 0  # steps; 0 = only at the end
-    nan_policy: str = "stop"  # stop | skip
+    nan_policy: str = "stop"  # stop | skip: non-finite loss or gradient (named) stops or skips
+    timeout_s: float = 1800.0  # process-group collective timeout: a hung rank fails the job
     progress: bool = True
     wandb: bool = False
