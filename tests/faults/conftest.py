@@ -45,3 +45,12 @@ def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 (pytest h
             total[k] += c[k]
     tr.write_line(f"{'TOTAL':<28} injected {total['injected']:>3}  survived "
                   f"{total['survived']:>3}  samples lost {total['lost']}")  # fmt: skip
+
+
+@pytest.fixture
+def toy_cli(monkeypatch):  # noqa: ANN001, ANN201
+    """In-process ``finegrain train --recipe toy_faults``: ToyCLIP, ToyLoader, toy evaluation."""
+    from inject import toy_setup
+
+    for module, name, value in toy_setup():
+        monkeypatch.setattr(module, name, value)
