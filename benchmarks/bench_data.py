@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import tempfile
 import time
 
 import torch
+
+from finegrain.data.schema import sample_rng
 
 
 class KCaptionCollate:
@@ -39,7 +40,7 @@ class KCaptionCollate:
         texts = []
         for s in samples:
             pool = s["sentences"] or s["captions"] or [s["caption"]]
-            rng = random.Random(s["seed"])
+            rng = sample_rng(s["seed"], "caption")
             texts += [s["caption"]] if self.k == 1 else [rng.choice(pool) for _ in range(self.k)]
         tokens = self.tokenizer(texts)  # (B * K, L)
         return {"image": torch.stack([s["image"] for s in samples]),

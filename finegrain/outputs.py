@@ -79,11 +79,15 @@ class MethodOutput:
     loss:    scalar tensor to backpropagate (already weighted and summed).
     losses:  named, detached-or-not loss terms; every key ends with ``_loss``.
     metrics: anything else worth logging (logit scale, accuracy, ...); floats or 0-d tensors.
+    stats:   counts of this step that are not per-sample features (matched boxes, ...); the
+             trainer adds the collate's ``batch["stats"]`` (summed over micro-batches), logs
+             ``stats/<name>`` and sums them into summary.json's ``"stats"``.
     """
 
     loss: torch.Tensor
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         bad = [k for k in self.losses if not k.endswith("_loss")]

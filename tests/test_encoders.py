@@ -247,7 +247,7 @@ def test_hf_bert_and_t5_from_local_dir(tmp_path) -> None:
     out = t5(torch.tensor([[5, 6, 7, 1, 0, 0]]))
     assert t5.width == 16 and out.mask.tolist() == [[True] * 4 + [False] * 2]
     torch.testing.assert_close(out.pooled, out.tokens[:, :4].mean(1))
-    with pytest.raises(ValueError, match="valid choices: mean, cls"):
+    with pytest.raises(ValueError, match="pooling 'max'.*valid choices: eot, mean, cls"):
         build_text_tower(TextTowerConfig(name="hf", path=str(t5_dir), pooling="max"))
     with pytest.raises(ValueError, match="local model directory"):
         build_text_tower(TextTowerConfig(name="hf", path=str(tmp_path / "nope")))

@@ -66,8 +66,14 @@ def main(argv: list[str]) -> int:
     start = time.perf_counter()
     try:
         if args.command == "convert":
-            out = shards.convert_manifest(args.manifest, args.images, args.out, args.shard_size,
-                                          args.split, overwrite=args.overwrite)  # fmt: skip
+            out = shards.convert_manifest(
+                args.manifest,
+                args.images,
+                args.out,
+                args.shard_size,
+                args.split,
+                overwrite=args.overwrite,
+            )
             out["pattern"] = _pattern(out["shards"])
             for s in out["skipped"][:20]:  # the JSON on stdout lists them all (up to 200)
                 print(f"skipped {args.manifest}:{s['line']} ({s['image']}): {s['reason']}: "
@@ -77,12 +83,16 @@ def main(argv: list[str]) -> int:
         else:
             from finegrain.data.config import SyntheticConfig
 
-            cfg = SyntheticConfig(seed=args.seed, num_samples=args.num,
-                                  box_jitter=args.box_jitter,
-                                  drop_region_prob=args.drop_region_prob,
-                                  novel_object_prob=args.novel_object_prob)  # fmt: skip
-            paths = shards.synthesize(args.out, args.num, args.image_size, args.seed,
-                                      args.shard_size, cfg, args.format)  # fmt: skip
+            cfg = SyntheticConfig(
+                seed=args.seed,
+                num_samples=args.num,
+                box_jitter=args.box_jitter,
+                drop_region_prob=args.drop_region_prob,
+                novel_object_prob=args.novel_object_prob,
+            )
+            paths = shards.synthesize(
+                args.out, args.num, args.image_size, args.seed, args.shard_size, cfg, args.format
+            )
             out = {"shards": paths, "pattern": _pattern(paths), "written": args.num}
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -17,7 +17,6 @@ import csv
 import io
 import json
 import logging
-import random
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from PIL import Image
 from finegrain.data.schema import BrokenSample, parse_record
 from finegrain.data.tars import expand_glob
 from finegrain.data.tars import iter_tar as iter_tar  # re-exported (older imports)
-from finegrain.data.transforms import BoxTransform, swap_left_right
+from finegrain.data.transforms import SampleTransform, swap_left_right
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -74,9 +73,10 @@ def decode_mask(data: Any, size: tuple[int, int]) -> np.ndarray:
 
 
 def make_sample(
-    raw: dict[str, Any], transform: BoxTransform, seed: int, caption_key: str = "caption"
+    raw: dict[str, Any], transform: SampleTransform, seed: int, caption_key: str = "caption"
 ) -> dict[str, Any]:
-    """Decode, validate and transform one raw sample into the schema dict."""
+    """Decode, validate and transform one raw sample into the schema dict (``views`` and
+    ``view_regions`` too when the transform makes extra views)."""
     if raw.get("broken"):
         raise BrokenSample(*raw["broken"])
     record = decode_record(raw["record"])
@@ -85,10 +85,13 @@ def make_sample(
         raise BrokenSample("missing_image", f"sample '{raw['key']}' has no image")
     image = decode_image(raw["image"])
     mask = None if raw.get("mask") is None else decode_mask(raw["mask"], image.size)
-    out = transform.apply(image, fields["regions"], random.Random(seed), mask)
+    out = transform.for_sample(image, fields["regions"], seed, mask)
     sample = {**fields, "seed": seed, "image": out.image, "regions": out.regions}
     if out.flipped:  # "on the left" becomes "on the right" in a mirrored image
         sample = flip_text(sample)
+    if out.views is not None:
+        sample["views"] = out.views
+        sample["view_regions"] = out.view_regions or [[] for _ in out.views]
     if out.mask is not None:
         sample["mask"] = out.mask
     return sample

@@ -15,17 +15,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from finegrain.config import Checked
 from finegrain.registry import IMAGE_TOWERS, TEXT_TOWERS
 
 
 @dataclass
-class ImageTowerConfig:
+class ImageTowerConfig(Checked):
     name: str = "vit"  # vit | timm | open_clip | efficientnet_lite0
     model: str = ""  # timm / open_clip architecture name, e.g. vit_base_patch16_224, ViT-B-16
     pretrained: str = (
@@ -46,18 +48,18 @@ class ImageTowerConfig:
 
 
 @dataclass
-class TextTowerConfig:
+class TextTowerConfig(Checked):
     name: str = "transformer"  # transformer (CLIP-style causal) | open_clip | hf | minilm
     model: str = ""  # open_clip architecture name or HF model type hint
     path: str = ""  # local directory of a Hugging Face model / tokenizer
-    tokenizer: str = "clip"  # clip (open_clip BPE) | hf (from `path`)
+    tokenizer: Literal["clip", "hf"] = "clip"  # clip: open_clip BPE; hf: from `path`
     context_length: int = 77
     vocab_size: int = 49408
     width: int = 128
     depth: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
-    pooling: str = "eot"  # eot | mean | cls
+    pooling: Literal["eot", "mean", "cls"] = "eot"
     grad_checkpointing: bool = False
     trainable_blocks: int = -1  # -1: everything trains; n >= 0: only the last n blocks
 

@@ -34,6 +34,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from finegrain.config import ConfigError, load_yaml, to_dict
+from finegrain.methods.base import Method, build_method
+from finegrain.run_config import RunConfig
 from finegrain.train.integrity import CheckpointError, load_trusted, verify_safetensors
 
 STEP_PREFIX = "step_"
@@ -264,7 +266,7 @@ def check_compatible(method: torch.nn.Module, weights: dict[str, torch.Tensor], 
             )
 
 
-def check_same_method(saved_cfg: Any, cfg: Any, where: str) -> None:
+def check_same_method(saved_cfg: RunConfig, cfg: RunConfig, where: str) -> None:
     """Refuse resuming a run whose method config differs (names the first differing key)."""
     a, b = to_dict(saved_cfg.method), to_dict(cfg.method)
     if a != b:
@@ -312,15 +314,12 @@ def weights_path(run_or_file: str | Path) -> Path:
     return ckpt / MODEL_FILE
 
 
-def load_method(run_or_file: str, map_location: str = "cpu") -> tuple[Any, Any]:
+def load_method(run_or_file: str, map_location: str = "cpu") -> tuple[Method, RunConfig]:
     """Build the trained method of a run dir, checkpoint dir, or ``.safetensors`` file.
 
     The config is read from the nearest ``config.yaml`` at or above the path. Returns
     ``(method in eval mode, RunConfig)``.
     """
-    from finegrain.methods.base import build_method
-    from finegrain.recipes.base import RunConfig
-
     weights_file = weights_path(run_or_file)
     cfg = load_yaml(RunConfig, find_config(weights_file.parent))
     method = build_method(cfg.method)

@@ -81,14 +81,12 @@ def toy_setup() -> list[tuple[object, str, object]]:
     tests = str(Path(__file__).resolve().parents[1])
     if tests not in sys.path:
         sys.path.insert(0, tests)
-    import finegrain.data
-    import finegrain.eval
+    import finegrain.train.trainer as trainer
     from finegrain.registry import RECIPES
 
     if "toy_faults" not in RECIPES:
         RECIPES.add("toy_faults", toy_faults_recipe)
-    return [(finegrain.data, "build_train_loader", toy_loader),
-            (finegrain.eval, "run_tasks", toy_eval)]  # fmt: skip
+    return [(trainer, "build_train_loader", toy_loader), (trainer, "run_tasks", toy_eval)]
 
 
 def _applies() -> bool:
@@ -139,7 +137,7 @@ def install(fault: str) -> None:
         ckpt.save_file, ckpt.write_atomic_text = save_file, write_atomic_text
         ckpt.torch.save = torch_save
     elif kind == "eval":
-        import finegrain.eval as ev
+        import finegrain.train.trainer as ev
 
         orig_run, calls = ev.run_tasks, {"n": 0}
 
