@@ -96,6 +96,17 @@ def archive_run(run_dir: Path) -> Path:
     return dest
 
 
+def ensure_writable(run_dir: Path) -> None:
+    """Create ``run_dir``; a clear ``ValueError`` when that or writing into it fails."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write_test_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"output dir {run_dir} is not writable: {e.strerror or e}") from None
+
+
 def claim_run_dir(run_dir: Path, resume: str | None, overwrite: bool,
                   is_main: bool) -> tuple[Path | None, list[str]]:  # fmt: skip
     """(checkpoint to resume from or None, notes) and the run directory ready to write.
@@ -105,8 +116,6 @@ def claim_run_dir(run_dir: Path, resume: str | None, overwrite: bool,
     does, ``TORCHELASTIC_RESTART_COUNT > 0`` implies it), or None: a new run, refused in a
     directory holding another run unless ``overwrite`` (then rank 0 archives the old one).
     Collective under torchrun: every rank checks before rank 0 moves anything."""
-    from finegrain.train.trainer import ensure_writable
-
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if resume is None and restarted:
         resume = "auto"

@@ -31,6 +31,7 @@ from finegrain.run_config import RunConfig, validate_trainer
 from finegrain.train import checkpoint as ckpt
 from finegrain.train import distributed as dist_utils
 from finegrain.train import guard
+from finegrain.train.guard import ensure_writable as ensure_writable  # re-exported
 from finegrain.train.logging import RunLogger, write_json
 from finegrain.train.optim import build_optimizer, lr_at, set_lr
 from finegrain.train.step import exact_accumulation, to_device
@@ -46,17 +47,6 @@ def resolve_run_dir(cfg: RunConfig, output_dir: str | None = None) -> Path:
     """``output_dir`` argument > ``cfg.output_dir`` > ``$FINEGRAIN_HOME/runs/<name>``."""
     d = output_dir or cfg.output_dir or str(finegrain_home() / "runs" / cfg.name)
     return Path(d).expanduser()
-
-
-def ensure_writable(run_dir: Path) -> None:
-    """Create ``run_dir``; a clear ``ValueError`` when that or writing into it fails."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write_test_{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"output dir {run_dir} is not writable: {e.strerror or e}") from None
 
 
 class Trainer:
