@@ -53,7 +53,7 @@ def toy_faults_recipe():  # noqa: ANN201
     return cfg
 
 
-def toy_loader(cfg, collate, *, rank=0, world_size=1, seed=0):  # noqa: ANN001, ANN201
+def toy_loader(cfg, collate, *, rank=0, world_size=1, seed=0, **kw):  # noqa: ANN001, ANN003, ANN201
     import toy_method
 
     return toy_method.ToyLoader(batch_size=cfg.batch_size, seed=seed, rank=rank,
