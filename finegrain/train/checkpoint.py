@@ -118,11 +118,15 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(weights, str(tmp / MODEL_FILE), metadata={"step": str(step)})
-    torch.save(state, tmp / STATE_FILE)
-    for f in (MODEL_FILE, STATE_FILE):
-        _fsync_file(tmp / f)
-    _fsync_dir(tmp)
+    try:
+        save_file(weights, str(tmp / MODEL_FILE), metadata={"step": str(step)})
+        torch.save(state, tmp / STATE_FILE)
+        for f in (MODEL_FILE, STATE_FILE):
+            _fsync_file(tmp / f)
+        _fsync_dir(tmp)
+    except BaseException:  # disk full, quota, read-only: leave no half-written directory
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # re-saving the same step (e.g. final save after a periodic one)
         shutil.rmtree(final)
     os.replace(tmp, final)
