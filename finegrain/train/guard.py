@@ -204,6 +204,12 @@ def is_timeout(e: BaseException) -> bool:
     return "timed out" in text or "timeout" in text
 
 
+def is_peer_lost(e: BaseException) -> bool:
+    """Whether ``e`` is a collective failing because another rank's process went away."""
+    text = str(e).lower()
+    return "closed by peer" in text or "reset by peer" in text or "broken pipe" in text
+
+
 __all__ = [
     "CheckpointWriteError",
     "DistributedTimeout",
@@ -215,6 +221,7 @@ __all__ = [
     "grads_finite",
     "nonfinite_grads",
     "describe_run",
+    "is_peer_lost",
     "is_timeout",
     "unique_dir",
 ]

@@ -487,7 +487,14 @@ def train(
     try:
         return Trainer(cfg, resume=resume, output_dir=output_dir, overwrite=overwrite).fit()
     except RuntimeError as e:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and guard.is_timeout(e):
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if distributed and guard.is_peer_lost(e):  # torchrun restarts or ends the job
+            raise guard.DistributedTimeout(
+                f"rank {os.environ.get('RANK', '?')}: another rank's process died during a "
+                "collective (see its log); under torchrun --max-restarts the job restarts "
+                "from the last checkpoint"
+            ) from None
+        if distributed and guard.is_timeout(e):
             raise guard.DistributedTimeout(
                 f"rank {os.environ.get('RANK', '?')}: a collective did not complete within "
                 f"train.timeout_s={cfg.train.timeout_s:g}s; another rank hung or died (see its "
