@@ -325,6 +325,7 @@ def load_method(run_or_file: str, map_location: str = "cpu") -> tuple[Method, Ru
     ``(method in eval mode, RunConfig)``.
     """
     weights_file = weights_path(run_or_file)
+    verify_safetensors(weights_file)  # a truncated file is named before anything is built
     cfg = load_yaml(RunConfig, find_config(weights_file.parent))
     method = build_method(cfg.method)
     weights = load_weights(weights_file, device=map_location)
