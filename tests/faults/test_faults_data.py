@@ -171,3 +171,26 @@ def test_convert_refuses_non_empty_output_unless_overwrite(tmp_path: Path, fault
     assert again["removed_old_shards"] == 3 and sorted(p.name for p in out.glob("*.tar")) == [
         "00000.tar", "00001.tar"], "no shard of the old conversion is left to mix in"  # fmt: skip
     faults.record("convert into a used folder", injected=1, survived=1)
+
+
+def test_manifest_paths_cannot_escape_the_dataset_root(tmp_path: Path, faults) -> None:
+    from finegrain.data.schema import BrokenSample
+    from finegrain.data.sources import ManifestSource, make_sample
+    from finegrain.data.transforms import train_transform
+
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "ok.jpg").write_bytes(_jpg(1))
+    (tmp_path / "secret.jpg").write_bytes(_jpg(2))
+    (root / "link.jpg").symlink_to(tmp_path / "secret.jpg")
+    rows = [{"image": p, "caption": "x"} for p in
+            ("ok.jpg", "../secret.jpg", str(tmp_path / "secret.jpg"), "link.jpg")]  # fmt: skip
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    src = ManifestSource(str(tmp_path / "m.jsonl"), image_root=str(root))
+    transform = train_transform(DataConfig(image_size=16, augment="squash"))
+    assert make_sample(src.raw(0), transform, 0)["caption"] == "x"
+    for i in (1, 2, 3):  # relative '..', absolute path, symlink out of the root
+        with pytest.raises(BrokenSample) as e:
+            make_sample(src.raw(i), transform, 0)
+        assert e.value.reason == "path"
+    faults.record("manifest path escapes", injected=3, survived=3)
