@@ -8,8 +8,15 @@
     finegrain predict --checkpoint RUN_OR_SPEC --images DIR --classes a,b | --embeddings OUT.npy
     finegrain export RUN --format open_clip|hf|towers
 
-User mistakes (unknown recipe or key, wrong type, missing path, unwritable output dir,
-incompatible resume, non-finite loss) print one line on stderr and exit with code 2.
+User mistakes and run failures (unknown recipe or key, wrong type, missing path, unwritable
+or full output dir, a run directory holding another run, corrupt/truncated or refused
+checkpoint files, wrong file kinds, a device that is not there, non-finite loss or gradient,
+too many broken samples, a distributed timeout) print one line on stderr and exit with code 2.
+
+Nothing is overwritten silently: ``train`` refuses a run directory that holds another run
+(``--resume latest`` continues it; ``--overwrite`` archives it to ``<dir>.old-<timestamp>``).
+SIGINT/SIGTERM write a checkpoint at the next step boundary, record status ``interrupted``
+and exit with 128 + the signal number (130 for SIGINT, 143 for SIGTERM), like a shell.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the CLI imports torch-backed modules only once a command runs
     from finegrain.run_config import RunConfig
@@ -47,9 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--recipe", help="recipe name (see `finegrain recipes`)")
     t.add_argument("--config", help="a run's config.yaml instead of a recipe")
-    t.add_argument(
-        "--resume", metavar="latest|PATH", help="resume from the run's newest checkpoint or a path"
-    )
+    t.add_argument("--resume", metavar="latest|auto|PATH",
+                   help="latest: the run's newest valid checkpoint (falls back past broken "
+                   "ones); auto: resume if one exists, else start; or a checkpoint/run path")  # fmt: skip
+    t.add_argument("--overwrite", action="store_true",
+                   help="start over in a run dir holding another run (archived to "
+                   "<dir>.old-<timestamp>)")  # fmt: skip
     t.add_argument("--output-dir", help="run directory (default $FINEGRAIN_HOME/runs/<name>)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.add_argument("overrides", nargs="*", metavar="key.sub=value")
@@ -63,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--output-dir", help="run directory (default $FINEGRAIN_HOME/runs/demo[_METHOD])"
     )
+    d.add_argument("--overwrite", action="store_true",
+                   help="archive an earlier demo run in the same dir and start over")  # fmt: skip
     d.add_argument("overrides", nargs="*", metavar="key.sub=value")
     for name, (_, help_) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)
@@ -113,10 +125,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_paths(cfg)
     from finegrain.train.trainer import train
 
-    summary = train(cfg, resume=args.resume, output_dir=args.output_dir)
+    summary = train(cfg, resume=args.resume, output_dir=args.output_dir,
+                    overwrite=args.overwrite)  # fmt: skip
+    if summary.get("status") == "interrupted":
+        return _interrupted(summary)
     if summary.get("metrics"):
         _print_results(summary["metrics"])
     return 0
+
+
+def _interrupted(summary: dict[str, Any]) -> int:
+    """One line for a run stopped by SIGINT/SIGTERM; exit code 128 + signal (shell rule)."""
+    import signal
+
+    name = summary.get("signal") or "SIGINT"
+    print(f"finegrain train: interrupted by {name} at step {summary.get('step')}; checkpoint "
+          "written, continue with --resume latest", file=sys.stderr)  # fmt: skip
+    return 128 + int(signal.Signals[name])
 
 
 def cmd_recipes(_: argparse.Namespace) -> int:
@@ -153,7 +178,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "steps on synthetic scenes; then evaluating.",
         file=sys.stderr,
     )
-    summary = train(cfg, output_dir=args.output_dir)
+    summary = train(cfg, output_dir=args.output_dir, overwrite=args.overwrite)
+    if summary.get("status") == "interrupted":
+        return _interrupted(summary)
     _print_results(summary.get("metrics", {}))
     return 0
 
@@ -216,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         if type(e).__name__ != "TooManyBrokenSamples":
             raise
         print(f"finegrain {args.command}: data error: {e}", file=sys.stderr)
-        return 1
+        return USER_ERROR
     except KeyboardInterrupt:
         print(f"finegrain {args.command}: interrupted", file=sys.stderr)
         return 130

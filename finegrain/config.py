@@ -261,7 +261,10 @@ def apply_overrides(cfg: C, overrides: list[str]) -> C:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.sub=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': not a YAML value ({_yaml_problem(e)})") from None
         node, parts = data, key.strip().split(".")
         for i, part in enumerate(parts):
             here = ".".join(parts[: i + 1])
@@ -302,4 +305,16 @@ def load_yaml(cls: type[C], path: str | Path) -> C:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    return from_dict(cls, yaml.safe_load(path.read_text()) or {})
+    try:  # safe_load: tags such as !!python/object are refused, never executed
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not a valid config file ({_yaml_problem(e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping, got {type(data).__name__}")
+    return from_dict(cls, data)
+
+
+def _yaml_problem(e: Exception) -> str:
+    problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem}{f' at line {mark.line + 1}' if mark is not None else ''}"

@@ -1,11 +1,14 @@
 """``finegrain data convert | inspect | synthesize`` (dispatched from ``finegrain/cli.py``).
 
     finegrain data convert --manifest captions.jsonl --images DIR --out shards/ [--shard-size N]
-    finegrain data inspect "shards/{00000..00009}.tar"
+    finegrain data inspect "shards/{00000..00009}.tar"    # or "shards/*.tar"
     finegrain data synthesize --out shards/ --num 10000 [--image-size 64 --seed 0]
 
 Every command prints one JSON object on stdout; user mistakes print ``error: ...`` on stderr
-and return 2.
+and return 2. ``convert`` refuses a non-empty ``--out`` unless ``--overwrite`` (which deletes
+the folder's old ``*.tar`` shards first, so splits never mix); it decodes every image and
+skips broken rows, listing each with its manifest line and reason. ``inspect`` reports
+truncated/unreadable shards under ``bad_shards`` and ``clean`` is true only without any.
 """
 
 from __future__ import annotations
@@ -27,8 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder for NNNNN.tar shards")
     c.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     c.add_argument("--split", default="", help="keep only rows with this 'split' value")
+    c.add_argument("--overwrite", action="store_true",
+                   help="allow a non-empty --out: its old *.tar shards are deleted first")  # fmt: skip
     i = sub.add_parser("inspect", help="counts, fields present and broken samples of shards")
-    i.add_argument("shards", help="shard path or brace pattern, e.g. 'dir/{00000..00009}.tar'")
+    i.add_argument("shards", help="shard path, brace pattern or glob: 'dir/{00000..00009}.tar', "
+                   "'dir/*.tar'")  # fmt: skip
     s = sub.add_parser("synthesize", help="synthetic training scenes -> webdataset shards")
     s.add_argument("--out", required=True)
     s.add_argument("--num", type=int, required=True, help="number of scenes")
@@ -61,9 +67,17 @@ def main(argv: list[str]) -> int:
     try:
         if args.command == "convert":
             out = shards.convert_manifest(
-                args.manifest, args.images, args.out, args.shard_size, args.split
+                args.manifest,
+                args.images,
+                args.out,
+                args.shard_size,
+                args.split,
+                overwrite=args.overwrite,
             )
             out["pattern"] = _pattern(out["shards"])
+            for s in out["skipped"][:20]:  # the JSON on stdout lists them all (up to 200)
+                print(f"skipped {args.manifest}:{s['line']} ({s['image']}): {s['reason']}: "
+                      f"{s['detail']}", file=sys.stderr)  # fmt: skip
         elif args.command == "inspect":
             out = shards.inspect_shards(args.shards)
         else:

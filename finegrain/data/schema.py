@@ -12,6 +12,12 @@ machine-readable ``reason`` for anything a training run must skip rather than cr
 | ``caption`` | no caption at all (no ``caption``, ``captions``, ``long_caption`` or ``sentences``) |
 | ``missing_image`` | the record names no image / the image file is missing |
 | ``mask`` | the evaluation mask cannot be decoded or has the wrong size |
+| ``path`` | a manifest image path escapes the given dataset root (``..``, absolute, symlink) |
+| ``truncated`` | a webdataset shard ends inside this sample (cut download, full disk) |
+| ``missing_shard`` | a shard listed in the pattern vanished before it was read |
+| ``bad_shard`` | a shard that cannot be opened or is not a tar archive |
+
+Wrong types in the JSON side (a number for a caption, a string for a label) count as ``json``.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ SCHEMA_KEYS = (
     "label", "mask", "meta",
 )  # fmt: skip
 TEXT_FIELDS = ("caption", "captions", "long_caption", "sentences", "regions")
-BROKEN_REASONS = ("decode", "json", "box", "caption", "missing_image", "mask")
+BROKEN_REASONS = ("decode", "json", "box", "caption", "missing_image", "mask", "path",
+                  "truncated", "missing_shard", "bad_shard")  # fmt: skip
 BOX_TOLERANCE = 1e-4  # rounding slack allowed outside [0, 1] before a box counts as broken
 
 

@@ -25,9 +25,11 @@ from finegrain.data.sources import (
     _read_rows,
     decode_image,
     decode_record,
-    iter_tar,
+    inside_root,
     parse_shard_spec,
+    read_jsonl_numbered,
 )
+from finegrain.data.tars import iter_tar
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -77,20 +79,53 @@ def write_shards(
     return paths
 
 
-def _manifest_samples(rows: list[Any], root: Path, report: Counter) -> Iterator[dict]:
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            report["bad_json"] += 1
-            continue
-        rel = row.get("image")
-        path = root / str(rel) if rel else None
-        if path is None or not path.is_file():
-            report["missing_image"] += 1
+MAX_SKIPPED_SHOWN = 200  # skipped rows listed one by one in the convert report
+
+
+def _numbered_rows(path: Path) -> list[tuple[int, Any]]:
+    """(source line, row) of a JSONL or CSV manifest (CSV: header is line 1)."""
+    if path.suffix.lower() == ".csv":
+        return [(i + 2, r) for i, r in enumerate(_read_rows(path))]
+    return read_jsonl_numbered(path)
+
+
+def _check_row(row: Any, root: Path, confined: bool) -> tuple[Path, bytes, Image.Image]:
+    """(path, bytes, decoded image) of a manifest row, ``BrokenSample`` when it is unusable:
+    bad JSON/types, no caption, bad boxes, an image path outside the root, missing or
+    undecodable image (every image is fully decoded: 0-byte and truncated JPEGs are caught)."""
+    if not isinstance(row, dict):
+        raise BrokenSample("json", "invalid JSON (or not an object)")
+    rel = row.get("image")
+    if not isinstance(rel, str) or not rel:
+        raise BrokenSample("missing_image", "no 'image' field")
+    if confined and not inside_root(root, rel):
+        raise BrokenSample("path", f"image path escapes the dataset root {root}")
+    parse_record({k: v for k, v in row.items() if k not in ("image", "split")}, rel)
+    path = root / rel
+    if not path.is_file():
+        raise BrokenSample("missing_image", f"image file not found: {path}")
+    data = path.read_bytes()
+    if not data:
+        raise BrokenSample("decode", "empty (0-byte) image file")
+    return path, data, decode_image(data)
+
+
+def _manifest_samples(rows: list[tuple[int, Any]], root: Path, confined: bool,
+                      report: dict[str, Any]) -> Iterator[dict]:  # fmt: skip
+    for i, (line, row) in enumerate(rows):
+        try:
+            path, data, image = _check_row(row, root, confined)
+        except BrokenSample as e:
+            report["by_reason"][e.reason] += 1
+            if len(report["skipped"]) < MAX_SKIPPED_SHOWN:
+                rel = row.get("image") if isinstance(row, dict) else None
+                report["skipped"].append({"line": line, "image": rel, "reason": e.reason,
+                                          "detail": e.detail or e.reason})  # fmt: skip
             continue
         ext = path.suffix.lower().lstrip(".")
-        data = path.read_bytes()
         if ext not in IMAGE_EXTS:  # re-encode formats webdataset readers do not expect
-            data, ext = encode_image(decode_image(data), "jpg"), "jpg"
+            data, ext = encode_image(image, "jpg"), "jpg"
+        rel = row["image"]
         meta = {k: v for k, v in row.items() if k not in ("image",)}
         caption = meta.get("caption") or next(iter(meta.get("captions") or []), "")
         report["written"] += 1
@@ -103,22 +138,52 @@ def _manifest_samples(rows: list[Any], root: Path, report: Counter) -> Iterator[
         }
 
 
+def prepare_output(out: str | Path, overwrite: bool) -> list[str]:
+    """Refuse a non-empty output folder unless ``overwrite``; then delete its old ``*.tar``
+    shards (so two conversions never mix). Returns the removed shard paths."""
+    folder = Path(out).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"--out {folder} is a file, not a folder")
+    existing = sorted(folder.iterdir()) if folder.is_dir() else []
+    if existing and not overwrite:
+        raise ValueError(
+            f"output folder {folder} is not empty ({len(existing)} entries, e.g. "
+            f"{existing[0].name}); pass --overwrite to replace its shards or choose a new folder"
+        )
+    removed = [str(p) for p in existing if p.suffix == ".tar" and p.is_file()]
+    for p in removed:
+        Path(p).unlink()
+    return removed
+
+
 def convert_manifest(
-    manifest: str, images: str, out: str, shard_size: int = 1000, split: str = ""
+    manifest: str,
+    images: str,
+    out: str,
+    shard_size: int = 1000,
+    split: str = "",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """JSONL/CSV manifest + image folder -> shards. Returns counts and the shard paths."""
+    """JSONL/CSV manifest + image folder -> shards, every row validated and every image decoded
+    first. Returns the shard paths, counts by skip reason and the skipped rows (source line,
+    image, reason). With ``images`` given, image paths may not escape that folder."""
     p = Path(manifest).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"manifest not found: {p}")
     root = Path(images).expanduser() if images else p.parent
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    rows = _read_rows(p)
+    rows = _numbered_rows(p)
     if split:
-        rows = [r for r in rows if not isinstance(r, dict) or r.get("split") == split]
-    report: Counter = Counter()
-    shards = write_shards(_manifest_samples(rows, root, report), out, shard_size)
-    return {"shards": shards, **{k: report[k] for k in ("written", "missing_image", "bad_json")}}
+        rows = [(n, r) for n, r in rows if not isinstance(r, dict) or r.get("split") == split]
+    removed = prepare_output(out, overwrite)
+    report: dict[str, Any] = {"written": 0, "by_reason": Counter(), "skipped": []}
+    shards = write_shards(_manifest_samples(rows, root, bool(images), report), out, shard_size)
+    by_reason = dict(report["by_reason"])
+    return {"shards": shards, "written": report["written"],
+            "missing_image": by_reason.get("missing_image", 0),
+            "bad_json": by_reason.get("json", 0), "skipped_by_reason": by_reason,
+            "skipped": report["skipped"], "removed_old_shards": len(removed)}  # fmt: skip
 
 
 def synthesize(
@@ -154,6 +219,8 @@ def synthesize(
 
 def _check(sample: dict[str, Any]) -> str | None:
     """The broken reason of one shard sample, or None when it is good."""
+    if "__broken__" in sample:
+        return sample["__broken__"]
     try:
         record = decode_record(sample.get("json", b"{}"))
         if isinstance(record, dict) and "txt" in sample and "caption" not in record:
@@ -174,9 +241,17 @@ def inspect_shards(spec: str, max_examples: int = 5) -> dict[str, Any]:
     shards = [s for shard_list, _ in sources for s in shard_list]
     per_shard, exts, keys, broken = {}, Counter(), Counter(), Counter()
     examples: list[dict[str, str]] = []
+    bad_shards: dict[str, str] = {}
     for shard in shards:
         n = 0
         for sample in iter_tar(shard):
+            if "__broken__" in sample:  # a truncated/unreadable shard: reported, not a sample
+                bad_shards[shard] = sample.get("__detail__", sample["__broken__"])
+                broken[sample["__broken__"]] += 1
+                if len(examples) < max_examples:
+                    examples.append({"shard": shard, "key": sample["__key__"],
+                                     "reason": sample["__broken__"]})  # fmt: skip
+                continue
             n += 1
             exts.update(k for k in sample if not k.startswith("__"))
             try:
@@ -200,4 +275,6 @@ def inspect_shards(spec: str, max_examples: int = 5) -> dict[str, Any]:
         "broken": sum(broken.values()),
         "broken_by_reason": dict(broken),
         "broken_examples": examples,
+        "bad_shards": bad_shards,
+        "clean": not broken and not bad_shards,
     }

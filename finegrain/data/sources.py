@@ -16,8 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import tarfile
-from collections.abc import Iterator
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,11 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from finegrain.data.schema import BrokenSample, parse_record
+from finegrain.data.tars import expand_glob
+from finegrain.data.tars import iter_tar as iter_tar  # re-exported (older imports)
 from finegrain.data.transforms import SampleTransform, swap_left_right
 
+log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 KEY_CHECK_SAMPLES = 16  # fail fast when none of the first samples has a configured key
 
@@ -75,6 +77,8 @@ def make_sample(
 ) -> dict[str, Any]:
     """Decode, validate and transform one raw sample into the schema dict (``views`` and
     ``view_regions`` too when the transform makes extra views)."""
+    if raw.get("broken"):
+        raise BrokenSample(*raw["broken"])
     record = decode_record(raw["record"])
     fields = parse_record(record, raw["key"], caption_key)  # validates before decoding pixels
     if raw.get("image") is None:
@@ -119,13 +123,27 @@ def _read_rows(path: Path) -> list[Any]:
                             pass
                 rows.append(row)
             return rows
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                rows.append(line)  # kept undecoded: counted as broken ('json') when read
+    return [row for _, row in read_jsonl_numbered(path)]
+
+
+def read_jsonl_numbered(path: Path) -> list[tuple[int, Any]]:
+    """``(line number, row)`` of a JSONL file; an undecodable line stays a string (counted as
+    broken 'json' when read) and is logged with its line number."""
+    rows: list[tuple[int, Any]] = []
+    bad: list[int] = []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append((n, json.loads(line)))
+                except ValueError:
+                    rows.append((n, line.rstrip("\n")))
+                    bad.append(n)
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (
+            f" ... ({len(bad)} in all)" if len(bad) > 10 else ""
+        )
+        log.warning("%s: invalid JSON on line %s (skipped as broken samples)", path, shown)
     return rows
 
 
@@ -139,6 +157,7 @@ class ManifestSource:
         if not p.is_file():
             raise FileNotFoundError(f"manifest not found: {p}")
         self.root = Path(image_root).expanduser() if image_root else p.parent
+        self.confined = bool(image_root)  # a given dataset root: image paths must stay inside
         rows = _read_rows(p)
         good = [r for r in rows if isinstance(r, dict)]
         if split and any("split" in r for r in good):
@@ -162,7 +181,19 @@ class ManifestSource:
         rel = row.get("image")
         record = {k: v for k, v in row.items() if k not in ("image", "split")}
         key = str(row.get("key", Path(str(rel)).stem if rel else f"{self.name}-{index}"))
+        if rel and self.confined and not inside_root(self.root, str(rel)):
+            return {"key": key, "image": None, "record": record,
+                    "broken": ("path", f"image path {rel!r} escapes the dataset root {self.root}")}  # fmt: skip
         return {"key": key, "image": self.root / str(rel) if rel else None, "record": record}
+
+
+def inside_root(root: Path, rel: str) -> bool:
+    """Whether ``root / rel`` (symlinks and '..' resolved) stays inside ``root``."""
+    try:
+        (root / rel).resolve().relative_to(root.resolve())
+    except (ValueError, OSError):
+        return False
+    return True
 
 
 def check_keys(records: list[dict], caption_key: str, where: str,
@@ -190,8 +221,9 @@ def check_keys(records: list[dict], caption_key: str, where: str,
 
 # ---- webdataset shards ----------------------------------------------------------------------
 def parse_shard_spec(spec: str) -> list[tuple[list[str], float]]:
-    """``"a/{0..9}.tar::0.7,b.tar::0.3"`` -> [(shards, weight), ...]; missing local files are an
-    error listing every path not found. Commas inside braces belong to the brace pattern."""
+    """``"a/{0..9}.tar::0.7,b/*.tar::0.3"`` -> [(shards, weight), ...]: brace patterns and
+    globs expand (sorted); missing local files are an error listing every path not found.
+    Commas inside braces belong to the brace pattern."""
     parts, depth, cur = [], 0, ""
     for ch in spec:
         depth += ch == "{"
@@ -205,7 +237,7 @@ def parse_shard_spec(spec: str) -> list[tuple[list[str], float]]:
     out, missing = [], []
     for part in (p.strip() for p in parts if p.strip()):
         pattern, _, weight = part.partition("::")
-        shards = list(braceexpand(pattern))
+        shards = [g for s in braceexpand(pattern) for g in expand_glob(s)]
         missing += [s for s in shards if "://" not in s and not s.startswith("pipe:")
                     and not Path(s).expanduser().is_file()]  # fmt: skip
         try:
@@ -223,40 +255,6 @@ def parse_shard_spec(spec: str) -> list[tuple[list[str], float]]:
         )
         raise FileNotFoundError(f"shards not found: {shown}")
     return out
-
-
-def iter_tar(path: str) -> Iterator[dict[str, Any]]:
-    """Samples of one tar shard: ``{"__key__", "__shard__", ext: bytes}`` grouped by key."""
-    if path.startswith("pipe:") or "://" in path:
-        from webdataset import gopen
-
-        stream = gopen(path, "rb")
-    else:
-        stream = open(Path(path).expanduser(), "rb")  # noqa: SIM115 (closed below)
-    current: dict[str, Any] | None = None
-    try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                if "." not in base or base.startswith("."):
-                    continue
-                prefix = member.name[: len(member.name) - len(base)]
-                stem, ext = base.split(".", 1)
-                key = prefix + stem
-                if current is None or current["__key__"] != key:
-                    if current is not None:
-                        yield current
-                    current = {"__key__": key, "__shard__": path}
-                f = tar.extractfile(member)
-                current[ext.lower()] = f.read() if f else b""
-    except (tarfile.TarError, OSError) as e:
-        raise OSError(f"cannot read shard {path}: {e}") from e
-    finally:
-        stream.close()
-    if current is not None:
-        yield current
 
 
 def load_sidecar(path: str) -> dict[str, dict]:
@@ -282,6 +280,9 @@ def wds_raw(sample: dict[str, Any], caption_key: str, image_exts: tuple[str, ...
     """Raw sample from webdataset members. The caption comes from ``json[caption_key]``, else
     from the member with extension ``caption_key``, else (default key only) from ``txt``."""
     key = sample["__key__"].rsplit("/", 1)[-1]
+    if "__broken__" in sample:  # a missing/unreadable/truncated shard's stand-in
+        return {"key": key, "image": None, "record": {},
+                "broken": (sample["__broken__"], sample.get("__detail__", ""))}  # fmt: skip
     image = next((sample[e] for e in image_exts if e in sample), None)
     text_ext = caption_key if caption_key in sample else "txt" if caption_key == "caption" else ""
     text = sample.get(text_ext)
@@ -304,6 +305,7 @@ def wds_raw(sample: dict[str, Any], caption_key: str, image_exts: tuple[str, ...
 def wds_key_check(samples: list[dict], caption_key: str, image_exts: tuple[str, ...],
                   where: str) -> None:  # fmt: skip
     """Fail fast (a known OpenCLIP hang) when the first samples lack the configured keys."""
+    samples = [s for s in samples if "__broken__" not in s]
     if not samples:
         return
     exts = sorted({k for s in samples for k in s if not k.startswith("__")})

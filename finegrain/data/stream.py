@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finegrain.data.schema import mix_seed
-from finegrain.data.sources import iter_tar
+from finegrain.data.tars import iter_tar
 
 
 @dataclass(frozen=True)

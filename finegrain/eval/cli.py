@@ -13,7 +13,8 @@ task kind's config (``finegrain.eval.config``: ``ZeroShotTaskConfig``, ``Retriev
 ``fusion_alpha``, ``context_length``, ``background_threshold``, ``image_root``, ``limit``);
 ``--set key=value`` applies to every task whose kind has that key. Without ``--tasks`` the run config's ``eval.tasks``
 are used. Writes ``results.json`` and ``results.md`` (one column per checkpoint) and the plots
-under ``--out`` and prints the Markdown table.
+under ``--out`` (default ``<run>/eval``; a folder that holds earlier results is never reused:
+the next free ``<out>-2``, ``<out>-3``... is taken and named on stderr) and prints the table.
 """
 
 from __future__ import annotations
@@ -115,6 +116,32 @@ def _label(ckpt: str, run_name: str, taken: set[str]) -> str:
     return label
 
 
+def check_device(device: str) -> None:
+    """One-line error for a device that does not exist here (before any model is built)."""
+    import torch
+
+    if device == "cpu":
+        return
+    if not device.startswith("cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N; got {device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use cpu")
+    index = device.partition(":")[2]
+    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPUs")
+
+
+def _fresh(out: Path) -> Path:
+    """``out`` when new or empty, else the next free ``out-2``, ``out-3``...: an evaluation
+    never replaces earlier results."""
+    from finegrain.train.guard import unique_dir
+
+    fresh = unique_dir(out)
+    if fresh != out:
+        print(f"finegrain eval: {out} holds earlier results; writing to {fresh}", file=sys.stderr)
+    return fresh
+
+
 def run(args: argparse.Namespace) -> int:
     common = {}
     for s in args.set:
@@ -123,8 +150,9 @@ def run(args: argparse.Namespace) -> int:
         k, v = s.split("=", 1)
         common[k] = v
     _check_common(common)
+    check_device(args.device)
     results: dict[str, dict[str, float]] = {}
-    out = Path(args.out) if args.out else None
+    out = _fresh(Path(args.out)) if args.out else None
     for ckpt in args.checkpoint:
         method, cfg = load_method_spec(ckpt, device=args.device)
         specs = _split_specs(args.tasks)
@@ -137,9 +165,9 @@ def run(args: argparse.Namespace) -> int:
         if out is None:
             base = Path(ckpt)
             if split_spec(ckpt)[0]:  # an external checkpoint: never write into its folder
-                out = Path("eval")
+                out = _fresh(Path("eval"))
             else:
-                out = (base if base.is_dir() else base.parent) / "eval"
+                out = _fresh((base if base.is_dir() else base.parent) / "eval")
         label = _label(ckpt, getattr(cfg, "name", ""), set(results))
         results[label] = run_tasks(
             method,

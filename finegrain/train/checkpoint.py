@@ -10,6 +10,13 @@ Layout of a run directory::
 A checkpoint is written into a temporary sibling directory, every file fsynced, then moved in
 place with ``os.replace``; ``latest`` is rewritten the same way afterwards. A crash at any
 moment leaves either the previous or the new checkpoint complete, never a half-written one.
+
+Reading verifies before trusting (``verify_checkpoint``): the safetensors header parses and its
+tensors end exactly at the end of the file (a truncated or padded file is refused), and
+``state.pt`` is a complete zip archive that loads with ``weights_only=True`` (a pickle that
+would build arbitrary objects is refused, never executed). ``--resume latest`` takes the newest
+checkpoint that verifies and says which newer ones it skipped and why. Every failure is a
+``CheckpointError`` (a ``ValueError``: one line naming the file, exit code 2 on the CLI).
 """
 
 from __future__ import annotations
@@ -17,16 +24,19 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from finegrain.config import ConfigError, load_yaml, to_dict
 from finegrain.methods.base import Method, build_method
 from finegrain.run_config import RunConfig
+from finegrain.train.integrity import CheckpointError, load_trusted, verify_safetensors
 
 STEP_PREFIX = "step_"
 MODEL_FILE = "model.safetensors"
@@ -108,11 +118,15 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(weights, str(tmp / MODEL_FILE), metadata={"step": str(step)})
-    torch.save(state, tmp / STATE_FILE)
-    for f in (MODEL_FILE, STATE_FILE):
-        _fsync_file(tmp / f)
-    _fsync_dir(tmp)
+    try:
+        save_file(weights, str(tmp / MODEL_FILE), metadata={"step": str(step)})
+        torch.save(state, tmp / STATE_FILE)
+        for f in (MODEL_FILE, STATE_FILE):
+            _fsync_file(tmp / f)
+        _fsync_dir(tmp)
+    except BaseException:  # disk full, quota, read-only: leave no half-written directory
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # re-saving the same step (e.g. final save after a periodic one)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -150,6 +164,35 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return sorted(dirs, key=lambda d: d.name)
 
 
+# ---- verifying -----------------------------------------------------------------------
+def verify_checkpoint(ckpt_dir: str | Path, *, state: bool = True) -> None:
+    """Raise ``CheckpointError`` unless ``ckpt_dir`` holds a sound ``model.safetensors`` (and,
+    with ``state``, a ``state.pt`` that loads weights-only)."""
+    ckpt_dir = Path(ckpt_dir)
+    verify_safetensors(ckpt_dir / MODEL_FILE)
+    if state:
+        st = load_trusted(ckpt_dir / STATE_FILE)
+        if not isinstance(st, dict) or "step" not in st:
+            raise CheckpointError(f"corrupt checkpoint {ckpt_dir / STATE_FILE}: no trainer state")
+
+
+def latest_valid_checkpoint(
+    run_dir: str | Path, *, state: bool = True
+) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint of a run that verifies, and one note per newer one skipped."""
+    notes: list[str] = []
+    for cand in reversed(list_checkpoints(Path(run_dir) / "ckpt")):
+        try:
+            verify_checkpoint(cand, state=state)
+        except CheckpointError as e:
+            notes.append(f"skipping {cand.name}: {e}")
+            continue
+        if notes:
+            notes.append(f"falling back to {cand.name}, the newest valid checkpoint")
+        return cand, notes
+    return None, notes
+
+
 # ---- reading -------------------------------------------------------------------------
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run (``latest`` pointer, else the highest step)."""
@@ -163,30 +206,49 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_resume(resume: str, run_dir: str | Path) -> Path:
-    """``latest`` -> newest checkpoint of ``run_dir``; otherwise a checkpoint or run dir path."""
-    if resume == "latest":
-        found = latest_checkpoint(run_dir)
-        if found is None:
-            raise FileNotFoundError(
-                f"--resume latest: no checkpoint under {Path(run_dir) / 'ckpt'}"
-            )
-        return found
-    path = Path(resume).expanduser()
-    if (path / MODEL_FILE).is_file() and (path / STATE_FILE).is_file():
-        return path
-    found = latest_checkpoint(path)
+def find_resume(resume: str, run_dir: str | Path) -> tuple[Path, list[str]]:
+    """(checkpoint dir, notes) for ``--resume``: ``latest`` (or a run dir) -> its newest
+    *valid* checkpoint, the notes naming newer ones skipped; a checkpoint dir is verified."""
+    path = Path(run_dir) if resume == "latest" else Path(resume).expanduser()
+    if resume != "latest" and (path / MODEL_FILE).is_file():
+        verify_checkpoint(path)
+        return path, []
+    found, notes = latest_valid_checkpoint(path)
     if found is None:
-        raise FileNotFoundError(f"--resume {resume}: not a checkpoint or run directory")
+        if notes:
+            raise CheckpointError(
+                f"--resume {resume}: no valid checkpoint under {path / 'ckpt'} ({notes[0]})"
+            )
+        what = "no checkpoint under" if resume == "latest" else "not a checkpoint or run dir:"
+        raise FileNotFoundError(
+            f"--resume {resume}: {what} {path / 'ckpt' if resume == 'latest' else path}"
+        )
+    return found, notes
+
+
+def resolve_resume(resume: str, run_dir: str | Path) -> Path:
+    """``find_resume`` printing its notes on stderr (kept for callers without a logger)."""
+    found, notes = find_resume(resume, run_dir)
+    for note in notes:
+        print(f"finegrain: {note}", file=sys.stderr)
     return found
 
 
 def load_state(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(weights, trainer state) of a checkpoint directory."""
+    """(weights, trainer state) of a checkpoint directory, verified (``CheckpointError``)."""
     ckpt_dir = Path(ckpt_dir)
-    weights = load_file(str(ckpt_dir / MODEL_FILE))
-    state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=True)
+    weights = load_weights(ckpt_dir / MODEL_FILE)
+    state = load_trusted(ckpt_dir / STATE_FILE)
     return weights, state
+
+
+def load_weights(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file after ``verify_safetensors`` (one-line errors)."""
+    verify_safetensors(path)
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"corrupt checkpoint {path}: {e}") from None
 
 
 def check_compatible(method: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
@@ -231,25 +293,42 @@ def find_config(path: Path) -> Path:
     raise FileNotFoundError(f"no {CONFIG_FILE} found next to or above {path}")
 
 
+def weights_path(run_or_file: str | Path) -> Path:
+    """The ``model.safetensors`` of a run dir (newest valid checkpoint, notes on stderr), a
+    checkpoint dir or the file itself; ``CheckpointError`` for other file kinds."""
+    path = Path(run_or_file).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise CheckpointError(
+                f"{path}: expected a .safetensors weights file, a checkpoint dir or a run dir, "
+                f"not a '{path.suffix or path.name}' file (pickles are never loaded for eval)"
+            )
+        return path
+    if (path / MODEL_FILE).is_file():
+        return path / MODEL_FILE
+    ckpt, notes = latest_valid_checkpoint(path, state=False)
+    for note in notes:
+        print(f"finegrain: {note}", file=sys.stderr)
+    if ckpt is None:
+        if notes:
+            raise CheckpointError(f"no valid checkpoint under {path / 'ckpt'} ({notes[0]})")
+        raise FileNotFoundError(f"no checkpoint under {path / 'ckpt'}")
+    return ckpt / MODEL_FILE
+
+
 def load_method(run_or_file: str, map_location: str = "cpu") -> tuple[Method, RunConfig]:
     """Build the trained method of a run dir, checkpoint dir, or ``.safetensors`` file.
 
     The config is read from the nearest ``config.yaml`` at or above the path. Returns
     ``(method in eval mode, RunConfig)``.
     """
-    path = Path(run_or_file).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.is_file():
-        weights_file, start = path, path.parent
-    else:
-        ckpt = path if (path / MODEL_FILE).is_file() else latest_checkpoint(path)
-        if ckpt is None:
-            raise FileNotFoundError(f"no checkpoint under {path / 'ckpt'}")
-        weights_file, start = ckpt / MODEL_FILE, ckpt
-    cfg = load_yaml(RunConfig, find_config(start))
+    weights_file = weights_path(run_or_file)
+    verify_safetensors(weights_file)  # a truncated file is named before anything is built
+    cfg = load_yaml(RunConfig, find_config(weights_file.parent))
     method = build_method(cfg.method)
-    weights = load_file(str(weights_file), device=map_location)
+    weights = load_weights(weights_file, device=map_location)
     check_compatible(method, weights, str(weights_file))
     method.load_state_dict(weights)
     if map_location != "cpu":
@@ -258,16 +337,24 @@ def load_method(run_or_file: str, map_location: str = "cpu") -> tuple[Method, Ru
 
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
     "check_compatible",
     "check_same_method",
     "latest_checkpoint",
     "list_checkpoints",
     "load_method",
+    "latest_valid_checkpoint",
     "load_state",
+    "load_trusted",
+    "load_weights",
     "model_state",
+    "find_resume",
     "resolve_resume",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
+    "verify_checkpoint",
+    "verify_safetensors",
+    "weights_path",
 ]

@@ -27,6 +27,12 @@ class TrainConfig(Checked):
     keep_last: int = 3
     log_every: int = 10
     eval_every: int = 0  # steps; 0 = only at the end
-    nan_policy: Literal["stop", "skip"] = "stop"
+    nan_policy: Literal["stop", "skip"] = "stop"  # non-finite loss or gradient (named)
+    timeout_s: float = 1800.0  # process-group collective timeout: a hung rank fails the job
     progress: bool = True
     wandb: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.timeout_s <= 0:
+            raise ValueError(f"train.timeout_s must be > 0 seconds, got {self.timeout_s}")

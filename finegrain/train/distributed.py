@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -41,15 +42,20 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Initialise the default process group from torchrun's environment (idempotent)."""
+def init_distributed(device: str = "auto", timeout_s: float | None = None) -> DistInfo:
+    """Initialise the default process group from torchrun's environment (idempotent).
+
+    ``timeout_s`` bounds every collective: a rank that hangs (or dies without torchrun
+    noticing) makes the others fail with a timeout instead of waiting forever."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        kwargs: dict = {"device_id": dev} if dev.type == "cuda" else {}
+        if timeout_s:
+            kwargs["timeout"] = timedelta(seconds=timeout_s)
         dist.init_process_group(backend=backend, **kwargs)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 

@@ -16,6 +16,7 @@ import contextlib
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ from finegrain.outputs import MethodOutput
 from finegrain.run_config import RunConfig, validate_trainer
 from finegrain.train import checkpoint as ckpt
 from finegrain.train import distributed as dist_utils
+from finegrain.train import guard
+from finegrain.train.guard import ensure_writable as ensure_writable  # re-exported
 from finegrain.train.logging import RunLogger, write_json
 from finegrain.train.optim import build_optimizer, lr_at, set_lr
 from finegrain.train.step import exact_accumulation, to_device
@@ -46,17 +49,6 @@ def resolve_run_dir(cfg: RunConfig, output_dir: str | None = None) -> Path:
     return Path(d).expanduser()
 
 
-def ensure_writable(run_dir: Path) -> None:
-    """Create ``run_dir``; a clear ``ValueError`` when that or writing into it fails."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write_test_{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"output dir {run_dir} is not writable: {e.strerror or e}") from None
-
-
 class Trainer:
     """Build everything from a ``RunConfig`` and train; ``method``/``loader`` may be injected."""
 
@@ -68,15 +60,15 @@ class Trainer:
         loader: Any = None,
         resume: str | None = None,
         output_dir: str | None = None,
+        overwrite: bool = False,
     ) -> None:
         validate_trainer(cfg)
         self.cfg, self.t = cfg, cfg.train
         self.run_dir = resolve_run_dir(cfg, output_dir)
-        self.info = dist_utils.init_distributed(self.t.device)
+        self.info = dist_utils.init_distributed(self.t.device, timeout_s=self.t.timeout_s)
         self.device = self.info.device
-        if self.info.is_main:
-            ensure_writable(self.run_dir)
-        resume_dir = ckpt.resolve_resume(resume, self.run_dir) if resume else None
+        self.notes: list[str] = []  # what happened before the log existed (fallbacks, archives)
+        resume_dir = self._claim_run_dir(resume, overwrite)
         if resume_dir is not None:
             self._check_resume_config(resume_dir)
         torch.manual_seed(cfg.seed)  # identical init on every rank
@@ -95,7 +87,7 @@ class Trainer:
             )
         self.loader = loader
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.t.precision == "fp16")
-        self.step, self.skipped = 0, 0
+        self.step, self.skipped, self.stop_signal, self.overflows = 0, 0, "", 0
         self.stats: dict[str, float] = {}  # run totals of the stats channel
         _seed_all(cfg.seed + 1 + self.info.rank)  # per-rank training randomness
         state = self._load(resume_dir) if resume_dir is not None else None
@@ -106,6 +98,12 @@ class Trainer:
             self._load_optimizer(state["optimizer"])
 
     # ---- setup ----------------------------------------------------------------------
+    def _claim_run_dir(self, resume: str | None, overwrite: bool) -> Path | None:
+        resume_dir, notes = guard.claim_run_dir(self.run_dir, resume, overwrite,
+                                                self.info.is_main)  # fmt: skip
+        self.notes += notes
+        return resume_dir
+
     def _check_resume_config(self, resume_dir: Path) -> None:
         try:
             saved = load_yaml(RunConfig, ckpt.find_config(resume_dir))
@@ -175,10 +173,13 @@ class Trainer:
         if bad == 0.0:
             return True
         if self.t.nan_policy == "stop":
-            terms = ", ".join(f"{k}={float(v.detach().float()):.4g}" for k, v in out.losses.items())
+            values = {k: float(v.detach().float()) for k, v in out.losses.items()}
+            bad = [k for k, v in values.items() if not math.isfinite(v)]
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.step + 1}: loss={float(out.loss.detach().float())}"
-                f"{', ' + terms if terms else ''} (set train.nan_policy=skip to skip such steps)"
+                f"{', ' + terms if terms else ''}{'; non-finite: ' + ', '.join(bad) if bad else ''}"
+                " (set train.nan_policy=skip to skip such steps)"
             )
         return False
 
@@ -207,12 +208,34 @@ class Trainer:
                 dist_utils.all_reduce_grads(self.params, self.info.world_size)
         if self.replicated:  # FSDP: parameters left outside the shards (e.g. scalars)
             dist_utils.all_reduce_grads(self.replicated, self.info.world_size)
+        if not self.scaler.is_enabled() and not self._grads_finite():
+            self.optimizer.zero_grad(set_to_none=True)
+            return out, False
         if self.t.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.t.grad_clip)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.scaler.is_enabled() and self.scaler.get_scale() < scale:
+            self.overflows += 1  # fp16 loss-scale overflow: GradScaler skipped this update
+            return out, False
         return out, True
+
+    def _grads_finite(self) -> bool:
+        """All gradients finite (every rank agrees); under ``nan_policy=stop`` a non-finite one
+        raises naming the parameters and the step. fp16 runs leave this to ``GradScaler``."""
+        ok = guard.grads_finite(self.params)
+        if dist_utils.all_reduce_max(0.0 if ok else 1.0, self.device) == 0.0:
+            return True
+        if self.t.nan_policy == "stop":
+            bad = guard.nonfinite_grads(self.method)
+            where = f" in {', '.join(bad[:3])}{f' (+{len(bad) - 3} more)' if len(bad) > 3 else ''}"
+            raise NonFiniteLossError(
+                f"non-finite gradient at step {self.step + 1}{where if bad else ' on another rank'}"
+                " with a finite loss (set train.nan_policy=skip to skip such steps)"
+            )
+        return False
 
     # ---- the loop -------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -233,10 +256,18 @@ class Trainer:
         )
         metrics: dict[str, float] = {}
         start, first_step, status = time.perf_counter(), self.step, "failed"
+        for note in self.notes:
+            log.write(note)
+        if first_step:
+            log.write(f"resumed from step {first_step}")
+        stop = guard.StopSignals()
         try:
             it = iter(self.loader)
             while self.step < t.steps:
                 self._one_step(it, log)
+                if self._stop_requested(stop):
+                    status = self._interrupt(log)
+                    break
                 if (
                     t.checkpoint_every
                     and self.step % t.checkpoint_every == 0
@@ -245,17 +276,37 @@ class Trainer:
                     self.save()
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
                     metrics = self.evaluate(log)
-            self.save()
-            metrics = self.evaluate(log, final=True)
-            self.stats = dist_utils.sum_over_ranks(self.stats)
-            status = "completed"
+            if status != "interrupted":
+                self.save()
+                metrics = self.evaluate(log, final=True)
+                self.stats = dist_utils.sum_over_ranks(self.stats)
+                status = "completed"
         except NonFiniteLossError:
             status = "stopped: non-finite loss"
             raise
+        except guard.CheckpointWriteError:
+            status = "failed: checkpoint write"
+            raise
         finally:
+            stop.restore()
             log.close()
             summary = self._summary(status, metrics, time.perf_counter() - start, first_step)
+            summary["signal"] = self.stop_signal
         return summary
+
+    def _stop_requested(self, stop: guard.StopSignals) -> bool:
+        """Whether any rank got SIGINT/SIGTERM (agreed by all ranks at this step boundary)."""
+        flag = float(stop.requested)
+        if self.info.enabled:
+            flag = dist_utils.all_reduce_max(flag, self.device)
+        self.stop_signal = guard.signal_name(int(flag))
+        return flag > 0
+
+    def _interrupt(self, log: RunLogger) -> str:
+        path = self.save()
+        log.write(f"{self.stop_signal} at step {self.step}: checkpoint written"
+                  f"{f' to {path}' if path else ''}; resume with --resume latest")  # fmt: skip
+        return "interrupted"
 
     def _one_step(self, it: Any, log: RunLogger) -> None:
         t0 = time.perf_counter()
@@ -264,12 +315,15 @@ class Trainer:
         micro = [to_device(b, self.device) for b in micro]
         lr = lr_at(self.step, self.t)
         set_lr(self.optimizer, lr)
+        overflows = self.overflows
         out, applied = self.train_step(micro)
-        if not applied:
+        if not applied and self.overflows > overflows:
+            log.write(f"step {self.step + 1}: fp16 loss-scale overflow, update skipped "
+                      f"(scale now {self.scaler.get_scale():g}; {self.overflows} so far)")  # fmt: skip
+        elif not applied:
             self.skipped += 1
-            log.write(
-                f"step {self.step + 1}: non-finite loss, step skipped ({self.skipped} so far)"
-            )
+            log.write(f"step {self.step + 1}: non-finite loss or gradient, step skipped "
+                      f"({self.skipped} so far)")  # fmt: skip
         self.step += 1
         if applied:  # a skipped step changed nothing: no EMA / centre update either
             self.method.after_optimizer_step(self.step, self.t.steps)
@@ -322,9 +376,16 @@ class Trainer:
                 "optimizer": optim_state,
                 "scaler": self.scaler.state_dict(),
             }
-            path = ckpt.save_checkpoint(
-                self.run_dir / "ckpt", self.step, weights, state, self.t.keep_last
-            )
+            root = self.run_dir / "ckpt"
+            try:
+                path = ckpt.save_checkpoint(root, self.step, weights, state, self.t.keep_last)
+            except OSError as e:  # disk full, read-only, quota: stop, the last one is intact
+                prev = ckpt.latest_checkpoint(self.run_dir)
+                raise guard.CheckpointWriteError(
+                    f"cannot write the step {self.step} checkpoint under {root}: "
+                    f"{e.strerror or e}; the previous checkpoint "
+                    f"{prev.name if prev else '(none)'} is intact"
+                ) from None
         dist_utils.barrier()
         return path
 
@@ -336,7 +397,7 @@ class Trainer:
         results: dict[str, float] = {}
         if tasks and self.info.is_main:
             rng = ckpt.rng_state()
-            out_dir = self.run_dir / "eval" if final else None
+            out_dir = guard.unique_dir(self.run_dir / "eval") if final else None
             try:
                 results = run_tasks(
                     self.method,
@@ -366,6 +427,7 @@ class Trainer:
             "step": self.step,
             "steps": self.t.steps,
             "skipped_steps": self.skipped,
+            "fp16_overflows": self.overflows,
             "data": stats,
             "metrics": metrics,
             "stats": dict(sorted(self.stats.items())),
@@ -374,7 +436,10 @@ class Trainer:
             "world_size": self.info.world_size,
         }
         if self.info.is_main:
-            write_json(self.run_dir / "summary.json", summary)
+            try:
+                write_json(self.run_dir / "summary.json", summary)
+            except OSError as e:  # a full disk must not hide the error that stopped the run
+                warnings.warn(f"could not write summary.json: {e}", stacklevel=2)
         return summary
 
 
@@ -408,10 +473,33 @@ def _seed_all(seed: int) -> None:
 
 
 def train(
-    cfg: RunConfig, *, resume: str | None = None, output_dir: str | None = None
+    cfg: RunConfig,
+    *,
+    resume: str | None = None,
+    output_dir: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Build a ``Trainer`` from ``cfg`` and run it; tears the process group down after."""
+    """Build a ``Trainer`` from ``cfg`` and run it; tears the process group down after.
+
+    ``resume``: None (a new run; refused in a directory holding another run unless
+    ``overwrite``), ``latest`` / a path (verified, falling back to the newest valid
+    checkpoint), or ``auto`` (resume when a checkpoint exists, else start)."""
     try:
-        return Trainer(cfg, resume=resume, output_dir=output_dir).fit()
+        return Trainer(cfg, resume=resume, output_dir=output_dir, overwrite=overwrite).fit()
+    except RuntimeError as e:
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if distributed and guard.is_peer_lost(e):  # torchrun restarts or ends the job
+            raise guard.DistributedTimeout(
+                f"rank {os.environ.get('RANK', '?')}: another rank's process died during a "
+                "collective (see its log); under torchrun --max-restarts the job restarts "
+                "from the last checkpoint"
+            ) from None
+        if distributed and guard.is_timeout(e):
+            raise guard.DistributedTimeout(
+                f"rank {os.environ.get('RANK', '?')}: a collective did not complete within "
+                f"train.timeout_s={cfg.train.timeout_s:g}s; another rank hung or died (see its "
+                "log); raise train.timeout_s if steps are legitimately that slow"
+            ) from None
+        raise
     finally:
         dist_utils.cleanup()

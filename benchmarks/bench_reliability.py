@@ -1,0 +1,94 @@
+"""Cost of the reliability checks (issue 17) as a fraction of a smoke training run's wall time.
+
+Runs a smoke recipe through ``Trainer`` (checkpoints every ``--checkpoint-every`` steps), then
+times, on that run's real artefacts:
+
+- ``verify_s``: ``verify_checkpoint`` (safetensors header/size + weights-only ``state.pt``
+  load) of *every* checkpoint the run wrote (``--resume latest`` verifies one, or a few when it
+  falls back: an upper bound);
+- ``grad_check_s``: the per-step finite-gradient check (one fused norm), x steps;
+- ``data_validation_s``: what ``finegrain data convert`` adds per sample (full image decode +
+  schema validation of the record) for every sample the run consumed, plus the tar end check
+  (``data inspect`` / the loader's truncation test) of one shard per 1000 samples.
+
+The verdict compares their sum with the run's wall time (target: at most 5 %). Prints JSON.
+
+    python benchmarks/bench_reliability.py --recipe clip_smoke --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from finegrain.config import apply_overrides
+from finegrain.data.schema import parse_record
+from finegrain.data.shards import encode_image, inspect_shards, write_shards
+from finegrain.data.sources import decode_image
+from finegrain.data.synthetic import generate_scene, scene_record
+from finegrain.recipes.base import get_recipe
+from finegrain.train import guard
+from finegrain.train.checkpoint import list_checkpoints, verify_checkpoint
+from finegrain.train.trainer import Trainer
+
+
+def _timed(fn, repeats: int = 3) -> float:  # noqa: ANN001
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--recipe", default="clip_smoke")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--checkpoint-every", type=int, default=5)
+    p.add_argument("--set", nargs="*", default=[], metavar="key=value")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = apply_overrides(get_recipe(args.recipe), [
+            f"train.steps={args.steps}", f"train.checkpoint_every={args.checkpoint_every}",
+            "train.keep_last=0", "train.progress=false", *args.set])  # fmt: skip
+        tr = Trainer(cfg, output_dir=str(Path(tmp) / "run"))
+        t0 = time.perf_counter()
+        summary = tr.fit()
+        wall = time.perf_counter() - t0
+        ckpts = list_checkpoints(Path(tmp) / "run" / "ckpt")
+        verify = sum(_timed(lambda c=c: verify_checkpoint(c)) for c in ckpts)
+        grad_check = _timed(lambda: guard.grads_finite(tr.params)) * args.steps
+        samples = args.steps * cfg.data.batch_size * cfg.train.accum_steps
+        n = min(samples, 256)  # time a sample of them, scale to all
+        rows = []
+        for i in range(n):
+            scene = generate_scene(i, cfg.data.image_size)
+            rows.append((encode_image(scene["image"]), scene_record(scene)))
+
+        def validate() -> None:
+            for data, record in rows:
+                decode_image(data)
+                parse_record(record, "k")
+
+        data_validation = _timed(validate, 1) * samples / n
+        shard = write_shards(({"key": f"{i:05d}", "image": d, "ext": "jpg", "json": r}
+                              for i, (d, r) in enumerate(rows)), Path(tmp) / "s")  # fmt: skip
+        tar_check = _timed(lambda: inspect_shards(shard[0]), 1) * max(1, samples // 1000) / n
+        data_validation += tar_check
+    total = verify + grad_check + data_validation
+    print(json.dumps({
+        "recipe": args.recipe, "steps": args.steps, "batch_size": cfg.data.batch_size,
+        "status": summary["status"], "run_wall_s": round(wall, 3), "checkpoints": len(ckpts),
+        "verify_s": round(verify, 4), "grad_check_s": round(grad_check, 4),
+        "data_validation_s": round(data_validation, 4), "samples": samples,
+        "overhead_fraction": round(total / wall, 4), "target_fraction": 0.05,
+        "ok": total / wall <= 0.05,
+    }, indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

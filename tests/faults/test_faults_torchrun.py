@@ -1,0 +1,69 @@
+"""Under ``torchrun --nproc_per_node 2`` (gloo): a rank killed mid-step makes the job restart
+(``--max-restarts 1``) from the last checkpoint and finish on the same weights as a run that
+was never interrupted; a hung rank is caught by ``train.timeout_s`` with a one-line message."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finegrain.train.checkpoint import latest_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+INJECT = Path(__file__).resolve().parent / "inject.py"
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+ARGS = ["train", "--recipe", "toy_faults", "train.steps=8", "train.checkpoint_every=2",
+        "eval.tasks=[]", "train.device=cpu"]  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(out: Path, fault: str, *extra: str, restarts: int = 0,
+              env_extra: dict | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+    exe = shutil.which("torchrun")
+    launcher = [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
+    cmd = [*launcher, "--nproc_per_node", "2", "--max-restarts", str(restarts),
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+           str(INJECT), fault, "--", *ARGS, "--output-dir", str(out), *extra]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env_extra or {}))
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+
+
+def test_killed_rank_restarts_from_last_checkpoint_same_result(tmp_path, faults):
+    ref = _torchrun(tmp_path / "ref", "none")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run = tmp_path / "run"
+    res = _torchrun(run, "step:5", restarts=1, env_extra={"FAULT_RANK": "1", "FAULT_ATTEMPT": "0"})
+    assert res.returncode == 0, "\n".join(ln for ln in res.stderr.splitlines() if "finegrain" in ln)
+    assert "resumed from step 4" in res.stderr, "the restarted attempt continues the run"
+    a = load_file(str(latest_checkpoint(tmp_path / "ref") / "model.safetensors"))
+    b = load_file(str(latest_checkpoint(run) / "model.safetensors"))
+    assert latest_checkpoint(run).name == "step_0000008"
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    faults.record("torchrun: rank killed", injected=1, survived=1)
+
+
+def test_hung_rank_caught_by_timeout(tmp_path, faults):
+    start = time.perf_counter()
+    res = _torchrun(tmp_path / "run", "step:3", "train.timeout_s=5",
+                    env_extra={"FAULT_RANK": "1", "FAULT_SLEEP": "300"})  # fmt: skip
+    took = time.perf_counter() - start
+    assert res.returncode != 0
+    lines = [ln for ln in res.stderr.splitlines() if "train.timeout_s=5s" in ln]
+    assert lines and "another rank hung or died" in lines[0], res.stderr[-3000:]
+    assert took < 200, f"the hang was not cut short ({took:.0f} s)"
+    faults.record("torchrun: rank hung", injected=1, survived=1)
