@@ -139,13 +139,14 @@ def _texts(kind: str, num: int, seed: int, image_size: int) -> dict[str, Any]:
 
 def _segmentation(num: int, seed: int, image_size: int) -> dict[str, Any]:
     cfg = SyntheticConfig(novel_object_prob=0.0)
-    images, masks = [], []
+    images, masks, boxes = [], [], []
     for i in range(num):
         scene = generate_scene(_eval_seed("segmentation", seed, i), image_size, cfg=cfg)
         images.append(scene["image"])
         masks.append(scene["semantic_mask"].astype(np.int64))
+        boxes.append([list(o["box"]) for o in scene["objects"]])  # exact, normalised xyxy
     # mask value v > 0 is classnames[v - 1]; novel shapes do not occur in these scenes
-    return {"images": images, "masks": masks, "classnames": list(ALL_SHAPES)}
+    return {"images": images, "masks": masks, "boxes": boxes, "classnames": list(ALL_SHAPES)}
 
 
 def eval_split(kind: str, num: int, seed: int = 10_000, image_size: int = 64) -> dict[str, Any]:
@@ -154,7 +155,7 @@ def eval_split(kind: str, num: int, seed: int = 10_000, image_size: int = 64) ->
     kinds: ``shape`` | ``color_shape`` | ``pattern_shape`` | ``novel`` -> images, labels,
     classnames, descriptions; ``retrieval`` | ``sentences`` | ``long`` -> images, captions (list
     of lists), texts, text_to_image; ``segmentation`` -> images, masks (HxW, 0 = background,
-    v = classnames[v - 1]), classnames.
+    v = classnames[v - 1]), boxes (per image, the objects' normalised xyxy boxes), classnames.
     """
     if kind not in EVAL_KINDS:
         raise ValueError(

@@ -90,7 +90,7 @@ def evaluate_segmentation(
     n = len(data.classnames) + 1
     ignore_bg = cfg.background_threshold <= 0
     conf = torch.zeros(n, n, dtype=torch.long)
-    keep: dict = {"preds": [], "masks": [], "indices": []}
+    keep: dict = {"preds": [], "masks": [], "indices": [], "confusions": []}
     s = 0
     for batch in image_batches(ctx, data.images, cfg.batch_size, "segmentation", crop=False):
         masks = [torch.from_numpy(load_mask(mk)) for mk in data.masks[s : s + batch.shape[0]]]
@@ -100,10 +100,13 @@ def evaluate_segmentation(
             dense, classes, [tuple(mk.shape) for mk in masks], cfg.background_threshold
         )
         for j, (p, g) in enumerate(zip(preds, masks)):
-            conf += confusion(p, g, n, ignore_bg)
+            image_conf = confusion(p, g, n, ignore_bg)
+            conf += image_conf
+            keep["confusions"].append(image_conf)  # per image: bootstrap over images
             if len(keep["preds"]) < cfg.num_examples:
                 keep["preds"].append(p.numpy().astype(np.uint8))
                 keep["masks"].append(g.numpy())
                 keep["indices"].append(s + j)
         s += batch.shape[0]
+    keep["confusions"] = torch.stack(keep["confusions"]) if s else torch.zeros(0, n, n).long()
     return seg_metrics(conf, ignore_bg), keep
