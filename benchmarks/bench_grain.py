@@ -41,7 +41,7 @@ def method_configs(preset: str):
 
 def make_batch(cfg, batch_size: int, device: torch.device) -> dict:
     from finegrain.data.config import SyntheticConfig
-    from finegrain.data.synthetic import SyntheticScenes
+    from finegrain.data.synthetic_sets import SyntheticScenes
     from finegrain.methods.grain import GRAINCollate
     from finegrain.registry import TEXT_TOWERS
 

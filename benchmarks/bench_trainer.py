@@ -103,7 +103,8 @@ def main() -> None:
     method = build_method(cfg.method)
     from finegrain.data import build_train_loader
 
-    source = iter(build_train_loader(cfg.data, method.make_collate(True), seed=cfg.seed))
+    source = iter(build_train_loader(cfg.data, method.make_collate(True), seed=cfg.seed,
+                                     transform=method.make_transform(cfg.data, train=True)))  # fmt: skip
     batches = [next(source) for _ in range(args.num_batches)]
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, loader=ListLoader(batches), output_dir=tmp)

@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from finegrain.data.config import SyntheticConfig
-    from finegrain.data.synthetic import SyntheticScenes
+    from finegrain.data.synthetic_sets import SyntheticScenes
     from finegrain.eval import run_tasks
     from finegrain.methods.base import build_method
     from finegrain.recipes.grain import grain_smoke_method, zeroshot_tasks
@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
-        method.after_optimizer_step(step)
+        method.after_optimizer_step(step + 1, args.steps)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             res = run_tasks(method, tasks, progress=False)
             method.train()

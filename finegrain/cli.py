@@ -16,7 +16,10 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the CLI imports torch-backed modules only once a command runs
+    from finegrain.run_config import RunConfig
 
 USER_ERROR = 2
 SUBCOMMANDS = {
@@ -33,8 +36,11 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Start with `finegrain demo`; `finegrain <command> --help` for details.",
     )
     sub = p.add_subparsers(dest="command", metavar="<command>")
-    t = sub.add_parser("train", help="train a recipe: --recipe NAME [key.sub=value ...]",
-                       description="Train a recipe; override any config field with key.sub=value.")  # fmt: skip
+    t = sub.add_parser(
+        "train",
+        help="train a recipe: --recipe NAME [key.sub=value ...]",
+        description="Train a recipe; override any config field with key.sub=value.",
+    )
     t.add_argument("--recipe", help="recipe name (see `finegrain recipes`)")
     t.add_argument("--config", help="a run's config.yaml instead of a recipe")
     t.add_argument(
@@ -61,10 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_config(recipe: str | None, config: str | None, overrides: list[str]) -> Any:
+def build_config(recipe: str | None, config: str | None, overrides: list[str]) -> RunConfig:
     """RunConfig from a recipe name or a YAML file, with dotted overrides applied."""
     from finegrain.config import apply_overrides, load_yaml
-    from finegrain.recipes.base import RunConfig, get_recipe
+    from finegrain.recipes.base import get_recipe
+    from finegrain.run_config import RunConfig
 
     if bool(recipe) == bool(config):
         raise ValueError("give exactly one of --recipe NAME or --config FILE")
@@ -72,7 +79,7 @@ def build_config(recipe: str | None, config: str | None, overrides: list[str]) -
     return apply_overrides(cfg, overrides) if overrides else cfg
 
 
-def check_paths(cfg: Any) -> None:
+def check_paths(cfg: RunConfig) -> None:
     """Fail fast, with one line, on data paths that do not exist."""
     from pathlib import Path
 
@@ -89,7 +96,7 @@ def check_paths(cfg: Any) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from finegrain.config import save_yaml
-    from finegrain.recipes.base import validate_run
+    from finegrain.run_config import validate_run
 
     cfg = build_config(args.recipe, args.config, args.overrides)
     validate_run(cfg)
@@ -129,32 +136,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _print_results(results: dict[str, float]) -> None:
-    shown = {k: v for k, v in results.items() if not k.endswith("/seconds")}
-    try:
-        from finegrain.eval.report import markdown_table
+    from finegrain.eval.report import markdown_table
 
-        print(markdown_table(shown), end="")
-    except ImportError:
-        for k, v in sorted(shown.items()):
-            print(f"{k}\t{v:.4f}")
+    shown = {k: v for k, v in results.items() if not k.endswith("/seconds")}
+    print(markdown_table(shown), end="")
 
 
 def _dispatch(command: str, argv: list[str]) -> int:
-    module_name = SUBCOMMANDS[command][0]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and module_name.startswith(e.name):
-            print(f"finegrain {command}: not available in this install ({module_name} is missing)",
-                  file=sys.stderr)  # fmt: skip
-            return USER_ERROR
-        raise
+    module = importlib.import_module(SUBCOMMANDS[command][0])
     return int(module.main(argv) or 0)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [ValueError, FileNotFoundError, NotADirectoryError,
-                                         PermissionError, IsADirectoryError]  # fmt: skip
+    errors: list[type[BaseException]] = [
+        ValueError,
+        FileNotFoundError,
+        NotADirectoryError,
+        PermissionError,
+        IsADirectoryError,
+    ]
     from finegrain.config import ConfigError
 
     errors.append(ConfigError)

@@ -3,13 +3,19 @@
 Rules:
 - every config is a (nested) dataclass; unknown keys are errors that name the closest key;
 - values are coerced to the annotated type (``"3"`` -> 3 for int fields) or rejected;
-- a field annotated with a config base class that has a ``name`` field and a registry
-  (``__registry__``) is polymorphic: ``{"name": "flair", ...}`` builds the registered subclass.
+- a choice field is a ``Literal[...]``: loading rejects other values, and so does building a
+  config in Python (config classes derive from ``Checked``; ``validate_config`` re-checks a
+  whole tree after it was changed), with one line naming the valid choices;
+- a field annotated with a config base class that has a registry (``__registry__``) is
+  polymorphic on its discriminator field (``__discriminator__``, default ``name``):
+  ``{"name": "flair", ...}`` builds the registered subclass. A registry entry is either the
+  config class itself or an object whose ``Config`` attribute is the class.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import types
 import typing
@@ -39,13 +45,84 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 def _polymorphic_class(base: type, value: dict, where: str) -> type:
     registry = getattr(base, "__registry__", None)
-    if registry is None or "name" not in value:
+    key = getattr(base, "__discriminator__", "name")
+    if registry is None:
         return base
+    if key not in value:
+        default = {f.name: f.default for f in dataclasses.fields(base)}.get(key)
+        if not isinstance(default, str) or default not in registry:
+            return base
+        value = {**value, key: default}
     try:
-        entry = registry.get(value["name"])
+        entry = registry.get(value[key])
     except ValueError as e:
-        raise ConfigError(f"{where}.name: {e}") from None
+        raise ConfigError(f"{where}.{key}: {e}") from None
+    if isinstance(entry, type) and issubclass(entry, base):
+        return entry
     return getattr(entry, "Config", base)
+
+
+def choice_error(where: str, value: Any, choices: tuple[Any, ...]) -> ConfigError:
+    """One line: ``unknown train.precision 'fp8' (did you mean 'fp16'?); valid choices: ...``."""
+    names = [str(c) for c in choices]
+    return ConfigError(
+        f"unknown {where} {value!r}{suggest(str(value), names)}; valid choices: {', '.join(names)}"
+    )
+
+
+def literal_choices(tp: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a ``Literal[...]`` (or ``Literal[...] | None``) type, else None."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        inner = [literal_choices(a) for a in typing.get_args(tp) if a is not type(None)]
+        if inner and all(c is not None for c in inner):
+            none = (None,) if type(None) in typing.get_args(tp) else ()
+            return tuple(v for c in inner for v in c) + none
+    return None
+
+
+@functools.cache
+def _choice_fields(cls: type) -> dict[str, tuple[Any, ...]]:
+    out = {}
+    for name, tp in _field_types(cls).items():
+        choices = literal_choices(tp)
+        if choices is not None:
+            out[name] = choices
+    return out
+
+
+def check_choices(cfg: Any, where: str = "") -> None:
+    """Raise a one-line ``ConfigError`` when a ``Literal`` field of dataclass ``cfg`` (this
+    level only) holds a value outside its choices."""
+    for name, choices in _choice_fields(type(cfg)).items():
+        value = getattr(cfg, name)
+        if value not in choices:
+            raise choice_error(f"{where}.{name}" if where else name, value, choices)
+
+
+def validate_config(cfg: Any, where: str = "") -> None:
+    """Check every ``Literal`` field of a config tree (dataclasses, lists, dicts), e.g. after
+    a recipe built in Python changed fields; errors name the dotted path."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        check_choices(cfg, where)
+        for f in dataclasses.fields(cfg):
+            validate_config(getattr(cfg, f.name), f"{where}.{f.name}" if where else f.name)
+    elif isinstance(cfg, (list, tuple)):
+        for i, v in enumerate(cfg):
+            validate_config(v, f"{where}[{i}]")
+    elif isinstance(cfg, dict):
+        for k, v in cfg.items():
+            validate_config(v, f"{where}.{k}")
+
+
+class Checked:
+    """Base of the config dataclasses: their ``Literal`` fields are checked on construction,
+    so a recipe written in Python fails on a bad choice as early as a YAML file does."""
+
+    def __post_init__(self) -> None:
+        check_choices(self, type(self).__name__)
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
@@ -79,7 +156,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
-            return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+            return tuple(
+                _coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value))
+            )
         inner = args[0] if args else Any
         out = [_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
@@ -88,16 +167,25 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
     if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(
-                f"{where}: {value!r} is not one of {', '.join(map(repr, args))}"
-                f"{suggest(str(value), [str(a) for a in args])}"
-            )
-        return value
+        for a in args:  # CLI and YAML give strings: "1" may mean Literal[1]
+            if value == a or (
+                isinstance(value, str) and not isinstance(a, str) and value == str(a)
+            ):
+                return a
+        raise choice_error(where, value, args)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        if isinstance(value, str) and value.lower() in (
+            "true",
+            "1",
+            "yes",
+            "on",
+            "false",
+            "0",
+            "no",
+            "off",
+        ):
             return value.lower() in ("true", "1", "yes", "on")
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
@@ -139,8 +227,10 @@ def from_dict(cls: type[C], data: dict[str, Any], where: str = "") -> C:
     if unknown:
         k = unknown[0]
         full = f"{where}.{k}" if where else k
+        key = getattr(cls, "__discriminator__", None)
+        kind = f" for {key}={data[key]}" if key and key in data else ""
         raise ConfigError(
-            f"unknown config key '{full}'{suggest(k, list(types_))}; "
+            f"unknown config key '{full}'{kind}{suggest(k, list(types_))}; "
             f"valid keys here: {', '.join(types_)}"
         )
     kwargs = {k: _coerce(types_[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}

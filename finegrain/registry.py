@@ -43,13 +43,8 @@ class Registry(Generic[T]):
         self.register(name)(obj)
 
     def _load(self) -> None:
-        while self._lazy_modules:
-            module = self._lazy_modules.pop(0)
-            try:
-                importlib.import_module(module)
-            except ModuleNotFoundError as e:  # an optional module not written/installed
-                if e.name != module:
-                    raise
+        while self._lazy_modules:  # a module that fails to import fails the lookup loudly
+            importlib.import_module(self._lazy_modules.pop(0))
 
     def get(self, name: str) -> T:
         self._load()
@@ -86,3 +81,5 @@ IMAGE_TOWERS: Registry = Registry("image tower", ("finegrain.encoders",))
 TEXT_TOWERS: Registry = Registry("text tower", ("finegrain.encoders",))
 RECIPES: Registry = Registry("recipe", ("finegrain.recipes",))
 EVAL_TASKS: Registry = Registry("evaluation task", ("finegrain.eval",))
+# task kind -> its EvalTaskConfig subclass (finegrain.eval.config; no torch needed to load one)
+EVAL_TASK_CONFIGS: Registry = Registry("evaluation task", ("finegrain.eval.config",))

@@ -15,6 +15,7 @@ from finegrain.data.collate import (
     pick_captions,
     stack_images,
 )
+from finegrain.data.schema import sample_rng
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
 from finegrain.losses.contrastive import clip_loss, multi_positive_sigmoid_loss, siglip_loss
 from finegrain.methods.base import MethodConfig, build_method
@@ -41,15 +42,15 @@ def test_collate_picks_seeded_captions_and_pickles() -> None:
     collate = pickle.loads(pickle.dumps(clip.make_collate(train=True)))
     batch = collate(samples())
     assert batch["image"].shape == (4, 3, 32, 32) and batch["text"].shape == (4, 16)
-    assert batch["labels"].tolist() == [0, 1, 2, 0] and batch["skipped_samples"] == 0
+    assert batch["labels"].tolist() == [0, 1, 2, 0] and batch["stats"]["skipped_samples"] == 0
     torch.testing.assert_close(collate(samples())["text"], batch["text"])  # seeded, not global RNG
     s = samples(1)[0]
-    expected = random.Random(s["seed"]).choice(caption_candidates(s))
+    expected = sample_rng(s["seed"], "caption").choice(caption_candidates(s))
     torch.testing.assert_close(batch["text"][:1], clip.tokenize([expected]))
     first = clip.make_collate(train=False)(samples())["text"]
     torch.testing.assert_close(first[:1], clip.tokenize(["a red square"]))
     empty = {**samples(1)[0], "caption": "", "captions": ["  "]}
-    assert collate([empty, *samples(2)])["skipped_samples"] == 1
+    assert collate([empty, *samples(2)])["stats"]["skipped_samples"] == 1
     with pytest.raises(ValueError, match="non-empty caption"):
         collate([empty])
 
@@ -101,7 +102,7 @@ def test_logit_scale_clamped_after_step() -> None:
     clip = CLIP(CLIPConfig(**TOWERS))
     with torch.no_grad():
         clip.logit_scale.fill_(10.0)
-    clip.after_optimizer_step(1)
+    clip.after_optimizer_step(1, 10)
     assert clip.logit_scale.item() == pytest.approx(math.log(100.0))
 
 

@@ -48,7 +48,7 @@ def test_native_vit_patch_dropout_and_checkpointing() -> None:
     vit = build_image_tower(replace(TINY_VIT, patch_dropout=0.5))
     x = torch.randn(2, 3, 32, 32)
     out = vit.train()(x)
-    assert out.tokens.shape == (2, 8, 32) and out.grid_hw == (1, 8)
+    assert out.tokens.shape == (2, 8, 32) and out.grid_hw == (4, 4) and out.keep.shape == (2, 8)
     assert vit.eval()(x).tokens.shape == (2, 16, 32)  # inactive at eval
     ref = build_image_tower(TINY_VIT).train()
     ckpt = build_image_tower(replace(TINY_VIT, grad_checkpointing=True)).train()
@@ -247,7 +247,7 @@ def test_hf_bert_and_t5_from_local_dir(tmp_path) -> None:
     out = t5(torch.tensor([[5, 6, 7, 1, 0, 0]]))
     assert t5.width == 16 and out.mask.tolist() == [[True] * 4 + [False] * 2]
     torch.testing.assert_close(out.pooled, out.tokens[:, :4].mean(1))
-    with pytest.raises(ValueError, match="valid choices: mean, cls"):
+    with pytest.raises(ValueError, match="pooling 'max'.*valid choices: eot, mean, cls"):
         build_text_tower(TextTowerConfig(name="hf", path=str(t5_dir), pooling="max"))
     with pytest.raises(ValueError, match="local model directory"):
         build_text_tower(TextTowerConfig(name="hf", path=str(tmp_path / "nope")))

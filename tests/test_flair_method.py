@@ -133,7 +133,7 @@ def test_logit_scale_clamped_after_step() -> None:
     m = FLAIR(tiny_cfg())
     with torch.no_grad():
         m.logit_scale.fill_(10.0)
-    m.after_optimizer_step(1)
+    m.after_optimizer_step(1, 10)
     assert math.isclose(m.logit_scale.item(), math.log(100), rel_tol=1e-6)
 
 
@@ -145,7 +145,7 @@ def test_collate_bad_input_and_caption_sources(model: FLAIR) -> None:
                sample(3, captions=["a child plays", "a kid in a park"]),  # Flickr-style pool
                sample(4, sentences="A plain string. Not a list.")]  # fmt: skip
     out = collate(samples)
-    assert out["texts"].shape[:2] == (4, K) and out["skipped_samples"] == 1
+    assert out["texts"].shape[:2] == (4, K) and out["stats"]["skipped_samples"] == 1
     assert out["image"].shape == (4, 3, 32, 32)
     assert caption_pool(samples[4]) == ["A plain string.", "Not a list."]  # never char by char
     assert caption_pool(samples[2]) == ["A dog runs.", "It is 3.5 years old, e.g. young."]

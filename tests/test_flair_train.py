@@ -22,7 +22,7 @@ import torch
 
 import finegrain.encoders  # noqa: F401  (registers the towers)
 from finegrain.data.config import SyntheticConfig
-from finegrain.data.synthetic import SyntheticScenes
+from finegrain.data.synthetic_sets import SyntheticScenes
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
 from finegrain.methods.flair import FLAIR, FLAIRConfig
 
@@ -80,7 +80,7 @@ def test_conditioned_sentence_retrieval_beats_global_after_training() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         warmup.step()
-        model.after_optimizer_step(step)
+        model.after_optimizer_step(step + 1, STEPS)
     global_r1, conditioned_r1 = _retrieval(model, scenes)
     chance = 1 / NUM_SCENES
     assert out.loss.item() < 0.7 * first, (first, out.loss.item())

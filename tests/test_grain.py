@@ -10,7 +10,7 @@ import torch
 
 from finegrain.config import ConfigError, apply_overrides
 from finegrain.data.config import SyntheticConfig
-from finegrain.data.synthetic import SyntheticScenes
+from finegrain.data.synthetic_sets import SyntheticScenes
 from finegrain.losses.matching import box_cxcywh_to_xyxy, elementwise_giou, hungarian_match
 from finegrain.methods.base import build_method
 from finegrain.methods.grain import GRAIN, GRAINCollate, choose_caption, select_regions
@@ -79,12 +79,8 @@ def test_collate_bad_input_counted() -> None:
     b = m.make_collate(True)(samples)
     q = m.cfg.num_region_queries
     assert b["region_mask"].sum(1).tolist() == [0, 1, q, 1]
-    assert b["truncated_regions"].tolist() == [0, 0, 7 - q, 0] and b["dropped_boxes"].tolist() == [
-        0,
-        0,
-        0,
-        1,
-    ]
+    assert b["stats"] == {"regions": 2.0 + q, "dropped_boxes": 1.0,
+                          "truncated_regions": 7.0 - q, "images_without_regions": 1.0}  # fmt: skip
     assert torch.allclose(b["boxes"][1, 0], torch.tensor([0.4, 0.5, 0.4, 0.6]))  # xyxy -> cxcywh
     kept_w = b["boxes"][2, :, 2]  # top-Q by score: the widest (highest-score) boxes survive
     assert torch.allclose(
@@ -94,7 +90,10 @@ def test_collate_bad_input_counted() -> None:
         "long descriptions are truncated"
     )
     out = m(b)
-    assert torch.isfinite(out.loss) and out.metrics["dropped_boxes"] == 1
+    assert torch.isfinite(out.loss) and out.stats == {
+        "target_boxes": 2.0 + q,
+        "matched_boxes": 2.0 + q,
+    }
     out.loss.backward()
     # a batch without any region: only the global loss drives training, box/region terms are 0
     out0 = m(m.make_collate(True)([samples[0], samples[0]]))

@@ -5,8 +5,9 @@ import dataclasses
 import pytest
 
 from finegrain.config import apply_overrides, from_dict, to_dict
-from finegrain.recipes.base import RunConfig, get_recipe, validate_run
+from finegrain.recipes.base import get_recipe
 from finegrain.registry import IMAGE_TOWERS, METHODS, RECIPES, TEXT_TOWERS
+from finegrain.run_config import RunConfig, validate_run
 from finegrain.train.trainer import Trainer
 
 ALL = RECIPES.names()

@@ -183,7 +183,7 @@ def test_nan_skip_counts_and_leaves_weights(tmp_path):
 
 
 def test_bad_trainer_config_is_clear(tmp_path):
-    with pytest.raises(ValueError, match="train.precision must be one of fp32, bf16, fp16"):
+    with pytest.raises(ValueError, match="precision 'fp8'.*valid choices: fp32, bf16, fp16"):
         toy_trainer(tmp_path, precision="fp8")
     with pytest.raises(ValueError, match="train.nan_policy"):
         toy_trainer(tmp_path, nan_policy="ignore")

@@ -1,7 +1,9 @@
 """A tiny but real method + in-memory loader for trainer tests (no dependency on other areas).
 
 ToyCLIP: linear image and text towers, a learned logit scale, symmetric InfoNCE
-(Radford et al. 2021, Fig. 3 pseudo-code). ToyLoader: an endless, seeded, resumable iterable of
+(Radford et al. 2021, Fig. 3 pseudo-code). ToyEMA: ToyCLIP plus an EMA teacher of the image
+tower (a ``frozen_modules`` entry) and a DINO-style centre buffer, distilled with a
+cross-entropy to the centred, sharpened teacher output (Caron et al. 2021, eq. 1-4). ToyLoader: an endless, seeded, resumable iterable of
 batches with the ``TrainLoader`` interface (``state_dict``/``load_state_dict``/``stats``).
 
 Run as a script it trains through ``Trainer`` (used by the SIGKILL resume test):
@@ -10,6 +12,7 @@ Run as a script it trains through ``Trainer`` (used by the SIGKILL resume test):
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -52,6 +55,7 @@ class ToyCLIP(Method):
         )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
+        self.hook_calls: list[tuple[int, int]] = []  # (step, total_steps) of applied steps
 
     def features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {"image": self.image_proj(batch["image"]), "text": self.text_proj(batch["text"])}
@@ -70,8 +74,9 @@ class ToyCLIP(Method):
             metrics={"logit_scale": self.logit_scale.detach().exp()},
         )
 
-    def after_optimizer_step(self, step: int) -> None:
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
         self.steps_seen.fill_(step)
+        self.hook_calls.append((step, total_steps))
 
     def make_collate(self, train: bool = True):
         return collate
@@ -83,6 +88,64 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 if "toy_clip" not in METHODS:
     METHODS.add("toy_clip", ToyCLIP)
+
+
+@dataclass
+class ToyEMAConfig(ToyConfig):
+    name: str = "toy_ema"
+    momentum: float = 0.9  # teacher EMA momentum, cosine-scheduled to 1 (DINO)
+    center_momentum: float = 0.8
+
+
+class ToyEMA(ToyCLIP):
+    """ToyCLIP + EMA teacher + centre: the state a DINO/iBOT/DetailCLIP teacher carries."""
+
+    Config = ToyEMAConfig
+
+    def __init__(self, cfg: ToyEMAConfig) -> None:
+        super().__init__(cfg)
+        self.teacher = copy.deepcopy(self.image_proj)
+        self.register_buffer("center", torch.zeros(cfg.embed_dim))
+        self._batch_center: torch.Tensor | None = None
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {"teacher": self.teacher}
+
+    def features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        feats = super().features(batch)
+        with torch.no_grad():
+            feats["teacher"] = self.teacher(batch["image"])  # (B, D)
+        return feats
+
+    def loss_from_features(self, feats: dict[str, torch.Tensor]) -> MethodOutput:
+        out = super().loss_from_features(feats)
+        t = F.softmax((feats["teacher"].float() - self.center) / 0.04, dim=-1)  # (B, D)
+        s = F.log_softmax(feats["image"].float() / 0.1, dim=-1)  # (B, D)
+        distill = -(t * s).sum(-1).mean()
+        self._batch_center = feats["teacher"].detach().float().mean(0)  # applied after the step
+        return MethodOutput(
+            loss=out.loss + distill,
+            losses={**out.losses, "distill_loss": distill.detach()},
+            metrics=out.metrics,
+            stats={"teacher_rows": float(len(t))},
+        )
+
+    def momentum_at(self, step: int, total_steps: int) -> float:
+        """DINO's cosine schedule from ``momentum`` to 1, a pure function of the step."""
+        base = self.cfg.momentum
+        return 1 - (1 - base) * (math.cos(math.pi * step / total_steps) + 1) / 2
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        super().after_optimizer_step(step, total_steps)
+        m, cm = self.momentum_at(step, total_steps), self.cfg.center_momentum
+        with torch.no_grad():
+            for pt, ps in zip(self.teacher.parameters(), self.image_proj.parameters()):
+                pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+            self.center.mul_(cm).add_(self._batch_center, alpha=1 - cm)
+
+
+if "toy_ema" not in METHODS:
+    METHODS.add("toy_ema", ToyEMA)
 
 
 class ToyLoader:
@@ -125,10 +188,11 @@ class ToyLoader:
         return {"seen": self.seen, "broken": 0}
 
 
-def toy_run_config(out_dir: str, steps: int = 8, **train: Any):
+def toy_run_config(out_dir: str, steps: int = 8, method: ToyConfig | None = None, **train: Any):
     from finegrain.recipes.base import RunConfig
 
-    cfg = RunConfig(name="toy", output_dir=str(out_dir), method=ToyConfig(dropout=0.1))
+    method = method or ToyConfig(dropout=0.1)
+    cfg = RunConfig(name="toy", output_dir=str(out_dir), method=method)
     cfg.data.batch_size = 8
     cfg.train.steps, cfg.train.warmup_steps, cfg.train.lr = steps, 2, 1e-2
     cfg.train.progress, cfg.train.log_every = False, 2
@@ -138,13 +202,27 @@ def toy_run_config(out_dir: str, steps: int = 8, **train: Any):
     return cfg
 
 
-def toy_trainer(out_dir: str, steps: int = 8, resume: str | None = None, **train: Any):
+def toy_trainer(
+    out_dir: str,
+    steps: int = 8,
+    resume: str | None = None,
+    method: ToyConfig | None = None,
+    **train: Any,
+):
     from finegrain.train.trainer import Trainer
 
-    cfg = toy_run_config(out_dir, steps, **train)
+    cfg = toy_run_config(out_dir, steps, method, **train)
     return Trainer(
         cfg, loader=ToyLoader(batch_size=cfg.data.batch_size, seed=cfg.seed), resume=resume
     )
+
+
+class StatsLoader(ToyLoader):
+    """ToyLoader whose batches also carry the collate's stats channel (``batch["stats"]``)."""
+
+    def __iter__(self):
+        for b in super().__iter__():
+            yield {**b, "stats": {"toy_samples": float(len(b["image"])), "toy_batches": 1.0}}
 
 
 class _SlowLoader(ToyLoader):

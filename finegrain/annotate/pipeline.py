@@ -30,27 +30,38 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from PIL import Image
 
 from finegrain.annotate.models import Describer, Grounder, HFDescriber, HFGrounder
 from finegrain.annotate.parse import DEFAULT_PROMPT, parse_description
+from finegrain.config import Checked
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-FORMATS = ("jsonl", "wds")
-STAT_KEYS = ("shards_done", "shards_skipped", "samples", "resumed_keys", "broken", "unparseable",
-             "descriptions", "grounded", "below_threshold")  # fmt: skip
+OutputFormat = Literal["jsonl", "wds"]  # jsonl: a sidecar; wds: new shards
+FORMATS: tuple[str, ...] = get_args(OutputFormat)
+STAT_KEYS = (
+    "shards_done",
+    "shards_skipped",
+    "samples",
+    "resumed_keys",
+    "broken",
+    "unparseable",
+    "descriptions",
+    "grounded",
+    "below_threshold",
+)
 
 
 @dataclass
-class AnnotateConfig:
+class AnnotateConfig(Checked):
     input: str = ""  # shards: "dir/{000..009}.tar", a glob, or a comma-separated list
     output_dir: str = ""
     describer: str = ""  # local HF image-text-to-text model directory
     detector: str = ""  # local HF zero-shot detector directory (OWLv2 / OWL-ViT / Grounding DINO)
     prompt: str = DEFAULT_PROMPT
-    output_format: str = "jsonl"  # jsonl (sidecar) | wds (new shards)
+    output_format: OutputFormat = "jsonl"
     box_threshold: float = 0.1
     max_regions: int = 8  # descriptions kept per image (before grounding)
     max_new_tokens: int = 256
@@ -166,10 +177,6 @@ class Annotator:
         describer: Describer | None = None,
         grounder: Grounder | None = None,
     ):
-        if cfg.output_format not in FORMATS:
-            raise ValueError(
-                f"unknown output_format '{cfg.output_format}'; valid choices: {', '.join(FORMATS)}"
-            )
         if not cfg.output_dir:
             raise ValueError("annotate needs output_dir")
         self.cfg = cfg
@@ -213,8 +220,12 @@ class Annotator:
         self.stats["grounded"] += len(regions)
         self.stats["below_threshold"] += len(parsed.regions) - len(regions)
         status = "ok" if parsed.ok else "unparseable"
-        return {"key": key, "long_caption": parsed.caption, "regions": regions,
-                "annotation": {"status": status, "descriptions": len(parsed.regions)}}  # fmt: skip
+        return {
+            "key": key,
+            "long_caption": parsed.caption,
+            "regions": regions,
+            "annotation": {"status": status, "descriptions": len(parsed.regions)},
+        }
 
     def run_shard(self, shard: str, pbar: Any = None) -> None:
         out_dir = Path(self.cfg.output_dir)

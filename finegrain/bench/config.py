@@ -101,9 +101,9 @@ def _base_run(name: str) -> Any:
 
     if f"{name}_smoke" in RECIPES:
         return get_recipe(f"{name}_smoke")
-    from finegrain.recipes.clip import _smoke, method_config
+    from finegrain.recipes.base import method_config
 
-    cfg = _smoke("clip")
+    cfg = get_recipe("clip_smoke")
     cfg.method = method_config(name, embed_dim=cfg.method.embed_dim,
                                image=cfg.method.image, text=cfg.method.text)  # fmt: skip
     return cfg

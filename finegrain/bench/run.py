@@ -99,7 +99,9 @@ def _accepts(method: Any, cfg: Any) -> bool:
     data = dataclasses.replace(cfg.data, batch_size=2, num_workers=0)
     probe = copy.deepcopy(method).train()
     try:
-        batch = next(iter(build_train_loader(data, probe.make_collate(train=True), seed=0)))
+        loader = build_train_loader(data, probe.make_collate(train=True), seed=0,
+                                    transform=probe.make_transform(data, train=True))  # fmt: skip
+        batch = next(iter(loader))
         with torch.no_grad():
             probe(batch)
     except (ValueError, NotImplementedError):

@@ -60,20 +60,25 @@ def main(argv: list[str]) -> int:
     start = time.perf_counter()
     try:
         if args.command == "convert":
-            out = shards.convert_manifest(args.manifest, args.images, args.out, args.shard_size,
-                                          args.split)  # fmt: skip
+            out = shards.convert_manifest(
+                args.manifest, args.images, args.out, args.shard_size, args.split
+            )
             out["pattern"] = _pattern(out["shards"])
         elif args.command == "inspect":
             out = shards.inspect_shards(args.shards)
         else:
             from finegrain.data.config import SyntheticConfig
 
-            cfg = SyntheticConfig(seed=args.seed, num_samples=args.num,
-                                  box_jitter=args.box_jitter,
-                                  drop_region_prob=args.drop_region_prob,
-                                  novel_object_prob=args.novel_object_prob)  # fmt: skip
-            paths = shards.synthesize(args.out, args.num, args.image_size, args.seed,
-                                      args.shard_size, cfg, args.format)  # fmt: skip
+            cfg = SyntheticConfig(
+                seed=args.seed,
+                num_samples=args.num,
+                box_jitter=args.box_jitter,
+                drop_region_prob=args.drop_region_prob,
+                novel_object_prob=args.novel_object_prob,
+            )
+            paths = shards.synthesize(
+                args.out, args.num, args.image_size, args.seed, args.shard_size, cfg, args.format
+            )
             out = {"shards": paths, "pattern": _pattern(paths), "written": args.num}
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,7 +1,12 @@
 """Collates shared by the contrastive methods: image stacking, caption picking, tokenising.
 
-All randomness derives from ``random.Random(sample["seed"])`` (docs/CONTRACTS.md), never the
-global RNG, so a batch is reproducible with any number of workers and after resume.
+All randomness derives from the sample seed, one stream per stage
+(``sample_rng(sample["seed"], "caption")``, docs/CONTRACTS.md), never the global RNG, so a batch
+is reproducible with any number of workers and after resume.
+
+Counts that are not per-sample features (samples skipped, regions kept, ...) go into
+``batch["stats"]: dict[str, float]``; the trainer sums them over micro-batches and logs them
+(``stats/<name>`` in TensorBoard, totals in summary.json).
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from finegrain.data.schema import sample_rng
 
 
 def stack_images(samples: Sequence[dict[str, Any] | torch.Tensor]) -> torch.Tensor:
@@ -23,6 +30,30 @@ def stack_images(samples: Sequence[dict[str, Any] | torch.Tensor]) -> torch.Tens
         raise ValueError(f"images in a batch must share one size, got shapes {shapes}; "
                          "set data.image_size so the transform resizes them")  # fmt: skip
     return torch.stack(images)
+
+
+def stack_views(samples: Sequence[dict[str, Any]]) -> torch.Tensor | None:
+    """(B, V, 3, H, W) from the ``views`` of schema samples made by a multi-view transform;
+    None when the samples carry no views. Every sample needs the same number of views and
+    views at one index share a size (views of different sizes: stack per index instead)."""
+    if not samples or "views" not in samples[0]:
+        return None
+    counts = {len(s.get("views") or []) for s in samples}
+    if len(counts) != 1:
+        raise ValueError(f"samples in a batch must carry the same number of views, got {counts}")
+    shapes = {tuple(v.shape) for s in samples for v in s["views"]}
+    if len(shapes) != 1:
+        raise ValueError(f"views of different sizes {sorted(shapes)} cannot be stacked into "
+                         "(B, V, 3, H, W); stack them per view index")  # fmt: skip
+    return torch.stack([torch.stack(list(s["views"])) for s in samples])
+
+
+def add_stats(batch: dict[str, Any], **counts: float) -> dict[str, Any]:
+    """Add ``counts`` to ``batch["stats"]`` (summed when a key is already there)."""
+    stats = batch.setdefault("stats", {})
+    for k, v in counts.items():
+        stats[k] = stats.get(k, 0.0) + float(v)
+    return batch
 
 
 def caption_candidates(sample: dict[str, Any]) -> list[str]:
@@ -51,7 +82,9 @@ class ContrastiveCollate:
     (B, K, L) when ``num_captions > 1``), ``labels`` (B,) when samples carry a label.
 
     Training picks captions at random (seeded per sample); evaluation (``train=False``) takes
-    the first ones. Samples without any caption are dropped and counted in ``skipped_samples``.
+    the first ones. Samples without any caption are dropped and counted in
+    ``batch["stats"]["skipped_samples"]``. Samples with extra views (``MultiViewTransform``)
+    also give ``views`` (B, V, 3, H, W).
     """
 
     def __init__(
@@ -70,7 +103,7 @@ class ContrastiveCollate:
             cands = caption_candidates(s)
             if not cands:
                 continue
-            rng = random.Random(s.get("seed", 0)) if self.train else None
+            rng = sample_rng(s.get("seed", 0), "caption") if self.train else None
             captions += pick_captions(cands, self.num_captions, rng)
             kept.append(s)
         if not kept:
@@ -86,5 +119,7 @@ class ContrastiveCollate:
             batch["labels"] = torch.tensor(
                 [int(s.get("label", -1)) for s in kept], dtype=torch.long
             )
-        batch["skipped_samples"] = len(samples) - len(kept)
-        return batch
+        views = stack_views(kept)
+        if views is not None:
+            batch["views"] = views  # (B, V, 3, H, W)
+        return add_stats(batch, skipped_samples=len(samples) - len(kept))

@@ -4,10 +4,13 @@ schema; text tokenization/caption sampling is done by the method's collate."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+from finegrain.config import Checked
 
 
 @dataclass
-class SyntheticConfig:
+class SyntheticConfig(Checked):
     """The built-in synthetic scenes (see ``finegrain.data.synthetic``)."""
 
     num_samples: int = 2048  # size of one epoch of training scenes
@@ -20,15 +23,16 @@ class SyntheticConfig:
 
 
 @dataclass
-class DataConfig:
-    source: str = "synthetic"  # synthetic | jsonl | csv | wds
+class DataConfig(Checked):
+    source: Literal["synthetic", "jsonl", "csv", "wds"] = "synthetic"
     train: str = ""  # manifest path or shard pattern ("a/{000..009}.tar"; "p1::0.7,p2::0.3" mixes)
     image_root: str = ""  # images of a manifest ('' = the manifest's folder)
     split: str = "train"  # keep manifest rows whose "split" equals this ('' = all rows)
     batch_size: int = 32  # per rank
     num_workers: int = 0
     image_size: int = 64
-    augment: str = "rrc"  # none | rrc (random resized crop + flip) | squash (GRAIN-style resize)
+    # none | rrc (random resized crop) | squash (GRAIN-style resize)
+    augment: Literal["none", "rrc", "squash"] = "rrc"
     crop_scale: tuple[float, float] = (0.5, 1.0)
     hflip: bool = False  # random horizontal flip; 'left'/'right' in the texts are swapped with it
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)

@@ -1,7 +1,9 @@
 """``build_train_loader``: endless, resumable, rank-sharded batches with broken-sample counting.
 
 Determinism. Every sample gets ``seed = mix_seed(run seed, epoch, position, attempt)`` and all
-augmentation randomness (and, by contract, the collate's caption sampling) derives from it.
+augmentation randomness (and, by contract, the collate's caption sampling) derives from it, one
+stream per stage (``finegrain.data.schema.sample_rng``). The per-sample transform is the
+method's (``Method.make_transform``; default ``train_transform(cfg)``).
 
 Map-style sources (synthetic scenes, JSONL/CSV manifests). Epoch ``e`` visits
 ``randperm(n, seed=(seed, e))``; rank ``r`` takes positions ``r, r + W, r + 2W, ...`` (W ranks,
@@ -55,7 +57,7 @@ from finegrain.data.sources import (
     wds_raw,
 )
 from finegrain.data.stream import Slot, raw_stream
-from finegrain.data.transforms import BoxTransform, train_transform
+from finegrain.data.transforms import SampleTransform, train_transform
 
 log = logging.getLogger(__name__)
 SOURCES = ("synthetic", "jsonl", "csv", "wds")
@@ -81,7 +83,7 @@ class MapBatches(Dataset):
     """All batches of a map-style source for one rank, indexed by the *global* batch number
     ``g = epoch * num_batches + b``, so one DataLoader (and its workers) serves every epoch."""
 
-    def __init__(self, source: Any, transform: BoxTransform, collate: Callable, *, seed: int,
+    def __init__(self, source: Any, transform: SampleTransform, collate: Callable, *, seed: int,
                  rank: int, world_size: int, batch_size: int, caption_key: str) -> None:  # fmt: skip
         self.source, self.transform, self.collate = source, transform, collate
         self.seed, self.rank, self.world = seed, rank, world_size
@@ -183,18 +185,14 @@ class TrainLoader:
     """Endless iterable of batches over epochs; see the module docstring."""
 
     def __init__(self, cfg: DataConfig, collate: Callable, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0) -> None:  # fmt: skip
-        if cfg.source not in SOURCES:
-            raise ValueError(
-                f"unknown data.source '{cfg.source}'; valid choices: {', '.join(SOURCES)}"
-            )
+                 seed: int = 0, transform: SampleTransform | None = None) -> None:  # fmt: skip
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
         if cfg.batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {cfg.batch_size}")
         self.cfg, self.collate = cfg, collate
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.transform = train_transform(cfg)
+        self.transform = transform if transform is not None else train_transform(cfg)
         self.epoch, self.batches_in_epoch, self.items_in_epoch = 0, 0, 0
         self.cursors: dict[int, int] = {}
         self.done: dict[int, int] = {}
@@ -373,7 +371,10 @@ class TrainLoader:
 
 
 def build_train_loader(cfg: DataConfig, collate: Callable, *, rank: int = 0, world_size: int = 1,
-                       seed: int = 0) -> TrainLoader:  # fmt: skip
+                       seed: int = 0, transform: SampleTransform | None = None) -> TrainLoader:  # fmt: skip
     """The training loader of ``cfg`` (see ``TrainLoader``); ``collate`` maps a list of schema
-    samples to a batch dict and must be picklable when ``num_workers > 0``."""
-    return TrainLoader(cfg, collate, rank=rank, world_size=world_size, seed=seed)
+    samples to a batch dict and must be picklable when ``num_workers > 0``, as must
+    ``transform`` (the per-sample transform, ``Method.make_transform``; default
+    ``train_transform(cfg)``)."""
+    return TrainLoader(cfg, collate, rank=rank, world_size=world_size, seed=seed,
+                       transform=transform)  # fmt: skip

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 import re
 from typing import Any
 
@@ -45,6 +46,19 @@ def mix_seed(*parts: Any) -> int:
     processes and Python versions (unlike ``hash``), and well mixed for nearby inputs."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def sample_rng(seed: int, stage: str) -> random.Random:
+    """The random stream of one *stage* of one sample: ``random.Random(mix_seed(seed, stage))``.
+
+    Every random stage of a sample draws from its own stream, so changing one stage (a crop
+    scale, the number of views) never shifts the draws of another (the sub-captions). Stages in
+    use: ``"crop"``, ``"flip"`` (the ``image`` transform), ``"view0"``, ``"view1"``, ... (extra
+    views), ``"caption"`` (caption choice), ``"subcaption"`` (FLAIR), ``"mask"`` (token masks).
+    """
+    if not isinstance(stage, str) or not stage:
+        raise ValueError(f"sample_rng: stage must be a non-empty string, got {stage!r}")
+    return random.Random(mix_seed(int(seed), stage))
 
 
 def validate_box(box: Any) -> list[float]:

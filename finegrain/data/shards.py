@@ -48,8 +48,9 @@ def encode_image(image: Image.Image, fmt: str = "jpg") -> bytes:
     return buf.getvalue()
 
 
-def write_shards(samples: Iterable[dict[str, Any]], out_dir: str | Path,
-                 shard_size: int = 1000) -> list[str]:  # fmt: skip
+def write_shards(
+    samples: Iterable[dict[str, Any]], out_dir: str | Path, shard_size: int = 1000
+) -> list[str]:
     """Write samples ``{"key", "image": bytes, "ext", "txt", "json": dict, "mask"?: np}``."""
     if shard_size < 1:
         raise ValueError(f"shard size must be >= 1, got {shard_size}")
@@ -93,12 +94,18 @@ def _manifest_samples(rows: list[Any], root: Path, report: Counter) -> Iterator[
         meta = {k: v for k, v in row.items() if k not in ("image",)}
         caption = meta.get("caption") or next(iter(meta.get("captions") or []), "")
         report["written"] += 1
-        yield {"key": f"{i:09d}", "image": data, "ext": "jpeg" if ext == "jpeg" else ext,
-               "txt": caption, "json": {"source_image": str(rel), **meta}}  # fmt: skip
+        yield {
+            "key": f"{i:09d}",
+            "image": data,
+            "ext": "jpeg" if ext == "jpeg" else ext,
+            "txt": caption,
+            "json": {"source_image": str(rel), **meta},
+        }
 
 
-def convert_manifest(manifest: str, images: str, out: str, shard_size: int = 1000,
-                     split: str = "") -> dict[str, Any]:  # fmt: skip
+def convert_manifest(
+    manifest: str, images: str, out: str, shard_size: int = 1000, split: str = ""
+) -> dict[str, Any]:
     """JSONL/CSV manifest + image folder -> shards. Returns counts and the shard paths."""
     p = Path(manifest).expanduser()
     if not p.is_file():
@@ -114,8 +121,15 @@ def convert_manifest(manifest: str, images: str, out: str, shard_size: int = 100
     return {"shards": shards, **{k: report[k] for k in ("written", "missing_image", "bad_json")}}
 
 
-def synthesize(out: str, num: int, image_size: int = 64, seed: int = 0, shard_size: int = 1000,
-               cfg: SyntheticConfig | None = None, fmt: str = "jpg") -> list[str]:  # fmt: skip
+def synthesize(
+    out: str,
+    num: int,
+    image_size: int = 64,
+    seed: int = 0,
+    shard_size: int = 1000,
+    cfg: SyntheticConfig | None = None,
+    fmt: str = "jpg",
+) -> list[str]:
     """Synthetic training scenes ``0..num-1`` (the same as ``SyntheticScenes``) -> shards."""
     from finegrain.data.synthetic import generate_scene, scene_record, train_scene_seed
 
@@ -126,9 +140,14 @@ def synthesize(out: str, num: int, image_size: int = 64, seed: int = 0, shard_si
     def samples() -> Iterator[dict]:
         for i in range(num):
             scene = generate_scene(train_scene_seed(cfg.seed, i), image_size, cfg=cfg)
-            yield {"key": f"{i:09d}", "image": encode_image(scene["image"], fmt), "ext": fmt,
-                   "txt": scene["caption"], "json": scene_record(scene),
-                   "mask": scene["semantic_mask"]}  # fmt: skip
+            yield {
+                "key": f"{i:09d}",
+                "image": encode_image(scene["image"], fmt),
+                "ext": fmt,
+                "txt": scene["caption"],
+                "json": scene_record(scene),
+                "mask": scene["semantic_mask"],
+            }
 
     return write_shards(samples(), out, shard_size)
 
@@ -173,7 +192,12 @@ def inspect_shards(spec: str, max_examples: int = 5) -> dict[str, Any]:
         per_shard[shard] = n
     total = sum(per_shard.values())
     return {
-        "shards": len(shards), "samples": total, "per_shard": per_shard,
-        "extensions": dict(exts), "json_keys": dict(keys), "broken": sum(broken.values()),
-        "broken_by_reason": dict(broken), "broken_examples": examples,
-    }  # fmt: skip
+        "shards": len(shards),
+        "samples": total,
+        "per_shard": per_shard,
+        "extensions": dict(exts),
+        "json_keys": dict(keys),
+        "broken": sum(broken.values()),
+        "broken_by_reason": dict(broken),
+        "broken_examples": examples,
+    }

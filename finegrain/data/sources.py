@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import random
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from finegrain.data.schema import BrokenSample, parse_record
-from finegrain.data.transforms import BoxTransform, swap_left_right
+from finegrain.data.transforms import SampleTransform, swap_left_right
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 KEY_CHECK_SAMPLES = 16  # fail fast when none of the first samples has a configured key
@@ -72,19 +71,23 @@ def decode_mask(data: Any, size: tuple[int, int]) -> np.ndarray:
 
 
 def make_sample(
-    raw: dict[str, Any], transform: BoxTransform, seed: int, caption_key: str = "caption"
+    raw: dict[str, Any], transform: SampleTransform, seed: int, caption_key: str = "caption"
 ) -> dict[str, Any]:
-    """Decode, validate and transform one raw sample into the schema dict."""
+    """Decode, validate and transform one raw sample into the schema dict (``views`` and
+    ``view_regions`` too when the transform makes extra views)."""
     record = decode_record(raw["record"])
     fields = parse_record(record, raw["key"], caption_key)  # validates before decoding pixels
     if raw.get("image") is None:
         raise BrokenSample("missing_image", f"sample '{raw['key']}' has no image")
     image = decode_image(raw["image"])
     mask = None if raw.get("mask") is None else decode_mask(raw["mask"], image.size)
-    out = transform.apply(image, fields["regions"], random.Random(seed), mask)
+    out = transform.for_sample(image, fields["regions"], seed, mask)
     sample = {**fields, "seed": seed, "image": out.image, "regions": out.regions}
     if out.flipped:  # "on the left" becomes "on the right" in a mirrored image
         sample = flip_text(sample)
+    if out.views is not None:
+        sample["views"] = out.views
+        sample["view_regions"] = out.view_regions or [[] for _ in out.views]
     if out.mask is not None:
         sample["mask"] = out.mask
     return sample

@@ -91,8 +91,9 @@ def position_words(box: list[float]) -> str:
 
 def object_phrase(obj: dict[str, Any], *, size=True, color=True, pattern=True) -> str:
     """'a large red striped star'; novel shapes (unless ``obj['named']``) by appearance."""
-    words = [w for w, on in ((obj["size"], size), (obj["color"], color), (obj["pattern"], pattern))
-             if on]  # fmt: skip
+    words = [
+        w for w, on in ((obj["size"], size), (obj["color"], color), (obj["pattern"], pattern)) if on
+    ]
     attrs = " ".join(words)
     if obj["shape"] in NOVEL_SHAPES and not obj.get("named", False):
         desc = obj["description"]  # "a shape with six equal sides"
@@ -115,8 +116,10 @@ def _place(rng: np.random.Generator, shape: str, size: str, image_size: int, tak
         h = max(4, int(round(w * ASPECT.get(shape, 1.0))))
         x = int(rng.integers(1, max(2, image_size - w)))
         y = int(rng.integers(1, max(2, image_size - h)))
-        if all(x + w + 1 <= a or a + c + 1 <= x or y + h + 1 <= b or b + d + 1 <= y
-               for a, b, c, d in taken):  # fmt: skip
+        if all(
+            x + w + 1 <= a or a + c + 1 <= x or y + h + 1 <= b or b + d + 1 <= y
+            for a, b, c, d in taken
+        ):
             return x, y, w, h
     return None
 
@@ -159,14 +162,25 @@ def _render_objects(rng, cfg, image_size, n, novel, forced) -> tuple[np.ndarray,
         region[m] = tex[m]
         inst[y : y + h, x : x + w][m] = len(objects) + 1
         ys, xs = np.nonzero(m)
-        box = [float(x + xs.min()) / image_size, float(y + ys.min()) / image_size,
-               float(x + xs.max() + 1) / image_size, float(y + ys.max() + 1) / image_size]  # fmt: skip
+        box = [
+            float(x + xs.min()) / image_size,
+            float(y + ys.min()) / image_size,
+            float(x + xs.max() + 1) / image_size,
+            float(y + ys.max() + 1) / image_size,
+        ]
         descs = DESCRIPTIONS[shape]
-        objects.append({
-            "shape": shape, "color": color, "pattern": pattern, "size": size, "box": box,
-            "area": int(m.sum()), "description": descs[int(rng.integers(len(descs)))],
-            "named": novel,
-        })  # fmt: skip
+        objects.append(
+            {
+                "shape": shape,
+                "color": color,
+                "pattern": pattern,
+                "size": size,
+                "box": box,
+                "area": int(m.sum()),
+                "description": descs[int(rng.integers(len(descs)))],
+                "named": novel,
+            }
+        )
     return canvas, objects, inst, (kind, tone)
 
 
@@ -174,13 +188,24 @@ def _noisy_caption(rng: np.random.Generator, objects: list[dict], bg: str) -> st
     """Web-alt-text-like: a random subset of objects with random attributes, or vague text."""
     r = rng.random()
     if r < 0.15:
-        vague = ["some shapes", "colorful shapes", "abstract picture", "shapes on a background",
-                 "image", f"shapes on a {bg} background", "geometric clip art"]  # fmt: skip
+        vague = [
+            "some shapes",
+            "colorful shapes",
+            "abstract picture",
+            "shapes on a background",
+            "image",
+            f"shapes on a {bg} background",
+            "geometric clip art",
+        ]
         return vague[int(rng.integers(len(vague)))]
     k = int(rng.integers(1, len(objects) + 1))
     chosen = [objects[i] for i in sorted(rng.choice(len(objects), k, replace=False))]
-    phrases = [object_phrase(o, size=rng.random() < 0.3, color=rng.random() < 0.7,
-                             pattern=rng.random() < 0.3) for o in chosen]  # fmt: skip
+    phrases = [
+        object_phrase(
+            o, size=rng.random() < 0.3, color=rng.random() < 0.7, pattern=rng.random() < 0.3
+        )
+        for o in chosen
+    ]
     text = join_phrases(phrases)
     if rng.random() < 0.3:
         text = ["stock image of ", "picture: ", "clipart ", "photo of "][
@@ -266,28 +291,17 @@ def scene_record(scene: dict[str, Any]) -> dict[str, Any]:
     """The JSON side of a scene in the sample schema (what ``finegrain data synthesize`` writes)."""
     objects = [{k: v for k, v in o.items() if k != "named"} for o in scene["objects"]]
     return {
-        "caption": scene["caption"], "captions": scene["captions"],
-        "long_caption": scene["long_caption"], "sentences": scene["sentences"],
-        "regions": scene["regions"], "label": scene["label"], "objects": objects,
+        "caption": scene["caption"],
+        "captions": scene["captions"],
+        "long_caption": scene["long_caption"],
+        "sentences": scene["sentences"],
+        "regions": scene["regions"],
+        "label": scene["label"],
+        "objects": objects,
         "background": scene["background"],
-    }  # fmt: skip
+    }
 
 
 def train_scene_seed(run_seed: int, index: int) -> int:
     """Seed of training scene ``index``; eval splits hash a different tag, so they never meet."""
     return mix_seed("synthetic-train", run_seed, index)
-
-
-def eval_split(kind: str, num: int, seed: int = 10_000, image_size: int = 64) -> dict[str, Any]:
-    """Evaluation data generated from seeds disjoint from training (see ``synthetic_sets``)."""
-    from finegrain.data.synthetic_sets import eval_split as _eval_split
-
-    return _eval_split(kind, num, seed=seed, image_size=image_size)
-
-
-def __getattr__(name: str) -> Any:  # SyntheticScenes lives with the transforms it needs
-    if name == "SyntheticScenes":
-        from finegrain.data.synthetic_sets import SyntheticScenes
-
-        return SyntheticScenes
-    raise AttributeError(name)

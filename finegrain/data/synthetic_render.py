@@ -95,7 +95,7 @@ POLYGONS: dict[str, list[tuple[float, float]]] = {
         (0, 2 / 3),
         (0, 1 / 3),
         (1 / 3, 1 / 3),
-    ],  # fmt: skip
+    ],
     "arrow": [(0, 0.3), (0.55, 0.3), (0.55, 0), (1, 0.5), (0.55, 1), (0.55, 0.7), (0, 0.7)],
     "star": _star(),
     "heart": _heart(),

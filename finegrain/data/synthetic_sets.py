@@ -31,8 +31,16 @@ from finegrain.data.synthetic import (
 )
 from finegrain.data.transforms import BoxTransform
 
-EVAL_KINDS = ("shape", "color_shape", "pattern_shape", "novel", "retrieval", "sentences", "long",
-              "segmentation")  # fmt: skip
+EVAL_KINDS = (
+    "shape",
+    "color_shape",
+    "pattern_shape",
+    "novel",
+    "retrieval",
+    "sentences",
+    "long",
+    "segmentation",
+)
 
 
 class SyntheticScenes(Dataset):
@@ -67,10 +75,11 @@ class SyntheticScenes(Dataset):
         """Undecoded form used by the loader: key, PIL image, JSON record, semantic mask."""
         scene = self.scene(index)
         return {
-            "key": f"synthetic-{self.cfg.seed}-{index:08d}", "image": scene["image"],
+            "key": f"synthetic-{self.cfg.seed}-{index:08d}",
+            "image": scene["image"],
             "record": scene_record(scene),
             "mask": scene["semantic_mask"] if self.with_mask else None,
-        }  # fmt: skip
+        }
 
     def sample(self, index: int, seed: int) -> dict[str, Any]:
         from finegrain.data.sources import make_sample
@@ -113,8 +122,12 @@ def _single(kind: str, num: int, seed: int, image_size: int) -> dict[str, Any]:
     for name, cls in zip(classnames, classes):
         prefix = " ".join(cls[:-1])
         descriptions[name] = [f"a {prefix} {d[2:]}" if prefix else d for d in DESCRIPTIONS[cls[-1]]]
-    return {"images": images, "labels": labels, "classnames": classnames,
-            "descriptions": descriptions}  # fmt: skip
+    return {
+        "images": images,
+        "labels": labels,
+        "classnames": classnames,
+        "descriptions": descriptions,
+    }
 
 
 def _texts(kind: str, num: int, seed: int, image_size: int) -> dict[str, Any]:

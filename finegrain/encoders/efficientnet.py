@@ -11,6 +11,8 @@ Tokens: the last feature map (after the 1x1 head conv + BN + ReLU6), (B, 1280, h
 The package's example preprocesses with the ImageNet mean/std (0.485, 0.456, 0.406) /
 (0.229, 0.224, 0.225); set ``data.mean``/``data.std`` to those for the best zero-shot
 features (CLIP's defaults are close and fine for fine-tuning).
+A convnet has no patch tokens to drop or mask and no CLS attention: ``keep=``, ``mask=`` and
+``return_attention=`` raise a one-line ValueError, as do ``patch_dropout`` and ``mask_token``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from finegrain.encoders.base import ImageTowerConfig
+from finegrain.encoders.base import ImageTowerConfig, reject_token_options
 from finegrain.encoders.vit import freeze_except_last
 from finegrain.outputs import VisionOutput
 from finegrain.registry import IMAGE_TOWERS
@@ -68,6 +70,9 @@ class EfficientNetLite0Tower(nn.Module):
 
     def __init__(self, cfg: ImageTowerConfig) -> None:
         super().__init__()
+        for option, value in (("patch_dropout", cfg.patch_dropout), ("mask_token", cfg.mask_token)):
+            if value:
+                raise ValueError(f"image tower 'efficientnet_lite0' does not support {option}")
         self.width = WIDTH
         net = build_lite0_network(cfg.image_size)
         if cfg.pretrained:
@@ -78,7 +83,15 @@ class EfficientNetLite0Tower(nn.Module):
         # trainable_blocks counts MBConv blocks from the end; the head conv/BN train with them
         freeze_except_last(self, net._blocks, cfg.trainable_blocks, [net._conv_head, net._bn1])
 
-    def forward(self, images: torch.Tensor) -> VisionOutput:
+    def forward(
+        self,
+        images: torch.Tensor,
+        *,
+        keep: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        return_attention: bool | int = False,
+    ) -> VisionOutput:
+        reject_token_options("efficientnet_lite0", keep, mask, return_attention)
         fmap = self.net.extract_features(images)  # (B, C, h, w)
         b, c, h, w = fmap.shape
         tokens = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C)

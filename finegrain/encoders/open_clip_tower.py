@@ -6,6 +6,12 @@ modules ourselves so that we get *all* patch tokens after ``ln_post`` and the CL
 open_clip's projection (methods add their own projection; the pretrained one is kept as
 ``tower.pretrained_proj`` (D_out, D) so a method can initialise from it). Position embeddings
 are resampled (bicubic) for other image sizes.
+
+The image tower takes ``forward(images, *, keep, mask, return_attention)`` (see
+``finegrain.encoders.vit``): mask token before the position embeddings, keep gather after
+them (instead of open_clip's own ``PatchDropout``, which is disabled: ``patch_dropout`` is a
+random keep set as in the native ViT), CLS attention of a resblock from its
+``attn.in_proj_weight`` on the ``ln_1`` output.
 """
 
 from __future__ import annotations
@@ -17,7 +23,17 @@ import torch
 import torch.nn as nn
 
 from finegrain.data.tokenizers import ClipTokenizer
-from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
+from finegrain.encoders.base import (
+    ImageTowerConfig,
+    TextTowerConfig,
+    apply_mask,
+    check_token_options,
+    cls_attention,
+    gather_tokens,
+    patch_grid,
+    random_keep,
+    run_blocks,
+)
 from finegrain.encoders.vit import freeze_except_last, resample_pos_embed
 from finegrain.outputs import TextOutput, VisionOutput
 from finegrain.registry import IMAGE_TOWERS, TEXT_TOWERS, suggest
@@ -42,11 +58,11 @@ class OpenCLIPVision(nn.Module):
 
     def __init__(self, cfg: ImageTowerConfig) -> None:
         super().__init__()
+        if not 0.0 <= cfg.patch_dropout < 1.0:
+            raise ValueError(f"patch_dropout must be in [0, 1), got {cfg.patch_dropout}")
+        # open_clip's PatchDropout off: ours is the keep mechanism (reported in out.keep)
         model = create_open_clip(
-            cfg.model,
-            cfg.pretrained,
-            force_image_size=cfg.image_size,
-            force_patch_dropout=cfg.patch_dropout or None,
+            cfg.model, cfg.pretrained, force_image_size=cfg.image_size, force_patch_dropout=0.0
         )
         v = model.visual
         if not hasattr(v, "conv1") or v.attn_pool is not None or v.final_ln_after_pool:
@@ -55,39 +71,98 @@ class OpenCLIPVision(nn.Module):
                 f"({type(v).__name__}); supported: plain ViT towers such as ViT-B-16, ViT-B-32"
             )
         self.visual = v
+        self.name = f"open_clip/{cfg.model}"
         self.width = int(v.transformer.width)
         self.patch_size = tuple(v.patch_size)
+        self.patch_dropout = cfg.patch_dropout
         if cfg.image_size % self.patch_size[0]:
             raise ValueError(
                 f"image_size {cfg.image_size} is not divisible by patch size {self.patch_size[0]}"
             )
         self.pretrained_proj = v.proj.detach().t().clone() if v.proj is not None else None  # (E, D)
         v.proj = None
+        self.mask_token = nn.Parameter(torch.zeros(self.width)) if cfg.mask_token else None
         v.transformer.grad_checkpointing = cfg.grad_checkpointing
         freeze_except_last(self, v.transformer.resblocks, cfg.trainable_blocks, [v.ln_post])
+        if self.mask_token is not None and cfg.trainable_blocks != 0:
+            self.mask_token.requires_grad_(True)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.transformer.grad_checkpointing = enable
 
-    def forward(self, images: torch.Tensor) -> VisionOutput:
+    def num_patches(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) patch grid of an (H, W) image."""
+        return patch_grid(self.name, image_hw, self.patch_size)
+
+    def embed(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 1 + h*w, D): CLS + patch embeddings (masked ones replaced) + position embeddings."""
         v = self.visual
-        ph, pw = self.patch_size
-        if images.shape[-2] % ph or images.shape[-1] % pw:
-            raise ValueError(
-                f"image size {tuple(images.shape[-2:])} is not divisible by patch {ph}"
-            )
         x = v.conv1(images)  # (B, D, h, w)
         grid = (x.shape[-2], x.shape[-1])
         x = x.flatten(2).transpose(1, 2)  # (B, N, D)
+        if mask is not None:
+            x = apply_mask(x, mask, self.mask_token)
         cls_tok = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls_tok, x], dim=1)  # (B, 1 + N, D)
-        x = x + resample_pos_embed(v.positional_embedding[None], grid).to(x.dtype)
-        x = v.patch_dropout(x)  # identity in eval; keeps the CLS token
-        if x.shape[1] - 1 != grid[0] * grid[1]:
-            grid = (1, x.shape[1] - 1)
-        x = v.ln_post(v.transformer(v.ln_pre(x)))  # (B, 1 + N, D)
+        return x + resample_pos_embed(v.positional_embedding[None], grid).to(x.dtype)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        *,
+        keep: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        return_attention: bool | int = False,
+    ) -> VisionOutput:
+        v = self.visual
+        grid = self.num_patches(images.shape[-2:])
+        b, n = images.shape[0], grid[0] * grid[1]
+        n_attn = check_token_options(
+            self.name,
+            keep=keep,
+            mask=mask,
+            return_attention=return_attention,
+            batch=b,
+            grid=grid,
+            depth=len(v.transformer.resblocks),
+            mask_token=self.mask_token,
+        )
+        x = self.embed(images, mask)  # (B, 1 + N, D)
+        if keep is None and self.training and self.patch_dropout > 0:
+            keep = random_keep(b, n, 1.0 - self.patch_dropout, device=x.device)  # (B, M)
+        if keep is not None:
+            x = gather_tokens(x, keep, prefix=1)  # (B, 1 + M, D)
+        x = v.ln_pre(x)
+        attn = None
+        if n_attn:
+            x, attn = self._blocks_with_attention(x, n_attn)
+        else:
+            x = v.transformer(x)
+        x = v.ln_post(x)  # (B, 1 + N_out, D)
         pooled = x[:, 0] if v.pool_type == "tok" else x[:, 1:].mean(1)
-        return VisionOutput(pooled=pooled, tokens=x[:, 1:], grid_hw=grid)
+        return VisionOutput(pooled=pooled, tokens=x[:, 1:], grid_hw=grid, keep=keep, attention=attn)
+
+    def _blocks_with_attention(
+        self, x: torch.Tensor, n_attn: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """open_clip ``Transformer.forward`` block by block, with the CLS attention rows."""
+        t = self.visual.transformer
+        for blk in t.resblocks[len(t.resblocks) - n_attn :]:
+            mha = getattr(blk, "attn", None)
+            if not isinstance(mha, nn.MultiheadAttention) or not t.batch_first:
+                raise ValueError(
+                    f"image tower '{self.name}' does not support return_attention= "
+                    f"({type(blk).__name__} is not a batch-first nn.MultiheadAttention block)"
+                )
+        ckpt = t.grad_checkpointing and torch.is_grad_enabled()
+        x, attn = run_blocks(t.resblocks, x, n_attn, _open_clip_cls_attention, ckpt)
+        return x, attn[..., 1:]  # (B, k, H, N_out): patch columns only
+
+
+def _open_clip_cls_attention(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, H, T) CLS attention row of an open_clip ``ResidualAttentionBlock`` on x (B, T, D)."""
+    a = blk.attn
+    return cls_attention(blk.ln_1(x), a.in_proj_weight, a.in_proj_bias, a.num_heads)
 
 
 class OpenCLIPText(nn.Module):

@@ -51,10 +51,6 @@ class TextTransformer(nn.Module):
 
     def __init__(self, cfg: TextTowerConfig) -> None:
         super().__init__()
-        if cfg.pooling not in POOLINGS:
-            raise ValueError(
-                f"unknown text pooling '{cfg.pooling}'; valid choices: {', '.join(POOLINGS)}"
-            )
         self.tokenizer = build_tokenizer(cfg.tokenizer, cfg.context_length, cfg.path)
         if self.tokenizer.vocab_size > cfg.vocab_size:
             raise ValueError(

@@ -8,6 +8,14 @@ embedding is resampled when the checkpoint was trained at another size).
 ViTs: ``forward_features`` (after the final norm) split into ``num_prefix_tokens`` prefix
 tokens (CLS, registers) and patch tokens; pooled = CLS (or the patch mean for models without
 a class token). Convnets: the last feature map (B, C, h, w) as tokens, pooled = mean.
+
+timm ``VisionTransformer`` models take ``forward(images, *, keep, mask, return_attention)``
+(see ``finegrain.encoders.vit``): we run ``patch_embed`` -> mask token -> ``_pos_embed`` ->
+keep gather -> ``patch_drop`` / ``norm_pre`` -> ``blocks`` -> ``norm`` ourselves (identical to
+``forward_features`` without options, dynamic image sizes included); the CLS attention of a
+block comes from its ``attn.qkv`` (with ``q_norm`` / ``k_norm``) on the ``norm1`` output.
+``patch_dropout`` is a random keep set as in the native ViT. Other timm families (convnets,
+EVA, ...) raise a one-line error for these options.
 """
 
 from __future__ import annotations
@@ -15,7 +23,17 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from finegrain.encoders.base import ImageTowerConfig
+from finegrain.encoders.base import (
+    ImageTowerConfig,
+    apply_mask,
+    check_token_options,
+    cls_attention,
+    gather_tokens,
+    patch_grid,
+    random_keep,
+    reject_token_options,
+    run_blocks,
+)
 from finegrain.encoders.vit import freeze_except_last
 from finegrain.outputs import VisionOutput
 from finegrain.registry import IMAGE_TOWERS
@@ -55,17 +73,42 @@ def load_timm_weights(model: nn.Module, path: str) -> None:
     load_into(model, sd, path)
 
 
+def _token_support(model: nn.Module) -> tuple[bool, str]:
+    """(keep/mask supported, why not attention or ''): timm VisionTransformer models only."""
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        return False, f"not a timm VisionTransformer ({type(model).__name__})"
+    if model.cls_token is None:
+        return True, "no CLS token"
+    for blk in model.blocks:
+        if not (isinstance(blk, Block) and isinstance(getattr(blk.attn, "qkv", None), nn.Linear)):
+            return True, f"{type(blk).__name__} is not a pre-norm block with a fused qkv"
+    return True, ""
+
+
 class TimmTower(nn.Module):
     """Wraps a timm model; see the module docstring for what is returned."""
 
     def __init__(self, cfg: ImageTowerConfig) -> None:
         super().__init__()
         self.model = _create(cfg.model, cfg.image_size)
+        self.name = f"timm/{cfg.model.split('.')[0]}"
         if cfg.pretrained:
             load_timm_weights(self.model, cfg.pretrained)
         self.width = int(self.model.num_features)
         self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0))
         self.has_cls = bool(getattr(self.model, "cls_token", None) is not None)
+        self.tokens_ok, self.no_attention = _token_support(self.model)
+        if not 0.0 <= cfg.patch_dropout < 1.0:
+            raise ValueError(f"patch_dropout must be in [0, 1), got {cfg.patch_dropout}")
+        for option, value in (("patch_dropout", cfg.patch_dropout), ("mask_token", cfg.mask_token)):
+            if value and not self.tokens_ok:
+                raise ValueError(f"image tower '{self.name}' does not support {option}")
+        self.patch_dropout = cfg.patch_dropout
+        self.mask_token = nn.Parameter(torch.zeros(self.width)) if cfg.mask_token else None
+        if self.tokens_ok:
+            self.patch_size = tuple(self.model.patch_embed.patch_size)
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         blocks = getattr(self.model, "blocks", None)
@@ -78,27 +121,99 @@ class TimmTower(nn.Module):
             freeze_except_last(
                 self, blocks, cfg.trainable_blocks, [norm] if norm is not None else []
             )
+            if self.mask_token is not None and cfg.trainable_blocks != 0:
+                self.mask_token.requires_grad_(True)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
 
-    def forward(self, images: torch.Tensor) -> VisionOutput:
+    def num_patches(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) patch grid of an (H, W) image (ViTs)."""
+        if not self.tokens_ok:
+            raise ValueError(f"image tower '{self.name}' has no patch grid (not a timm ViT)")
+        return patch_grid(self.name, image_hw, self.patch_size)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        *,
+        keep: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        return_attention: bool | int = False,
+    ) -> VisionOutput:
+        if self.tokens_ok:
+            return self._forward_vit(images, keep, mask, return_attention)
+        reject_token_options(self.name, keep, mask, return_attention)
         feats = self.model.forward_features(images)
         if feats.dim() == 4:  # convnet: (B, C, h, w)
             _, _, h, w = feats.shape
             tokens = feats.flatten(2).transpose(1, 2)  # (B, h*w, C)
             return VisionOutput(pooled=tokens.mean(1), tokens=tokens, grid_hw=(h, w))
-        if feats.dim() == 3 and hasattr(self.model, "patch_embed"):  # ViT: (B, P + N, D)
-            ph, pw = self.model.patch_embed.patch_size
-            if images.shape[-2] % ph or images.shape[-1] % pw:
-                raise ValueError(
-                    f"image size {tuple(images.shape[-2:])} is not divisible by patch size {(ph, pw)}"
-                )
-            grid = (images.shape[-2] // ph, images.shape[-1] // pw)
+        if feats.dim() == 3 and hasattr(self.model, "patch_embed"):  # other ViTs: (B, P + N, D)
+            grid = patch_grid(self.name, images.shape[-2:], self.model.patch_embed.patch_size)
             tokens = feats[:, self.num_prefix_tokens :]  # (B, N, D)
             pooled = feats[:, 0] if self.has_cls else tokens.mean(1)
             return VisionOutput(pooled=pooled, tokens=tokens, grid_hw=grid)
         raise ValueError(f"unsupported timm features of shape {tuple(feats.shape)}")
+
+    def _forward_vit(
+        self,
+        images: torch.Tensor,
+        keep: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        return_attention: bool | int,
+    ) -> VisionOutput:
+        """``VisionTransformer.forward_features`` step by step, with keep / mask / attention."""
+        m, p = self.model, self.num_prefix_tokens
+        grid = self.num_patches(images.shape[-2:])
+        b, n = images.shape[0], grid[0] * grid[1]
+        n_attn = check_token_options(
+            self.name,
+            keep=keep,
+            mask=mask,
+            return_attention=return_attention,
+            batch=b,
+            grid=grid,
+            depth=len(m.blocks),
+            mask_token=self.mask_token,
+        )
+        if n_attn and self.no_attention:
+            raise ValueError(
+                f"image tower '{self.name}' does not support return_attention= "
+                f"({self.no_attention})"
+            )
+        x = m.patch_embed(images)  # (B, h, w, D) with dynamic_img_size, else (B, N, D)
+        if mask is not None:
+            x = apply_mask(x, mask, self.mask_token)
+        x = m._pos_embed(x)  # (B, P + N, D)
+        if keep is None and self.training and self.patch_dropout > 0:
+            keep = random_keep(b, n, 1.0 - self.patch_dropout, device=x.device)  # (B, M)
+        if keep is not None:
+            x = gather_tokens(x, keep, prefix=p)  # (B, P + M, D)
+        x = m.norm_pre(m.patch_drop(x))
+        attn = None
+        if n_attn:
+            ckpt = m.grad_checkpointing and torch.is_grad_enabled()
+            x, attn = run_blocks(m.blocks, x, n_attn, _timm_cls_attention, ckpt)
+            attn = attn[..., p:]  # (B, k, H, N_out): patch columns only
+        elif m.grad_checkpointing and not torch.jit.is_scripting():
+            from timm.models import checkpoint_seq
+
+            x = checkpoint_seq(m.blocks, x)
+        else:
+            x = m.blocks(x)
+        x = m.norm(x)  # (B, P + N_out, D)
+        tokens = x[:, p:]  # (B, N_out, D)
+        pooled = x[:, 0] if self.has_cls else tokens.mean(1)
+        return VisionOutput(pooled=pooled, tokens=tokens, grid_hw=grid, keep=keep, attention=attn)
+
+
+def _timm_cls_attention(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, H, T) CLS attention row of a timm pre-norm ``Block`` on its input x (B, T, D)."""
+    a = blk.attn
+    return cls_attention(
+        blk.norm1(x), a.qkv.weight, a.qkv.bias, a.num_heads, a.scale, a.q_norm, a.k_norm
+    )
 
 
 @IMAGE_TOWERS.register("timm")

@@ -5,7 +5,17 @@ native text tower shares.
 
 Attention uses fused ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on
 GPU) with one fused qkv projection. Optional gradient checkpointing per block and patch
-dropout (Li et al. 2023, FLIP; CLS always kept, training only).
+dropout (Li et al. 2023, FLIP; CLS always kept, training only) as a random keep set.
+
+``forward(images, *, keep=None, mask=None, return_attention=False)``:
+- ``keep`` (B, M) long: row-major patch indices gathered after the position embeddings,
+  before ``ln_pre`` and the blocks (token removal of FLIP / CLIPpy / DetailCLIP); CLS kept.
+- ``mask`` (B, h*w) bool: those patch embeddings are replaced by the learned ``mask_token``
+  before the position embeddings (iBOT); needs ``ImageTowerConfig.mask_token=True``.
+- ``return_attention`` True | k: the CLS query's softmax attention over the patches in the
+  last k blocks, computed next to the fused SDPA from the block's own q/k weights
+  (``finegrain.encoders.base.cls_attention``); the raw softmax row restricted to the patch
+  columns, not renormalised (its sum is 1 minus the CLS self-attention).
 """
 
 from __future__ import annotations
@@ -18,7 +28,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from finegrain.encoders.base import ImageTowerConfig
+from finegrain.encoders.base import (
+    ImageTowerConfig,
+    apply_mask,
+    check_token_options,
+    cls_attention,
+    gather_tokens,
+    patch_grid,
+    random_keep,
+    run_blocks,
+)
 from finegrain.outputs import VisionOutput
 from finegrain.registry import IMAGE_TOWERS
 
@@ -120,21 +139,12 @@ def resample_pos_embed(pos: torch.Tensor, grid: tuple[int, int], prefix: int = 1
     return torch.cat([pos[:, :prefix], patch], dim=1)
 
 
-def patch_dropout(x: torch.Tensor, keep_prob: float) -> torch.Tensor:
-    """Keep a random subset of patch tokens per sample (FLIP); x: (B, 1 + N, D), CLS kept."""
-    cls_tok, patches = x[:, :1], x[:, 1:]
-    b, n, d = patches.shape
-    keep = max(1, int(n * keep_prob))
-    idx = torch.rand(b, n, device=x.device).argsort(dim=1)[:, :keep]  # (B, keep)
-    patches = patches.gather(1, idx[..., None].expand(b, keep, d))
-    return torch.cat([cls_tok, patches], dim=1)
-
-
 class VisionTransformer(nn.Module):
     """Native ViT returning ``VisionOutput(pooled=CLS, tokens=patches, grid)`` after ``ln_post``.
 
-    While patch dropout is active (training, ``patch_dropout > 0``) the tokens are the kept
-    patches in random order and ``grid_hw`` is ``(1, N_kept)``.
+    While patch dropout is active (training, ``patch_dropout > 0``, no explicit ``keep``) the
+    tokens are a random keep set (``random_keep``, global RNG), reported in ``out.keep``; an
+    explicit ``keep`` takes precedence over patch dropout.
     """
 
     def __init__(self, cfg: ImageTowerConfig) -> None:
@@ -146,7 +156,7 @@ class VisionTransformer(nn.Module):
             )
         if not 0.0 <= cfg.patch_dropout < 1.0:
             raise ValueError(f"patch_dropout must be in [0, 1), got {cfg.patch_dropout}")
-        self.width, self.patch_size = cfg.width, cfg.patch_size
+        self.width, self.patch_size = cfg.width, (cfg.patch_size, cfg.patch_size)
         self.patch_dropout = cfg.patch_dropout
         g = cfg.image_size // cfg.patch_size
         scale = cfg.width**-0.5
@@ -157,35 +167,88 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio)
         self.transformer.grad_checkpointing = cfg.grad_checkpointing
         self.ln_post = nn.LayerNorm(cfg.width)
+        # iBOT's masked-patch embedding, zero init; only with mask_token=True so that existing
+        # state dicts keep their keys
+        self.mask_token = nn.Parameter(torch.zeros(cfg.width)) if cfg.mask_token else None
         freeze_except_last(self, self.transformer.blocks, cfg.trainable_blocks, [self.ln_post])
+        if self.mask_token is not None and cfg.trainable_blocks != 0:
+            self.mask_token.requires_grad_(True)  # a new input embedding: trains with the tower
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
 
-    def forward(self, images: torch.Tensor) -> VisionOutput:
-        _, _, hh, ww = images.shape
-        p = self.patch_size
-        if hh % p or ww % p:
-            raise ValueError(f"image size {hh}x{ww} is not divisible by patch_size {p}")
-        grid = (hh // p, ww // p)
-        x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, N, D)
+    def num_patches(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) patch grid of an (H, W) image."""
+        return patch_grid("vit", image_hw, self.patch_size)
+
+    def embed(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 1 + h*w, D): CLS + patch embeddings (masked ones replaced) + position embeddings."""
+        x = self.conv1(images)  # (B, D, h, w)
+        grid = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
+        if mask is not None:
+            x = apply_mask(x, mask, self.mask_token)
         cls_tok = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, D)
         x = torch.cat([cls_tok, x], dim=1)  # (B, 1 + N, D)
-        x = x + resample_pos_embed(self.positional_embedding, grid).to(x.dtype)
-        if self.training and self.patch_dropout > 0:
-            x = patch_dropout(x, 1.0 - self.patch_dropout)
-            grid = (1, x.shape[1] - 1)
-        x = self.transformer(self.ln_pre(x))
-        x = self.ln_post(x)  # (B, 1 + N, D)
-        return VisionOutput(pooled=x[:, 0], tokens=x[:, 1:], grid_hw=grid)
+        return x + resample_pos_embed(self.positional_embedding, grid).to(x.dtype)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        *,
+        keep: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        return_attention: bool | int = False,
+    ) -> VisionOutput:
+        grid = self.num_patches(images.shape[-2:])
+        b, n = images.shape[0], grid[0] * grid[1]
+        blocks = self.transformer.blocks
+        n_attn = check_token_options(
+            "vit",
+            keep=keep,
+            mask=mask,
+            return_attention=return_attention,
+            batch=b,
+            grid=grid,
+            depth=len(blocks),
+            mask_token=self.mask_token,
+        )
+        x = self.embed(images, mask)  # (B, 1 + N, D)
+        if keep is None and self.training and self.patch_dropout > 0:
+            keep = random_keep(b, n, 1.0 - self.patch_dropout, device=x.device)  # (B, M)
+        if keep is not None:
+            x = gather_tokens(x, keep, prefix=1)  # (B, 1 + M, D)
+        x = self.ln_pre(x)
+        attn = None
+        if n_attn:
+            ckpt = self.transformer.grad_checkpointing and self.training
+            x, attn = run_blocks(
+                blocks, x, n_attn, _block_cls_attention, ckpt and torch.is_grad_enabled()
+            )
+            attn = attn[..., 1:]  # (B, k, H, N_out): patch columns only
+        else:
+            x = self.transformer(x)
+        x = self.ln_post(x)  # (B, 1 + N_out, D)
+        return VisionOutput(
+            pooled=x[:, 0], tokens=x[:, 1:], grid_hw=grid, keep=keep, attention=attn
+        )
+
+
+def _block_cls_attention(blk: Block, x: torch.Tensor) -> torch.Tensor:
+    """(B, H, T) CLS attention row of a native block on its input x (B, T, D)."""
+    return cls_attention(blk.ln_1(x), blk.attn.qkv.weight, blk.attn.qkv.bias, blk.attn.heads)
 
 
 @IMAGE_TOWERS.register("vit")
 def build_vit(cfg: ImageTowerConfig) -> VisionTransformer:
-    """Native ViT; ``cfg.pretrained`` may name a local state-dict file of this tower."""
+    """Native ViT; ``cfg.pretrained`` may name a local state-dict file of this tower (a missing
+    ``mask_token`` keeps its zero init: pretrained towers have none)."""
     model = VisionTransformer(cfg)
     if cfg.pretrained:
         from finegrain.encoders.weights import load_into, load_state_dict_file
 
-        load_into(model, load_state_dict_file(cfg.pretrained), cfg.pretrained)
+        sd = load_state_dict_file(cfg.pretrained)
+        if model.mask_token is not None and "mask_token" not in sd:
+            sd["mask_token"] = model.mask_token.detach().clone()
+        load_into(model, sd, cfg.pretrained)
     return model

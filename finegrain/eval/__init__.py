@@ -12,10 +12,19 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
+from finegrain.config import from_dict, validate_config
 from finegrain.data.config import DataConfig
 from finegrain.eval.common import EvalContext
-from finegrain.eval.config import EvalConfig, EvalTaskConfig
+from finegrain.eval.config import (
+    EvalConfig,
+    EvalTaskConfig,
+    RetrievalTaskConfig,
+    SegmentationTaskConfig,
+    ZeroShotTaskConfig,
+    task_config_class,
+)
 from finegrain.eval.datasets import load_task_data
 from finegrain.eval.report import markdown_table, write_report
 from finegrain.eval.retrieval import evaluate_retrieval
@@ -31,6 +40,9 @@ EVAL_TASKS.add("segmentation", evaluate_segmentation)
 __all__ = [
     "EvalConfig",
     "EvalTaskConfig",
+    "RetrievalTaskConfig",
+    "SegmentationTaskConfig",
+    "ZeroShotTaskConfig",
     "markdown_table",
     "run_tasks",
     "task_prefix",
@@ -43,30 +55,40 @@ def task_prefix(cfg: EvalTaskConfig) -> str:
     variant with '+', so several settings of one dataset never collide."""
     if cfg.name:
         return cfg.name
+    scoring = getattr(cfg, "scoring", "global")  # fields only some task kinds have
+    alpha = getattr(cfg, "fusion_alpha", 1.0)
     mods = [
         cfg.variant,
-        cfg.scoring if cfg.scoring != "global" else "",
-        f"k{cfg.rerank_k}" if cfg.scoring == "rerank" else "",
-        "desc" if cfg.descriptions else "",
-        f"alpha{cfg.fusion_alpha:g}" if cfg.fusion_alpha < 1 else "",
+        scoring if scoring != "global" else "",
+        f"k{cfg.rerank_k}" if scoring == "rerank" else "",
+        "desc" if getattr(cfg, "descriptions", "") else "",
+        f"alpha{alpha:g}" if alpha < 1 else "",
         f"ctx{cfg.context_length}" if cfg.context_length else "",
     ]
     variant = "+".join(m for m in mods if m)
     return "/".join(p for p in (cfg.task, cfg.dataset, variant) if p)
 
 
+def check_task(cfg: EvalTaskConfig, where: str = "task") -> None:
+    """A task config of the class its kind registered, with valid choices (one-line error)."""
+    cls = task_config_class(cfg.task)
+    if not isinstance(cfg, cls):
+        raise ValueError(
+            f"{where}: task '{cfg.task}' needs a {cls.__name__}, got {type(cfg).__name__}"
+        )
+    validate_config(cfg, where)
+
+
 def _run_data_config(out_dir: Path) -> DataConfig | None:
     """The data section of the run whose ``config.yaml`` sits up to 3 levels above
     ``out_dir`` (the trainer evaluates into ``<run>/eval/step_N``), so the run's own
     normalisation is used when the caller passes no ``data_cfg``; None if there is none."""
-    from finegrain.config import load_yaml
-    from finegrain.recipes.base import RunConfig
-
     for d in [out_dir, *out_dir.parents][:4]:
         if (d / "config.yaml").is_file():
             try:
-                return load_yaml(RunConfig, d / "config.yaml").data
-            except ValueError:
+                raw = yaml.safe_load((d / "config.yaml").read_text()) or {}
+                return from_dict(DataConfig, raw.get("data") or {}, "data")
+            except (ValueError, yaml.YAMLError, AttributeError):
                 return None
     return None
 
@@ -86,8 +108,8 @@ def run_tasks(
     ``config.yaml`` of a run directory holding ``out_dir`` is used, else CLIP's mean/std.
     Restores the method's train/eval mode afterwards.
     """
-    from finegrain.eval.plots import save_task_plots
-
+    for i, cfg in enumerate(tasks):
+        check_task(cfg, f"tasks[{i}]")
     if data_cfg is None and out_dir is not None:
         data_cfg = _run_data_config(Path(out_dir))
     ctx = EvalContext.create(method, device, data_cfg, progress)
@@ -107,6 +129,8 @@ def run_tasks(
             results.update({f"{prefix}/{k}": float(v) for k, v in metrics.items()})
             results[f"{prefix}/seconds"] = time.perf_counter() - t0
             if out_dir is not None:
+                from finegrain.eval.plots import save_task_plots  # matplotlib: only for plots
+
                 save_task_plots(ctx, cfg.task, data, art, Path(out_dir) / prefix, cfg.num_examples)
     finally:
         method.train(was_training)

@@ -5,10 +5,11 @@
         --tasks "zeroshot:synthetic/shape@descriptions=builtin,retrieval:synthetic/sentences" \\
         --set scoring=rerank --out reports/ab
 
-Task syntax: ``TASK:DATASET[/VARIANT][=PATH][@key=value]...`` where keys are fields of
-``EvalTaskConfig`` (``scoring``, ``rerank_k``, ``templates``, ``descriptions``,
-``fusion_alpha``, ``context_length``, ``background_threshold``, ``image_root``, ``limit``, ...);
-``--set key=value`` applies to every task. Without ``--tasks`` the run config's ``eval.tasks``
+Task syntax: ``TASK:DATASET[/VARIANT][=PATH][@key=value]...`` where keys are fields of the
+task kind's config (``finegrain.eval.config``: ``ZeroShotTaskConfig``, ``RetrievalTaskConfig``,
+``SegmentationTaskConfig``; e.g. ``scoring``, ``rerank_k``, ``templates``, ``descriptions``,
+``fusion_alpha``, ``context_length``, ``background_threshold``, ``image_root``, ``limit``);
+``--set key=value`` applies to every task whose kind has that key. Without ``--tasks`` the run config's ``eval.tasks``
 are used. Writes ``results.json`` and ``results.md`` (one column per checkpoint) and the plots
 under ``--out`` and prints the Markdown table.
 """
@@ -21,33 +22,58 @@ import sys
 from pathlib import Path
 
 from finegrain.config import ConfigError, from_dict
-from finegrain.eval.config import EvalTaskConfig
-from finegrain.registry import suggest
+from finegrain.eval import run_tasks, write_report
+from finegrain.eval.config import EvalTaskConfig, task_config_class
+from finegrain.eval.report import markdown_table
+from finegrain.registry import EVAL_TASK_CONFIGS, suggest
+from finegrain.train.checkpoint import load_method
 
 USER_ERROR = 2
 
 
+def _fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
 def parse_task(spec: str, common: dict[str, str] | None = None) -> EvalTaskConfig:
-    """``retrieval:coco/karpathy=/data/coco.json@scoring=rerank`` -> an ``EvalTaskConfig``."""
+    """``retrieval:coco/karpathy=/data/coco.json@scoring=rerank`` -> a ``RetrievalTaskConfig``
+    (the config class of the task kind); ``common`` options apply where the kind has them."""
     head, *opts = spec.strip().split("@")
     if ":" not in head:
         raise ValueError(f"task '{spec}' must look like TASK:DATASET[/VARIANT][=PATH][@key=value]")
     task, rest = head.split(":", 1)
     target, _, path = rest.partition("=")
     dataset, _, variant = target.partition("/")
+    fields = _fields(task_config_class(task))  # unknown task: names the valid kinds
     data: dict[str, object] = {"task": task, "dataset": dataset, "variant": variant, "path": path}
-    data.update(common or {})
+    data.update({k: v for k, v in (common or {}).items() if k in fields})
     for o in opts:
         if "=" not in o:
             raise ValueError(f"task option '{o}' in '{spec}' must look like key=value")
         k, v = o.split("=", 1)
         data[k] = v
-    fields = [f.name for f in dataclasses.fields(EvalTaskConfig)]
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise ValueError(f"unknown task option '{unknown[0]}'{suggest(unknown[0], fields)}; "
-                         f"valid: {', '.join(fields)}")  # fmt: skip
+        raise ValueError(
+            f"unknown option '{unknown[0]}' for {task} tasks{suggest(unknown[0], fields)}; "
+            f"valid: {', '.join(fields)}"
+        )
     return from_dict(EvalTaskConfig, data)
+
+
+def _check_common(common: dict[str, str]) -> None:
+    """A ``--set`` key that no task kind has is a mistake (one line naming the keys)."""
+    known = sorted({f for _, cls in EVAL_TASK_CONFIGS.items() for f in _fields(cls)})
+    for k in common:
+        if k not in known:
+            raise ValueError(
+                f"unknown --set option '{k}'{suggest(k, known)}; valid: {', '.join(known)}"
+            )
+
+
+def _only(common: dict[str, str], task: EvalTaskConfig) -> dict[str, str]:
+    fields = _fields(type(task))
+    return {k: v for k, v in common.items() if k in fields}
 
 
 def _split_specs(text: str) -> list[str]:
@@ -56,13 +82,23 @@ def _split_specs(text: str) -> list[str]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finegrain eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", action="append", required=True, metavar="RUN_OR_FILE",
-                   help="run dir, checkpoint dir or .safetensors file (repeat to compare)")  # fmt: skip
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        required=True,
+        metavar="RUN_OR_FILE",
+        help="run dir, checkpoint dir or .safetensors file (repeat to compare)",
+    )
     p.add_argument(
         "--tasks", default="", help="comma-separated TASK:DATASET[/VARIANT][=PATH][@k=v]"
     )
-    p.add_argument("--set", action="append", default=[], metavar="key=value",
-                   help="task option applied to every task")  # fmt: skip
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="key=value",
+        help="task option applied to every task whose kind has it",
+    )
     p.add_argument("--out", default="", help="output folder (default: <first run>/eval)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -77,23 +113,21 @@ def _label(ckpt: str, run_name: str, taken: set[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from finegrain.eval import run_tasks, write_report
-    from finegrain.eval.report import markdown_table
-    from finegrain.train.checkpoint import load_method
-
     common = {}
     for s in args.set:
         if "=" not in s:
             raise ValueError(f"--set '{s}' must look like key=value")
         k, v = s.split("=", 1)
         common[k] = v
+    _check_common(common)
     results: dict[str, dict[str, float]] = {}
     out = Path(args.out) if args.out else None
     for ckpt in args.checkpoint:
         method, cfg = load_method(ckpt, map_location=args.device)
         specs = _split_specs(args.tasks)
         tasks = [parse_task(s, common) for s in specs] or [
-            from_dict(EvalTaskConfig, {**dataclasses.asdict(t), **common}) for t in cfg.eval.tasks
+            from_dict(EvalTaskConfig, {**dataclasses.asdict(t), **_only(common, t)})
+            for t in cfg.eval.tasks
         ]
         if not tasks:
             raise ValueError(f"no --tasks given and the run config of {ckpt} lists no eval.tasks")
@@ -101,8 +135,14 @@ def run(args: argparse.Namespace) -> int:
             base = Path(ckpt)
             out = (base if base.is_dir() else base.parent) / "eval"
         label = _label(ckpt, getattr(cfg, "name", ""), set(results))
-        results[label] = run_tasks(method, tasks, device=args.device, out_dir=out / label,
-                                   progress=not args.quiet, data_cfg=cfg.data)  # fmt: skip
+        results[label] = run_tasks(
+            method,
+            tasks,
+            device=args.device,
+            out_dir=out / label,
+            progress=not args.quiet,
+            data_cfg=cfg.data,
+        )
     assert out is not None
     paths = write_report(results, out)
     shown = {

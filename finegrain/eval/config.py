@@ -1,35 +1,112 @@
-"""Declarative evaluation: a list of tasks run by ``finegrain eval`` and inside training."""
+"""Declarative evaluation: a list of tasks run by ``finegrain eval`` and inside training.
+
+One config class per task kind, polymorphic on ``task`` as ``MethodConfig`` is on ``name``:
+``{"task": "zeroshot", ...}`` builds a ``ZeroShotTaskConfig``, and a key that kind does not
+have is a one-line error naming the keys it has. Adding a kind = one dataclass deriving from
+``EvalTaskConfig`` with ``task: Literal["<kind>"]``, decorated with ``@task_kind("<kind>")``,
+plus its evaluate function in ``EVAL_TASKS`` (``finegrain.eval``). ``EvalTaskConfig(task=k,
+...)`` is a factory: it builds the config class of kind ``k`` (default ``retrieval``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from finegrain.config import Checked, ConfigError
+from finegrain.registry import EVAL_TASK_CONFIGS, suggest
+
+T = TypeVar("T", bound=type)
+
+
+def task_kind(name: str) -> Callable[[T], T]:
+    """Register an ``EvalTaskConfig`` subclass as the config of task kind ``name``."""
+
+    def deco(cls: T) -> T:
+        EVAL_TASK_CONFIGS.add(name, cls)
+        return cls
+
+    return deco
 
 
 @dataclass
-class EvalTaskConfig:
-    task: str = "retrieval"  # zeroshot | retrieval | segmentation (see EVAL_TASKS)
-    dataset: str = "synthetic"  # synthetic | flickr8k | coco | flickr30k | docci | iiw | dci | urban1k | sharegpt4v | imagefolder | voc | manifest | wds
+class EvalTaskConfig(Checked):
+    """Fields every task kind has; ``task`` selects the kind (see ``EVAL_TASK_CONFIGS``)."""
+
+    __registry__ = EVAL_TASK_CONFIGS
+    __discriminator__ = "task"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> EvalTaskConfig:
+        """``EvalTaskConfig(task="zeroshot", ...)`` builds the config class of that kind."""
+        if cls is EvalTaskConfig:
+            cls = task_config_class(kwargs.get("task", args[0] if args else "retrieval"))
+            valid = [f.name for f in dataclasses.fields(cls)]
+            unknown = [k for k in kwargs if k not in valid]
+            if unknown:
+                raise ConfigError(
+                    f"unknown option '{unknown[0]}' for {cls.task} tasks"
+                    f"{suggest(unknown[0], valid)}; valid: {', '.join(valid)}"
+                )
+        return super().__new__(cls)
+
+    task: str = "retrieval"  # zeroshot | retrieval | segmentation (see EVAL_TASK_CONFIGS)
+    dataset: str = "synthetic"  # per kind, see finegrain.eval.datasets (synthetic, flickr8k, ...)
     path: str = ""
     split: str = "test"
-    variant: str = ""  # dataset-specific sub-split, e.g. synthetic: shape | color_shape | pattern_shape | novel
+    variant: str = ""  # dataset-specific sub-split, e.g. synthetic: shape | color_shape | novel
     num_samples: int = 256  # synthetic only
     batch_size: int = 64
-    templates: str = "default"  # default (80 CLIP templates; synthetic: plain) | plain | a clip_benchmark set | file
-    descriptions: str = ""  # '' | 'builtin' | path to {class: [descriptor, ...]} JSON
-    scoring: str = "global"  # global | conditioned | rerank
-    rerank_k: int = 20
-    fusion_alpha: float = 1.0  # GRAIN: alpha * global + (1 - alpha) * region
-    context_length: int = 0  # 0 = the model's
-    background_threshold: float = 0.0
+    context_length: int = 0  # text tokens; 0 = the model's
     name: str = ""  # key prefix in results ('' = derived)
-    # --- added by the evaluation suite ---
     image_root: str = ""  # images of an annotation file ('' = next to the annotation file)
-    classnames: str = ""  # '' = the dataset's own | clip_benchmark dataset name | path (.txt/.json)
     limit: int = 0  # keep only the first N images of a real dataset (0 = all)
-    memory_budget_mb: int = 1024  # text-conditioned scoring: max memory of one images x texts chunk
     num_examples: int = 4  # plots per task when an output folder is given
 
 
+@task_kind("zeroshot")
 @dataclass
-class EvalConfig:
+class ZeroShotTaskConfig(EvalTaskConfig):
+    """Zero-shot classification (``finegrain.eval.zeroshot``)."""
+
+    task: Literal["zeroshot"] = "zeroshot"
+    # default (80 CLIP templates; synthetic: plain) | plain | cupl | a clip_benchmark set | file
+    templates: str = "default"
+    descriptions: str = ""  # '' | 'builtin' | path to {class: [descriptor, ...]} JSON
+    classnames: str = ""  # '' = the dataset's own | clip_benchmark dataset name | path (.txt/.json)
+    scoring: Literal["global", "conditioned"] = "global"
+    fusion_alpha: float = 1.0  # GRAIN: alpha * global + (1 - alpha) * region
+    memory_budget_mb: int = 1024  # text-conditioned scoring: max memory of one chunk
+
+
+@task_kind("retrieval")
+@dataclass
+class RetrievalTaskConfig(EvalTaskConfig):
+    """Image-text retrieval, global, text-conditioned or re-ranked (``finegrain.eval.retrieval``)."""
+
+    task: Literal["retrieval"] = "retrieval"
+    scoring: Literal["global", "conditioned", "rerank"] = "global"
+    rerank_k: int = 20
+    memory_budget_mb: int = 1024  # text-conditioned scoring: max memory of one images x texts chunk
+
+
+@task_kind("segmentation")
+@dataclass
+class SegmentationTaskConfig(EvalTaskConfig):
+    """Zero-shot semantic segmentation from patch-text similarity (``finegrain.eval.segmentation``)."""
+
+    task: Literal["segmentation"] = "segmentation"
+    templates: str = "default"
+    classnames: str = ""  # '' = the dataset's own | clip_benchmark dataset name | path (.txt/.json)
+    background_threshold: float = 0.0
+
+
+def task_config_class(task: str) -> type[EvalTaskConfig]:
+    """The config class of task kind ``task``; a ``ValueError`` naming the kinds otherwise."""
+    return EVAL_TASK_CONFIGS.get(task)
+
+
+@dataclass
+class EvalConfig(Checked):
     tasks: list[EvalTaskConfig] = field(default_factory=list)

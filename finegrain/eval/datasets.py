@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from finegrain.config import finegrain_home
+from finegrain.data.synthetic_sets import eval_split
 from finegrain.eval import formats
-from finegrain.eval.config import EvalTaskConfig
+from finegrain.eval.config import EvalTaskConfig, ZeroShotTaskConfig
 from finegrain.eval.containers import (
     ClassificationData,
     RetrievalData,
@@ -31,14 +32,7 @@ SYNTHETIC_KINDS = {
 
 
 def synthetic_split(kind: str, num: int, seed: int = 10_000, image_size: int = 64) -> dict:
-    """Adapter over ``finegrain.data.synthetic.eval_split`` (the data engineer's generator)."""
-    try:
-        from finegrain.data.synthetic import eval_split
-    except ImportError as e:
-        raise ValueError(
-            f"the built-in synthetic scenes are unavailable ({e}); "
-            "finegrain.data.synthetic.eval_split is needed for dataset=synthetic"
-        ) from None
+    """Adapter over ``finegrain.data.synthetic_sets.eval_split`` (the data engineer's generator)."""
     return eval_split(kind, num, seed=seed, image_size=image_size)
 
 
@@ -77,7 +71,7 @@ def _default_path(cfg: EvalTaskConfig) -> Path:
     return finegrain_home() / "data" / cfg.dataset
 
 
-def _classification(cfg: EvalTaskConfig, path: Path, root: str) -> ClassificationData:
+def _classification(cfg: ZeroShotTaskConfig, path: Path, root: str) -> ClassificationData:
     if cfg.dataset == "imagefolder":
         images, labels, names = formats.load_imagefolder(path, cfg.split)
     elif cfg.dataset == "manifest":

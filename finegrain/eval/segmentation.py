@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from finegrain.eval.common import EvalContext, image_batches, require
-from finegrain.eval.config import EvalTaskConfig
+from finegrain.eval.config import SegmentationTaskConfig
 from finegrain.eval.containers import SegmentationData, load_mask
 from finegrain.eval.templates import class_prompts, load_templates
 from finegrain.eval.zeroshot import class_embeddings
@@ -81,7 +81,7 @@ def seg_metrics(conf: torch.Tensor, ignore_background: bool) -> dict[str, float]
 
 @torch.no_grad()
 def evaluate_segmentation(
-    ctx: EvalContext, cfg: EvalTaskConfig, data: SegmentationData
+    ctx: EvalContext, cfg: SegmentationTaskConfig, data: SegmentationData
 ) -> tuple[dict[str, float], dict]:
     m = ctx.method
     require(m, "dense_features", f"segmentation/{cfg.dataset}")

@@ -28,13 +28,13 @@ from finegrain.eval.common import (
     encode_texts,
     require,
 )
-from finegrain.eval.config import EvalTaskConfig
+from finegrain.eval.config import ZeroShotTaskConfig
 from finegrain.eval.containers import ClassificationData
 from finegrain.eval.templates import class_prompts, load_descriptions, load_templates
 
 
 def prompts_for(
-    cfg: EvalTaskConfig, classnames: list[str], builtin: dict[str, list[str]] | None = None
+    cfg: ZeroShotTaskConfig, classnames: list[str], builtin: dict[str, list[str]] | None = None
 ) -> list[list[str]]:
     """Prompts per class from the task's template set and (optional) descriptions."""
     descriptions = load_descriptions(cfg.descriptions, builtin) if cfg.descriptions else None
@@ -71,7 +71,7 @@ def region_scores(region: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def zeroshot_logits(
-    ctx: EvalContext, cfg: EvalTaskConfig, data: ClassificationData, prompts: list[list[str]]
+    ctx: EvalContext, cfg: ZeroShotTaskConfig, data: ClassificationData, prompts: list[list[str]]
 ) -> torch.Tensor:
     """(N, C) class scores for every image."""
     m, bs, task = ctx.method, cfg.batch_size, f"zeroshot/{cfg.dataset}"
@@ -89,8 +89,6 @@ def zeroshot_logits(
         s = chunked_scores(ctx, img_f, txt_f, cfg.memory_budget_mb)  # (N, P)
         summed = torch.zeros(s.shape[0], len(prompts)).index_add_(1, owner, s)
         return summed / torch.bincount(owner, minlength=len(prompts)).float()
-    if cfg.scoring != "global":
-        raise ValueError(f"zeroshot scoring must be global or conditioned, got '{cfg.scoring}'")
     classes = class_embeddings(ctx, prompts, bs, cfg.context_length)  # (C, D)
     img = F.normalize(encode_images(ctx, data.images, m.encode_image, bs).float().cpu(), dim=-1)
     logits = img @ classes.t()  # (N, C)
@@ -117,7 +115,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
 
 
 def evaluate_zeroshot(
-    ctx: EvalContext, cfg: EvalTaskConfig, data: ClassificationData
+    ctx: EvalContext, cfg: ZeroShotTaskConfig, data: ClassificationData
 ) -> tuple[dict[str, float], dict]:
     prompts = prompts_for(cfg, data.classnames, data.descriptions)
     logits = zeroshot_logits(ctx, cfg, data, prompts)

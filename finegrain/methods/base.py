@@ -1,12 +1,26 @@
 """The method contract: every training objective is a ``Method`` registered by name.
 
 The trainer only ever calls:
+- ``make_transform(data_cfg, train)`` (the per-sample image transform the loader applies; may
+  make extra ``views``) and ``make_collate(train)`` (schema samples -> batch);
 - ``forward(batch) -> MethodOutput`` (== ``loss_from_features(features(batch))``);
 - ``features(batch) -> dict[str, Tensor]`` and ``loss_from_features(feats)``, which split the
   forward so the trainer can do *exact* gradient accumulation for contrastive losses: every
   tensor in ``feats`` has the batch as its leading dim (pad ragged things), so micro-batch
-  features can be concatenated along dim 0;
-- ``param_groups(weight_decay)``, ``after_optimizer_step(step)``, ``make_collate(train)``.
+  features can be concatenated along dim 0. Under accumulation ``features`` runs twice per
+  micro-batch (cache, then recompute) and ``loss_from_features`` once per step, also on a step
+  that is then skipped for a non-finite loss: state updates belong in ``after_optimizer_step``;
+- ``param_groups(weight_decay)`` (trainable parameters only; ``frozen_modules`` never appear);
+- ``after_optimizer_step(step, total_steps)`` after every *applied* update (not after a step
+  skipped for a non-finite loss): EMA teachers, centre updates, clamping; schedules there are
+  pure functions of ``step`` so resume is exact;
+- ``frozen_modules() -> {name: module}``: teachers/auxiliary modules with no gradient, never in
+  the optimizer, kept in eval mode by ``train()``, not FSDP-sharded (``fsdp_units()`` lists
+  what is), but in ``state_dict`` (and so in checkpoints) with their buffers;
+- ``fsdp_units()``: the modules ``train.distributed=fsdp`` wraps with ``fully_shard``.
+Counts that are not features (matched boxes, skipped samples) go in ``MethodOutput.stats``
+(loss side) or the collate's ``batch["stats"]`` (data side); both reach TensorBoard as
+``stats/<name>`` and summary.json's ``"stats"``.
 Evaluation calls ``encode_image``, ``encode_text``, ``tokenize``, and where a method supports
 them ``score_features`` (text-conditioned scoring) and ``dense_features`` (segmentation).
 """
@@ -21,13 +35,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from finegrain.config import Checked
+from finegrain.data.config import DataConfig
+from finegrain.data.transforms import SampleTransform, eval_transform, train_transform
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
 from finegrain.outputs import MethodOutput
 from finegrain.registry import METHODS
 
 
 @dataclass
-class MethodConfig:
+class MethodConfig(Checked):
     """Fields every method has; methods subclass this with their own fields."""
 
     __registry__ = METHODS
@@ -66,8 +83,9 @@ class Method(nn.Module):
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         decay, no_decay = [], []
+        frozen = self.frozen_parameter_ids()
         for name, p in self.named_parameters():
-            if not p.requires_grad:
+            if not p.requires_grad or id(p) in frozen:
                 continue
             if p.ndim < 2 or any(k in name for k in NO_DECAY_KEYS):
                 no_decay.append(p)
@@ -78,8 +96,62 @@ class Method(nn.Module):
             {"params": no_decay, "weight_decay": 0.0},
         ]
 
-    def after_optimizer_step(self, step: int) -> None:
-        """Hook for EMA teachers, clamping, etc. Called after every optimizer step."""
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Hook for EMA teachers, centre updates, clamping. Called after every *applied*
+        optimizer step (``step`` is 1-based, ``total_steps`` is ``train.steps``); never after
+        a step skipped for a non-finite loss."""
+
+    # ---- teachers and auxiliary modules ---------------------------------------------
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Submodules trained without gradients (an EMA teacher): ``requires_grad`` False, not
+        in the optimizer, eval mode while the method trains, not FSDP-sharded, but in the
+        ``state_dict`` with their buffers. They must be attributes of the method itself (not
+        inside a tower), so no FSDP unit contains them."""
+        return {}
+
+    def frozen_parameter_ids(self) -> set[int]:
+        """``id`` of every parameter of ``frozen_modules()``; also turns their grads off."""
+        ids = set()
+        for module in self.frozen_modules().values():
+            for p in module.parameters():
+                p.requires_grad_(False)
+                ids.add(id(p))
+        return ids
+
+    def train(self, mode: bool = True) -> Method:
+        """``nn.Module.train``, except that ``frozen_modules`` stay in eval mode (and frozen)."""
+        super().train(mode)
+        self.frozen_parameter_ids()
+        for module in self.frozen_modules().values():
+            module.eval()
+        return self
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """Modules to ``fully_shard`` under FSDP, innermost first: every transformer block
+        (``blocks`` / ``resblocks`` lists), then each direct child; frozen modules excluded."""
+        frozen = {id(m) for f in self.frozen_modules().values() for m in f.modules()}
+        units: list[nn.Module] = []
+        for module in self.modules():
+            if id(module) in frozen:
+                continue
+            blocks = getattr(module, "blocks", None) or getattr(module, "resblocks", None)
+            if isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+                units += list(blocks)
+        units += [c for c in self.children() if id(c) not in frozen]
+        for unit in units:
+            if any(id(m) in frozen for m in unit.modules()):
+                raise ValueError(f"method '{self.cfg.name}': a frozen module sits inside the "
+                                 f"FSDP unit {type(unit).__name__}; make it a direct attribute "
+                                 "of the method")  # fmt: skip
+        return units
+
+    # ---- data -----------------------------------------------------------------------
+    def make_transform(self, data_cfg: DataConfig, train: bool = True) -> SampleTransform:
+        """The per-sample transform the loader applies (``SampleTransform.for_sample``):
+        default the box-aware ``train_transform`` / ``eval_transform`` of ``data_cfg``. A
+        method needing extra views returns e.g. ``multi_view_transform(data_cfg, [...])``;
+        samples then carry ``views`` and ``view_regions`` (``stack_views`` in its collate)."""
+        return train_transform(data_cfg) if train else eval_transform(data_cfg)
 
     def make_collate(self, train: bool = True) -> Callable[[list[dict]], dict[str, Any]]:
         """A picklable collate turning schema samples into this method's batch."""

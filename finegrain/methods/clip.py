@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -29,7 +29,6 @@ from finegrain.data.collate import ContrastiveCollate
 from finegrain.encoders.base import build_image_tower, build_text_tower
 from finegrain.heads.projection import Projection
 from finegrain.losses.contrastive import (
-    EXCHANGES,
     clip_loss,
     multi_positive_sigmoid_loss,
     siglip_loss,
@@ -42,7 +41,7 @@ from finegrain.registry import METHODS
 @dataclass
 class CLIPConfig(MethodConfig):
     name: str = "clip"
-    projection: str = "linear"  # linear | none (towers' width must equal embed_dim)
+    projection: Literal["linear", "none"] = "linear"  # none: towers' width must equal embed_dim
     init_logit_scale: float = math.log(1 / 0.07)  # s, with t = exp(s)
     max_logit_scale: float = 100.0  # clamp t <= this after each step (0 = no clamp)
     local_loss: bool = True  # each rank: its rows vs all columns (O(B N) memory)
@@ -52,12 +51,12 @@ class CLIPConfig(MethodConfig):
 @dataclass
 class SigLIPConfig(MethodConfig):
     name: str = "siglip"
-    projection: str = "linear"
+    projection: Literal["linear", "none"] = "linear"
     init_logit_scale: float = math.log(10.0)
     init_logit_bias: float = -10.0
     max_logit_scale: float = 0.0  # big_vision does not clamp; > 0 clamps t <= this
     num_captions: int = 1  # K > 1: multi-positive sigmoid loss over `texts` (B, K, L)
-    exchange: str = "ring"  # ring (big_vision chunked) | gather
+    exchange: Literal["ring", "gather"] = "ring"  # ring: big_vision chunked
 
 
 class DualEncoder(Method):
@@ -120,7 +119,7 @@ class DualEncoder(Method):
         text = self.encode_text(batch[key])  # (B, E) or (B, K, E)
         return {"image": self.encode_image(batch["image"]), "text": text}
 
-    def after_optimizer_step(self, step: int) -> None:
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
         if self.cfg.max_logit_scale > 0:
             with torch.no_grad():
                 self.logit_scale.clamp_(0.0, math.log(self.cfg.max_logit_scale))
@@ -153,10 +152,6 @@ class SigLIP(DualEncoder):
     Config = SigLIPConfig
 
     def __init__(self, cfg: SigLIPConfig) -> None:
-        if cfg.exchange not in EXCHANGES:
-            raise ValueError(
-                f"unknown exchange '{cfg.exchange}'; valid choices: {', '.join(EXCHANGES)}"
-            )
         if cfg.num_captions < 1:
             raise ValueError(f"num_captions must be >= 1, got {cfg.num_captions}")
         super().__init__(cfg)

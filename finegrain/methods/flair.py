@@ -15,11 +15,11 @@ Loss (paper Sec. 3, L^tcs and L^mps): ``(L_tcs + L_mps) / 2`` with one shared le
 released ``train.py``) and bias ``b`` (init -10); see ``finegrain.losses.flair``.
 
 Data (paper Sec. 3, "diverse caption sampling"): K sub-captions of 1..3 sentences per image (``finegrain.data.captions``),
-sampled in the collate with ``random.Random(sample["seed"])``. Caption pool per sample
+sampled in the collate from the sample's ``"subcaption"`` stream (``sample_rng``). Caption pool per sample
 (``caption_source="auto"``): ``sentences``, else the sentences of ``long_caption``, else
 ``captions`` (each caption a "sentence": Flickr8k's 5 human captions), else the sentences of
-``caption``. Samples whose pool is empty are skipped and counted (``skipped_samples`` in the
-batch and in the metrics); a pool with fewer sentences than needed is sampled with replacement.
+``caption``. Samples whose pool is empty are skipped and counted (``batch["stats"]``
+``skipped_samples``, logged as ``stats/skipped_samples``); a pool with fewer sentences than needed is sampled with replacement.
 
 Deviations from the released code, as options: ``loss_normalization`` ("released": sums divided
 by texts per image, as ``FlairLoss``; "per_image": SigLIP's / B); the negative caption of each
@@ -36,19 +36,18 @@ tokens (the same space as text embeddings and as the keys/values of the pooling)
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn as nn
 
-from finegrain.data.captions import SAMPLING_MODES, sample_subcaptions, split_sentences
+from finegrain.data.captions import sample_subcaptions, split_sentences
+from finegrain.data.collate import add_stats
+from finegrain.data.schema import sample_rng
 from finegrain.encoders.base import build_image_tower, build_text_tower
 from finegrain.heads.pooling import TextConditionedPooling
 from finegrain.losses.flair import (
-    EXCHANGES,
-    NORMALIZATIONS,
     flair_multi_positive_loss,
     text_conditioned_sigmoid_loss,
 )
@@ -57,7 +56,8 @@ from finegrain.methods.base import normalize as l2_normalize
 from finegrain.outputs import MethodOutput
 from finegrain.registry import METHODS
 
-CAPTION_SOURCES = ("auto", "sentences", "long_caption", "captions", "caption")
+CaptionSource = Literal["auto", "sentences", "long_caption", "captions", "caption"]
+CAPTION_SOURCES: tuple[str, ...] = get_args(CaptionSource)
 _SEED_MOD = 2**31 - 1
 
 
@@ -67,13 +67,13 @@ class FLAIRConfig(MethodConfig):
     embed_dim: int = 512
     num_subcaptions: int = 8  # K sub-captions per image
     max_sentences: int = 3  # each sub-caption has 1..max_sentences sentences
-    sampling: str = "diverse"  # diverse | consecutive | random (finegrain.data.captions)
-    caption_source: str = "auto"  # auto | sentences | long_caption | captions | caption
+    sampling: Literal["diverse", "consecutive", "random"] = "diverse"  # finegrain.data.captions
+    caption_source: CaptionSource = "auto"
     pool_heads: int = 8
     zero_slot: bool = True  # the add_zero_attn "attend to nothing" key/value
     add_mps_loss: bool = True  # total = (tcs + mps) / 2; False: tcs only
-    loss_normalization: str = "released"  # released | per_image
-    exchange: str = "gather"  # gather | ring (texts of other ranks, with gradient)
+    loss_normalization: Literal["released", "per_image"] = "released"
+    exchange: Literal["gather", "ring"] = "gather"  # texts of other ranks, with gradient
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float = -10.0
     max_logit_scale: float = 100.0
@@ -81,17 +81,6 @@ class FLAIRConfig(MethodConfig):
 
 
 def _check_config(cfg: FLAIRConfig) -> None:
-    choices = {
-        "sampling": (cfg.sampling, SAMPLING_MODES),
-        "caption_source": (cfg.caption_source, CAPTION_SOURCES),
-        "loss_normalization": (cfg.loss_normalization, NORMALIZATIONS),
-        "exchange": (cfg.exchange, EXCHANGES),
-    }
-    for field_, (value, valid) in choices.items():
-        if value not in valid:
-            raise ValueError(
-                f"method.{field_}='{value}' is not valid; valid choices: {', '.join(valid)}"
-            )
     if cfg.num_subcaptions < 1 or cfg.max_sentences < 1:
         raise ValueError(
             f"method.num_subcaptions and method.max_sentences must be >= 1, got "
@@ -126,7 +115,7 @@ def caption_pool(sample: dict[str, Any], source: str = "auto") -> list[str]:
 
 class FLAIRCollate:
     """Picklable collate: schema samples -> ``image`` (B, 3, H, W), ``texts`` (B, K, L),
-    ``pair_seed`` (B,), ``skipped_samples`` (count of samples without any caption)."""
+    ``pair_seed`` (B,), ``stats`` {``skipped_samples``: samples without any caption}."""
 
     def __init__(self, tokenizer: Any, k: int, max_sentences: int, mode: str, source: str) -> None:
         self.tokenizer, self.k, self.max_sentences = tokenizer, k, max_sentences
@@ -138,7 +127,7 @@ class FLAIRCollate:
             pool = caption_pool(s, self.source)
             if not pool:
                 continue
-            rng = random.Random(s.get("seed", 0))
+            rng = sample_rng(s.get("seed", 0), "subcaption")
             subcaps += sample_subcaptions(pool, self.k, self.max_sentences, rng, mode=self.mode)
             kept.append(s)
         if not kept:
@@ -147,14 +136,14 @@ class FLAIRCollate:
                 f"(caption_source='{self.source}'; valid choices: {', '.join(CAPTION_SOURCES)})"
             )
         texts = self.tokenizer(subcaps)  # (B*K, L)
-        return {
+        batch = {
             "image": torch.stack([s["image"] for s in kept]),  # (B, 3, H, W)
             "texts": texts.view(len(kept), self.k, -1),  # (B, K, L)
             "pair_seed": torch.tensor(
                 [int(s.get("seed", i)) % _SEED_MOD for i, s in enumerate(kept)]
             ),
-            "skipped_samples": len(samples) - len(kept),
         }
+        return add_stats(batch, skipped_samples=len(samples) - len(kept))
 
 
 @METHODS.register("flair")
@@ -241,7 +230,7 @@ class FLAIR(Method):
         metrics = {"logit_scale": scale.detach(), "logit_bias": bias.detach()}
         return MethodOutput(loss=loss, losses=losses, metrics=metrics)
 
-    def after_optimizer_step(self, step: int) -> None:
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
         with torch.no_grad():  # released train.py: clamp_(0, ln 100)
             self.logit_scale.clamp_(0.0, math.log(self.cfg.max_logit_scale))
 

@@ -29,13 +29,15 @@ paper is an option (``GRAINConfig``):
 - the released loss composition: ``method.weighting=released method.region_dedup=false
   method.num_boxes_over_ranks=false`` (and ``aux_loss``, ``region_*`` at their defaults);
 - ``caption="random"``: each sample's caption is the alt-text or an MLLM caption with
-  probability 1/2 (the code's ``--is_gala``), drawn with ``random.Random(sample["seed"])``.
+  probability 1/2 (the code's ``--is_gala``), drawn from the sample's ``"caption"`` stream
+  (``sample_rng``).
 
-Bad input handled in the collate and counted in the metrics: zero-area boxes are dropped
-(``dropped_boxes``); images with more than ``Q`` regions keep the ``Q`` highest-scoring ones
+Bad input handled in the collate and counted in ``batch["stats"]`` (logged as ``stats/<name>``,
+totals in summary.json): zero-area boxes are dropped (``dropped_boxes``); images with more than ``Q`` regions keep the ``Q`` highest-scoring ones
 (``truncated_regions``; the released loader does the same top-k by detector score); images
 with zero regions contribute only to ``L_ic``; descriptions longer than the context are
-truncated by the tokenizer.
+truncated by the tokenizer. The collate also counts ``regions`` (kept) and
+``images_without_regions``; the loss counts ``target_boxes`` and ``matched_boxes``.
 """
 
 from __future__ import annotations
@@ -43,13 +45,14 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from finegrain.data.collate import stack_images
+from finegrain.data.collate import add_stats, stack_images
+from finegrain.data.schema import sample_rng
 from finegrain.encoders.base import build_image_tower, build_text_tower
 from finegrain.heads.region_decoder import RegionDecoder
 from finegrain.losses.contrastive import clip_loss
@@ -83,7 +86,7 @@ class GRAINConfig(MethodConfig):
     box_mlp_layers: int = 3
     cost_l1: float = 5.0  # Hungarian matching cost weights (released matcher)
     cost_giou: float = 2.0
-    weighting: str = "released"  # released | paper | custom (then the *_weight fields)
+    weighting: Literal["released", "paper", "custom"] = "released"  # custom: the *_weight fields
     global_weight: float = 1.0
     box_l1_weight: float = 1.5
     box_giou_weight: float = 1.5
@@ -93,7 +96,7 @@ class GRAINConfig(MethodConfig):
     region_dedup: bool = True
     region_symmetric: bool = False
     region_gather: bool = False
-    caption: str = "random"  # random (--is_gala) | alt | mllm
+    caption: Literal["random", "alt", "mllm"] = "random"  # random: --is_gala
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100.0)  # released code clamps to 4.6052
 
@@ -102,10 +105,6 @@ def loss_weights(cfg: GRAINConfig) -> tuple[float, float, float, float]:
     """(global, box L1, box GIoU, region) weights for ``cfg.weighting``."""
     if cfg.weighting == "custom":
         return cfg.global_weight, cfg.box_l1_weight, cfg.box_giou_weight, cfg.region_weight
-    if cfg.weighting not in WEIGHTINGS:
-        raise ValueError(
-            f"unknown GRAIN weighting '{cfg.weighting}'; valid choices: released, paper, custom"
-        )
     return WEIGHTINGS[cfg.weighting]
 
 
@@ -161,12 +160,13 @@ class GRAINCollate:
         captions, texts, slots = [], [], []
         boxes = torch.zeros(b, r, 4)
         mask = torch.zeros(b, r, dtype=torch.bool)
-        dropped = torch.zeros(b)
-        truncated = torch.zeros(b)
+        dropped = truncated = empty = 0
         for i, s in enumerate(samples):
-            rng = random.Random(s.get("seed", 0))
+            rng = sample_rng(s.get("seed", 0), "caption")
             captions.append(choose_caption(s, self.caption, rng))
-            t, bx, dropped[i], truncated[i] = select_regions(s.get("regions") or [], r)
+            t, bx, n_dropped, n_truncated = select_regions(s.get("regions") or [], r)
+            dropped, truncated = dropped + n_dropped, truncated + n_truncated
+            empty += not t
             if t:
                 boxes[i, : len(t)] = box_xyxy_to_cxcywh(torch.tensor(bx))
                 mask[i, : len(t)] = True
@@ -184,12 +184,11 @@ class GRAINCollate:
             "boxes": boxes,
             "region_mask": mask,
             "region_text": region_text,
-            "dropped_boxes": dropped,
-            "truncated_regions": truncated,
         }
         if all("label" in s for s in samples):
             batch["labels"] = torch.tensor([int(s["label"]) for s in samples])
-        return batch
+        return add_stats(batch, regions=len(texts), dropped_boxes=dropped,
+                         truncated_regions=truncated, images_without_regions=empty)  # fmt: skip
 
 
 @METHODS.register("grain")
@@ -200,10 +199,6 @@ class GRAIN(Method):
 
     def __init__(self, cfg: GRAINConfig) -> None:
         super().__init__(cfg)
-        if cfg.caption not in CAPTION_MODES:
-            raise ValueError(
-                f"unknown caption mode '{cfg.caption}'; valid choices: {', '.join(CAPTION_MODES)}"
-            )
         self.weights = loss_weights(cfg)
         self.visual = build_image_tower(cfg.image)
         self.text = build_text_tower(cfg.text)
@@ -258,7 +253,7 @@ class GRAIN(Method):
             self.text.tokenizer, self.cfg.num_region_queries, mode, int(self.text.pad_id)
         )
 
-    def after_optimizer_step(self, step: int) -> None:
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
         with torch.no_grad():
             self.logit_scale.clamp_(0, self.cfg.max_logit_scale)
 
@@ -271,7 +266,6 @@ class GRAIN(Method):
         desc = torch.zeros(b, r, self.cfg.embed_dim, device=rt.device, dtype=dec["global"].dtype)
         if mask.any():  # only real descriptions go through the text tower
             desc[mask] = self.encode_text(rt[mask]).to(desc.dtype)
-        zeros = torch.zeros(b, device=rt.device)
         return {
             "image_emb": normalize(dec["global"] @ self.image_proj),  # (B, D)
             "text_emb": self.encode_text(batch["text"]),  # (B, D)
@@ -281,8 +275,6 @@ class GRAIN(Method):
             "boxes": batch["boxes"].to(dec["boxes"].dtype),  # (B, R, 4) cxcywh
             "region_mask": mask,
             "region_text": rt,
-            "dropped_boxes": batch.get("dropped_boxes", zeros).to(zeros.device).float(),
-            "truncated_regions": batch.get("truncated_regions", zeros).to(zeros.device).float(),
         }
 
     def _box_terms(self, pred: torch.Tensor, f: dict[str, torch.Tensor], n_boxes: torch.Tensor):
@@ -334,8 +326,6 @@ class GRAIN(Method):
         metrics = {
             "logit_scale": scale.detach(),
             "matched_iou": iou.mean() if iou.numel() else torch.zeros(()),
-            "num_boxes": n_local.detach(),
-            "dropped_boxes": f["dropped_boxes"].sum(),
-            "truncated_regions": f["truncated_regions"].sum(),
         }
-        return MethodOutput(loss=total, losses=losses, metrics=metrics)
+        stats = {"target_boxes": float(n_local), "matched_boxes": float(bi.numel())}
+        return MethodOutput(loss=total, losses=losses, metrics=metrics, stats=stats)

@@ -1,10 +1,3 @@
-"""Recipes register on import; missing optional recipe modules are skipped."""
+"""Recipes register on import (``RECIPES`` loads this package lazily)."""
 
-import importlib
-
-for _mod in ("clip", "flair", "grain"):
-    try:
-        importlib.import_module(f"finegrain.recipes.{_mod}")
-    except ModuleNotFoundError as _e:
-        if _e.name != f"finegrain.recipes.{_mod}":
-            raise
+from finegrain.recipes import clip, flair, grain  # noqa: F401  (imported to register)

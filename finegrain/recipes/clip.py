@@ -13,77 +13,87 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
 
 from finegrain.data.config import DataConfig, SyntheticConfig
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
-from finegrain.eval.config import EvalConfig, EvalTaskConfig
-from finegrain.methods.base import MethodConfig
-from finegrain.recipes.base import RunConfig, data_path, recipe, vitb16_towers
+from finegrain.eval.config import (
+    EvalConfig,
+    EvalTaskConfig,
+    RetrievalTaskConfig,
+    ZeroShotTaskConfig,
+)
+from finegrain.recipes.base import (
+    CC3M_SAMPLES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RunConfig,
+    data_path,
+    method_config,
+    recipe,
+    smoke_data,
+    smoke_train,
+    steps_for_epochs,
+    tiny_towers,
+    vitb16_towers,
+)
 from finegrain.train.config import TrainConfig
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CC3M_SAMPLES = 2_818_000  # CC3M train pairs (Sharma et al. 2018) available as shards
-
-
-def method_config(name: str, **fields: Any) -> MethodConfig:
-    """The registered method's own config class (base fields if it is not importable)."""
-    from finegrain.registry import METHODS
-
-    cls = MethodConfig
-    if name in METHODS:
-        cls = getattr(METHODS.get(name), "Config", MethodConfig)
-    known = {f.name for f in dataclasses.fields(cls)}
-    extra = sorted(set(fields) - known)
-    assert not extra or cls is MethodConfig, f"{cls.__name__} has no fields {extra}"
-    return cls(name=name, **{k: v for k, v in fields.items() if k in known})
 
 
 def synthetic_tasks(num_samples: int = 256, fine: bool = True) -> list[EvalTaskConfig]:
     """Retrieval + zero-shot classification (shapes; with ``fine`` also colour x shape) on the
     built-in synthetic test splits."""
-    tasks = [
-        EvalTaskConfig(task="retrieval", dataset="synthetic", num_samples=num_samples),
-        EvalTaskConfig(task="zeroshot", dataset="synthetic", variant="shape", num_samples=num_samples),
-    ]  # fmt: skip
+    tasks: list[EvalTaskConfig] = [
+        RetrievalTaskConfig(dataset="synthetic", num_samples=num_samples),
+        ZeroShotTaskConfig(dataset="synthetic", variant="shape", num_samples=num_samples),
+    ]
     if fine:
-        tasks.append(EvalTaskConfig(task="zeroshot", dataset="synthetic", variant="color_shape",
-                                    num_samples=num_samples))  # fmt: skip
+        tasks.append(
+            ZeroShotTaskConfig(dataset="synthetic", variant="color_shape", num_samples=num_samples)
+        )
     return tasks
 
 
-def _tiny_towers(width: int, depth: int, heads: int, context: int) -> dict[str, Any]:
-    return {
-        "image": ImageTowerConfig(name="vit", image_size=64, patch_size=8, width=width,
-                                  depth=depth, heads=heads),
-        "text": TextTowerConfig(name="transformer", context_length=context, width=width,
-                                depth=depth, heads=heads),
-    }  # fmt: skip
-
-
 def _vitb16(method: str) -> RunConfig:
-    towers = vitb16_towers()
-    data = DataConfig(source="wds", batch_size=256, image_size=224, num_workers=8,
-                      augment="rrc", crop_scale=(0.9, 1.0), caption_key="txt")  # fmt: skip
+    data = DataConfig(
+        source="wds",
+        batch_size=256,
+        image_size=224,
+        num_workers=8,
+        augment="rrc",
+        crop_scale=(0.9, 1.0),
+        caption_key="txt",
+    )
     gpus, epochs = 8, 32
     train = TrainConfig(
-        steps=epochs * CC3M_SAMPLES // (data.batch_size * gpus), lr=5e-4, warmup_steps=2000,
-        weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6, grad_clip=0.0, precision="bf16",
-        checkpoint_every=2000, log_every=100, eval_every=5000,
-    )  # fmt: skip
-    return RunConfig(name=f"{method}_vitb16", method=method_config(method, embed_dim=512, **towers),
-                     data=data, train=train, eval=EvalConfig(tasks=synthetic_tasks(1024)))  # fmt: skip
+        steps=steps_for_epochs(CC3M_SAMPLES, epochs, data.batch_size * gpus, drop_last=False),
+        lr=5e-4,
+        warmup_steps=2000,
+        weight_decay=0.2,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+        grad_clip=0.0,
+        precision="bf16",
+        checkpoint_every=2000,
+        log_every=100,
+        eval_every=5000,
+    )
+    return RunConfig(
+        name=f"{method}_vitb16",
+        method=method_config(method, embed_dim=512, **vitb16_towers()),
+        data=data,
+        train=train,
+        eval=EvalConfig(tasks=synthetic_tasks(1024)),
+    )
 
 
 def _smoke(method: str) -> RunConfig:
-    data = DataConfig(source="synthetic", batch_size=16, image_size=64, augment="none",
-                      synthetic=SyntheticConfig(num_samples=256))  # fmt: skip
-    train = TrainConfig(steps=20, lr=1e-3, warmup_steps=2, weight_decay=0.1, device="cpu",
-                        checkpoint_every=10, log_every=5, progress=False)  # fmt: skip
-    return RunConfig(name=f"{method}_smoke",
-                     method=method_config(method, embed_dim=64, **_tiny_towers(64, 2, 2, 32)),
-                     data=data, train=train, eval=EvalConfig(tasks=synthetic_tasks(32, fine=False)))  # fmt: skip
+    return RunConfig(
+        name=f"{method}_smoke",
+        method=method_config(method, embed_dim=64, **tiny_towers(context_length=32)),
+        data=smoke_data(synthetic=SyntheticConfig(num_samples=256)),
+        train=smoke_train(steps=20, warmup_steps=2, checkpoint_every=10, log_every=5),
+        eval=EvalConfig(tasks=synthetic_tasks(32, fine=False)),
+    )
 
 
 @recipe("clip_vitb16")
@@ -119,19 +129,33 @@ def demo() -> RunConfig:
     scratch. Measured on 400 steps: a from-scratch 2-layer ViT learns colours and retrieval
     but leaves shape zero-shot at chance (5.9% top-1 of 14); the pretrained tower reaches 47%.
     """
-    cfg = _smoke("clip")
-    cfg.name = "demo"
-    towers = _tiny_towers(64, 2, 2, 32)
-    towers["image"] = ImageTowerConfig(name="efficientnet_lite0", pretrained="package",
-                                       image_size=64, trainable_blocks=4)  # fmt: skip
-    cfg.method = method_config("clip", embed_dim=64, **towers)
-    cfg.data = DataConfig(source="synthetic", batch_size=32, image_size=64, augment="none",
-                          mean=IMAGENET_MEAN, std=IMAGENET_STD, num_workers=1,
-                          synthetic=SyntheticConfig(num_samples=8192))  # fmt: skip
-    cfg.train = TrainConfig(steps=400, lr=2e-3, warmup_steps=40, weight_decay=0.1, device="cpu",
-                            checkpoint_every=200, log_every=50, progress=True)  # fmt: skip
-    cfg.eval = EvalConfig(tasks=synthetic_tasks(256))
-    return cfg
+    image = ImageTowerConfig(
+        name="efficientnet_lite0",
+        pretrained="package",
+        image_size=64,
+        trainable_blocks=4,
+    )
+    text = tiny_towers(context_length=32)["text"]
+    return RunConfig(
+        name="demo",
+        method=method_config("clip", embed_dim=64, image=image, text=text),
+        data=smoke_data(
+            batch_size=32,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            num_workers=1,
+            synthetic=SyntheticConfig(num_samples=8192),
+        ),
+        train=smoke_train(
+            steps=400,
+            lr=2e-3,
+            warmup_steps=40,
+            checkpoint_every=200,
+            log_every=50,
+            progress=True,
+        ),
+        eval=EvalConfig(tasks=synthetic_tasks(256)),
+    )
 
 
 def _flickr8k(smoke: bool) -> RunConfig:
@@ -139,30 +163,68 @@ def _flickr8k(smoke: bool) -> RunConfig:
     # 160 px, the stored size: measured better than 128 px with more steps (T2I/I2T R@1
     # 13.7/16.8 at 160 px x 170 steps vs 12.7/13.8 at 128 px x 260 steps, similar minutes).
     # Captions need 14 MiniLM tokens at the median, 26 at p99, 36 at most: 32 loses little.
-    image = ImageTowerConfig(name="efficientnet_lite0", pretrained="package", image_size=160,
-                             trainable_blocks=3)  # fmt: skip
+    image = ImageTowerConfig(
+        name="efficientnet_lite0",
+        pretrained="package",
+        image_size=160,
+        trainable_blocks=3,
+    )
     text = TextTowerConfig(name="minilm", context_length=32, trainable_blocks=2)
-    data = DataConfig(source="jsonl", train=manifest, split="train",
-                      batch_size=128, image_size=160, augment="rrc", crop_scale=(0.8, 1.0),
-                      mean=IMAGENET_MEAN, std=IMAGENET_STD, num_workers=1)  # fmt: skip
+    data = DataConfig(
+        source="jsonl",
+        train=manifest,
+        split="train",
+        batch_size=128,
+        image_size=160,
+        augment="rrc",
+        crop_scale=(0.8, 1.0),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        num_workers=1,
+    )
     # 6000 images x 5 captions. On CPU memory is not the limit, so the 128-pair contrastive batch
     # is direct (exact accumulation would run the frozen bottom of the towers twice).
     # Measured on 2 cores: ~3.8 s/step, test eval ~40 s -> 170 steps (3.6 epochs of images)
     # = 11.4 minutes end to end.
-    train = TrainConfig(steps=170, lr=1e-3, min_lr=1e-5, warmup_steps=15, weight_decay=0.05,
-                        accum_steps=1, grad_clip=1.0, device="cpu", checkpoint_every=50,
-                        log_every=10)  # fmt: skip
-    task = EvalTaskConfig(task="retrieval", dataset="flickr8k", split="test", batch_size=128,
-                          path=os.path.dirname(manifest))  # fmt: skip
-    cfg = RunConfig(name="clip_flickr8k", method=method_config("clip", embed_dim=256, image=image,
-                    text=text), data=data, train=train, eval=EvalConfig(tasks=[task]))  # fmt: skip
+    train = TrainConfig(
+        steps=170,
+        lr=1e-3,
+        min_lr=1e-5,
+        warmup_steps=15,
+        weight_decay=0.05,
+        accum_steps=1,
+        grad_clip=1.0,
+        device="cpu",
+        checkpoint_every=50,
+        log_every=10,
+    )
+    task = RetrievalTaskConfig(
+        dataset="flickr8k",
+        split="test",
+        batch_size=128,
+        path=os.path.dirname(manifest),
+    )
+    cfg = RunConfig(
+        name="clip_flickr8k",
+        method=method_config("clip", embed_dim=256, image=image, text=text),
+        data=data,
+        train=train,
+        eval=EvalConfig(tasks=[task]),
+    )
     if smoke:  # same towers and code paths, at 64 px and 2 x 4 pairs so it runs in seconds
         cfg.name = "clip_flickr8k_smoke"
         cfg.method.image.image_size = cfg.data.image_size = 64
         cfg.method.text.context_length = 16
         cfg.data.batch_size, cfg.data.num_workers = 4, 0
-        cfg.train = dataclasses.replace(cfg.train, steps=2, accum_steps=2, warmup_steps=1,
-                                        checkpoint_every=0, log_every=1, progress=False)  # fmt: skip
+        cfg.train = dataclasses.replace(
+            cfg.train,
+            steps=2,
+            accum_steps=2,
+            warmup_steps=1,
+            checkpoint_every=0,
+            log_every=1,
+            progress=False,
+        )
         cfg.eval = EvalConfig(tasks=[dataclasses.replace(task, split="val", limit=16)])
     return cfg
 

@@ -25,6 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from finegrain.config import ConfigError, load_yaml, to_dict
+from finegrain.methods.base import Method, build_method
+from finegrain.run_config import RunConfig
 
 STEP_PREFIX = "step_"
 MODEL_FILE = "model.safetensors"
@@ -206,7 +208,7 @@ def check_compatible(method: torch.nn.Module, weights: dict[str, torch.Tensor], 
             )
 
 
-def check_same_method(saved_cfg: Any, cfg: Any, where: str) -> None:
+def check_same_method(saved_cfg: RunConfig, cfg: RunConfig, where: str) -> None:
     """Refuse resuming a run whose method config differs (names the first differing key)."""
     a, b = to_dict(saved_cfg.method), to_dict(cfg.method)
     if a != b:
@@ -229,15 +231,12 @@ def find_config(path: Path) -> Path:
     raise FileNotFoundError(f"no {CONFIG_FILE} found next to or above {path}")
 
 
-def load_method(run_or_file: str, map_location: str = "cpu") -> tuple[Any, Any]:
+def load_method(run_or_file: str, map_location: str = "cpu") -> tuple[Method, RunConfig]:
     """Build the trained method of a run dir, checkpoint dir, or ``.safetensors`` file.
 
     The config is read from the nearest ``config.yaml`` at or above the path. Returns
     ``(method in eval mode, RunConfig)``.
     """
-    from finegrain.methods.base import build_method
-    from finegrain.recipes.base import RunConfig
-
     path = Path(run_or_file).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")

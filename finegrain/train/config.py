@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+from finegrain.config import Checked
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Checked):
     steps: int = 100  # optimizer steps in total
     lr: float = 5e-4
     min_lr: float = 0.0  # cosine floor
@@ -16,14 +19,14 @@ class TrainConfig:
     eps: float = 1e-6
     grad_clip: float = 0.0  # max grad norm; 0 = off
     accum_steps: int = 1  # exact contrastive gradient accumulation (feature caching)
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
-    distributed: str = "ddp"  # ddp | fsdp (used only when world size > 1)
-    device: str = "auto"  # auto | cpu | cuda
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # used only when world size > 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: int = 50  # steps; 0 = only at the end
     keep_last: int = 3
     log_every: int = 10
     eval_every: int = 0  # steps; 0 = only at the end
-    nan_policy: str = "stop"  # stop | skip
+    nan_policy: Literal["stop", "skip"] = "stop"
     progress: bool = True
     wandb: bool = False

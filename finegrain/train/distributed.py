@@ -33,8 +33,6 @@ class DistInfo:
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> this rank's GPU when CUDA exists, else CPU."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"train.device must be one of auto, cpu, cuda; got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device=cuda but CUDA is not available; use train.device=cpu")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
@@ -75,7 +73,8 @@ def wrap_ddp(method: nn.Module, info: DistInfo) -> nn.Module:
 
 
 def shard_fsdp(method: nn.Module, info: DistInfo, mixed_bf16: bool = False) -> nn.Module:
-    """FSDP2 (``fully_shard``): shard every transformer block, then each tower.
+    """FSDP2 (``fully_shard``) of ``method.fsdp_units()``: by default every transformer block,
+    then each tower; a method's ``frozen_modules`` (EMA teachers) stay whole on every rank.
 
     The method's own parameters (projections, the 0-d logit scale that ``fully_shard`` refuses)
     stay replicated; the trainer all-reduces their gradients (``unsharded_params``). Towers are
@@ -90,15 +89,9 @@ def shard_fsdp(method: nn.Module, info: DistInfo, mixed_bf16: bool = False) -> n
         kwargs["mp_policy"] = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32
         )
-    for module in list(method.modules()):
-        blocks = getattr(module, "blocks", None) or getattr(module, "resblocks", None)
-        if isinstance(blocks, (nn.ModuleList, nn.Sequential)):
-            for block in blocks:
-                if _shardable(block):
-                    fully_shard(block, **kwargs)
-    for child in method.children():
-        if _shardable(child):
-            fully_shard(child, **kwargs)
+    for unit in method.fsdp_units():  # blocks first, then towers; never frozen modules
+        if _shardable(unit):
+            fully_shard(unit, **kwargs)
     return method
 
 
@@ -146,6 +139,20 @@ def all_reduce_max(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
+
+
+def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Key-wise sum of a dict of floats over ranks (keys may differ between ranks);
+    collective, the identity without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return dict(values)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, dict(values))
+    total: dict[str, float] = {}
+    for d in gathered:
+        for k, v in d.items():
+            total[k] = total.get(k, 0.0) + float(v)
+    return total
 
 
 def optimizer_state(method: nn.Module, optimizer: torch.optim.Optimizer, full: bool) -> dict:

@@ -86,6 +86,7 @@ class RunLogger:
         self.scalars(step, means, per_rank=("samples_per_s", "data_wait_s", "step_time_s"))
         if self.main:
             keys = [k for k in means if k.endswith("loss")] + ["lr", "samples_per_s"]
+            keys += [k for k in means if k.startswith("stats/")]  # per-step means of counts
             line = " ".join(f"{k}={means[k]:.4g}" for k in keys if k in means)
             self.write(f"step {step}: {line}")
 
@@ -93,10 +94,10 @@ class RunLogger:
         if self.tb is not None:
             for k, v in values.items():
                 if self.main or k in per_rank:
-                    tag = f"rank{self.rank}/{k}" if k in per_rank else f"train/{k}"
+                    tag = f"rank{self.rank}/{k}" if k in per_rank else _tag(k)
                     self.tb.add_scalar(tag, v, step)
         if self.wandb is not None:
-            self.wandb.log({f"train/{k}": v for k, v in values.items()}, step=step)
+            self.wandb.log({_tag(k): v for k, v in values.items()}, step=step)
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         """Evaluation results (rank 0)."""
@@ -124,6 +125,11 @@ class RunLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _tag(key: str) -> str:
+    """``stats/<name>`` keys (the stats channel) keep their own section; the rest ``train/``."""
+    return key if key.startswith("stats/") else f"train/{key}"
 
 
 def _init_wandb(name: str, config: dict[str, Any] | None) -> Any:

@@ -37,10 +37,14 @@ def cosine_lr(step: int, *, base_lr: float, warmup: int, total: int, min_lr: flo
 
 
 def build_optimizer(method: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the method's parameter groups; empty groups are dropped."""
-    groups: list[dict[str, Any]] = [
-        g for g in method.param_groups(cfg.weight_decay) if len(list(g["params"])) > 0
-    ]
+    """AdamW over the method's parameter groups; empty groups are dropped, and so are the
+    parameters of ``method.frozen_modules()`` (teachers), even if ``param_groups`` lists them."""
+    frozen = method.frozen_parameter_ids() if hasattr(method, "frozen_parameter_ids") else set()
+    groups: list[dict[str, Any]] = []
+    for g in method.param_groups(cfg.weight_decay):
+        params = [p for p in g["params"] if id(p) not in frozen]
+        if params:
+            groups.append({**g, "params": params})
     if not groups:
         raise ValueError("the method has no trainable parameters (check trainable_blocks)")
     seen: set[int] = set()

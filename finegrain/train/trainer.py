@@ -2,7 +2,12 @@
 
 The trainer knows only the method contract (``finegrain/methods/base.py``): ``forward`` /
 ``features`` + ``loss_from_features`` -> ``MethodOutput``, ``param_groups``,
-``after_optimizer_step``, ``make_collate``. It never looks at a method's name.
+``after_optimizer_step``, ``make_transform``, ``make_collate``, ``fsdp_units``. It never looks
+at a method's name.
+
+Stats: the collate's ``batch["stats"]`` (summed over the micro-batches of a step) and the
+method's ``MethodOutput.stats`` are logged as ``stats/<name>`` (TensorBoard, console) and summed
+over the run into summary.json's ``"stats"`` (checkpointed, so a resumed run totals the same).
 """
 
 from __future__ import annotations
@@ -11,21 +16,23 @@ import contextlib
 import math
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from finegrain.config import finegrain_home, save_yaml, to_dict
+from finegrain.config import finegrain_home, load_yaml, save_yaml, to_dict
+from finegrain.data.loader import build_train_loader
+from finegrain.eval import run_tasks, write_report
+from finegrain.methods.base import build_method
 from finegrain.outputs import MethodOutput
+from finegrain.run_config import RunConfig, validate_trainer
 from finegrain.train import checkpoint as ckpt
 from finegrain.train import distributed as dist_utils
 from finegrain.train.logging import RunLogger, write_json
 from finegrain.train.optim import build_optimizer, lr_at, set_lr
 from finegrain.train.step import exact_accumulation, to_device
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 HEADLINE = ("recall@1", "acc1", "miou")  # metrics echoed on the console after an eval
 
 
@@ -33,7 +40,7 @@ class NonFiniteLossError(ValueError):
     """Raised under ``train.nan_policy=stop``; the message names the step and loss terms."""
 
 
-def resolve_run_dir(cfg: Any, output_dir: str | None = None) -> Path:
+def resolve_run_dir(cfg: RunConfig, output_dir: str | None = None) -> Path:
     """``output_dir`` argument > ``cfg.output_dir`` > ``$FINEGRAIN_HOME/runs/<name>``."""
     d = output_dir or cfg.output_dir or str(finegrain_home() / "runs" / cfg.name)
     return Path(d).expanduser()
@@ -50,37 +57,19 @@ def ensure_writable(run_dir: Path) -> None:
         raise ValueError(f"output dir {run_dir} is not writable: {e.strerror or e}") from None
 
 
-def validate(cfg: Any) -> None:
-    """Trainer-level config checks with one-line messages."""
-    t = cfg.train
-    if t.precision not in PRECISIONS:
-        raise ValueError(
-            f"train.precision must be one of {', '.join(PRECISIONS)}; got {t.precision!r}"
-        )
-    if t.nan_policy not in ("stop", "skip"):
-        raise ValueError(f"train.nan_policy must be one of stop, skip; got {t.nan_policy!r}")
-    if t.distributed not in ("ddp", "fsdp"):
-        raise ValueError(f"train.distributed must be one of ddp, fsdp; got {t.distributed!r}")
-    for key in ("steps", "accum_steps"):
-        if getattr(t, key) < 1:
-            raise ValueError(f"train.{key} must be >= 1, got {getattr(t, key)}")
-    if cfg.data.batch_size < 1:
-        raise ValueError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
-
-
 class Trainer:
     """Build everything from a ``RunConfig`` and train; ``method``/``loader`` may be injected."""
 
     def __init__(
         self,
-        cfg: Any,
+        cfg: RunConfig,
         *,
         method: torch.nn.Module | None = None,
         loader: Any = None,
         resume: str | None = None,
         output_dir: str | None = None,
     ) -> None:
-        validate(cfg)
+        validate_trainer(cfg)
         self.cfg, self.t = cfg, cfg.train
         self.run_dir = resolve_run_dir(cfg, output_dir)
         self.info = dist_utils.init_distributed(self.t.device)
@@ -92,24 +81,22 @@ class Trainer:
             self._check_resume_config(resume_dir)
         torch.manual_seed(cfg.seed)  # identical init on every rank
         if method is None:
-            from finegrain.methods.base import build_method
-
             method = build_method(cfg.method)
         self.method = method.to(self.device)
         self.method.train()
         if loader is None:
-            from finegrain.data import build_train_loader
-
             loader = build_train_loader(
                 cfg.data,
                 self.method.make_collate(train=True),
                 rank=self.info.rank,
                 world_size=self.info.world_size,
                 seed=cfg.seed,
+                transform=self.method.make_transform(cfg.data, train=True),
             )
         self.loader = loader
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.t.precision == "fp16")
         self.step, self.skipped = 0, 0
+        self.stats: dict[str, float] = {}  # run totals of the stats channel
         _seed_all(cfg.seed + 1 + self.info.rank)  # per-rank training randomness
         state = self._load(resume_dir) if resume_dir is not None else None
         self.model = self._wrap()  # FSDP swaps parameters: the optimizer comes after
@@ -120,9 +107,6 @@ class Trainer:
 
     # ---- setup ----------------------------------------------------------------------
     def _check_resume_config(self, resume_dir: Path) -> None:
-        from finegrain.config import load_yaml
-        from finegrain.recipes.base import RunConfig
-
         try:
             saved = load_yaml(RunConfig, ckpt.find_config(resume_dir))
         except FileNotFoundError:
@@ -146,6 +130,7 @@ class Trainer:
             self.loader.load_state_dict(mine["data"])
         ckpt.set_rng_state(mine["rng"])
         self.step, self.skipped = int(state["step"]), int(state["skipped"])
+        self.stats = {k: float(v) for k, v in mine.get("stats", {}).items()}
         return state
 
     @property
@@ -262,6 +247,7 @@ class Trainer:
                     metrics = self.evaluate(log)
             self.save()
             metrics = self.evaluate(log, final=True)
+            self.stats = dist_utils.sum_over_ranks(self.stats)
             status = "completed"
         except NonFiniteLossError:
             status = "stopped: non-finite loss"
@@ -285,7 +271,11 @@ class Trainer:
                 f"step {self.step + 1}: non-finite loss, step skipped ({self.skipped} so far)"
             )
         self.step += 1
-        self.method.after_optimizer_step(self.step)
+        if applied:  # a skipped step changed nothing: no EMA / centre update either
+            self.method.after_optimizer_step(self.step, self.t.steps)
+        stats = step_stats(micro, out)
+        for k, v in stats.items():
+            self.stats[k] = self.stats.get(k, 0.0) + v
         n = sum(_batch_size(b) for b in micro)
         dt = time.perf_counter() - t0
         scalars: dict[str, Any] = {
@@ -298,6 +288,7 @@ class Trainer:
         }
         scalars.update({k: v.detach() for k, v in out.losses.items()})
         scalars.update(out.metrics)
+        scalars.update({f"stats/{k}": v for k, v in stats.items()})
         if self.step % self.t.log_every == 0 and hasattr(self.loader, "stats"):
             scalars.update(
                 {
@@ -314,6 +305,7 @@ class Trainer:
         mine = {
             "rng": ckpt.rng_state(),
             "data": self.loader.state_dict() if hasattr(self.loader, "state_dict") else None,
+            "stats": dict(self.stats),
         }
         per_rank = [mine]
         if self.info.enabled:
@@ -343,28 +335,26 @@ class Trainer:
         tasks = list(self.cfg.eval.tasks)
         results: dict[str, float] = {}
         if tasks and self.info.is_main:
+            rng = ckpt.rng_state()
+            out_dir = self.run_dir / "eval" if final else None
             try:
-                from finegrain.eval import run_tasks, write_report
-            except ImportError as e:
-                warnings.warn(
-                    f"evaluation skipped: finegrain.eval is unavailable ({e})", stacklevel=2
+                results = run_tasks(
+                    self.method,
+                    tasks,
+                    device=str(self.device),
+                    out_dir=out_dir,
+                    progress=False,
+                    data_cfg=self.cfg.data,
                 )
-                run_tasks = None
-            if run_tasks is not None:
-                rng = ckpt.rng_state()
-                out_dir = self.run_dir / "eval" if final else None
-                try:
-                    results = run_tasks(self.method, tasks, device=str(self.device),
-                                        out_dir=out_dir, progress=False, data_cfg=self.cfg.data)  # fmt: skip
-                finally:
-                    self.method.train()
-                    ckpt.set_rng_state(rng)
-                if out_dir is not None:
-                    write_report(results, out_dir)
-                log.metrics(self.step, results)
-                head = {k: v for k, v in results.items() if k.endswith(HEADLINE)}
-                log.write(f"eval @ step {self.step}: " + ", ".join(
-                    f"{k}={v:.4g}" for k, v in head.items()))  # fmt: skip
+            finally:
+                self.method.train()
+                ckpt.set_rng_state(rng)
+            if out_dir is not None:
+                write_report(results, out_dir)
+            log.metrics(self.step, results)
+            head = {k: v for k, v in results.items() if k.endswith(HEADLINE)}
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in head.items())
+            log.write(f"eval @ step {self.step}: {shown}")
         dist_utils.barrier()
         return results
 
@@ -378,6 +368,7 @@ class Trainer:
             "skipped_steps": self.skipped,
             "data": stats,
             "metrics": metrics,
+            "stats": dict(sorted(self.stats.items())),
             "wall_s": round(wall, 3),
             "steps_per_s": (self.step - first) / wall if wall > 0 else math.nan,
             "world_size": self.info.world_size,
@@ -385,6 +376,18 @@ class Trainer:
         if self.info.is_main:
             write_json(self.run_dir / "summary.json", summary)
         return summary
+
+
+def step_stats(micro: list[dict[str, Any]], out: MethodOutput) -> dict[str, float]:
+    """The stats channel of one step: ``batch["stats"]`` summed over the micro-batches, plus
+    the method's ``out.stats`` (a key in both is summed)."""
+    total: dict[str, float] = {}
+    for b in micro:
+        for k, v in (b.get("stats") or {}).items() if isinstance(b, dict) else ():
+            total[k] = total.get(k, 0.0) + float(v)
+    for k, v in out.stats.items():
+        total[k] = total.get(k, 0.0) + float(v)
+    return total
 
 
 def _batch_size(batch: Any) -> int:
@@ -404,7 +407,9 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: Any, *, resume: str | None = None, output_dir: str | None = None) -> dict[str, Any]:
+def train(
+    cfg: RunConfig, *, resume: str | None = None, output_dir: str | None = None
+) -> dict[str, Any]:
     """Build a ``Trainer`` from ``cfg`` and run it; tears the process group down after."""
     try:
         return Trainer(cfg, resume=resume, output_dir=output_dir).fit()
