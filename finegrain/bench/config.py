@@ -31,7 +31,7 @@ EFFNET_STRIDE = 32  # EfficientNet-Lite0's output stride: one token per 32 x 32 
 class Budget:
     """What every method of one benchmark run shares (documented in the report)."""
 
-    steps: int = 240
+    steps: int = 200
     batch_size: int = 32
     image_size: int = 64
     lr: float = 2e-3  # linear warmup over the first 10% of steps, then cosine to 0

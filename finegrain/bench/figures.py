@@ -82,9 +82,11 @@ def _img(ax: Any, im: Any, title: str = "", size: int = 0) -> np.ndarray:
 def save_table(rows: list[list[str]], header: list[str], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(1.6 + 1.1 * (len(header) - 1), 0.32 * (len(rows) + 2)))
     ax.axis("off")
+    rows = [[c.split(" (")[0] if c.startswith("n/a") else c for c in r] for r in rows]
     t = ax.table(cellText=rows, colLabels=header, loc="center", cellLoc="center")
     t.auto_set_font_size(False)
     t.set_fontsize(7)
+    t.auto_set_column_width(col=list(range(len(header))))
     t.scale(1, 1.25)
     for (r, c), cell in t.get_celld().items():
         if r == 0:

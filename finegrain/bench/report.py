@@ -130,10 +130,10 @@ def timing_rows(runs: list[Any]) -> list[dict[str, Any]]:
 
 
 def timing_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| method | seed | image tower | train (s) | samples/s | data wait (% of train) | eval (s) |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| method | seed | image tower | train (s) | train CPU (s) | samples/s | data wait (% of train) | eval (s) |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for t in rows:
-        lines.append(f"| {t['method']} | {t['seed']} | {t['image_tower']} | {t['train_s']:.1f} | "
+        lines.append(f"| {t['method']} | {t['seed']} | {t['image_tower']} | {t['train_s']:.1f} | {t['train_cpu_s']:.1f} | "
                      f"{t['samples_per_s']:.1f} | {100 * t['data_share']:.1f} | {t['eval_s']:.1f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
