@@ -95,6 +95,7 @@ def test_refuses_a_folder_with_another_report(quick, capsys):
         (["--image-size", "50"], "not a multiple of 32"),
         (["--image-size", "32"], "below 64"),
         (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--device", "tpu"], "--device must be cpu or cuda"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, pattern):

@@ -93,7 +93,7 @@ def _na(seeds: list[dict[str, Any]], task: str) -> str:
         if r is None:
             return "n/a (task not available)"
         if r.na:
-            return r.na if "not available" in r.na else "n/a (method cannot do this task)"
+            return r.na if r.na != "n/a" else "n/a (method cannot do this task)"
     return ""
 
 

@@ -83,6 +83,12 @@ def check_budget(b: Budget) -> None:
         )
     if b.image_size < 2 * EFFNET_STRIDE:
         raise ValueError(f"--image-size {b.image_size} is below 64 (a 1 x 1 token grid)")
+    import torch
+
+    if b.device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got '{b.device}'")
+    if b.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {b.device}: CUDA is not available on this machine; use cpu")
     if b.batch_size < 2:
         raise ValueError(f"batch size must be >= 2 for a contrastive loss, got {b.batch_size}")
 
