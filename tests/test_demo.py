@@ -185,3 +185,21 @@ def test_match_boxes_is_the_best_one_to_one_assignment():
     best = max(sum(iou[p, r] for r, p in enumerate(perm)) for perm in permutations(range(4), 3))
     assert got.sum().item() == pytest.approx(float(best))
     assert match_boxes(pred[:1], gt).eq(0).sum() == 2  # unmatched ground truth scores 0
+
+
+def test_per_image_values_of_other_tasks():
+    """Per-item values with their images, and confusions whose mIoU convention (with or
+    without background) is read off the task's reported mIoU."""
+    from finegrain.bench.tasks import per_image_values
+
+    g = torch.Generator().manual_seed(4)
+    conf = torch.randint(0, 9, (6, 4, 4), generator=g)
+    for ignore in (True, False):
+        miou = seg_metrics(conf.sum(0), ignore)["miou"]
+        per = per_image_values("linear_probe", None, {"confusions": conf}, {"miou": miou})
+        assert per["ignore_background"] is ignore
+        assert statistic(per, "miou", None) == pytest.approx(miou)
+    items = {"per_item": {"jaccard": ([0.5, 1.0, 0.0], [0, 0, 2])}}
+    per = per_image_values("grouping", None, items, {"jaccard": 0.5})
+    assert statistic(per, "jaccard", None) == pytest.approx(0.5)
+    assert statistic(per, "jaccard", torch.tensor([0])) == pytest.approx(0.75)

@@ -71,7 +71,7 @@ def statistic(per: dict[str, Any], metric: str, idx: torch.Tensor | None) -> flo
     if metric == "miou" and "confusions" in per:
         conf = per["confusions"]
         conf = conf.sum(0) if idx is None else conf[idx].sum(0)
-        return seg_metrics(conf, ignore_background=True)["miou"]
+        return seg_metrics(conf, ignore_background=per.get("ignore_background", True))["miou"]
     values, owner = per[metric]
     n = int(owner.max()) + 1 if len(owner) else 0
     sums = torch.zeros(n, dtype=torch.float64).index_add_(0, owner, values.double())
@@ -116,6 +116,8 @@ def check_claim(
     if na:
         return {**out, "verdict": na}
     pairs = [(m[tm], b[tb]) for m, b in zip(mine, base)]
+    if any(claim.metric not in r.metrics for pair in pairs for r in pair):
+        return {**out, "verdict": f"n/a (task reports no '{claim.metric}')"}
     point = [(m.metrics[claim.metric], b.metrics[claim.metric]) for m, b in pairs]
     diffs = [a - b for a, b in point]
     out.update(value=sum(a for a, _ in point) / len(point),

@@ -26,6 +26,7 @@ import torch
 from finegrain.eval.common import EvalContext, image_batches
 from finegrain.eval.config import EvalTaskConfig
 from finegrain.eval.datasets import load_task_data
+from finegrain.eval.segmentation import seg_metrics
 from finegrain.registry import EVAL_TASK_CONFIGS, EVAL_TASKS
 
 NA = "n/a"
@@ -96,10 +97,13 @@ def _task_config(spec: TaskSpec, num: int) -> EvalTaskConfig:
                           name=spec.key, num_examples=4, **spec.fields)  # fmt: skip
 
 
-def per_image_values(task: str, data: Any, art: dict) -> dict[str, Any]:
+def per_image_values(task: str, data: Any, art: dict, metrics: dict) -> dict[str, Any]:
     """Per-image results of one task, for the bootstrap over evaluation images:
     ``{metric: (values (M,), image index of each value (M,))}`` for means, and
-    ``{"confusions": (N, C, C)}`` for confusion-matrix metrics (mIoU)."""
+    ``{"confusions": (N, C, C)}`` for confusion-matrix metrics (mIoU). Tasks of other
+    modules provide ``art["per_image"] = {metric: (N,)}`` or ``art["per_item"] = {metric:
+    (values, image index of each)}`` (e.g. grouping's Jaccard per instance), or
+    ``art["confusions"]``; without them a claim on the task has no interval."""
     if task == "zeroshot":
         correct = (art["logits"].argmax(1) == art["labels"]).double()
         return {"acc1": (correct, torch.arange(len(correct)))}
@@ -111,11 +115,16 @@ def per_image_values(task: str, data: Any, art: dict) -> dict[str, Any]:
             "text_retrieval_recall@1": ((i2t == 1).double(), torch.arange(len(i2t))),
         }
     out: dict[str, Any] = {}
-    if "confusions" in art:
-        out["confusions"] = art["confusions"]
-    for k, v in art.get("per_image", {}).items():  # other tasks: {metric: (N,) per image}
+    if "confusions" in art:  # mIoU with or without background: whichever the task reported
+        conf = torch.as_tensor(art["confusions"])
+        out["confusions"] = conf
+        no_bg = seg_metrics(conf.sum(0), ignore_background=True)["miou"]
+        out["ignore_background"] = abs(no_bg - metrics.get("miou", no_bg)) < 1e-9
+    for k, v in art.get("per_image", {}).items():  # {metric: (N,) one value per image}
         v = torch.as_tensor(v).double()
         out[k] = (v, torch.arange(len(v)))
+    for k, (v, owner) in art.get("per_item", {}).items():  # {metric: (values, image of each)}
+        out[k] = (torch.as_tensor(v).double(), torch.as_tensor(owner).long())
     return out
 
 
@@ -137,7 +146,7 @@ def run_suite_task(ctx: EvalContext, spec: TaskSpec, num: int) -> tuple[TaskResu
         # a task added by another module that cannot run here: said in the report, not fatal
         return TaskResult(na=f"{NA} (failed: {str(e).splitlines()[0][:80]})"), None, {}
     res = TaskResult({k: float(v) for k, v in metrics.items()},
-                     per_image_values(spec.task, data, art), seconds=time.perf_counter() - t0)  # fmt: skip
+                     per_image_values(spec.task, data, art, metrics), seconds=time.perf_counter() - t0)  # fmt: skip
     return res, data, art
 
 
