@@ -28,7 +28,17 @@ def _err_line(capsys) -> str:
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
+def one_thread():
+    """The suite runs two xdist workers on two cores: one thread each avoids oversubscription
+    (which made the quick run several times slower on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("demo") / "out"
     assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
     return out, json.loads((out / "results.json").read_text())
@@ -69,7 +79,7 @@ def test_quick_run_reports_every_method_task_and_claim(quick):
         assert "boxes_grain.png" in pngs
 
 
-def test_same_seed_same_numbers_in_any_order(quick, tmp_path):
+def test_same_seed_same_numbers_in_any_order(quick, tmp_path, one_thread):
     """A second run of one method (alone, so in another order) reproduces its metrics exactly."""
     _, first = quick
     names = [m for m in ("grain", "clip") if m in first["methods"]][:1]
