@@ -1,6 +1,6 @@
 """``finegrain``: train, evaluate, prepare data, annotate, and the embedded demo.
 
-    finegrain demo                                  # small CLIP on synthetic scenes, prints eval
+    finegrain demo                                  # every method on synthetic scenes + report
     finegrain train --recipe clip_smoke train.steps=50 data.batch_size=16
     finegrain train --recipe clip_smoke --resume latest
     finegrain recipes                               # one line per recipe
@@ -64,18 +64,18 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.add_argument("overrides", nargs="*", metavar="key.sub=value")
     sub.add_parser("recipes", help="list recipes, one line each")
-    d = sub.add_parser(
-        "demo",
-        help="train a small model on synthetic scenes and print its eval",
-        description="The embedded default: a few CPU minutes, no download.",
-    )
-    d.add_argument("--method", default="clip", help="clip (default), siglip, flair, grain")
-    d.add_argument(
-        "--output-dir", help="run directory (default $FINEGRAIN_HOME/runs/demo[_METHOD])"
-    )
-    d.add_argument("--overwrite", action="store_true",
-                   help="archive an earlier demo run in the same dir and start over")  # fmt: skip
-    d.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    d = sub.add_parser("demo", help="train every method on synthetic scenes, compare, report",
+                       description="The built-in benchmark: every registered method trained under "
+                       "one budget on the built-in scenes (CPU, <= 10 min), evaluated on every "
+                       "task; writes report.md, results.json and PNG figures.")  # fmt: skip
+    d.add_argument("--methods", help="comma-separated subset (default: every registered method)")
+    d.add_argument("--steps", type=int, help="training steps per method (default 200)")
+    d.add_argument("--image-size", type=int, help="pixels, a multiple of 32 (default 64)")
+    d.add_argument("--device", help="cpu (default) | cuda")
+    d.add_argument("--out", help="output folder (default $FINEGRAIN_HOME/demo/<time>)")
+    d.add_argument("--seeds", type=int, default=1, help="train each method with N seeds")
+    d.add_argument("--quick", action="store_true", help="a 2-minute run of the same pipeline")
+    d.add_argument("--overwrite", action="store_true", help="replace a report in --out")
     for name, (_, help_) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)
     return p
@@ -156,32 +156,9 @@ def cmd_recipes(_: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from finegrain.config import apply_overrides
-    from finegrain.recipes.base import get_recipe
-    from finegrain.registry import METHODS, RECIPES
-    from finegrain.run_config import validate_run
+    from finegrain.bench.run import options_from_args, run_benchmark
 
-    if args.method not in METHODS:
-        METHODS.get(args.method)  # raises naming the valid methods
-    name = "demo" if args.method == "clip" else f"demo_{args.method}"
-    if name in RECIPES:
-        cfg = get_recipe(name)
-    else:  # any registered method on the demo's towers and data
-        cfg = apply_overrides(get_recipe("demo"), [f"method.name={args.method}"])
-        cfg.name = name
-    cfg = apply_overrides(cfg, args.overrides) if args.overrides else cfg
-    validate_run(cfg)
-    from finegrain.train.trainer import train
-
-    print(
-        f"finegrain demo: training '{cfg.name}' ({cfg.method.name}) for {cfg.train.steps} "
-        "steps on synthetic scenes; then evaluating.",
-        file=sys.stderr,
-    )
-    summary = train(cfg, output_dir=args.output_dir, overwrite=args.overwrite)
-    if summary.get("status") == "interrupted":
-        return _interrupted(summary)
-    _print_results(summary.get("metrics", {}))
+    run_benchmark(options_from_args(args, args.argv))
     return 0
 
 
@@ -233,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return USER_ERROR
+    args.argv = argv
     try:
         return COMMANDS[args.command](args)
     except _user_errors() as e:

@@ -118,20 +118,6 @@ def test_subcommands_dispatch_lazily(monkeypatch, capsys):
         cli.main(["annotate"])
 
 
-@needs_clip
-@pytest.mark.parametrize("method", ["clip", "siglip", "flair", "grain"])
-def test_demo_trains_and_prints_table(tmp_path, capsys, method):
-    if method not in METHODS:
-        pytest.skip(f"method '{method}' is not available")
-    task = "eval.tasks=[{task: retrieval, dataset: synthetic, num_samples: 16}]"
-    argv = ["demo", "--method", method, "--output-dir", str(tmp_path), "train.steps=2",
-            "data.batch_size=8", "train.progress=false", "data.num_workers=0", task]  # fmt: skip
-    assert cli.main(argv) == 0
-    out = capsys.readouterr().out
-    assert "| retrieval/synthetic | image_retrieval_recall@1 (%) |" in out
-    assert (tmp_path / "eval" / "results.md").is_file() and (tmp_path / "summary.json").is_file()
-
-
 def _cli_cmd(out, *extra):
     return [sys.executable, "-m", "finegrain.cli", "train", "--recipe", "clip_smoke",
             "--output-dir", str(out), "train.steps=8", "train.checkpoint_every=2", "eval.tasks=[]",

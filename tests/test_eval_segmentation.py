@@ -107,3 +107,20 @@ def test_segmentation_needs_dense_features(tmp_path):
         ValueError, match=r"method 'toy' \(PlainToy\) has no dense_features.*segmentation/voc"
     ):
         run_tasks(PlainToy(), [cfg], progress=False)
+
+
+def test_per_image_confusions_sum_to_the_task_metrics(tmp_path):
+    """The per-image confusion matrices (for bootstrap over images) add up to the metrics."""
+    from finegrain.eval.common import EvalContext
+    from finegrain.eval.datasets import load_task_data
+    from finegrain.eval.segmentation import evaluate_segmentation
+
+    write_scenes(tmp_path / "voc", [["red", None, "blue", "green"], [None, "yellow", None, None]])
+    cfg = EvalTaskConfig(task="segmentation", dataset="voc", path=str(tmp_path / "voc"),
+                         templates="plain", batch_size=1)  # fmt: skip
+    ctx = EvalContext.create(ToyMethod(), progress=False)
+    metrics, art = evaluate_segmentation(ctx, cfg, load_task_data(cfg, ctx.image_size))
+    per_image = art["confusions"]
+    assert per_image.shape == (2, len(COLORS) + 1, len(COLORS) + 1)
+    assert seg_metrics(per_image.sum(0), True) == pytest.approx(metrics)
+    assert seg_metrics(per_image[1], True)["miou"] != pytest.approx(metrics["miou"])

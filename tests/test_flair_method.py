@@ -206,3 +206,19 @@ def test_benchmark_loop_reference_equals_library() -> None:
     torch.testing.assert_close(
         text_conditioned_sigmoid_loss(pool, tokens, texts, 7.0, -3.0, pair_seed=seeds), ref
     )
+
+
+def test_attention_maps_are_the_pooling_weights(model: FLAIR) -> None:
+    """(Ni, Nt, h, w) maps: the pooling's attention over patches (zero slot left out)."""
+    model.eval()
+    images = torch.randn(2, 3, 32, 32)
+    tokens = model.tokenize(["a red circle", "a blue square", "a star"])
+    maps = model.attention_maps(images, tokens)
+    _, patches, (h, w) = model._image(images)
+    assert maps.shape == (2, 3, h, w)
+    text = model._text(tokens)
+    for i in range(2):
+        want = model.pooling.attention_weights(text[None], patches[i : i + 1])[0, :, : h * w]
+        torch.testing.assert_close(maps[i].flatten(1), want)
+    assert (maps.flatten(2).sum(-1) <= 1 + 1e-5).all()
+    model.train()

@@ -152,7 +152,7 @@ def _texts(kind: str, num: int, seed: int, image_size: int) -> dict[str, Any]:
 
 def _segmentation(num: int, seed: int, image_size: int) -> dict[str, Any]:
     cfg = SyntheticConfig(novel_object_prob=0.0)
-    images, masks, instances, colors = [], [], [], []
+    images, masks, instances, colors, boxes = [], [], [], [], []
     for i in range(num):
         scene = generate_scene(_eval_seed("segmentation", seed, i), image_size, cfg=cfg)
         images.append(scene["image"])
@@ -163,10 +163,17 @@ def _segmentation(num: int, seed: int, image_size: int) -> dict[str, Any]:
         for j, obj in enumerate(scene["objects"]):
             by_color[inst == j + 1] = 1 + COLORS.index(obj["color"])
         colors.append(by_color)
+        boxes.append([list(o["box"]) for o in scene["objects"]])  # exact, normalised xyxy
     # mask value v > 0 is classnames[v - 1]; novel shapes do not occur in these scenes
-    return {"images": images, "masks": masks, "instance_masks": instances,
-            "classnames": list(ALL_SHAPES), "color_masks": colors,
-            "color_classnames": list(COLORS)}  # fmt: skip
+    return {
+        "images": images,
+        "masks": masks,
+        "instance_masks": instances,
+        "boxes": boxes,
+        "classnames": list(ALL_SHAPES),
+        "color_masks": colors,
+        "color_classnames": list(COLORS),
+    }
 
 
 def eval_split(kind: str, num: int, seed: int = 10_000, image_size: int = 64) -> dict[str, Any]:
@@ -175,8 +182,9 @@ def eval_split(kind: str, num: int, seed: int = 10_000, image_size: int = 64) ->
     kinds: ``shape`` | ``color_shape`` | ``pattern_shape`` | ``novel`` -> images, labels,
     classnames, descriptions; ``retrieval`` | ``sentences`` | ``long`` -> images, captions (list
     of lists), texts, text_to_image; ``segmentation`` -> images, masks (HxW, 0 = background,
-    v = classnames[v - 1]), instance_masks (HxW, 0 = background, i = object i), classnames,
-    color_masks (HxW, v = color_classnames[v - 1]: objects labelled by colour), color_classnames.
+    v = classnames[v - 1]), instance_masks (HxW, 0 = background, i = object i), boxes (per
+    image, the objects' normalised xyxy boxes), classnames, color_masks (HxW, v =
+    color_classnames[v - 1]: objects labelled by colour), color_classnames.
     """
     if kind not in EVAL_KINDS:
         raise ValueError(

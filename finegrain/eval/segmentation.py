@@ -113,7 +113,7 @@ def evaluate_segmentation(
     n = len(data.classnames) + 1
     ignore_bg = cfg.background_threshold <= 0 and not bg
     conf = torch.zeros(n, n, dtype=torch.long)
-    keep: dict = {"preds": [], "masks": [], "indices": []}
+    keep: dict = {"preds": [], "masks": [], "indices": [], "confusions": []}
     s = 0
     batches = image_batches(
         ctx, data.images, cfg.batch_size, "segmentation", crop=False, size=cfg.image_size
@@ -125,10 +125,13 @@ def evaluate_segmentation(
         sizes = [tuple(mk.shape) for mk in masks]
         preds = predict_masks(dense, classes, sizes, cfg.background_threshold, len(bg))
         for j, (p, g) in enumerate(zip(preds, masks)):
-            conf += confusion(p, g, n, ignore_bg)
+            image_conf = confusion(p, g, n, ignore_bg)
+            conf += image_conf
+            keep["confusions"].append(image_conf)  # per image: bootstrap over images
             if len(keep["preds"]) < cfg.num_examples:
                 keep["preds"].append(p.numpy().astype(np.uint8))
                 keep["masks"].append(g.numpy())
                 keep["indices"].append(s + j)
         s += batch.shape[0]
+    keep["confusions"] = torch.stack(keep["confusions"]) if s else torch.zeros(0, n, n).long()
     return seg_metrics(conf, ignore_bg), keep

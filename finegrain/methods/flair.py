@@ -255,3 +255,14 @@ class FLAIR(Method):
         """(B, D, h, w) projected patch tokens (joint text-embedding space)."""
         _, tokens, (h, w) = self._image(images)
         return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+
+    @torch.no_grad()
+    def attention_maps(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(Ni, Nt, h, w) text-conditioned pooling attention of every text over every image's
+        patches (heads averaged; the zero slot's share left out, so a row sums to <= 1).
+        For figures: where the pooled embedding of (image, text) looks."""
+        _, patches, (h, w) = self._image(images)  # (Ni, N, D)
+        text = self._text(tokens)  # (Nt, D)
+        q = text.unsqueeze(0).expand(patches.shape[0], *text.shape)  # (Ni, Nt, D)
+        att = self.pooling.attention_weights(q, patches)[..., : h * w]  # (Ni, Nt, N)
+        return att.reshape(att.shape[0], att.shape[1], h, w)

@@ -1,0 +1,170 @@
+"""The papers' directional claims, checked on one benchmark run with a paired bootstrap.
+
+Each claim says "method X beats CLIP on task T" (metric M, higher is better). On the built-in
+scenes every method is evaluated on the same images, so the difference is *paired*: one
+bootstrap draw resamples the evaluation images (with replacement; a retrieval query's texts go
+with their image) and recomputes M for both methods on that draw (mIoU from the drawn images'
+summed confusion matrices, not a mean of per-image IoUs). The 95% interval is the 2.5 / 97.5
+percentile of the drawn differences, averaged over seeds when ``--seeds N`` trained several
+models per method; the spread over seeds is reported next to it.
+
+Verdicts: ``held`` (difference > 0 and the interval excludes 0), ``not significant``
+(difference > 0, interval includes 0), ``did not hold`` (difference <= 0), ``not run`` (a
+method is not registered or not selected), ``n/a (...)`` (the task is unavailable or one of the
+methods cannot do it). Text-conditioned methods are scored with their conditioned scores where
+the task has a conditioned twin (their papers' protocol); CLIP with global scores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from finegrain.eval.segmentation import seg_metrics
+
+BASELINE = "clip"
+
+
+@dataclass(frozen=True)
+class Claim:
+    method: str
+    task: str  # benchmark task key (see finegrain.bench.tasks)
+    metric: str
+    what: str  # the claim in words
+    paper: str
+
+
+CLAIMS = (
+    Claim("flair", "retrieval/sentences", "image_retrieval_recall@1",
+          "FLAIR > CLIP on sentence-level retrieval (sentence -> image R@1)", "Xiao et al. 2025"),
+    Claim("flair", "segmentation/zeroshot", "miou",
+          "FLAIR > CLIP on zero-shot segmentation (mIoU)", "Xiao et al. 2025"),
+    Claim("grain", "color_shape/descriptions", "acc1",
+          "GRAIN > CLIP on description-aware classification (colour x shape, top-1)",
+          "Halbe et al. 2024"),
+    Claim("grain", "novel/descriptions", "acc1",
+          "GRAIN > CLIP on novel-concept classification (names + descriptions, top-1)",
+          "Halbe et al. 2024"),
+    Claim("clippy", "segmentation/zeroshot", "miou",
+          "CLIPpy > CLIP on zero-shot segmentation (mIoU)", "Ranasinghe et al. 2023"),
+    Claim("clippy", "grouping", "jaccard",
+          "CLIPpy > CLIP on bottom-up grouping (Jaccard)", "Ranasinghe et al. 2023"),
+    Claim("detailclip", "segmentation/zeroshot", "miou",
+          "DetailCLIP > CLIP on zero-shot segmentation (mIoU)", "Monsefi et al. 2024"),
+    Claim("detailclip", "segmentation/linear_probe", "miou",
+          "DetailCLIP > CLIP on linear-probe segmentation (mIoU)", "Monsefi et al. 2024"),
+)  # fmt: skip
+
+
+def resolve_task(results: dict[str, Any], task: str) -> str:
+    """The conditioned twin ``task+conditioned`` when this method ran it, else ``task``."""
+    twin = f"{task}+conditioned"
+    r = results.get(twin)
+    return twin if r is not None and not r.na else task
+
+
+def statistic(per: dict[str, Any], metric: str, idx: torch.Tensor | None) -> float:
+    """``metric`` on the images ``idx`` (a resample; None = all images)."""
+    if metric == "miou" and "confusions" in per:
+        conf = per["confusions"]
+        conf = conf.sum(0) if idx is None else conf[idx].sum(0)
+        return seg_metrics(conf, ignore_background=per.get("ignore_background", True))["miou"]
+    values, owner = per[metric]
+    n = int(owner.max()) + 1 if len(owner) else 0
+    sums = torch.zeros(n, dtype=torch.float64).index_add_(0, owner, values.double())
+    counts = torch.bincount(owner, minlength=n).double()
+    if idx is None:
+        return float(sums.sum() / counts.sum().clamp_min(1))
+    return float(sums[idx].sum() / counts[idx].sum().clamp_min(1))
+
+
+def num_images(per: dict[str, Any], metric: str) -> int:
+    if metric == "miou" and "confusions" in per:
+        return int(per["confusions"].shape[0])
+    return int(per[metric][1].max()) + 1
+
+
+def _na(seeds: list[dict[str, Any]], task: str) -> str:
+    for res in seeds:
+        r = res.get(task)
+        if r is None:
+            return "n/a (task not available)"
+        if r.na:
+            return r.na if r.na != "n/a" else "n/a (method cannot do this task)"
+    return ""
+
+
+def check_claim(
+    claim: Claim, runs: dict[str, list[dict[str, Any]]], draws: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """Verdict, difference and 95% paired-bootstrap interval of one claim.
+
+    ``runs[method]`` is a list over training seeds of ``{task_key: TaskResult}``.
+    """
+    out: dict[str, Any] = {"claim": claim.what, "paper": claim.paper, "method": claim.method,
+                           "metric": claim.metric, "task": claim.task}  # fmt: skip
+    missing = [m for m in (claim.method, BASELINE) if m not in runs]
+    if missing:
+        return {**out, "verdict": "not run", "note": f"{', '.join(missing)} not run"}
+    mine, base = runs[claim.method], runs[BASELINE]
+    tm, tb = resolve_task(mine[0], claim.task), claim.task
+    out["task_method"], out["task_baseline"] = tm, tb
+    na = _na(mine, tm) or _na(base, tb)
+    if na:
+        return {**out, "verdict": na}
+    pairs = [(m[tm], b[tb]) for m, b in zip(mine, base)]
+    if any(claim.metric not in r.metrics for pair in pairs for r in pair):
+        return {**out, "verdict": f"n/a (task reports no '{claim.metric}')"}
+    point = [(m.metrics[claim.metric], b.metrics[claim.metric]) for m, b in pairs]
+    diffs = [a - b for a, b in point]
+    out.update(value=sum(a for a, _ in point) / len(point),
+               baseline=sum(b for _, b in point) / len(point),
+               diff=sum(diffs) / len(diffs), seeds=len(diffs),
+               seeds_held=sum(d > 0 for d in diffs),
+               seed_std=_std(diffs) if len(diffs) > 1 else None)  # fmt: skip
+    have = all(claim.metric in m.per_image or "confusions" in m.per_image for pair in pairs
+               for m in pair)  # fmt: skip
+    lo = hi = None
+    if have and draws > 0:
+        lo, hi = paired_interval(pairs, claim.metric, draws, seed)
+    out.update(ci_low=lo, ci_high=hi, verdict=verdict(out["diff"], lo))
+    return out
+
+
+def paired_interval(pairs: list[tuple[Any, Any]], metric: str, draws: int, seed: int = 0
+                    ) -> tuple[float, float]:  # fmt: skip
+    """95% percentile interval of the seed-averaged difference over image resamples."""
+    n = num_images(pairs[0][0].per_image, metric)
+    for m, b in pairs:
+        assert num_images(m.per_image, metric) == n == num_images(b.per_image, metric), (
+            "methods were evaluated on different image sets"
+        )
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (draws, n), generator=g)
+    d = torch.zeros(draws, dtype=torch.float64)
+    for m, b in pairs:
+        for k in range(draws):
+            d[k] += statistic(m.per_image, metric, idx[k]) - statistic(b.per_image, metric, idx[k])
+    d /= len(pairs)
+    q = torch.quantile(d, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return float(q[0]), float(q[1])
+
+
+def verdict(diff: float, ci_low: float | None) -> str:
+    if not diff > 0:
+        return "did not hold"
+    if ci_low is None:
+        return "held (no interval)"
+    return "held" if ci_low > 0 else "not significant"
+
+
+def _std(xs: list[float]) -> float:
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def check_claims(runs: dict[str, list[dict[str, Any]]], draws: int = 1000) -> list[dict[str, Any]]:
+    return [check_claim(c, runs, draws) for c in CLAIMS]

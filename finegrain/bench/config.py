@@ -1,0 +1,140 @@
+"""The benchmark's one shared budget and how each registered method's run is derived from it.
+
+Every method gets the same data (built-in synthetic scenes, same seed), batch, steps, learning
+rate schedule, image size, embedding size and towers: the ImageNet-pretrained EfficientNet-Lite0
+image tower shipped on PyPI (last ``trainable_blocks`` blocks trained) where the method accepts
+a convolutional tower, and one tiny text transformer from scratch. Method-specific
+hyper-parameters (FLAIR's sub-captions, GRAIN's decoder, ...) come from the method's
+``<name>_smoke`` recipe, else from its config defaults. Nothing here is tuned per method on the
+evaluation splits: the budget was set once, for CLIP, by the old single-method demo (400 steps
+of 32 at 64 px, lr 2e-3), then shortened so that six methods fit 10 CPU minutes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from finegrain.data.config import DataConfig, SyntheticConfig
+from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
+from finegrain.eval.config import EvalConfig
+from finegrain.registry import METHODS, RECIPES
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EFFNET_STRIDE = 32  # EfficientNet-Lite0's output stride: one token per 32 x 32 pixels
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every method of one benchmark run shares (documented in the report)."""
+
+    steps: int = 200
+    batch_size: int = 32
+    image_size: int = 64
+    lr: float = 2e-3  # linear warmup over the first 10% of steps, then cosine to 0
+    weight_decay: float = 0.1
+    embed_dim: int = 64
+    text_width: int = 64
+    text_depth: int = 2
+    text_heads: int = 2
+    context_length: int = 64  # long captions of 4 objects need ~60 tokens
+    trainable_blocks: int = 4  # EfficientNet-Lite0 blocks trained (of 7 stages' blocks)
+    train_scenes: int = 8192
+    eval_images: int = 256  # per evaluation task
+    device: str = "cpu"
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.steps // 10
+
+    def describe(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "warmup_steps": self.warmup_steps}
+
+
+QUICK = Budget(steps=30, batch_size=16, train_scenes=512, eval_images=48)
+
+
+def methods_to_run(requested: str | None) -> list[str]:
+    """Registered method names in registry order, or the comma-separated ``requested`` ones;
+    an unknown name raises one line naming the valid ones."""
+    valid = METHODS.names()
+    if not requested:
+        return valid
+    names = [n.strip() for n in requested.split(",") if n.strip()]
+    for n in names:
+        if n not in valid:
+            METHODS.get(n)  # ValueError: unknown method 'x' (did you mean ...); valid choices: ...
+    if len(set(names)) != len(names):
+        raise ValueError(f"--methods lists a method twice: {requested}")
+    return names
+
+
+def check_budget(b: Budget) -> None:
+    """One-line ValueError for a budget the towers or the trainer cannot take."""
+    if b.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {b.steps}")
+    if b.image_size < EFFNET_STRIDE or b.image_size % EFFNET_STRIDE:
+        raise ValueError(
+            f"--image-size {b.image_size} is not a multiple of {EFFNET_STRIDE} (the image tower's "
+            f"stride); valid sizes: 64, 96, 128, ... (multiples of {EFFNET_STRIDE}, >= 64)"
+        )
+    if b.image_size < 2 * EFFNET_STRIDE:
+        raise ValueError(f"--image-size {b.image_size} is below 64 (a 1 x 1 token grid)")
+    import torch
+
+    if b.device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got '{b.device}'")
+    if b.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {b.device}: CUDA is not available on this machine; use cpu")
+    if b.batch_size < 2:
+        raise ValueError(f"batch size must be >= 2 for a contrastive loss, got {b.batch_size}")
+
+
+def shared_towers(b: Budget) -> tuple[ImageTowerConfig, TextTowerConfig]:
+    image = ImageTowerConfig(name="efficientnet_lite0", pretrained="package",
+                             image_size=b.image_size, trainable_blocks=b.trainable_blocks)  # fmt: skip
+    text = TextTowerConfig(name="transformer", context_length=b.context_length,
+                           width=b.text_width, depth=b.text_depth, heads=b.text_heads)  # fmt: skip
+    return image, text
+
+
+def _base_run(name: str) -> Any:
+    """The method's ``<name>_smoke`` recipe, else a run of its config defaults."""
+    from finegrain.recipes.base import get_recipe
+
+    if f"{name}_smoke" in RECIPES:
+        return get_recipe(f"{name}_smoke")
+    from finegrain.recipes.base import method_config
+
+    cfg = get_recipe("clip_smoke")
+    cfg.method = method_config(name, embed_dim=cfg.method.embed_dim,
+                               image=cfg.method.image, text=cfg.method.text)  # fmt: skip
+    return cfg
+
+
+def run_config(name: str, b: Budget, seed: int, shared_image: bool = True) -> Any:
+    """The RunConfig of method ``name`` under budget ``b`` and ``seed``.
+
+    ``shared_image=False`` keeps the method's own (smoke) image tower at the budget's image
+    size, for methods that cannot take a convolutional tower (token subsets, masks, attention).
+    """
+    cfg = copy.deepcopy(_base_run(name))
+    image, text = shared_towers(b)
+    m = cfg.method
+    if not shared_image:
+        image = dataclasses.replace(m.image, image_size=b.image_size)
+    cfg.method = dataclasses.replace(m, image=image, text=text, embed_dim=b.embed_dim)
+    cfg.name, cfg.seed = f"demo_{name}", seed
+    cfg.data = DataConfig(source="synthetic", batch_size=b.batch_size, image_size=b.image_size,
+                          augment="none", mean=IMAGENET_MEAN, std=IMAGENET_STD, num_workers=0,
+                          synthetic=SyntheticConfig(num_samples=b.train_scenes, seed=seed))  # fmt: skip
+    cfg.train = dataclasses.replace(
+        cfg.train, steps=b.steps, lr=b.lr, min_lr=0.0, warmup_steps=b.warmup_steps,
+        weight_decay=b.weight_decay, device=b.device, checkpoint_every=0, log_every=max(1, b.steps // 4),
+        eval_every=0, progress=True, accum_steps=1, precision="fp32",
+    )  # fmt: skip
+    cfg.eval = EvalConfig(tasks=[])  # the benchmark evaluates itself (per-image results)
+    return cfg

@@ -1,0 +1,215 @@
+"""``finegrain demo``: train every registered method under one budget on the built-in scenes,
+evaluate each on every task, check the papers' claims, write report.md, results.json and PNGs.
+
+    finegrain demo                       # all methods, default budget (<= 10 min, 2 CPU cores)
+    finegrain demo --quick               # a 2-minute smoke of the same pipeline (the tests)
+    finegrain demo --methods clip,flair --steps 2000 --image-size 128 --device cuda --seeds 3
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finegrain.bench.config import QUICK, Budget, check_budget, methods_to_run, run_config
+from finegrain.bench.tasks import TaskResult, run_boxes, run_suite_task, task_specs
+
+# Seconds per training step at batch 32, 64 px on 2 quiet CPU cores (measured; see README),
+# for the up-front estimate. Unknown methods use the slowest.
+REF_STEP_S = {"clip": 0.29, "siglip": 0.25, "flair": 0.45, "grain": 0.33}
+REF_EVAL_S = 12.0  # all tasks, 256 images each, one method
+REPORT_FILES = ("report.md", "results.json")
+
+
+@dataclass
+class Options:
+    methods: list[str]
+    budget: Budget
+    seeds: int = 1
+    out: Path = Path("demo")
+    overwrite: bool = False
+    quick: bool = False
+    command: str = "finegrain demo"
+    workers: int = 1
+
+
+@dataclass
+class MethodRun:
+    """One trained model (method x seed): timing, results, and figure material (seed 0)."""
+
+    method: str
+    seed: int
+    results: dict[str, TaskResult] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
+    towers: dict[str, str] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+class TimedLoader:
+    """Wraps the training loader and adds up the time the step waits for each batch."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader, self.wait_s, self.batches = loader, 0.0, 0
+
+    def __iter__(self):
+        it = iter(self.loader)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it)
+            self.wait_s += time.perf_counter() - t0
+            self.batches += 1
+            yield batch
+
+    def __getattr__(self, name: str) -> Any:  # state_dict, stats, ...
+        return getattr(self.loader, name)
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse (one line) a folder that holds another report, unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} exists and is not a folder")
+    found = [f for f in REPORT_FILES if (out / f).exists()]
+    if found and not overwrite:
+        raise ValueError(f"--out {out} already holds a report ({found[0]}); pass --overwrite "
+                         "to replace it or choose another folder")  # fmt: skip
+
+
+def estimate_s(methods: list[str], b: Budget, seeds: int) -> float:
+    """Rough wall seconds on 2 CPU cores from measured per-step reference times."""
+    scale = (b.batch_size / 32) * (b.image_size / 64) ** 2
+    slow = max(REF_STEP_S.values())
+    train = sum(REF_STEP_S.get(m, slow) for m in methods) * b.steps * scale
+    evals = len(methods) * REF_EVAL_S * (b.eval_images / 256) * (b.image_size / 64) ** 2
+    return seeds * (train + evals + 4 * len(methods))  # + build / save per method
+
+
+def _accepts(method: Any, cfg: Any) -> bool:
+    """Whether the method trains with these towers: one no-grad step on a copy (towers that
+    cannot give token subsets, masks or attention raise a ValueError)."""
+    from finegrain.data import build_train_loader
+
+    data = dataclasses.replace(cfg.data, batch_size=2, num_workers=0)
+    probe = copy.deepcopy(method).train()
+    try:
+        loader = build_train_loader(data, probe.make_collate(train=True), seed=0,
+                                    transform=probe.make_transform(data, train=True))  # fmt: skip
+        batch = next(iter(loader))
+        with torch.no_grad():
+            probe(batch)
+    except (ValueError, NotImplementedError):
+        return False
+    return True
+
+
+def build(name: str, b: Budget, seed: int) -> tuple[Any, Any]:
+    """(RunConfig, method) with the shared towers, or the method's own image tower when it
+    cannot train on the shared one."""
+    from finegrain.methods.base import build_method
+
+    for shared in (True, False):
+        cfg = run_config(name, b, seed, shared_image=shared)
+        torch.manual_seed(cfg.seed)  # as the trainer does before it builds a method
+        method = build_method(cfg.method)
+        if not shared or _accepts(method, cfg):
+            return cfg, method
+    raise AssertionError("unreachable")
+
+
+def train_one(name: str, opts: Options, seed: int, run_dir: Path) -> tuple[Any, Any, MethodRun]:
+    from finegrain.data import build_train_loader
+    from finegrain.train.trainer import Trainer
+
+    t0 = time.perf_counter()
+    cfg, method = build(name, opts.budget, seed)
+    cfg.data.num_workers = opts.workers
+    loader = TimedLoader(
+        build_train_loader(cfg.data, method.make_collate(train=True), seed=cfg.seed)
+    )
+    trainer = Trainer(cfg, method=method, loader=loader, output_dir=str(run_dir))
+    t1, c1 = time.perf_counter(), time.process_time()
+    summary = trainer.fit()
+    train_s, cpu_s = time.perf_counter() - t1, time.process_time() - c1
+    n = cfg.train.steps * cfg.data.batch_size
+    run = MethodRun(name, seed)
+    run.towers = {"image": cfg.method.image.name, "text": cfg.method.text.name}
+    run.timing = {"build_s": t1 - t0, "train_s": train_s, "samples_per_s": n / train_s,
+                  "train_cpu_s": cpu_s, "data_wait_s": loader.wait_s, "data_share": loader.wait_s / train_s,
+                  "steps": float(summary["step"])}  # fmt: skip
+    return cfg, trainer.method, run
+
+
+def evaluate(method: Any, cfg: Any, opts: Options, run: MethodRun, figures: bool) -> None:
+    """Every task on the trained ``method``; fills ``run.results`` (and figure material)."""
+    from finegrain.bench.figures import collect
+    from finegrain.eval.common import EvalContext
+
+    ctx = EvalContext.create(method, opts.budget.device, cfg.data, progress=False)
+    method.eval()
+    t0 = time.perf_counter()
+    for spec in task_specs():
+        if spec.key == "boxes":
+            res, art = run_boxes(ctx, opts.budget.eval_images)
+            data = None
+        else:
+            res, data, art = run_suite_task(ctx, spec, opts.budget.eval_images)
+        run.results[spec.key] = res
+        if figures and not res.na:
+            collect(ctx, spec.key, data, art, run.figures)
+    run.timing["eval_s"] = time.perf_counter() - t0
+
+
+def run_benchmark(opts: Options) -> Path:
+    """Train and evaluate everything, then write the report; returns the report's path."""
+    from finegrain.bench.report import write_outputs
+
+    check_budget(opts.budget)
+    check_output(opts.out, opts.overwrite)
+    if opts.overwrite and (opts.out / "runs").is_dir():
+        shutil.rmtree(opts.out / "runs")  # this benchmark's own previous training runs
+    opts.out.mkdir(parents=True, exist_ok=True)
+    est = estimate_s(opts.methods, opts.budget, opts.seeds)
+    b = opts.budget
+    print(f"finegrain demo: {len(opts.methods)} methods ({', '.join(opts.methods)}) x "
+          f"{opts.seeds} seed(s), {b.steps} steps of {b.batch_size} at {b.image_size} px on "
+          f"{b.device}; estimated {est / 60:.1f} min on 2 CPU cores", file=sys.stderr)  # fmt: skip
+    start = time.perf_counter()
+    runs: list[MethodRun] = []
+    for seed in range(opts.seeds):
+        for name in opts.methods:
+            cfg, method, run = train_one(name, opts, seed, opts.out / "runs" / name / f"seed{seed}")
+            print(f"  {name} (seed {seed}): trained in {run.timing['train_s']:.0f} s; evaluating",
+                  file=sys.stderr)  # fmt: skip
+            evaluate(method, cfg, opts, run, figures=seed == 0)
+            runs.append(run)
+            del method
+    wall = time.perf_counter() - start
+    report = write_outputs(opts, runs, wall)
+    print(f"finegrain demo: done in {wall / 60:.1f} min; report: {report}", file=sys.stderr)
+    print(report)
+    return report
+
+
+def options_from_args(args: Any, argv: list[str]) -> Options:
+    """Options from the parsed ``finegrain demo`` arguments (see ``finegrain.cli``)."""
+    base = QUICK if args.quick else Budget()
+    changes = {k: v for k, v in (("steps", args.steps), ("image_size", args.image_size),
+                                 ("device", args.device)) if v is not None}  # fmt: skip
+    budget = dataclasses.replace(base, **changes)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.out:
+        out = Path(args.out).expanduser()
+    else:
+        from finegrain.config import finegrain_home
+
+        out = finegrain_home() / "demo" / time.strftime("%Y%m%d-%H%M%S")
+    return Options(methods_to_run(args.methods), budget, args.seeds, out, args.overwrite,
+                   args.quick, "finegrain " + " ".join(argv))  # fmt: skip

@@ -1,0 +1,198 @@
+"""The benchmark's evaluation: every task whose truth the built-in scenes know, run through the
+evaluation suite (``finegrain.eval``), keeping per-image results for the paired bootstrap.
+
+Task keys (``<task>/<setting>``) and their headline metric:
+- ``shape/names`` ... ``novel/descriptions``: zero-shot top-1 (``acc1``); ``names`` = class
+  names in the templates, ``descriptions`` = names + the built-in class descriptions (GRAIN's
+  description-aware protocol, given to every method alike);
+- ``retrieval/caption|sentences|long``: text-to-image and image-to-text R@1, global scoring,
+  plus ``+conditioned`` twins for methods with text-conditioned scoring;
+- ``segmentation/zeroshot``: mIoU (object classes); ``segmentation/linear_probe`` and
+  ``grouping`` when those evaluation tasks are registered;
+- ``boxes``: for methods that predict boxes, Hungarian-matched IoU and recall@0.5 against the
+  scenes' ground-truth object boxes.
+A task a method cannot do is "n/a" (its capability is checked before running).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from finegrain.eval.common import EvalContext, image_batches
+from finegrain.eval.config import EvalTaskConfig
+from finegrain.eval.datasets import load_task_data
+from finegrain.eval.segmentation import seg_metrics
+from finegrain.registry import EVAL_TASK_CONFIGS, EVAL_TASKS
+
+NA = "n/a"
+CORE_TASKS = ("zeroshot", "retrieval", "segmentation")  # errors there are bugs: raised
+
+
+@dataclass
+class TaskSpec:
+    key: str
+    task: str  # registered evaluation task
+    fields: dict[str, Any]
+    needs: str = ""  # "" | conditioned | dense | regions | boxes
+    headline: tuple[str, ...] = ("acc1",)
+
+
+@dataclass
+class TaskResult:
+    """One task of one method: metrics, per-image values for the bootstrap, or why n/a."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    per_image: dict[str, Any] = field(default_factory=dict)  # see ``per_image_values``
+    na: str = ""
+    seconds: float = 0.0
+
+
+def _registered(*names: str) -> str:
+    """The first of ``names`` registered as an evaluation task, else ''."""
+    return next((n for n in names if n in EVAL_TASKS), "")
+
+
+def task_specs() -> list[TaskSpec]:
+    """All benchmark tasks, in report order."""
+    specs = []
+    for variant in ("shape", "color_shape", "novel"):
+        for mode in ("names", "descriptions"):
+            desc = {"descriptions": "builtin"} if mode == "descriptions" else {}
+            specs.append(TaskSpec(f"{variant}/{mode}", "zeroshot", {"variant": variant, **desc}))
+    specs.append(TaskSpec("novel/descriptions+fusion", "zeroshot",
+                          {"variant": "novel", "descriptions": "builtin", "fusion_alpha": 0.5},
+                          needs="regions"))  # fmt: skip
+    r_head = ("image_retrieval_recall@1", "text_retrieval_recall@1")
+    for variant, key in (("retrieval", "caption"), ("sentences", "sentences"), ("long", "long")):
+        specs.append(TaskSpec(f"retrieval/{key}", "retrieval", {"variant": variant}, "", r_head))
+        specs.append(TaskSpec(f"retrieval/{key}+conditioned", "retrieval",
+                              {"variant": variant, "scoring": "conditioned"}, "conditioned", r_head))  # fmt: skip
+    specs.append(TaskSpec("segmentation/zeroshot", "segmentation", {}, "dense", ("miou",)))
+    probe = _registered("linear_probe", "linear_probe_segmentation", "segmentation_probe", "probe")
+    specs.append(TaskSpec("segmentation/linear_probe", probe or "linear_probe", {}, "", ("miou",)))
+    specs.append(TaskSpec("grouping", _registered("grouping") or "grouping", {}, "", ("jaccard",)))
+    specs.append(TaskSpec("boxes", "", {}, "boxes", ("matched_iou", "recall@0.5")))
+    return specs
+
+
+def capability(method: Any, needs: str) -> bool:
+    from finegrain.methods.base import Method
+
+    return {
+        "": True,
+        "conditioned": method.has_conditioned_score,
+        "dense": type(method).dense_features is not Method.dense_features,
+        "regions": method.has_regions,
+        "boxes": callable(getattr(method, "predict_boxes", None)),
+    }[needs]
+
+
+def _task_config(spec: TaskSpec, num: int) -> EvalTaskConfig:
+    return EvalTaskConfig(task=spec.task, dataset="synthetic", num_samples=num, batch_size=64,
+                          name=spec.key, num_examples=4, **spec.fields)  # fmt: skip
+
+
+def per_image_values(task: str, data: Any, art: dict, metrics: dict) -> dict[str, Any]:
+    """Per-image results of one task, for the bootstrap over evaluation images:
+    ``{metric: (values (M,), image index of each value (M,))}`` for means, and
+    ``{"confusions": (N, C, C)}`` for confusion-matrix metrics (mIoU). Tasks of other
+    modules provide ``art["per_image"] = {metric: (N,)}`` or ``art["per_item"] = {metric:
+    (values, image index of each)}`` (e.g. grouping's Jaccard per instance), or
+    ``art["confusions"]``; without them a claim on the task has no interval."""
+    if task == "zeroshot":
+        correct = (art["logits"].argmax(1) == art["labels"]).double()
+        return {"acc1": (correct, torch.arange(len(correct)))}
+    if task == "retrieval":
+        owner = torch.tensor(data.text_to_image)
+        t2i, i2t = art["t2i_ranks"], art["i2t_ranks"]
+        return {
+            "image_retrieval_recall@1": ((t2i == 1).double(), owner),
+            "text_retrieval_recall@1": ((i2t == 1).double(), torch.arange(len(i2t))),
+        }
+    out: dict[str, Any] = {}
+    if "confusions" in art:  # mIoU with or without background: whichever the task reported
+        conf = torch.as_tensor(art["confusions"])
+        out["confusions"] = conf
+        no_bg = seg_metrics(conf.sum(0), ignore_background=True)["miou"]
+        out["ignore_background"] = abs(no_bg - metrics.get("miou", no_bg)) < 1e-9
+    for k, v in art.get("per_image", {}).items():  # {metric: (N,) one value per image}
+        v = torch.as_tensor(v).double()
+        out[k] = (v, torch.arange(len(v)))
+    for k, (v, owner) in art.get("per_item", {}).items():  # {metric: (values, image of each)}
+        out[k] = (torch.as_tensor(v).double(), torch.as_tensor(owner).long())
+    return out
+
+
+def run_suite_task(ctx: EvalContext, spec: TaskSpec, num: int) -> tuple[TaskResult, Any, dict]:
+    """One registered evaluation task; returns the result, its data and its artefacts."""
+    if spec.task not in EVAL_TASKS or spec.task not in EVAL_TASK_CONFIGS:
+        return TaskResult(na=f"{NA} (task not available)"), None, {}
+    if not capability(ctx.method, spec.needs):
+        return TaskResult(na=NA), None, {}
+    t0 = time.perf_counter()
+    try:
+        cfg = _task_config(spec, num)
+        data = load_task_data(cfg, ctx.image_size)
+        with torch.no_grad():
+            metrics, art = EVAL_TASKS.get(spec.task)(ctx, cfg, data)
+    except (ValueError, NotImplementedError) as e:
+        if spec.task in CORE_TASKS:
+            raise
+        # a task added by another module that cannot run here: said in the report, not fatal
+        return TaskResult(na=f"{NA} (failed: {str(e).splitlines()[0][:80]})"), None, {}
+    res = TaskResult({k: float(v) for k, v in metrics.items()},
+                     per_image_values(spec.task, data, art, metrics), seconds=time.perf_counter() - t0)  # fmt: skip
+    return res, data, art
+
+
+# ---- box quality (methods with region heads that predict boxes) --------------------------------
+def box_split(num: int, image_size: int) -> dict[str, Any]:
+    """The segmentation split's scenes with their ground-truth object boxes (normalised xyxy)."""
+    from finegrain.data.synthetic_sets import eval_split
+
+    return eval_split("segmentation", num, image_size=image_size)
+
+
+def match_boxes(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """(R,) IoU of each ground-truth box with the prediction assigned to it by a one-to-one
+    Hungarian matching that maximises total IoU; pred (Q, 4), gt (R, 4) normalised xyxy.
+    Ground-truth boxes left without a prediction (R > Q) get IoU 0."""
+    from scipy.optimize import linear_sum_assignment
+
+    from finegrain.losses.matching import pairwise_iou
+
+    iou = pairwise_iou(pred.double(), gt.double())  # (Q, R)
+    rows, cols = linear_sum_assignment(-iou.numpy())
+    out = torch.zeros(gt.shape[0], dtype=torch.float64)
+    out[torch.as_tensor(cols)] = iou[torch.as_tensor(rows), torch.as_tensor(cols)]
+    return out
+
+
+@torch.no_grad()
+def run_boxes(ctx: EvalContext, num: int) -> tuple[TaskResult, dict]:
+    """Box quality of ``method.predict_boxes`` on the segmentation split's scenes."""
+    if not capability(ctx.method, "boxes"):
+        return TaskResult(na=NA), {}
+    t0 = time.perf_counter()
+    d = box_split(num, ctx.image_size)
+    preds = torch.cat([ctx.method.predict_boxes(b).float().cpu()
+                       for b in image_batches(ctx, d["images"], 64, "boxes", crop=False)])  # fmt: skip
+    ious, owner = [], []
+    for i, boxes in enumerate(d["boxes"]):
+        ious.append(match_boxes(preds[i], torch.tensor(boxes, dtype=torch.float64)))
+        owner.append(torch.full((len(boxes),), i))
+    iou, own = torch.cat(ious), torch.cat(owner)
+    hit = (iou >= 0.5).double()
+    metrics = {"matched_iou": iou.mean().item(), "recall@0.5": hit.mean().item()}
+    per = {"matched_iou": (iou, own), "recall@0.5": (hit, own)}
+    art = {
+        "images": d["images"][:4],
+        "pred": preds[:4],
+        "gt": [np.asarray(b) for b in d["boxes"][:4]],
+    }
+    return TaskResult(metrics, per, seconds=time.perf_counter() - t0), art
