@@ -76,6 +76,22 @@ def test_class_embeddings_match_naive_mean():
         assert torch.allclose(got[c], F.normalize(e.mean(0), dim=0), atol=1e-6)
 
 
+def test_class_embeddings_cached_per_context_prompts_and_length():
+    m = ToyMethod().eval()
+    seen: list[int] = []
+    encode = m.encode_text
+    m.encode_text = lambda ids, *a, **k: (seen.append(len(ids)), encode(ids, *a, **k))[1]
+    prompts = [["a red cup", "red"], ["blue sky", "blue"]]
+    ctx = EvalContext.create(m, progress=False)
+    first = class_embeddings(ctx, prompts, batch_size=8)
+    assert sum(seen) == 4  # every prompt once
+    assert torch.equal(class_embeddings(ctx, prompts, batch_size=8), first) and sum(seen) == 4
+    class_embeddings(ctx, [["a red cup", "red"], ["blue sky"]], batch_size=8)  # other prompts
+    assert sum(seen) == 7
+    class_embeddings(EvalContext.create(m, progress=False), prompts, batch_size=8)  # new run
+    assert sum(seen) == 11
+
+
 def test_classification_metrics_match_naive():
     g = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(40, 7, generator=g), torch.randint(0, 7, (40,), generator=g)

@@ -11,6 +11,12 @@ Tokens: the last feature map (after the 1x1 head conv + BN + ReLU6), (B, 1280, h
 The package's example preprocesses with the ImageNet mean/std (0.485, 0.456, 0.406) /
 (0.229, 0.224, 0.225); set ``data.mean``/``data.std`` to those for the best zero-shot
 features (CLIP's defaults are close and fine for fine-tuning).
+Speed: the tower runs the package's modules through ``conv_fused.extract_features_fast`` (same
+function, same state dict): eval-mode BatchNorm folded into the convs, 'SAME' padding as conv
+padding, channels-last activations; about 3x the package's own forward on a small CPU
+(``benchmarks/bench_efficientnet.py``). Under ``trainable_blocks`` the frozen blocks' BatchNorms
+follow the module mode: in ``train()`` they use batch statistics and update running statistics,
+exactly as the package (so they are not folded); call ``.eval()`` on them to freeze statistics.
 A convnet has no patch tokens to drop or mask and no CLS attention: ``keep=``, ``mask=`` and
 ``return_attention=`` raise a one-line ValueError, as do ``patch_dropout`` and ``mask_token``.
 """
@@ -23,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from finegrain.encoders.base import ImageTowerConfig, reject_token_options
+from finegrain.encoders.conv_fused import extract_features_fast
 from finegrain.encoders.vit import freeze_except_last
 from finegrain.outputs import VisionOutput
 from finegrain.registry import IMAGE_TOWERS
@@ -92,9 +99,9 @@ class EfficientNetLite0Tower(nn.Module):
         return_attention: bool | int = False,
     ) -> VisionOutput:
         reject_token_options("efficientnet_lite0", keep, mask, return_attention)
-        fmap = self.net.extract_features(images)  # (B, C, h, w)
+        fmap = extract_features_fast(self.net, images)  # (B, C, h, w), channels-last
         b, c, h, w = fmap.shape
-        tokens = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        tokens = fmap.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, h*w, C), a view
         return VisionOutput(pooled=tokens.mean(dim=1), tokens=tokens, grid_hw=(h, w))
 
 

@@ -56,12 +56,21 @@ def _owner(prompts: list[list[str]]) -> tuple[list[str], torch.Tensor]:
 def class_embeddings(
     ctx: EvalContext, prompts: list[list[str]], batch_size: int, context_length: int = 0
 ) -> torch.Tensor:
-    """(C, D) normalised mean of the normalised prompt embeddings of each class."""
+    """(C, D) normalised mean of the normalised prompt embeddings of each class.
+
+    Every prompt is encoded once; the result is cached on ``ctx`` (one ``run_tasks`` call, the
+    method in eval mode and unchanged) per (method, prompts, context length), so tasks sharing
+    classes and templates (e.g. the same dataset with two fusion settings) reuse it."""
+    cache = ctx.__dict__.setdefault("_class_embedding_cache", {})
+    key = (id(ctx.method), tuple(tuple(ps) for ps in prompts), context_length)
+    if key in cache:
+        return cache[key]
     flat, owner = _owner(prompts)
     emb = encode_texts(ctx, flat, ctx.method.encode_text, batch_size, context_length, "prompts")
     emb = F.normalize(emb.float(), dim=-1).cpu()  # (P, D)
     summed = torch.zeros(len(prompts), emb.shape[1]).index_add_(0, owner, emb)  # (C, D)
-    return F.normalize(summed, dim=-1)
+    cache[key] = F.normalize(summed, dim=-1)
+    return cache[key]
 
 
 def region_scores(region: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,110 @@
+"""Shared benchmark helpers: interleaved timing with warm-up, peak memory, machine info, JSON.
+
+Conventions for every ``benchmarks/bench_*.py`` (used by ``python -m benchmarks``):
+- ``main(argv) -> dict`` and ``if __name__ == "__main__"`` printing one JSON document last;
+- ``--quick``: a small preset that finishes in about a minute on 2 CPU cores (also the preset
+  the runner uses on CPU); ``--device`` defaults to CUDA when available;
+- result keys ending in ``_ratio`` are ours / reference (higher is better for speed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for queued device work (CUDA) so wall times cover it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    repeats: int = 3,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
+) -> dict[str, dict[str, float]]:
+    """Seconds per call of each function, measured round-robin (A, B, A, B, ...) after
+    ``warmup`` calls of each, so load changes on a shared machine hit every variant alike.
+    Returns {name: {"median_s", "min_s", "cpu_s"}} (cpu_s: process CPU seconds per call,
+    meaningful on a loaded machine where wall time is inflated by others)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            sync(device)
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    out = {}
+    for name in fns:
+        w = sorted(wall[name])
+        out[name] = {
+            "median_s": w[len(w) // 2],
+            "min_s": w[0],
+            "cpu_s": sorted(cpu[name])[len(w) // 2],
+        }
+    return out
+
+
+def vm_hwm_mb() -> float:
+    """This process's peak resident memory (VmHWM) in MB; 0.0 where /proc is unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
+def peak_memory_mb(device: torch.device | str) -> float:
+    """CUDA: ``max_memory_allocated`` in MB; CPU: the process peak RSS (VmHWM)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return vm_hwm_mb()
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """What a result needs next to it to be comparable: CPU, cores, load, versions, device."""
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+    }
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def print_json(result: dict[str, Any]) -> None:
+    """The one JSON document a benchmark prints (last on stdout, for ``python -m benchmarks``)."""
+    print(json.dumps(result, indent=2, sort_keys=False, default=str), flush=True)
