@@ -65,3 +65,22 @@ def test_linear_probe_errors_are_one_line(tmp_path):
         LinearProbeTaskConfig(dataset="ade")
     with pytest.raises(ValueError, match="has no dense_features.*linear_probe"):
         run_tasks(PlainToy(), [LinearProbeTaskConfig(num_train=2, num_samples=2)], progress=False)
+
+
+def test_linear_probe_color_variant_labels_objects_by_colour():
+    from finegrain.data.synthetic_sets import eval_split
+    from finegrain.eval.datasets import PROBE_TRAIN_SEED, load_probe_data
+
+    cfg = LinearProbeTaskConfig(variant="color", num_train=4, num_samples=4)
+    data = load_probe_data(cfg, image_size=32)
+    ref = eval_split("segmentation", 4, seed=PROBE_TRAIN_SEED, image_size=32)
+    assert data.train.classnames == list(ref["color_classnames"])
+    for got, want in zip(data.train.masks, ref["color_masks"]):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    shape = load_probe_data(LinearProbeTaskConfig(num_train=4, num_samples=4), image_size=32)
+    assert shape.train.classnames == list(ref["classnames"]) != data.train.classnames
+    cfg = LinearProbeTaskConfig(variant="color", num_train=16, num_samples=8, epochs=2,
+                                batch_size=8)  # fmt: skip
+    assert "linear_probe/synthetic/color/miou" in run_tasks(ToyMethod(), [cfg], progress=False)
+    with pytest.raises(ValueError, match="variant 'colour'.*valid choices: segmentation, color"):
+        load_probe_data(LinearProbeTaskConfig(variant="colour"))

@@ -165,12 +165,22 @@ class ProbeData:
 
 def load_probe_data(cfg: EvalTaskConfig, image_size: int = 64) -> ProbeData:
     """The two splits of a ``LinearProbeTaskConfig``: generated scenes (``num_train`` from
-    ``PROBE_TRAIN_SEED``, ``num_samples`` from the evaluation seeds) or a VOC-style folder's
-    ``train_split`` / ``split`` lists."""
+    ``PROBE_TRAIN_SEED``, ``num_samples`` from the evaluation seeds; ``variant="color"`` labels objects by
+    colour instead of shape) or a VOC-style folder's ``train_split`` / ``split`` lists."""
 
     def _seg(d: dict) -> SegmentationData:
-        return SegmentationData(list(d["images"]), list(d["masks"]), list(d["classnames"]))
+        pre = "color_" if kind == "color" else ""  # objects labelled by colour, else by shape
+        return SegmentationData(
+            list(d["images"]), list(d[f"{pre}masks"]), list(d[f"{pre}classnames"])
+        )
 
+    kinds = SYNTHETIC_KINDS["segmentation"]
+    kind = cfg.variant or kinds[0]
+    if cfg.dataset == "synthetic" and kind not in kinds:
+        raise ValueError(
+            f"synthetic linear_probe variant '{kind}'{suggest(kind, list(kinds))}; "
+            f"valid choices: {', '.join(kinds)}"
+        )
     if cfg.dataset == "synthetic":
         train = synthetic_split("segmentation", cfg.num_train, seed=PROBE_TRAIN_SEED,
                                 image_size=image_size)  # fmt: skip
