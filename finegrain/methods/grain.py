@@ -199,6 +199,8 @@ class GRAIN(Method):
     """Global + region-query contrastive pretraining with box supervision (see module doc)."""
 
     Config = GRAINConfig
+    # the released eval averages normalised prompt embeddings without renormalising the mean
+    zeroshot_class_vectors = "mean"
 
     def __init__(self, cfg: GRAINConfig) -> None:
         super().__init__(cfg)
