@@ -1,6 +1,7 @@
 """``finegrain data convert | inspect | synthesize`` (dispatched from ``finegrain/cli.py``).
 
     finegrain data convert --manifest captions.jsonl --images DIR --out shards/ [--shard-size N]
+    finegrain data convert --layout dreamlip --manifest cc3m_recap.csv --image-column image ...
     finegrain data inspect "shards/{00000..00009}.tar"
     finegrain data synthesize --out shards/ --num 10000 [--image-size 64 --seed 0]
 
@@ -27,6 +28,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder for NNNNN.tar shards")
     c.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     c.add_argument("--split", default="", help="keep only rows with this 'split' value")
+    c.add_argument(
+        "--layout",
+        default="plain",
+        choices=("plain", "dreamlip"),
+        help="dreamlip: DreamLIP caption CSV (raw_caption, short/long IB/SV/LLA captions)",
+    )
+    c.add_argument("--image-column", default="image", help="image path column (dreamlip)")
     i = sub.add_parser("inspect", help="counts, fields present and broken samples of shards")
     i.add_argument("shards", help="shard path or brace pattern, e.g. 'dir/{00000..00009}.tar'")
     s = sub.add_parser("synthesize", help="synthetic training scenes -> webdataset shards")
@@ -61,7 +69,13 @@ def main(argv: list[str]) -> int:
     try:
         if args.command == "convert":
             out = shards.convert_manifest(
-                args.manifest, args.images, args.out, args.shard_size, args.split
+                args.manifest,
+                args.images,
+                args.out,
+                args.shard_size,
+                args.split,
+                layout=args.layout,
+                image_column=args.image_column,
             )
             out["pattern"] = _pattern(out["shards"])
         elif args.command == "inspect":

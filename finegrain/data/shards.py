@@ -104,16 +104,30 @@ def _manifest_samples(rows: list[Any], root: Path, report: Counter) -> Iterator[
 
 
 def convert_manifest(
-    manifest: str, images: str, out: str, shard_size: int = 1000, split: str = ""
+    manifest: str,
+    images: str,
+    out: str,
+    shard_size: int = 1000,
+    split: str = "",
+    layout: str = "plain",
+    image_column: str = "image",
 ) -> dict[str, Any]:
-    """JSONL/CSV manifest + image folder -> shards. Returns counts and the shard paths."""
+    """JSONL/CSV manifest + image folder -> shards. Returns counts and the shard paths.
+    ``layout="dreamlip"``: a DreamLIP caption CSV (``finegrain.data.dreamlip``)."""
+    if layout not in ("plain", "dreamlip"):
+        raise ValueError(f"unknown layout '{layout}'; valid choices: plain, dreamlip")
     p = Path(manifest).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"manifest not found: {p}")
     root = Path(images).expanduser() if images else p.parent
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    rows = _read_rows(p)
+    if layout == "dreamlip":
+        from finegrain.data.dreamlip import read_dreamlip_csv
+
+        rows: list[Any] = list(read_dreamlip_csv(p, image_column))
+    else:
+        rows = _read_rows(p)
     if split:
         rows = [r for r in rows if not isinstance(r, dict) or r.get("split") == split]
     report: Counter = Counter()
