@@ -10,8 +10,9 @@ produced it:
 Multi-positive sigmoid loss L^mps: global image embedding vs all B x K global sub-caption
 embeddings, K positives per image (``finegrain.losses.contrastive.multi_positive_sigmoid_loss``).
 
-Which caption of image j is the negative for image i is a deterministic hash of the two
-samples' seeds (``pair_offsets``), so that the loss is a pure function of the features: exact
+Which caption of image j is the negative for image i is a deterministic non-linear hash of the
+two samples' seeds (``pair_offsets``: 32-bit splitmix-style mixing on int64 tensors, so the
+choices of different pairs behave as independent uniform draws), so that the loss is a pure function of the features: exact
 under feature-caching gradient accumulation and identical on 1 process and on N ranks.
 (The released code draws it with ``torch.randint`` inside the loss.)
 
