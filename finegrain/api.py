@@ -114,7 +114,7 @@ class FinegrainModel:
     ) -> torch.Tensor:
         """(B, C) class probabilities: softmax over classes of ``t * s_c`` with the model's
         logit scale ``t``; ``s_c`` the cosine with the class embedding (mean of normalised prompt
-        embeddings; prompts ``template(c)``, with descriptions ``"... which has {d}"``, GRAIN
+        embeddings; prompts ``template(c)``, with descriptions ``"template(c) which is/has {d}"``, GRAIN
         Sec. 3.4) or, for text-conditioned methods, the mean conditioned score of the prompts."""
         temps = load_templates(templates) if isinstance(templates, str) else list(templates)
         prompts = class_prompts(list(class_names), temps, descriptions)

@@ -18,7 +18,9 @@ from finegrain.eval.templates import (
     class_prompts,
     classname_sets,
     cupl_prompts,
+    descriptor_sentence,
     imagenet_descriptions,
+    load_descriptions,
     load_templates,
     template_sets,
 )
@@ -41,19 +43,57 @@ def test_packaged_templates_classnames_and_descriptions():
         load_templates("cifar1O")
 
 
-def test_grain_description_prompts():
-    prompts = class_prompts(
-        ["cat", "dog"],
-        ["a photo of a {c}.", "{c}"],
-        {"cat": ["whiskers", "a tail."], "dog": ["floppy ears"]},
-    )
-    assert prompts[0] == [
+def test_descriptor_sentence_rules_as_menon_vondrick():
+    # the released test is startswith("a"): any word starting with "a" takes "which is"
+    assert descriptor_sentence("a long tail") == "which is a long tail"
+    assert descriptor_sentence("angular wings") == "which is angular wings"
+    assert descriptor_sentence("has four legs") == "which has four legs"
+    assert descriptor_sentence("often found in water") == "which often found in water"
+    for w in ("typically", "may", "can"):
+        assert descriptor_sentence(f"{w} fly") == f"which {w} fly"
+    assert descriptor_sentence("used for cutting") == "which is used for cutting"
+    assert descriptor_sentence("black feathers") == "which has black feathers"
+
+
+def test_grain_description_prompts_per_style():
+    temps = ["a photo of a {c}.", "{c}"]
+    desc = {"cat": ["whiskers", "a tail"], "dog": ["has floppy ears"]}
+    released = class_prompts(["cat", "dog"], temps, desc)  # descriptor outer, template inner
+    assert released[0] == [
+        "a photo of a cat. which has whiskers",
+        "cat which has whiskers",
+        "a photo of a cat. which is a tail",
+        "cat which is a tail",
+    ]
+    assert released[1] == ["a photo of a dog. which has floppy ears", "dog which has floppy ears"]
+    mv = class_prompts(["cat", "dog"], temps, desc, "menon_vondrick")
+    assert mv == [
+        ["cat, which has whiskers", "cat, which is a tail"],
+        ["dog, which has floppy ears"],
+    ]
+    old = class_prompts(["cat"], temps, {"cat": ["whiskers", "a tail."]}, "which_has")
+    assert old[0] == [
         "a photo of a cat which has whiskers",
         "a photo of a cat which has a tail",
         "cat which has whiskers",
         "cat which has a tail",
     ]
-    assert prompts[1] == ["a photo of a dog which has floppy ears", "dog which has floppy ears"]
+    with pytest.raises(ValueError, match="valid choices: released, menon_vondrick, which_has"):
+        class_prompts(["cat"], temps, {"cat": ["x"]}, "paper")
+
+
+def test_menon_vondrick_descriptor_file(tmp_path):
+    path = tmp_path / "descriptors_toy.json"
+    path.write_text(json.dumps({"red_car": ["four wheels"], "blue": ["sky colour"]}))
+    got = load_descriptions(str(path), classnames=["red car", "blue"])
+    assert got == {"red car": ["four wheels"], "blue": ["sky colour"]}
+    with pytest.raises(ValueError, match=r"descriptors_toy.json: unknown class 'blue'"):
+        load_descriptions(str(path), classnames=["red car", "green"])
+    with pytest.raises(ValueError, match=r"descriptors_toy.json: no descriptors for class 'cat'"):
+        load_descriptions(str(path), classnames=["red car", "blue", "cat"])
+    path.write_text(json.dumps({"blue": "sky"}))
+    with pytest.raises(ValueError, match=r"descriptors_toy.json: class 'blue' must map to a list"):
+        load_descriptions(str(path), classnames=["blue"])
 
 
 def test_description_and_class_errors_name_the_classes():
@@ -70,10 +110,13 @@ def test_description_and_class_errors_name_the_classes():
 def test_class_embeddings_match_naive_mean():
     m = ToyMethod().eval()
     prompts = [["a red cup", "red"], ["blue sky", "a blue car", "blue"]]
-    got = class_embeddings(EvalContext.create(m, progress=False), prompts, batch_size=2)
+    ctx = EvalContext.create(m, progress=False)
+    got = class_embeddings(ctx, prompts, batch_size=2)
+    plain = class_embeddings(ctx, prompts, batch_size=2, renormalize=False)
     for c, ps in enumerate(prompts):
         e = torch.stack([F.normalize(m.encode_text(m.tokenize([p]))[0], dim=0) for p in ps])
         assert torch.allclose(got[c], F.normalize(e.mean(0), dim=0), atol=1e-6)
+        assert torch.allclose(plain[c], e.mean(0), atol=1e-6)
 
 
 def test_class_embeddings_cached_per_context_prompts_and_length():
@@ -116,21 +159,70 @@ def _data(n: int = 2) -> ClassificationData:
 
 
 @torch.no_grad()
-def test_region_fusion_matches_equation():
+def test_region_fusion_matches_released_loop(tmp_path):
     m, data = ToyMethod().eval(), _data()
     ctx = EvalContext.create(m, progress=False)
-    cfg = EvalTaskConfig(task="zeroshot", templates="plain", fusion_alpha=0.3, batch_size=4)
+    templates = ["a photo of a {c}.", "{c} paint"]
+    desc = {c: [f"{c} colour", "a square", "has corners"][: 1 + k] for k, c in enumerate(COLORS)}
+    path = tmp_path / "descriptors_toy.json"
+    path.write_text(json.dumps(desc))
+    tfile = tmp_path / "templates.json"
+    tfile.write_text(json.dumps(templates))
+    cfg = EvalTaskConfig(
+        task="zeroshot", templates=str(tfile), descriptions=str(path), fusion_alpha=0.3,
+        batch_size=4,
+    )  # fmt: skip
+    from finegrain.eval.common import image_batches
+    from finegrain.eval.zeroshot import evaluate_zeroshot
+
+    _, out = evaluate_zeroshot(ctx, cfg, data)
+    got = out["logits"]
+    x = torch.cat(list(image_batches(ctx, data.images, 4, "x")))
+    glob = F.normalize(m.encode_image(x).double(), dim=-1)
+    reg = F.normalize(m.region_embeddings(x).double(), dim=-1)  # (N, Q, D)
+
+    def enc(t: str) -> torch.Tensor:
+        return F.normalize(m.encode_text(m.tokenize([t]))[0].double(), dim=0)
+
+    def sentence(d: str) -> str:  # Menon & Vondrick's make_descriptor_sentence, as released
+        if d.startswith("a") or d.startswith("an"):
+            return " which is " + d
+        if any(d.startswith(w) for w in ("has", "often", "typically", "may", "can")):
+            return " which " + d
+        return " which is " + d if d.startswith("used") else " which has " + d
+
+    for c, name in enumerate(data.classnames):
+        texts = [t.replace("{c}", "{}").format(name) for t in templates]
+        prompts = [t + sentence(d) for d in desc[name] for t in texts]
+        w = torch.stack([enc(p) for p in prompts]).mean(0)  # no renormalisation
+        raw = torch.stack([enc(d) for d in desc[name]])  # (nd, D)
+        for i in range(len(data.images)):
+            region = sum(max(float(reg[i, q] @ e) for e in raw) for q in range(reg.shape[1]))
+            region /= reg.shape[1]
+            ref = 0.3 * float(glob[i] @ w) + 0.7 * region
+            assert got[i, c].item() == pytest.approx(ref, abs=1e-5)
+
+
+@torch.no_grad()
+def test_region_fusion_max_query_option():
+    m, data = ToyMethod().eval(), _data()
+    ctx = EvalContext.create(m, progress=False)
+    cfg = EvalTaskConfig(
+        task="zeroshot", templates="plain", fusion_alpha=0.3, batch_size=4,
+        region_score="max_query", class_vectors="renormalized",
+    )  # fmt: skip
     prompts = [[c] for c in data.classnames]
     got = zeroshot_logits(ctx, cfg, data, prompts)
-    classes = class_embeddings(ctx, prompts, 4)
     from finegrain.eval.common import image_batches
 
     x = torch.cat(list(image_batches(ctx, data.images, 4, "x")))
-    glob, reg = F.normalize(m.encode_image(x), dim=-1), m.region_embeddings(x)
-    for i in range(len(data.images)):
-        for c in range(len(prompts)):
-            region = max(float(reg[i, q] @ classes[c]) for q in range(reg.shape[1]))
-            ref = 0.3 * float(glob[i] @ classes[c]) + 0.7 * region
+    glob = F.normalize(m.encode_image(x).double(), dim=-1)
+    reg = F.normalize(m.region_embeddings(x).double(), dim=-1)
+    for c, name in enumerate(data.classnames):
+        w = F.normalize(m.encode_text(m.tokenize([name]))[0].double(), dim=0)
+        for i in range(len(data.images)):
+            region = max(float(reg[i, q] @ w) for q in range(reg.shape[1]))
+            ref = 0.3 * float(glob[i] @ w) + 0.7 * region
             assert got[i, c].item() == pytest.approx(ref, abs=1e-5)
 
 
@@ -166,7 +258,7 @@ def test_zeroshot_errors(tmp_path):
     bad = tmp_path / "desc.json"
     bad.write_text(json.dumps({"red": ["x"]}))
     cfg = dict(task="zeroshot", dataset="imagefolder", path=root, templates="plain")
-    with pytest.raises(ValueError, match=r"no descriptions for \['blue', 'green'"):
+    with pytest.raises(ValueError, match=r"desc.json: no descriptors for class 'blue'"):
         run_tasks(ToyMethod(), [EvalTaskConfig(**cfg, descriptions=str(bad))], progress=False)
     with pytest.raises(ValueError, match=r"method 'toy' \(PlainToy\) has no region_embeddings"):
         run_tasks(PlainToy(), [EvalTaskConfig(**cfg, fusion_alpha=0.5)], progress=False)

@@ -121,6 +121,58 @@ def test_pair_offsets_deterministic_and_spread() -> None:
     torch.testing.assert_close(off[3:5, 10:20], pair_offsets(seeds[3:5], seeds[10:20], 8))
 
 
+def _lowbias32(x: int) -> int:
+    """Wellons' lowbias32 in plain Python integers (the reference for the tensor version)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def _pair_offset_ref(a: int, b: int, k: int) -> int:
+    def seed32(s: int) -> int:
+        u = s & 0xFFFFFFFFFFFFFFFF  # two's complement view of an int64
+        return _lowbias32((u & 0xFFFFFFFF) ^ _lowbias32((u >> 32) ^ 0x9E3779B9))
+
+    return _lowbias32((_lowbias32(seed32(a) ^ 0x85EBCA6B) + seed32(b)) & 0xFFFFFFFF) % k
+
+
+def _additive_fraction(off: torch.Tensor, k: int, n: int = 20000) -> float:
+    """Fraction of random 2x2 blocks (i1, i2) x (j1, j2) with
+    off[i1,j1] - off[i1,j2] == off[i2,j1] - off[i2,j2] (mod k); 1/k for independent draws."""
+    g = torch.Generator().manual_seed(0)
+    i = torch.randint(off.shape[0], (n, 2), generator=g)
+    j = torch.randint(off.shape[1], (n, 2), generator=g)
+    ok = (i[:, 0] != i[:, 1]) & (j[:, 0] != j[:, 1])
+    d = (
+        off[i[:, 0], j[:, 0]]
+        - off[i[:, 0], j[:, 1]]
+        - off[i[:, 1], j[:, 0]]
+        + off[i[:, 1], j[:, 1]]
+    )
+    return float((d.remainder(k)[ok] == 0).float().mean())
+
+
+@pytest.mark.parametrize("kind", ["consecutive", "strided", "random31", "random63"])
+def test_pair_offsets_independent_uniform_and_exact(kind: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    seeds = {
+        "consecutive": torch.arange(120),
+        "strided": torch.arange(120) * 7919 + 3,
+        "random31": torch.randint(0, 2**31 - 1, (120,), generator=g),
+        "random63": torch.randint(-(2**62), 2**62, (120,), generator=g),
+    }[kind]
+    k = 8
+    off = pair_offsets(seeds, seeds, k)  # (120, 120)
+    # the old affine hash gave ~0.67 here; independent draws give 1/k = 0.125
+    assert _additive_fraction(off, k) < 0.2
+    counts = torch.bincount(off.flatten(), minlength=k).float()
+    assert (counts / counts.mean() - 1).abs().max() < 0.1  # ~uniform over the K captions
+    for r, c in [(0, 1), (5, 77), (119, 3), (42, 42)]:  # bit-exact vs a plain-integer hash
+        assert int(off[r, c]) == _pair_offset_ref(int(seeds[r]), int(seeds[c]), k)
+
+
 def naive_tcs(pool, tokens, texts, scale, bias, seeds, normalization="released") -> torch.Tensor:
     """L^tcs as loops: image i vs its K captions (+1) and caption c_ij of each j != i (-1)."""
     b, k, _ = texts.shape

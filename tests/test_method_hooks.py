@@ -69,7 +69,7 @@ def test_teacher_is_frozen_out_of_the_optimizer_and_in_eval_mode(tmp_path):
     # even a param_groups that lists the teacher cannot put it in the optimizer
     for p in m.teacher.parameters():
         p.requires_grad_(True)
-    m.param_groups = lambda wd: [{"params": list(m.parameters()), "weight_decay": wd}]
+    m.param_groups = lambda wd, **kw: [{"params": list(m.parameters()), "weight_decay": wd}]
     opt = build_optimizer(m, tr.t)
     assert not teacher_ids & {id(p) for g in opt.param_groups for p in g["params"]}
     assert not any(p.requires_grad for p in m.teacher.parameters())

@@ -1,6 +1,7 @@
 """``finegrain data convert | inspect | synthesize`` (dispatched from ``finegrain/cli.py``).
 
     finegrain data convert --manifest captions.jsonl --images DIR --out shards/ [--shard-size N]
+    finegrain data convert --layout dreamlip --manifest cc3m_recap.csv --image-column image ...
     finegrain data inspect "shards/{00000..00009}.tar"    # or "shards/*.tar"
     finegrain data synthesize --out shards/ --num 10000 [--image-size 64 --seed 0]
 
@@ -32,6 +33,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--split", default="", help="keep only rows with this 'split' value")
     c.add_argument("--overwrite", action="store_true",
                    help="allow a non-empty --out: its old *.tar shards are deleted first")  # fmt: skip
+    c.add_argument(
+        "--layout",
+        default="plain",
+        choices=("plain", "dreamlip"),
+        help="dreamlip: DreamLIP caption CSV (raw_caption, short/long IB/SV/LLA captions)",
+    )
+    c.add_argument("--image-column", default="image", help="image path column (dreamlip)")
     i = sub.add_parser("inspect", help="counts, fields present and broken samples of shards")
     i.add_argument("shards", help="shard path, brace pattern or glob: 'dir/{00000..00009}.tar', "
                    "'dir/*.tar'")  # fmt: skip
@@ -73,6 +81,8 @@ def main(argv: list[str]) -> int:
                 args.shard_size,
                 args.split,
                 overwrite=args.overwrite,
+                layout=args.layout,
+                image_column=args.image_column,
             )
             out["pattern"] = _pattern(out["shards"])
             for s in out["skipped"][:20]:  # the JSON on stdout lists them all (up to 200)

@@ -163,17 +163,28 @@ def convert_manifest(
     shard_size: int = 1000,
     split: str = "",
     overwrite: bool = False,
+    layout: str = "plain",
+    image_column: str = "image",
 ) -> dict[str, Any]:
     """JSONL/CSV manifest + image folder -> shards, every row validated and every image decoded
     first. Returns the shard paths, counts by skip reason and the skipped rows (source line,
-    image, reason). With ``images`` given, image paths may not escape that folder."""
+    image, reason). With ``images`` given, image paths may not escape that folder.
+    ``layout="dreamlip"``: a DreamLIP caption CSV (``finegrain.data.dreamlip``)."""
+    if layout not in ("plain", "dreamlip"):
+        raise ValueError(f"unknown layout '{layout}'; valid choices: plain, dreamlip")
     p = Path(manifest).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"manifest not found: {p}")
     root = Path(images).expanduser() if images else p.parent
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    rows = _numbered_rows(p)
+    if layout == "dreamlip":
+        from finegrain.data.dreamlip import read_dreamlip_csv
+
+        # line numbers of a CSV: the header is line 1
+        rows = list(enumerate(read_dreamlip_csv(p, image_column), start=2))
+    else:
+        rows = _numbered_rows(p)
     if split:
         rows = [(n, r) for n, r in rows if not isinstance(r, dict) or r.get("split") == split]
     removed = prepare_output(out, overwrite)

@@ -76,7 +76,16 @@ class ZeroShotTaskConfig(EvalTaskConfig):
     descriptions: str = ""  # '' | 'builtin' | path to {class: [descriptor, ...]} JSON
     classnames: str = ""  # '' = the dataset's own | clip_benchmark dataset name | path (.txt/.json)
     scoring: Literal["global", "conditioned"] = "global"
+    # descriptor prompts (finegrain.eval.templates): GRAIN's released code | Menon & Vondrick's
+    # "{class}, which ..." | finegrain's earlier "{template} which has {d}"
+    descriptor_prompts: Literal["released", "menon_vondrick", "which_has"] = "released"
+    # class vector: "auto" = the plain mean of normalised prompt embeddings with descriptions or
+    # for methods whose released eval does not renormalise (GRAIN), else renormalised (CLIP)
+    class_vectors: Literal["auto", "mean", "renormalized"] = "auto"
     fusion_alpha: float = 1.0  # GRAIN: alpha * global + (1 - alpha) * region
+    # region score of a class: "released" = mean over region queries of the max over the
+    # class's raw descriptors; "max_query" = max over region queries of <r_q, class vector>
+    region_score: Literal["released", "max_query"] = "released"
     memory_budget_mb: int = 1024  # text-conditioned scoring: max memory of one chunk
 
 

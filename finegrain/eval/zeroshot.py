@@ -2,14 +2,20 @@
 mean per-class recall (CLIP_benchmark keys ``acc1``, ``acc5``, ``mean_per_class_recall``).
 
 Class embedding (Radford et al. 2021, Sec. 3.1.4 prompt ensembling):
-    w_c = normalize( mean_p normalize(f_text(prompt_{c,p})) ),   logits = f_img(x) . w_c
+    w_c = normalize( mean_p normalize(f_text(prompt_{c,p})) ),   logits = normalize(f_img(x)) . w_c
+(``class_vectors="renormalized"``, OpenCLIP). ``"mean"`` drops the outer normalize: GRAIN's
+released eval (shaunak27/grain-clip ``our_eval.py``) and Menon & Vondrick's score averaging
+(mean over descriptors of the cosine) both amount to it; ``"auto"`` (default) uses it with
+descriptions or when the method sets ``zeroshot_class_vectors = "mean"`` (GRAIN).
 With descriptions (GRAIN, Halbe et al. arXiv 2412.04429, Sec. 3.4; after Menon & Vondrick
-2023) the prompts are "{template(c)} which has {descriptor}" for every template x descriptor.
+2023) the prompts follow ``descriptor_prompts`` (``finegrain.eval.templates``).
 
-Region-aware fusion (GRAIN Sec. 3.4): for methods with region queries,
-    s_c = alpha * <g, w_c> + (1 - alpha) * max_q <r_q, w_c>
-where g is the global image embedding and r_q (q = 1..Q) the region-query embeddings: the
-region score of a class is that of its best-matching region query.
+Region-aware fusion (GRAIN Sec. 3.4), for methods with region queries r_q (q = 1..Q, normalised):
+    s_c = alpha * <g, w_c> + (1 - alpha) * region_c
+- ``region_score="released"`` (the released eval): region_c = mean_q max_d <r_q, e_d>, e_d the
+  normalised embeddings of the class's raw descriptors (no template; without descriptions the
+  class name is the only descriptor);
+- ``"max_query"`` (finegrain's earlier formula): region_c = max_q <r_q, w_c>.
 
 With ``scoring=conditioned`` (text-conditioned methods such as FLAIR) the image is scored
 against every prompt with ``score_features`` and the class score is the mean over its prompts
@@ -33,18 +39,28 @@ from finegrain.eval.containers import ClassificationData
 from finegrain.eval.templates import class_prompts, load_descriptions, load_templates
 
 
+def task_descriptions(
+    cfg: ZeroShotTaskConfig, classnames: list[str], builtin: dict[str, list[str]] | None = None
+) -> dict[str, list[str]] | None:
+    """The task's class descriptions (None without ``descriptions``)."""
+    if not cfg.descriptions:
+        return None
+    return load_descriptions(cfg.descriptions, builtin, classnames)
+
+
 def prompts_for(
     cfg: ZeroShotTaskConfig, classnames: list[str], builtin: dict[str, list[str]] | None = None
 ) -> list[list[str]]:
     """Prompts per class from the task's template set and (optional) descriptions."""
-    descriptions = load_descriptions(cfg.descriptions, builtin) if cfg.descriptions else None
+    descriptions = task_descriptions(cfg, classnames, builtin)
     if cfg.templates == "cupl":  # CuPL sentences are complete prompts: no template around them
         from finegrain.eval.templates import check_descriptions, cupl_prompts
 
         cupl = cupl_prompts()
         check_descriptions(classnames, {c: cupl.get(c, []) for c in classnames})
         return [cupl[c] for c in classnames]
-    return class_prompts(classnames, load_templates(cfg.templates, cfg.dataset), descriptions)
+    templates = load_templates(cfg.templates, cfg.dataset)
+    return class_prompts(classnames, templates, descriptions, cfg.descriptor_prompts)
 
 
 def _owner(prompts: list[list[str]]) -> tuple[list[str], torch.Tensor]:
@@ -53,10 +69,10 @@ def _owner(prompts: list[list[str]]) -> tuple[list[str], torch.Tensor]:
     return flat, owner
 
 
-def class_embeddings(
-    ctx: EvalContext, prompts: list[list[str]], batch_size: int, context_length: int = 0
-) -> torch.Tensor:
-    """(C, D) normalised mean of the normalised prompt embeddings of each class.
+def _prompt_embeddings(
+    ctx: EvalContext, prompts: list[list[str]], batch_size: int, context_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, D) normalised embeddings of all prompts and (P,) their class index.
 
     Every prompt is encoded once; the result is cached on ``ctx`` (one ``run_tasks`` call, the
     method in eval mode and unchanged) per (method, prompts, context length), so tasks sharing
@@ -67,22 +83,59 @@ def class_embeddings(
         return cache[key]
     flat, owner = _owner(prompts)
     emb = encode_texts(ctx, flat, ctx.method.encode_text, batch_size, context_length, "prompts")
-    emb = F.normalize(emb.float(), dim=-1).cpu()  # (P, D)
-    summed = torch.zeros(len(prompts), emb.shape[1]).index_add_(0, owner, emb)  # (C, D)
-    cache[key] = F.normalize(summed, dim=-1)
+    cache[key] = (F.normalize(emb.float(), dim=-1).cpu(), owner)
     return cache[key]
 
 
+def class_embeddings(
+    ctx: EvalContext,
+    prompts: list[list[str]],
+    batch_size: int,
+    context_length: int = 0,
+    renormalize: bool = True,
+) -> torch.Tensor:
+    """(C, D) mean of the normalised prompt embeddings of each class, renormalised or not."""
+    emb, owner = _prompt_embeddings(ctx, prompts, batch_size, context_length)  # (P, D)
+    summed = torch.zeros(len(prompts), emb.shape[1]).index_add_(0, owner, emb)  # (C, D)
+    if renormalize:
+        return F.normalize(summed, dim=-1)
+    return summed / torch.bincount(owner, minlength=len(prompts)).float()[:, None]
+
+
 def region_scores(region: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """(N, C) = max over region queries q of <r_q, w_c>; region (N, Q, D), classes (C, D)."""
+    """ "max_query": (N, C) = max over region queries q of <r_q, w_c>; region (N, Q, D)."""
     return torch.einsum("nqd,cd->nqc", region, classes).amax(1)
+
+
+def released_region_scores(
+    region: torch.Tensor, descriptors: torch.Tensor, owner: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """ "released": (N, C) = mean over queries q of max over the class's descriptors d of
+    <r_q, e_d>; region (N, Q, D) normalised, descriptors (P, D) normalised, owner (P,)."""
+    sim = torch.einsum("nqd,pd->nqp", region, descriptors)  # (N, Q, P)
+    out = torch.full((*sim.shape[:2], num_classes), float("-inf"))  # (N, Q, C)
+    out = out.scatter_reduce(2, owner.expand_as(sim), sim, reduce="amax")
+    return out.mean(1)
+
+
+def renormalize_classes(cfg: ZeroShotTaskConfig, method: object) -> bool:
+    """Whether the class vector is renormalised (``class_vectors``, module docstring)."""
+    if cfg.class_vectors != "auto":
+        return cfg.class_vectors == "renormalized"
+    mean = bool(cfg.descriptions) or getattr(method, "zeroshot_class_vectors", "") == "mean"
+    return not mean
 
 
 @torch.no_grad()
 def zeroshot_logits(
-    ctx: EvalContext, cfg: ZeroShotTaskConfig, data: ClassificationData, prompts: list[list[str]]
+    ctx: EvalContext,
+    cfg: ZeroShotTaskConfig,
+    data: ClassificationData,
+    prompts: list[list[str]],
+    descriptors: list[list[str]] | None = None,
 ) -> torch.Tensor:
-    """(N, C) class scores for every image."""
+    """(N, C) class scores for every image; ``descriptors`` (raw, per class) feed the released
+    region score (default: each class's name)."""
     m, bs, task = ctx.method, cfg.batch_size, f"zeroshot/{cfg.dataset}"
     if not 0.0 <= cfg.fusion_alpha <= 1.0:
         raise ValueError(f"fusion_alpha must lie in [0, 1], got {cfg.fusion_alpha}")
@@ -98,14 +151,21 @@ def zeroshot_logits(
         s = chunked_scores(ctx, img_f, txt_f, cfg.memory_budget_mb)  # (N, P)
         summed = torch.zeros(s.shape[0], len(prompts)).index_add_(1, owner, s)
         return summed / torch.bincount(owner, minlength=len(prompts)).float()
-    classes = class_embeddings(ctx, prompts, bs, cfg.context_length)  # (C, D)
+    renorm = renormalize_classes(cfg, m)
+    classes = class_embeddings(ctx, prompts, bs, cfg.context_length, renorm)  # (C, D)
     img = F.normalize(encode_images(ctx, data.images, m.encode_image, bs).float().cpu(), dim=-1)
     logits = img @ classes.t()  # (N, C)
     if cfg.fusion_alpha < 1.0:
         region = encode_images(ctx, data.images, m.region_embeddings, bs, "regions")
         region = F.normalize(region.float().cpu(), dim=-1)  # (N, Q, D)
+        if cfg.region_score == "released":
+            raw = descriptors or [[c] for c in data.classnames]
+            emb, owner = _prompt_embeddings(ctx, raw, bs, cfg.context_length)  # (P, D)
+            reg = released_region_scores(region, emb, owner, len(raw))
+        else:
+            reg = region_scores(region, classes)
         a = cfg.fusion_alpha
-        logits = a * logits + (1 - a) * region_scores(region, classes)
+        logits = a * logits + (1 - a) * reg
     return logits
 
 
@@ -127,6 +187,8 @@ def evaluate_zeroshot(
     ctx: EvalContext, cfg: ZeroShotTaskConfig, data: ClassificationData
 ) -> tuple[dict[str, float], dict]:
     prompts = prompts_for(cfg, data.classnames, data.descriptions)
-    logits = zeroshot_logits(ctx, cfg, data, prompts)
+    desc = task_descriptions(cfg, data.classnames, data.descriptions)
+    raw = [[d for d in desc[c] if d.strip()] for c in data.classnames] if desc else None
+    logits = zeroshot_logits(ctx, cfg, data, prompts, raw)
     labels = torch.tensor(data.labels)
     return classification_metrics(logits, labels), {"logits": logits, "labels": labels}

@@ -10,8 +10,9 @@ produced it:
 Multi-positive sigmoid loss L^mps: global image embedding vs all B x K global sub-caption
 embeddings, K positives per image (``finegrain.losses.contrastive.multi_positive_sigmoid_loss``).
 
-Which caption of image j is the negative for image i is a deterministic hash of the two
-samples' seeds (``pair_offsets``), so that the loss is a pure function of the features: exact
+Which caption of image j is the negative for image i is a deterministic non-linear hash of the
+two samples' seeds (``pair_offsets``: 32-bit splitmix-style mixing on int64 tensors, so the
+choices of different pairs behave as independent uniform draws), so that the loss is a pure function of the features: exact
 under feature-caching gradient accumulation and identical on 1 process and on N ranks.
 (The released code draws it with ``torch.randint`` inside the loss.)
 
@@ -51,19 +52,45 @@ __all__ = [
 
 NORMALIZATIONS = ("released", "per_image")
 EXCHANGES = ("gather", "ring")
-_P = 2147483647  # 2^31 - 1
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32): the constant is split into 16-bit halves so
+    no product exceeds 2^48 (exact on every device, no reliance on signed overflow)."""
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """Finaliser of a 32-bit splitmix-style hash (Wellons' "lowbias32": xor-shift, multiply,
+    xor-shift, multiply, xor-shift): every input bit flips every output bit with p ~ 1/2."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _seed32(seed: torch.Tensor) -> torch.Tensor:
+    """int64 seeds (any sign, any size) -> hashed 32-bit values in [0, 2^32) as int64."""
+    s = seed.long()
+    hi = (s >> 32) & _M32  # arithmetic shift; masked, so the sign bits fold in too
+    return _mix32((s & _M32) ^ _mix32(hi ^ 0x9E3779B9))
 
 
 def pair_offsets(seed_rows: torch.Tensor, seed_cols: torch.Tensor, k: int) -> torch.Tensor:
     """(R,), (C,) int sample seeds -> (R, C) caption index in [0, k) of column sample j used as
-    the negative for row sample i: a fixed pseudo-random hash (Park-Miller rounds)."""
-    a = seed_rows.long().remainder(_P)[:, None]  # (R, 1)
-    b = seed_cols.long().remainder(_P)[None, :]  # (1, C)
-    x = (a * 48271 + 11).remainder(_P)
-    x = (x * 16807 + b).remainder(_P)
-    x = (x * 48271).remainder(_P)
-    x = (x * 16807).remainder(_P)
-    return x.remainder(k)
+    the negative for row sample i. A non-linear hash of the (row, column) seed pair, computed
+    with int64 tensor ops on the seeds' device: choices for different pairs behave as
+    independent uniform draws (no additive structure across a 2x2 block of pairs), and a pair's
+    choice depends only on the two seeds, so it is the same under accumulation and on any rank.
+    """
+    a = _seed32(seed_rows)[:, None]  # (R, 1)
+    b = _seed32(seed_cols)[None, :]  # (1, C)
+    h = _mix32((_mix32(a ^ 0x85EBCA6B) + b) & _M32)  # (R, C)
+    return h.remainder(k)
 
 
 def _check_inputs(

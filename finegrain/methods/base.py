@@ -10,7 +10,8 @@ The trainer only ever calls:
   features can be concatenated along dim 0. Under accumulation ``features`` runs twice per
   micro-batch (cache, then recompute) and ``loss_from_features`` once per step, also on a step
   that is then skipped for a non-finite loss: state updates belong in ``after_optimizer_step``;
-- ``param_groups(weight_decay)`` (trainable parameters only; ``frozen_modules`` never appear);
+- ``param_groups(weight_decay, no_decay)`` (trainable parameters only; ``frozen_modules`` never
+  appear; which are not decayed is ``no_decay(name, p, rule)``, ``train.no_decay``);
 - ``after_optimizer_step(step, total_steps)`` after every *applied* update (not after a step
   skipped for a non-finite loss): EMA teachers, centre updates, clamping; schedules there are
   pure functions of ``step`` so resume is exact;
@@ -55,9 +56,15 @@ class MethodConfig(Checked):
     embed_dim: int = 128
 
 
-# Parameters whose names contain one of these never get weight decay (norms, biases, logit
-# scale/bias, position/token embeddings, learned queries), as in CLIP/OpenCLIP and the papers.
-NO_DECAY_KEYS = (
+NO_DECAY_RULES = ("released", "extended")
+
+# The released rule (OpenCLIP main.py ``exclude``, also used by FLAIR's main.py and GRAIN's
+# backbone): no decay for 0-/1-d parameters and for names containing "bn", "ln", "bias" or
+# "logit_scale"; token/position embeddings, class tokens and learned queries (>= 2-d) DO decay.
+RELEASED_NO_DECAY_KEYS = ("bn", "ln", "bias", "logit_scale")
+# The "extended" rule (finegrain's earlier default, not used by any of the released codebases):
+# additionally spares embeddings, position tables, class tokens and learned queries.
+EXTENDED_NO_DECAY_KEYS = (
     "bias",
     "norm",
     "ln_",
@@ -71,6 +78,19 @@ NO_DECAY_KEYS = (
     "gamma",
     "scale",
 )
+
+
+def check_no_decay_rule(rule: str) -> None:
+    if rule not in NO_DECAY_RULES:
+        raise ValueError(
+            f"unknown train.no_decay '{rule}'; valid choices: {', '.join(NO_DECAY_RULES)}"
+        )
+
+
+def default_no_decay(name: str, p: torch.Tensor, rule: str) -> bool:
+    """Whether parameter ``name`` is excluded from weight decay under ``rule``."""
+    keys = RELEASED_NO_DECAY_KEYS if rule == "released" else EXTENDED_NO_DECAY_KEYS
+    return p.ndim < 2 or any(k in name for k in keys)
 
 
 class Method(nn.Module):
@@ -93,19 +113,24 @@ class Method(nn.Module):
     def forward(self, batch: dict[str, Any]) -> MethodOutput:
         return self.loss_from_features(self.features(batch))
 
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        decay, no_decay = [], []
+    def no_decay(self, name: str, p: torch.Tensor, rule: str) -> bool:
+        """Whether parameter ``name`` gets no weight decay under ``train.no_decay`` ``rule``
+        ("released": the method's released code, by default OpenCLIP's rule; "extended":
+        also embeddings and learned queries). Methods whose released code differs override."""
+        return default_no_decay(name, p, rule)
+
+    def param_groups(self, weight_decay: float, no_decay: str = "released") -> list[dict[str, Any]]:
+        """Two AdamW groups over the trainable parameters: decayed and not (``no_decay``)."""
+        check_no_decay_rule(no_decay)
+        decay, keep = [], []
         frozen = self.frozen_parameter_ids()
         for name, p in self.named_parameters():
             if not p.requires_grad or id(p) in frozen:
                 continue
-            if p.ndim < 2 or any(k in name for k in NO_DECAY_KEYS):
-                no_decay.append(p)
-            else:
-                decay.append(p)
+            (keep if self.no_decay(name, p, no_decay) else decay).append(p)
         return [
             {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": keep, "weight_decay": 0.0},
         ]
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:

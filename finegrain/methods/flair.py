@@ -18,7 +18,10 @@ Data (paper Sec. 3, "diverse caption sampling"): K sub-captions of 1..3 sentence
 sampled in the collate from the sample's ``"subcaption"`` stream (``sample_rng``). Caption pool per sample
 (``caption_source="auto"``): ``sentences``, else the sentences of ``long_caption``, else
 ``captions`` (each caption a "sentence": Flickr8k's 5 human captions), else the sentences of
-``caption``. Samples whose pool is empty are skipped and counted (``batch["stats"]``
+``caption``; or, with ``caption_fields`` (``flair_vitb16``: ``DREAMLIP_FIELDS``, the released
+mix of alt-text and DreamLIP's six MLLM caption lists), the concatenation of those fields'
+sentences. A configured field absent from every sample of the first batch is a one-line error
+naming it and the keys present. Samples whose pool is empty are skipped and counted (``batch["stats"]``
 ``skipped_samples``, logged as ``stats/skipped_samples``); a pool with fewer sentences than needed is sampled with replacement.
 
 Deviations from the released code, as options: ``loss_normalization`` ("released": sums divided
@@ -35,7 +38,7 @@ tokens (the same space as text embeddings and as the keys/values of the pooling)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import torch
@@ -60,6 +63,17 @@ from finegrain.registry import METHODS
 CaptionSource = Literal["auto", "sentences", "long_caption", "captions", "caption"]
 CAPTION_SOURCES: tuple[str, ...] = get_args(CaptionSource)
 _SEED_MOD = 2**31 - 1
+# the released training pool (ExplainableML/flair ``data.sample_dict``): the alt-text plus
+# DreamLIP's short/long captions from InstructBLIP (IB), ShareGPT4V (SV) and LLaVA (LLA)
+DREAMLIP_FIELDS = (
+    "raw_caption",
+    "shortIB_captions",
+    "longIB_captions",
+    "shortSV_captions",
+    "longSV_captions",
+    "shortLLA_captions",
+    "longLLA_captions",
+)
 
 
 @dataclass
@@ -70,6 +84,10 @@ class FLAIRConfig(MethodConfig):
     max_sentences: int = 3  # each sub-caption has 1..max_sentences sentences
     sampling: Literal["diverse", "consecutive", "random"] = "diverse"  # finegrain.data.captions
     caption_source: CaptionSource = "auto"
+    # non-empty: the pool is the concatenation of these sample fields (top-level or in the
+    # JSON's extra fields; strings split into sentences, lists taken as sentences), e.g.
+    # DREAMLIP_FIELDS as released; caption_source is then unused
+    caption_fields: list[str] = field(default_factory=list)
     pool_heads: int = 8
     zero_slot: bool = True  # the add_zero_attn "attend to nothing" key/value
     add_mps_loss: bool = True  # total = (tcs + mps) / 2; False: tcs only
@@ -93,8 +111,28 @@ def _check_config(cfg: FLAIRConfig) -> None:
         )
 
 
-def caption_pool(sample: dict[str, Any], source: str = "auto") -> list[str]:
+def _field(sample: dict[str, Any], name: str) -> Any:
+    """A schema field, else an extra field of the sample's JSON (``meta``)."""
+    if name in sample:
+        return sample[name]
+    meta = sample.get("meta")
+    return meta.get(name) if isinstance(meta, dict) else None
+
+
+def _sentences(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return split_sentences(value)
+    if isinstance(value, list):
+        return [s.strip() for s in value if isinstance(s, str) and s.strip()]
+    return []
+
+
+def caption_pool(
+    sample: dict[str, Any], source: str = "auto", fields: list[str] | tuple[str, ...] = ()
+) -> list[str]:
     """The sentences one sample's sub-captions are drawn from (see module docstring)."""
+    if fields:
+        return [s for name in fields for s in _sentences(_field(sample, name))]
 
     def get(name: str) -> list[str]:
         value = sample.get(name)
@@ -114,18 +152,44 @@ def caption_pool(sample: dict[str, Any], source: str = "auto") -> list[str]:
     return []
 
 
+def check_caption_fields(samples: list[dict[str, Any]], fields: list[str]) -> None:
+    """Fail fast: a configured field that no sample of the batch has is a one-line error."""
+    for name in fields:
+        if all(_field(s, name) is None for s in samples):
+            present = sorted(
+                {k for s in samples for k, v in s.items() if isinstance(v, str | list)}
+                | {k for s in samples for k in (s.get("meta") or {})}
+            )
+            raise ValueError(
+                f"method.caption_fields: field '{name}' is absent from every sample of the first "
+                f"batch; present keys: {', '.join(present)}"
+            )
+
+
 class FLAIRCollate:
     """Picklable collate: schema samples -> ``image`` (B, 3, H, W), ``texts`` (B, K, L),
     ``pair_seed`` (B,), ``stats`` {``skipped_samples``: samples without any caption}."""
 
-    def __init__(self, tokenizer: Any, k: int, max_sentences: int, mode: str, source: str) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        k: int,
+        max_sentences: int,
+        mode: str,
+        source: str,
+        fields: list[str] | tuple[str, ...] = (),
+    ) -> None:
         self.tokenizer, self.k, self.max_sentences = tokenizer, k, max_sentences
-        self.mode, self.source = mode, source
+        self.mode, self.source, self.fields = mode, source, list(fields)
+        self.checked = not self.fields  # fields are checked on the first batch (per worker)
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        if not self.checked:
+            check_caption_fields(samples, self.fields)
+            self.checked = True
         kept, subcaps = [], []
         for s in samples:
-            pool = caption_pool(s, self.source)
+            pool = caption_pool(s, self.source, self.fields)
             if not pool:
                 continue
             rng = sample_rng(s.get("seed", 0), "subcaption")
@@ -196,7 +260,12 @@ class FLAIR(Method):
     def make_collate(self, train: bool = True) -> FLAIRCollate:
         c = self.cfg
         return FLAIRCollate(
-            self.text.tokenizer, c.num_subcaptions, c.max_sentences, c.sampling, c.caption_source
+            self.text.tokenizer,
+            c.num_subcaptions,
+            c.max_sentences,
+            c.sampling,
+            c.caption_source,
+            c.caption_fields,
         )
 
     def features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -28,6 +28,8 @@ paper is an option (``GRAINConfig``):
   ``region_symmetric`` / ``region_gather`` default off as in the code;
 - the released loss composition: ``method.weighting=released method.region_dedup=false
   method.num_boxes_over_ranks=false`` (and ``aux_loss``, ``region_*`` at their defaults);
+- weight decay (``train.no_decay="released"``): the decoder's norm weights and region
+  queries are decayed, as the code's ``optim_policy`` (see ``GRAIN.no_decay``);
 - ``caption="random"``: each sample's caption is the alt-text or an MLLM caption with
   probability 1/2 (the code's ``--is_gala``), drawn from the sample's ``"caption"`` stream
   (``sample_rng``).
@@ -71,6 +73,7 @@ from finegrain.registry import METHODS
 
 WEIGHTINGS = {"released": (1.0, 1.5, 1.5, 1.0), "paper": (1.0, 1.0, 1.0, 1.0)}
 CAPTION_MODES = ("random", "alt", "mllm")
+GRAIN_DECODER_NO_DECAY_KEYS = (".ln_", ".bn", ".bias", ".logit_scale", ".entropy_scale")
 
 
 @dataclass
@@ -196,6 +199,8 @@ class GRAIN(Method):
     """Global + region-query contrastive pretraining with box supervision (see module doc)."""
 
     Config = GRAINConfig
+    # the released eval averages normalised prompt embeddings without renormalising the mean
+    zeroshot_class_vectors = "mean"
 
     def __init__(self, cfg: GRAINConfig) -> None:
         super().__init__(cfg)
@@ -255,6 +260,15 @@ class GRAIN(Method):
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         self.temperature.clamp_()
+
+    def no_decay(self, name: str, p: torch.Tensor, rule: str) -> bool:
+        """Released rule (grain-clip ``utils/train_utils.optim_policy``): the CLIP backbone
+        (towers, text projection, logit scale) follows OpenCLIP's rule, but the decoder
+        model is split by name only, so its norm weights and region queries ARE decayed and
+        only biases (and ".ln_", ".bn", ".logit_scale" names) are not."""
+        if rule == "released" and name.startswith(("decoder.", "image_proj.", "region_proj.")):
+            return any(k in name for k in GRAIN_DECODER_NO_DECAY_KEYS)
+        return super().no_decay(name, p, rule)
 
     # ---- training ---------------------------------------------------------------------
     def features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ import dataclasses
 
 from finegrain.data.config import DataConfig
 from finegrain.eval.config import EvalConfig, EvalTaskConfig, RetrievalTaskConfig
-from finegrain.methods.flair import FLAIRConfig
+from finegrain.methods.flair import DREAMLIP_FIELDS, FLAIRConfig
 from finegrain.recipes.base import (
     CC3M_RECAP_SAMPLES,
     RunConfig,
@@ -64,6 +64,7 @@ def flair_vitb16() -> RunConfig:
         num_subcaptions=8,
         max_sentences=3,
         pool_heads=8,
+        caption_fields=list(DREAMLIP_FIELDS),
     )
     data = DataConfig(
         source="wds",

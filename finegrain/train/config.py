@@ -15,6 +15,10 @@ class TrainConfig(Checked):
     min_lr: float = 0.0  # cosine floor
     warmup_steps: int = 10
     weight_decay: float = 0.2
+    # which parameters get no decay: "released" = each method's released code (OpenCLIP's rule:
+    # 1-d params, norms, biases, logit scale/bias; GRAIN's decoder by name), "extended" = also
+    # token/position embeddings, class tokens and learned queries (finegrain's old default)
+    no_decay: Literal["released", "extended"] = "released"
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     grad_clip: float = 0.0  # max grad norm; 0 = off

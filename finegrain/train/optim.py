@@ -1,8 +1,11 @@
 """Optimizer and learning-rate schedule.
 
-- AdamW (Loshchilov & Hutter, 2019) over ``method.param_groups(weight_decay)``: the method
-  decides which parameters decay (norms, biases, logit scale/bias and embeddings do not, as
-  in CLIP, Radford et al. 2021, and OpenCLIP).
+- AdamW (Loshchilov & Hutter, 2019) over ``method.param_groups(weight_decay, no_decay)``: the
+  method decides which parameters decay. ``train.no_decay="released"`` (default) follows each
+  method's released code: OpenCLIP's ``exclude`` rule (0-/1-d parameters and names with "bn",
+  "ln", "bias", "logit_scale" are not decayed; token/position embeddings and class tokens ARE),
+  also used by FLAIR; GRAIN's decoder is split by name (``GRAIN.no_decay``).
+  ``"extended"`` also spares embeddings and learned queries.
 - Cosine decay with linear warmup (Loshchilov & Hutter, 2017, SGDR eq. 5 without restarts):
 
       lr(s) = base * (s + 1) / W                                      for s < W
@@ -41,7 +44,7 @@ def build_optimizer(method: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ad
     parameters of ``method.frozen_modules()`` (teachers), even if ``param_groups`` lists them."""
     frozen = method.frozen_parameter_ids() if hasattr(method, "frozen_parameter_ids") else set()
     groups: list[dict[str, Any]] = []
-    for g in method.param_groups(cfg.weight_decay):
+    for g in method.param_groups(cfg.weight_decay, no_decay=cfg.no_decay):
         params = [p for p in g["params"] if id(p) not in frozen]
         if params:
             groups.append({**g, "params": params})
