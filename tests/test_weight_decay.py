@@ -30,6 +30,10 @@ def grain_excluded(name: str, p: torch.Tensor) -> bool:
     return open_clip_excluded(name, p)
 
 
+def slip_excluded(name: str, p: torch.Tensor) -> bool:  # DetailCLIP's released rule (SLIP)
+    return p.ndim < 2 or "bias" in name
+
+
 def groups_by_name(method: torch.nn.Module, rule: str) -> tuple[set[str], set[str]]:
     opt = build_optimizer(method, TrainConfig(weight_decay=0.3, no_decay=rule))
     names = {id(p): n for n, p in method.named_parameters()}
@@ -41,7 +45,7 @@ def groups_by_name(method: torch.nn.Module, rule: str) -> tuple[set[str], set[st
 def test_released_rule_per_method(name: str) -> None:
     method = build_method(get_recipe(f"{name}_smoke").method)
     decay, no_decay = groups_by_name(method, "released")
-    excluded = grain_excluded if name == "grain" else open_clip_excluded
+    excluded = {"grain": grain_excluded, "detailclip": slip_excluded}.get(name, open_clip_excluded)
     trainable = {n: p for n, p in method.named_parameters() if p.requires_grad}
     assert no_decay == {n for n, p in trainable.items() if excluded(n, p)}
     assert decay == {n for n, p in trainable.items() if not excluded(n, p)}

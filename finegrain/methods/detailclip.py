@@ -209,17 +209,12 @@ class DetailCLIP(Method):
     def make_collate(self, train: bool = True) -> ContrastiveCollate:
         return ContrastiveCollate(self.text.tokenizer, 1, train=train)
 
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        if self.cfg.weight_decay_rule == "shared":
-            return super().param_groups(weight_decay)
-        frozen = self.frozen_parameter_ids()
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad or id(p) in frozen:
-                continue
-            (no_decay if p.ndim < 2 or "bias" in name else decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]  # fmt: skip
+    def no_decay(self, name: str, p: torch.Tensor, rule: str) -> bool:
+        """Released (SLIP lineage): every >= 2-D tensor is decayed except biases
+        (``weight_decay_rule="shared"``: the base rule, i.e. ``train.no_decay``)."""
+        if self.cfg.weight_decay_rule == "shared" or rule != "released":
+            return super().no_decay(name, p, rule)
+        return p.ndim < 2 or "bias" in name
 
     # ---- encoders -----------------------------------------------------------------------
     def _model(self, part: str) -> nn.Module:
