@@ -60,7 +60,7 @@ def test_recipes_lists_one_line_each(capsys):
             ["train", "--recipe", "clip_smoke", "train.precision=fp8"],
             "unknown train.precision 'fp8' (did you mean 'fp32'?); valid choices: fp32, bf16, fp16",
         ),
-        (["train", "--recipe", "clip_smoke", "method.name=clipp"], "did you mean 'clip'"),
+        (["train", "--recipe", "clip_smoke", "method.name=flari"], "did you mean 'flair'"),
         (
             ["train", "--recipe", "clip_smoke", "data.source=jsonl", "data.train=nope/x.jsonl"],
             "manifest not found: nope/x.jsonl",

@@ -117,7 +117,12 @@ def build(name: str, b: Budget, seed: int) -> tuple[Any, Any]:
     for shared in (True, False):
         cfg = run_config(name, b, seed, shared_image=shared)
         torch.manual_seed(cfg.seed)  # as the trainer does before it builds a method
-        method = build_method(cfg.method)
+        try:
+            method = build_method(cfg.method)
+        except ValueError:  # refuses the shared tower at construction (e.g. no patch tokens)
+            if shared:
+                continue
+            raise
         if not shared or _accepts(method, cfg):
             return cfg, method
     raise AssertionError("unreachable")
@@ -131,7 +136,12 @@ def train_one(name: str, opts: Options, seed: int, run_dir: Path) -> tuple[Any, 
     cfg, method = build(name, opts.budget, seed)
     cfg.data.num_workers = opts.workers
     loader = TimedLoader(
-        build_train_loader(cfg.data, method.make_collate(train=True), seed=cfg.seed)
+        build_train_loader(
+            cfg.data,
+            method.make_collate(train=True),
+            seed=cfg.seed,
+            transform=method.make_transform(cfg.data, train=True),
+        )  # fmt: skip
     )
     trainer = Trainer(cfg, method=method, loader=loader, output_dir=str(run_dir))
     t1, c1 = time.perf_counter(), time.process_time()

@@ -27,7 +27,8 @@ from finegrain.config import load_yaml
 from finegrain.encoders.weights import load_into, load_state_dict_file
 from finegrain.methods.base import build_method
 from finegrain.run_config import RunConfig
-from finegrain.train.checkpoint import MODEL_FILE, find_config, latest_checkpoint
+from finegrain.train.checkpoint import CheckpointError, find_config, weights_path
+from finegrain.train.integrity import verify_safetensors
 
 SPEC_PREFIXES = {
     "open_clip": "finegrain.interop.open_clip",
@@ -81,18 +82,17 @@ def load_run(path_or_file: str, strict: bool = True) -> tuple[Any, Any]:
     ``config.yaml`` above it) -> (method, RunConfig); weights checked by ``load_into``."""
     from pathlib import Path
 
-    path = Path(path_or_file).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        ckpt = path if (path / MODEL_FILE).is_file() else latest_checkpoint(path)
-        if ckpt is None:
-            raise FileNotFoundError(f"no finegrain checkpoint under {path / 'ckpt'}")
-        path = ckpt / MODEL_FILE
+    valid = ", ".join(f"{p}:" for p in SPEC_PREFIXES)
+    try:  # newest *valid* checkpoint of a run dir; other file kinds refused
+        path = weights_path(Path(path_or_file).expanduser())
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"{e}; weights of other libraries need a spec prefix: {valid}"
+        ) from None
+    verify_safetensors(path)  # a truncated file is named before anything is built
     try:
         config_file = find_config(path.parent)
     except FileNotFoundError:
-        valid = ", ".join(f"{p}:" for p in SPEC_PREFIXES)
         raise FileNotFoundError(
             f"{path} is not part of a finegrain run (no config.yaml above it); weights of "
             f"other libraries need a spec prefix: {valid} (e.g. open_clip:ViT-B-16={path})"
