@@ -124,5 +124,5 @@ def test_torchscript_archives_give_their_tensors_and_runs_need_a_prefix(tmp_path
     torch.jit.script(lin).save(str(tmp_path / "openai.pt"))  # OpenAI's CLIP files are TorchScript
     sd = load_state_dict_file(tmp_path / "openai.pt")
     assert torch.equal(sd["weight"], lin.weight.detach()) and set(sd) == {"weight", "bias"}
-    with pytest.raises(FileNotFoundError, match="need a spec prefix: open_clip:, hf:, flair:"):
+    with pytest.raises(ValueError, match="need a spec prefix: open_clip:, hf:, flair:"):
         load_method_spec(str(tmp_path / "openai.pt"))

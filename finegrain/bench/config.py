@@ -58,11 +58,12 @@ QUICK = Budget(steps=30, batch_size=16, train_scenes=512, eval_images=48)
 
 
 def methods_to_run(requested: str | None) -> list[str]:
-    """Registered method names in registry order, or the comma-separated ``requested`` ones;
+    """finegrain's registered methods in registry order, or the comma-separated ``requested``
+    ones (any registered method);
     an unknown name raises one line naming the valid ones."""
     valid = METHODS.names()
-    if not requested:
-        return valid
+    if not requested:  # finegrain's own methods (not ones a test or a plugin registered)
+        return [n for n in valid if METHODS.get(n).__module__.startswith("finegrain.")]
     names = [n.strip() for n in requested.split(",") if n.strip()]
     for n in names:
         if n not in valid:
