@@ -191,6 +191,19 @@ def gather_tokens(x: torch.Tensor, keep: torch.Tensor, prefix: int) -> torch.Ten
     return torch.cat([x[:, :prefix], patches], dim=1)
 
 
+def keep_tokens(
+    x: torch.Tensor, keep: torch.Tensor | None, prefix: int, dropout: float, training: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The one keep step of every token tower: ``keep`` as given, else (training with patch
+    dropout) a random keep set; returns the gathered (B, P + M, D) tokens and the keep set."""
+    if keep is None and training and dropout > 0:
+        b, n = x.shape[0], x.shape[1] - prefix
+        keep = random_keep(b, n, 1.0 - dropout, device=x.device)  # (B, M)
+    if keep is not None:
+        x = gather_tokens(x, keep, prefix=prefix)  # (B, P + M, D)
+    return x, keep
+
+
 def cls_attention(
     y: torch.Tensor,
     qkv_weight: torch.Tensor,

@@ -32,9 +32,8 @@ from finegrain.encoders.base import (
     apply_mask,
     check_token_options,
     cls_attention,
-    gather_tokens,
+    keep_tokens,
     patch_grid,
-    random_keep,
     run_blocks,
 )
 from finegrain.encoders.vit import freeze_except_last, resample_pos_embed
@@ -143,7 +142,7 @@ class OpenCLIPVision(nn.Module):
     ) -> VisionOutput:
         v = self.visual
         grid = self.num_patches(images.shape[-2:])
-        b, n = images.shape[0], grid[0] * grid[1]
+        b = images.shape[0]
         n_attn = check_token_options(
             self.name,
             keep=keep,
@@ -155,10 +154,7 @@ class OpenCLIPVision(nn.Module):
             mask_token=self.mask_token,
         )
         x = self.embed(images, mask)  # (B, 1 + N, D)
-        if keep is None and self.training and self.patch_dropout > 0:
-            keep = random_keep(b, n, 1.0 - self.patch_dropout, device=x.device)  # (B, M)
-        if keep is not None:
-            x = gather_tokens(x, keep, prefix=1)  # (B, 1 + M, D)
+        x, keep = keep_tokens(x, keep, 1, self.patch_dropout, self.training)
         x = v.ln_pre(x)
         attn = None
         if n_attn:

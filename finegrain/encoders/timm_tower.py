@@ -28,9 +28,8 @@ from finegrain.encoders.base import (
     apply_mask,
     check_token_options,
     cls_attention,
-    gather_tokens,
+    keep_tokens,
     patch_grid,
-    random_keep,
     reject_token_options,
     run_blocks,
 )
@@ -173,7 +172,7 @@ class TimmTower(nn.Module):
         """``VisionTransformer.forward_features`` step by step, with keep / mask / attention."""
         m, p = self.model, self.num_prefix_tokens
         grid = self.num_patches(images.shape[-2:])
-        b, n = images.shape[0], grid[0] * grid[1]
+        b = images.shape[0]
         n_attn = check_token_options(
             self.name,
             keep=keep,
@@ -193,10 +192,7 @@ class TimmTower(nn.Module):
         if mask is not None:
             x = apply_mask(x, mask, self.mask_token)
         x = m._pos_embed(x)  # (B, P + N, D)
-        if keep is None and self.training and self.patch_dropout > 0:
-            keep = random_keep(b, n, 1.0 - self.patch_dropout, device=x.device)  # (B, M)
-        if keep is not None:
-            x = gather_tokens(x, keep, prefix=p)  # (B, P + M, D)
+        x, keep = keep_tokens(x, keep, p, self.patch_dropout, self.training)
         x = m.norm_pre(m.patch_drop(x))
         attn = None
         if n_attn:
