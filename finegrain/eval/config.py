@@ -144,6 +144,28 @@ class LinearProbeTaskConfig(EvalTaskConfig):
     seed: int = 0
 
 
+@task_kind("region")
+@dataclass
+class RegionTaskConfig(EvalTaskConfig):
+    """Classification of ground-truth boxes (``finegrain.eval.regions``); datasets: synthetic
+    (variant shape | color), coco | lvis (``path`` = the instance JSON, ``image_root``)."""
+
+    task: Literal["region"] = "region"
+    # crop: encode the cropped box | roialign: pool dense_features | regions: region embeddings
+    mode: Literal["crop", "roialign", "regions"] = "crop"
+    margin: float = 0.0  # context on each side of a box, as a fraction of its width/height
+    square: bool = True  # crop: pad the box to a square (mean colour) instead of squashing it
+    roi_size: int = 7  # roialign: output bins per side, averaged
+    sampling_ratio: int = 0  # roialign: samples per bin side (0 = adaptive, torchvision's)
+    region_scoring: Literal["iou", "released"] = "iou"  # regions: see finegrain.eval.regions
+    image_size: int = 0  # roialign/regions: inference resolution (0 = the model's)
+    templates: str = "default"
+    descriptions: str = ""  # '' | 'builtin' | path to {class: [descriptor, ...]} JSON
+    classnames: str = ""  # '' = the dataset's own | clip_benchmark dataset name | path
+    descriptor_prompts: Literal["released", "menon_vondrick", "which_has"] = "released"
+    class_vectors: Literal["auto", "mean", "renormalized"] = "auto"
+
+
 def task_config_class(task: str) -> type[EvalTaskConfig]:
     """The config class of task kind ``task``; a ``ValueError`` naming the kinds otherwise."""
     return EVAL_TASK_CONFIGS.get(task)

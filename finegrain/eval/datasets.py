@@ -22,6 +22,7 @@ from finegrain.eval.containers import (
     SegmentationData,
 )
 from finegrain.eval.grouping import load_grouping_data
+from finegrain.eval.region_data import load_region_data
 from finegrain.eval.templates import load_classnames
 from finegrain.registry import suggest
 
@@ -132,6 +133,8 @@ def load_task_data(cfg: EvalTaskConfig, image_size: int = 64) -> Any:
         return load_grouping_data(cfg, image_size)
     if cfg.task == "linear_probe":  # two splits (train the head / measure), own config kind
         return load_probe_data(cfg, image_size)
+    if cfg.task == "region":  # boxes per image: synthetic scenes, COCO / LVIS instance JSON
+        return load_region_data(cfg, image_size)
     if cfg.dataset == "synthetic":
         return _synthetic(cfg, image_size)
     path, root = _default_path(cfg), cfg.image_root
