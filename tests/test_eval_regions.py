@@ -90,7 +90,7 @@ SCENES = [
     ((64, 48), [("magenta", (4, 26, 20, 18)), ("yellow", (50, 4, 14, 14))],
      [("magenta", [4, 26, 20, 18], {}), ("yellow", [50, 4, 20, 14], {}),  # clipped at x=64
       ("red", [70, 10, 5, 5], {}), ("red", [10, 10, 0, 5], {}),  # outside, zero area
-      ("red", [10, 10, -5, 5], {}), ("blue", [0, 0, 8, 8], {"iscrowd": 1}),
+      ("red", [10, 10, -5, 5], {}), ("red", "7,7,2,2", {}), ("blue", [0, 0, 8, 8], {"iscrowd": 1}),
       ("blue", [0, 0, 8, 8], {"category_id": 99})]),
 ]  # fmt: skip
 # hand-computed: 6 usable boxes; correct: red, blue, magenta, yellow; green-as-yellow ranks
@@ -101,10 +101,11 @@ EXPECTED = {
     "acc5": 5 / 6,
     "mean_per_class_recall": 0.75,
     "skipped_box_outside": 1,
-    "skipped_degenerate": 2,
+    "skipped_degenerate": 3,
     "clipped_boxes": 1,
     "skipped_crowd": 1,
     "skipped_unknown_category": 1,
+    "skipped_unknown_image": 1,
 }
 FREQ = {"red": "f", "green": "r", "blue": "c", "yellow": "r", "cyan": "c", "magenta": "f"}
 
@@ -132,6 +133,7 @@ def write_instances(root, lvis=False):
             a["category_id"] = 10 + NAMES.index(cat)
             anns.append({**a, **extra})
     images.append({"id": 999, "file_name": "no_annotations.png", "width": 8, "height": 8})
+    anns.append({"id": len(anns), "image_id": 12345, "bbox": [0, 0, 4, 4], "category_id": 10})
     path = root / ("lvis_v1_val.json" if lvis else "annotations/instances_val2017.json")
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
@@ -160,7 +162,8 @@ def test_coco_fixture_hand_computed(tmp_path, mode, opts):
     assert card["chance"] == pytest.approx(
         {"acc1": 1 / 6, "acc5": 5 / 6, "mean_per_class_recall": 1 / 6}
     )
-    assert card["skipped_box_outside"] == 1 and card["skipped_degenerate"] == 2
+    assert card["skipped_box_outside"] == 1 and card["skipped_degenerate"] == 3
+    assert card["templates"] == "plain" and card["n_templates"] == 1
     assert art["image_index"].tolist() == [0, 0, 1, 1, 2, 2]
     if mode == "regions" and not opts:
         assert metrics["unmatched_regions"] == 0 and 0 < metrics["matched_iou"] < 1
@@ -180,6 +183,19 @@ def test_lvis_frequency_split(tmp_path):
     assert r["acc1_f"] == pytest.approx(2 / 3)
     assert r["mean_per_class_recall_f"] == pytest.approx(0.75)
     assert r["acc1"] == pytest.approx(4 / 6) and r["skipped_crowd"] == 1
+
+
+def test_loader_limit_and_missing_images(tmp_path):
+    path = write_instances(tmp_path)
+    one = load_instances(path, limit=1)
+    assert len(one.images) == 1 and one.labels == [[0, 2]]
+    assert sum(one.counts.values()) == 0  # the skipped annotations belong to other images
+    (tmp_path / "val2017" / "000000000001.png").unlink()
+    with pytest.raises(ValueError, match="000000000001.png referenced by"):
+        load_instances(path)
+    with pytest.raises(ValueError, match="not a COCO-style instance file"):
+        (tmp_path / "bad.json").write_text("[]")
+        load_instances(tmp_path / "bad.json")
 
 
 def test_all_boxes_bad_is_one_line_error(tmp_path):

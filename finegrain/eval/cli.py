@@ -6,6 +6,7 @@
     finegrain eval --checkpoint a.safetensors --checkpoint runs/b \\
         --tasks "zeroshot:synthetic/shape@descriptions=builtin,retrieval:synthetic/sentences" \\
         --set scoring=rerank --out reports/ab
+    finegrain eval --checkpoint runs/grain --tasks region:synthetic@mode=roialign
 
 Task syntax: ``TASK:DATASET[/VARIANT][=PATH][@key=value]...`` where keys are fields of the
 task kind's config (``finegrain.eval.config``: ``ZeroShotTaskConfig``, ``RetrievalTaskConfig``,

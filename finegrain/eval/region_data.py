@@ -24,6 +24,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import torch
 
@@ -45,7 +46,7 @@ class RegionData:
     """``boxes[i]``: the boxes of ``images[i]`` as pixel ``[x0, y0, x1, y1]`` (unchecked: the
     evaluator clips, skips and counts bad ones), ``labels[i]`` their class indices.
     ``frequencies``: per class "r" | "c" | "f" (LVIS) or None; ``counts``: what the loader
-    skipped (``skipped_crowd``, ``skipped_unknown_category``)."""
+    skipped (``skipped_crowd``, ``skipped_unknown_category``, ``skipped_unknown_image``)."""
 
     images: list[ImageItem]
     boxes: list[list[list[float]]]
@@ -146,6 +147,26 @@ def _categories(data: dict, path: Path) -> tuple[dict[int, int], list[str], list
     return index, names, (freqs if all(f in FREQUENCIES for f in freqs) else None)
 
 
+def _skip_reason(a: dict, categories: dict, image_ids: set) -> str:
+    """Why an annotation is left out before box checks ('' = kept)."""
+    if a.get("iscrowd", 0):
+        return "skipped_crowd"
+    if a.get("image_id") not in image_ids:
+        return "skipped_unknown_image"
+    if a.get("category_id") not in categories:
+        return "skipped_unknown_category"
+    return ""
+
+
+def _xyxy(bbox: Any) -> list[float]:
+    """COCO ``[x, y, w, h]`` -> ``[x0, y0, x1, y1]``; anything else -> NaNs (degenerate)."""
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return [math.nan] * 4
+    return [x, y, x + w, y + h]
+
+
 def load_instances(path: Path, image_root: str = "", limit: int = 0) -> RegionData:
     """A COCO-style (or LVIS) instance JSON as ``RegionData`` (module docstring). Images
     without a usable annotation are left out; ``limit`` keeps the first N images."""
@@ -156,23 +177,25 @@ def load_instances(path: Path, image_root: str = "", limit: int = 0) -> RegionDa
     if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
         raise ValueError(f"{path} is not a COCO-style instance file (images, annotations)")
     index, names, freqs = _categories(data, path)
-    counts: Counter = Counter(skipped_crowd=0, skipped_unknown_category=0)
-    per_image: dict[int, tuple[list, list]] = {}
+    image_ids = {im.get("id") for im in data["images"]}
+    skips: dict = {}  # image id -> Counter of skipped annotations
+    per_image: dict = {}  # image id -> (boxes, labels)
     for a in data["annotations"]:
-        if a.get("iscrowd", 0):
-            counts["skipped_crowd"] += 1
+        reason = _skip_reason(a, index, image_ids)
+        if reason:
+            skips.setdefault(a.get("image_id"), Counter())[reason] += 1
             continue
-        if a.get("category_id") not in index:
-            counts["skipped_unknown_category"] += 1
-            continue
-        x, y, w, h = (list(a.get("bbox") or []) + [math.nan] * 4)[:4]
         boxes, labels = per_image.setdefault(a["image_id"], ([], []))
-        boxes.append([x, y, x + w, y + h])
+        boxes.append(_xyxy(a.get("bbox")))
         labels.append(index[a["category_id"]])
-    entries = [im for im in data["images"] if im["id"] in per_image]
+    entries = [im for im in data["images"] if im.get("id") in per_image]
     entries = entries[:limit] if limit > 0 else entries
     if not entries:
         raise ValueError(f"{path} holds no image with a non-crowd annotation")
+    kept = {im["id"] for im in entries} if limit > 0 else set(skips)
+    counts = Counter(skipped_crowd=0, skipped_unknown_category=0, skipped_unknown_image=0)
+    for image_id in kept:
+        counts.update(skips.get(image_id, Counter()))
     images = _image_paths([_relative_path(im, path) for im in entries], path, image_root)
     return RegionData(
         images,

@@ -53,6 +53,7 @@ from finegrain.eval.common import EvalContext, eval_transform, require
 from finegrain.eval.config import RegionTaskConfig
 from finegrain.eval.containers import load_image
 from finegrain.eval.region_data import FREQUENCIES, RegionData, clean_boxes
+from finegrain.eval.templates import load_templates
 from finegrain.eval.zeroshot import (
     _prompt_embeddings,
     class_embeddings,
@@ -302,7 +303,10 @@ def protocol(
         "chance": chance,
         "mode": cfg.mode,
         "margin": cfg.margin,
-        "templates": cfg.templates,
+        "templates": cfg.templates,  # "default" = plain on the built-in scenes, else imagenet1k
+        "n_templates": 0
+        if cfg.templates == "cupl"
+        else len(load_templates(cfg.templates, cfg.dataset)),
         "descriptions": cfg.descriptions,
         "class_vectors": "renormalized" if renormalize_classes(cfg, ctx.method) else "mean",
     }
