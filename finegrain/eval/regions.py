@@ -166,8 +166,9 @@ def crop_scores(ctx: EvalContext, cfg: RegionTaskConfig, stream: Stream, score: 
                 yield tf(crop_region(image, box, cfg.square, fill)), y, i
 
     for chunk in _chunks(crops(), cfg.batch_size):
-        x = torch.stack([c for c, _, _ in chunk]).to(ctx.device)  # (B, 3, S, S)
-        yield score(x).float().cpu(), *(torch.tensor(v) for v in list(zip(*chunk))[1:])
+        images, labels, index = zip(*chunk)
+        x = torch.stack(images).to(ctx.device)  # (B, 3, S, S)
+        yield score(x).float().cpu(), torch.tensor(labels), torch.tensor(index)
 
 
 def _image_chunks(ctx: EvalContext, cfg: RegionTaskConfig, stream: Stream) -> Iterator:
