@@ -342,6 +342,28 @@ def test_cli_task_syntax_and_prefix():
     assert "region/synthetic/color+crop/skipped_box_outside" in results
 
 
+class Counting(ToyMethod):
+    calls = 0
+
+    def dense_features(self, images: torch.Tensor) -> torch.Tensor:
+        Counting.calls += images.shape[0]
+        return super().dense_features(images)
+
+
+def test_dense_features_computed_once_per_image_across_tasks():
+    spec = "region:synthetic{}@mode=roialign@num_samples=6@feature_cache_mb={}"
+    tasks = [parse_task(spec.format(v, 64)) for v in ("", "/color")]
+    tasks.append(parse_task(spec.format("", 64) + "@margin=0.5"))
+    cached = run_tasks(Counting(), tasks, progress=False)
+    assert Counting.calls == 6  # the shape and colour variants are the same six scenes
+    Counting.calls = 0
+    fresh = run_tasks(Counting(), [parse_task(spec.format(v, 0)) for v in ("", "/color")], progress=False)  # fmt: skip
+    assert Counting.calls == 12
+    for key, value in fresh.items():
+        if not key.endswith("seconds"):
+            assert cached[key] == pytest.approx(value, abs=1e-6), key
+
+
 def test_capability_errors():
     for mode, what in (("roialign", "dense_features"), ("regions", "region_embeddings")):
         with pytest.raises(ValueError, match=what):

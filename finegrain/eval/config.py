@@ -159,6 +159,7 @@ class RegionTaskConfig(EvalTaskConfig):
     sampling_ratio: int = 0  # roialign: samples per bin side (0 = adaptive, torchvision's)
     region_scoring: Literal["iou", "released"] = "iou"  # regions: see finegrain.eval.regions
     image_size: int = 0  # roialign/regions: inference resolution (0 = the model's)
+    feature_cache_mb: int = 1024  # roialign: dense maps kept for later tasks of one eval run
     templates: str = "default"
     descriptions: str = ""  # '' | 'builtin' | path to {class: [descriptor, ...]} JSON
     classnames: str = ""  # '' = the dataset's own | clip_benchmark dataset name | path

@@ -17,7 +17,9 @@ classification (templates, descriptions and ``class_vectors`` as ``finegrain.eva
   GRAIN) is RoIAlign-pooled (He et al. 2017; ``torchvision.ops.roi_align`` with
   ``aligned=True``, ``roi_size`` x ``roi_size`` bins of ``sampling_ratio`` samples, averaged)
   for every box of the image. Pixel boxes map to the token grid per axis: token column j covers
-  original pixels [j W / w, (j + 1) W / w). The pooled vector is then L2-normalised.
+  original pixels [j W / w, (j + 1) W / w). The pooled vector is then L2-normalised. The maps
+  are kept (up to ``feature_cache_mb``) for the rest of the ``run_tasks`` call, keyed by image
+  content, so further region tasks on the same images (variants, margins, templates) only pool.
 - ``regions`` (methods with ``region_embeddings``, i.e. GRAIN, Halbe et al. arXiv 2412.04429):
   GRAIN's released code (shaunak27/grain-clip) scores region queries only at the image level
   (``finegrain.eval.zeroshot`` ``region_score="released"``) and has no evaluation from
@@ -41,6 +43,7 @@ per-class accuracy); with LVIS frequencies also ``acc1_<r|c|f>`` and
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
@@ -181,15 +184,49 @@ def _image_chunks(ctx: EvalContext, cfg: RegionTaskConfig, stream: Stream) -> It
         yield x, [b for _, _, b, _ in chunk], torch.cat([y for *_, y in chunk]), sizes, index
 
 
+def image_digest(image: Image.Image) -> bytes:
+    """A content key of an image (the same scene loaded by two tasks shares it)."""
+    return hashlib.blake2b(image.tobytes(), digest_size=16, person=image.mode.encode()).digest()
+
+
+def cached_dense(ctx: EvalContext, cfg: RegionTaskConfig, images: list[Image.Image]) -> list:
+    """(D, h, w) dense features of each image, computed once per ``run_tasks`` call: kept on
+    ``ctx`` (as the class-vector cache of ``finegrain.eval.zeroshot``; the method is in eval
+    mode and unchanged) up to ``feature_cache_mb``, keyed by method, resolution and content,
+    so every region task on the same images pools from the same maps."""
+    size = cfg.image_size or ctx.image_size
+    cache = ctx.__dict__.setdefault("_dense_feature_cache", {"bytes": 0, "maps": {}})
+    keys = [(id(ctx.method), size, image_digest(im)) for im in images]
+    maps = [cache["maps"].get(k) for k in keys]
+    todo = [j for j, d in enumerate(maps) if d is None]
+    if todo:
+        tf = eval_transform(size, ctx.mean, ctx.std, crop=False)
+        x = torch.stack([tf(images[j]) for j in todo]).to(ctx.device)  # (B, 3, S, S)
+        dense = ctx.method.dense_features(x)  # (B, D, h, w)
+        assert dense.dim() == 4, f"dense_features must be (B, D, h, w), got {tuple(dense.shape)}"
+        for j, d in zip(todo, dense):
+            maps[j] = d
+            nbytes = d.numel() * d.element_size()
+            if cache["bytes"] + nbytes <= cfg.feature_cache_mb * 2**20:
+                cache["maps"][keys[j]] = d.cpu()
+                cache["bytes"] += nbytes
+    return maps
+
+
 def roi_scores(
     ctx: EvalContext, cfg: RegionTaskConfig, stream: Stream, classes: torch.Tensor
 ) -> Scores:
-    """``mode=roialign``: one ``dense_features`` call per image batch, pooled for every box."""
-    for x, boxes, labels, sizes, index in _image_chunks(ctx, cfg, stream):
-        dense = ctx.method.dense_features(x)  # (B, D, h, w)
-        assert dense.dim() == 4, f"dense_features must be (B, D, h, w), got {tuple(dense.shape)}"
-        grown = [clip_boxes(grow_boxes(b, cfg.margin), *s) for b, s in zip(boxes, sizes)]
+    """``mode=roialign``: dense features once per image (``cached_dense``), pooled for every
+    box of the image."""
+    for chunk in _chunks(stream, cfg.batch_size):
+        dense = torch.stack(
+            [d.to(ctx.device) for d in cached_dense(ctx, cfg, [c[1] for c in chunk])]
+        )
+        sizes = [image.size for _, image, _, _ in chunk]
+        grown = [clip_boxes(grow_boxes(b, cfg.margin), *s) for (_, _, b, _), s in zip(chunk, sizes)]
         pooled = pool_regions(dense, grown, sizes, cfg.roi_size, cfg.sampling_ratio)  # (K, D)
+        labels = torch.cat([y for *_, y in chunk])
+        index = torch.cat([torch.full((len(y),), i) for i, _, _, y in chunk])
         yield F.normalize(pooled.float(), dim=-1).cpu() @ classes.t(), labels, index
 
 
