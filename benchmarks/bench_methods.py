@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import multiprocessing as mp
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import machine_info, print_json, time_interleaved, vm_hwm_mb  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    machine_info,
+    print_json,
+    run_in_subprocess,
+    time_interleaved,
+    vm_hwm_mb,
+)
 
 METHODS = ("clip", "siglip", "flair", "grain", "clippy", "detailclip")
 CPU_IMAGE = dict(width=192, depth=4, heads=3, image_size=96, patch_size=16)
@@ -125,24 +130,14 @@ def data_rate(it: Any, batch: int, n: int = 3) -> tuple[float, list[dict[str, An
     return n * batch / (time.perf_counter() - t0), batches
 
 
-def _memory_child(name: str, small: bool, batch: int, queue: Any) -> None:
+def peak_rss_child(name: str, small: bool, batch: int) -> float:
+    """Peak RSS (MB) of a process that builds ``name`` and runs two steps (in a subprocess)."""
     torch.set_num_threads(2)
-    cfg = run_config(name, small, batch) if name != "clip_ref" else None
-    method, opt, it = build(cfg, torch.device("cpu"))
+    method, opt, it = build(run_config(name, small, batch), torch.device("cpu"))
     b = next(it)
     for _ in range(2):
         step_fn(method, opt, b, "fp32")()
-    queue.put(vm_hwm_mb())
-
-
-def cpu_peak_rss(name: str, small: bool, batch: int) -> float:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_memory_child, args=(name, small, batch, q))
-    p.start()
-    out = q.get()
-    p.join()
-    return out
+    return vm_hwm_mb()
 
 
 def cuda_step_memory(step: Any) -> float:
@@ -208,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 ratios[f"{name}_over_clip_peak_mem_ratio"] = m
     if a.memory and dev.type == "cpu":
         for name in names:
-            per[name]["process_peak_rss_mb"] = cpu_peak_rss(name, small, batch)
+            per[name]["process_peak_rss_mb"] = run_in_subprocess(peak_rss_child, name, small, batch)
     out.update(methods=per, ratios=ratios, notes=notes, machine=machine_info(dev))
     print_json(out)
     return out
