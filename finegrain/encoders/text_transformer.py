@@ -3,9 +3,27 @@ position embedding, causal pre-norm blocks (fused SDPA, ``is_causal``), final La
 pooling at the EOT token. The position embedding is sized by ``context_length`` (not fixed
 to 77); shorter inputs use its first L rows. Padding after the batch's last EOT is not run
 through the blocks (causal attention makes that exact); its output states are zeros.
+
+Longer text at evaluation time, without training: ``stretch_positions(tower, new_length,
+mode)`` resamples the learned position table (native and open_clip text towers) to
+``new_length`` rows and widens the tokenizer (``stretch_table`` is the pure function):
+
+- ``mode="longclip"`` (Long-CLIP, Zhang et al. ECCV 2024, Sec. 3.1 "knowledge-preserved
+  stretching"): the first ``keep`` (20) rows are kept, row j >= keep is the linear
+  interpolation at the fractional old position t = keep + (j - keep) / r,
+  r = (new_length - keep) / (L - keep), between rows floor(t) and floor(t) + 1. Released code
+  (beichenzbc/Long-CLIP ``model/longclip.py`` ``load``) uses r = 4 (77 -> 248 rows) and
+  extrapolates the last r - 1 rows past old row L - 1 with the last difference,
+  PE[L-1] + (t - (L-1)) (PE[L-1] - PE[L-2]); we follow that for every r (the paper's
+  equation only interpolates between existing rows and leaves those tail rows undefined).
+- ``mode="linear"``: plain linear interpolation of all rows, endpoints aligned
+  (t = j (L-1) / (new_length-1)), the baseline Long-CLIP compares against.
 """
 
 from __future__ import annotations
+
+import copy
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -88,6 +106,72 @@ class TextTransformer(nn.Module):
         mask = torch.arange(length, device=ids.device)[None, :] <= eot[:, None]  # (B, L)
         pooled = pool_tokens(x, mask, self.pooling, eot)
         return TextOutput(pooled=pooled, tokens=x, mask=mask)
+
+
+LONGCLIP_KEEP = 20  # Long-CLIP keeps the first 20 positions
+LONGCLIP_RATIO = 4  # and stretches the rest 4x (77 -> 248)
+
+
+def longclip_length(length: int, keep: int = LONGCLIP_KEEP, ratio: int = LONGCLIP_RATIO) -> int:
+    """The released Long-CLIP context for an ``length``-position tower (77 -> 248)."""
+    return keep + ratio * (length - keep)
+
+
+def stretch_table(
+    pos: torch.Tensor, new_length: int, mode: Literal["longclip", "linear"] = "longclip",
+    keep: int = LONGCLIP_KEEP,
+) -> torch.Tensor:  # fmt: skip
+    """(L, D) position table -> (new_length, D), see the module docstring for the modes."""
+    length = pos.shape[0]
+    if new_length < length or length < 2:
+        raise ValueError(f"cannot stretch {length} positions to {new_length} (must not shrink)")
+    if mode == "linear":
+        t = torch.arange(new_length, dtype=torch.float64) * (length - 1) / max(new_length - 1, 1)
+        keep = 0
+    elif mode == "longclip":
+        if not 0 <= keep <= length - 1:
+            raise ValueError(f"keep={keep} must lie in [0, {length - 1}] for {length} positions")
+        r = (new_length - keep) / (length - keep)
+        t = keep + (torch.arange(new_length - keep, dtype=torch.float64)) / r
+        t = torch.cat([torch.arange(keep, dtype=torch.float64), t])
+    else:
+        raise ValueError(f"unknown stretch mode '{mode}'; valid choices: longclip, linear")
+    lo = t.floor().long().clamp(max=length - 2)  # (new,) left row; the tail extrapolates
+    frac = (t - lo).to(torch.float64)[:, None]  # (new, 1), > 1 only past row L-1
+    p = pos.detach().double()
+    out = p[lo] + frac * (p[lo + 1] - p[lo])  # (new, D)
+    out[:keep] = p[:keep]  # bit-exact kept rows
+    return out.to(pos.dtype)
+
+
+def stretch_positions(
+    tower: nn.Module,
+    new_length: int,
+    mode: Literal["longclip", "linear"] = "longclip",
+    keep: int = LONGCLIP_KEEP,
+) -> nn.Module:
+    """A copy of ``tower`` (native ``transformer`` or ``open_clip`` text tower) whose position
+    table is stretched to ``new_length`` rows (``stretch_table``) and whose tokenizer and
+    ``context_length`` follow; the causal mask of open_clip towers is rebuilt. Other towers
+    raise a one-line error (HF encoders: relative or fixed-size positions)."""
+    pos = getattr(tower, "positional_embedding", None)
+    if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or not hasattr(tower, "tokenizer"):
+        raise ValueError(
+            f"text tower {type(tower).__name__} cannot stretch its positions (needs a learned "
+            "(L, D) positional_embedding: native 'transformer' or 'open_clip' text towers)"
+        )
+    new = copy.deepcopy(tower)
+    table = stretch_table(pos, new_length, mode, keep)
+    new.positional_embedding = nn.Parameter(table, requires_grad=pos.requires_grad)
+    new.context_length = new_length
+    new.tokenizer = copy.copy(tower.tokenizer)
+    new.tokenizer.context_length = new_length
+    if getattr(new.tokenizer, "_tok", None) is not None:
+        new.tokenizer._tok = None  # open_clip's SimpleTokenizer holds its own length
+    if isinstance(getattr(new, "attn_mask", None), torch.Tensor):
+        mask = torch.full((new_length, new_length), float("-inf"), device=pos.device).triu_(1)
+        new.attn_mask = mask.to(new.attn_mask.dtype)
+    return new
 
 
 @TEXT_TOWERS.register("transformer")
