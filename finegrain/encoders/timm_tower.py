@@ -248,7 +248,7 @@ def timm_block_parts(blk: nn.Module) -> BlockParts:
         a.qkv.bias,
         a.num_heads,
         float(a.scale),
-        lambda o: a.proj(a.norm(o)),
+        lambda o: a.proj(getattr(a, "norm", nn.Identity())(o)),  # newer timm: post-attention norm
         blk.norm2,
         blk.mlp,
         blk.ls1,

@@ -32,7 +32,9 @@ def token_lengths(tokenizer: Any, texts: list[str]) -> list[int]:
         enc = tokenizer._get()
         return [len(enc.encode(t)) + 2 for t in texts]
     if isinstance(tokenizer, HFTokenizer):
-        ids = tokenizer._get()(list(texts), truncation=False, add_special_tokens=True)
+        ids = tokenizer._get()(
+            list(texts), truncation=False, add_special_tokens=True, verbose=False
+        )
         return [len(x) for x in ids["input_ids"]]
     # unknown tokenizer: a text that fills every position of its row counts as cut
     rows = tokenizer(list(texts))  # (N, L)
