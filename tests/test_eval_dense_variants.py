@@ -213,6 +213,8 @@ def test_window_grid_and_one_window_equals_plain():
     assert got_many != got_plain
     with pytest.raises(ValueError, match="slide_size=32 is smaller than the 64-pixel window"):
         evaluate_segmentation(ctx, EvalTaskConfig(**base, slide_size=32), data)
+    with pytest.raises(ValueError, match="slide_stride=80 must lie in"):
+        evaluate_segmentation(ctx, EvalTaskConfig(**base, slide_size=96, slide_stride=80), data)
 
 
 def test_chance_miou_by_hand():

@@ -187,6 +187,8 @@ def slide_scores(
     stride = cfg.slide_stride or max(1, window // 2)
     if cfg.slide_size < window:
         raise ValueError(f"slide_size={cfg.slide_size} is smaller than the {window}-pixel window")
+    if not 1 <= stride <= window:
+        raise ValueError(f"slide_stride={stride} must lie in [1, {window}] (windows must cover)")
     hh, ww = short_side_size((image.height, image.width), cfg.slide_size)
     x = _to_tensor(image, (hh, ww), ctx)
     boxes = [(y, x0) for y in window_starts(hh, window, stride)
@@ -209,6 +211,8 @@ def _predictions(
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """(index, prediction (H, W), ground truth (H, W)) of every image."""
     num_objects = classes.shape[0] - num_bg
+    if cfg.slide_size < 0 or cfg.slide_stride < 0:
+        raise ValueError("slide_size and slide_stride must be >= 0 (0 = whole image / half window)")
     if cfg.slide_size > 0:
         for i in ctx.bar(range(len(data.images)), "segmentation", total=len(data.images)):
             g = torch.from_numpy(load_mask(data.masks[i]))
