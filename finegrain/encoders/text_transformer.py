@@ -14,8 +14,10 @@ mode)`` resamples the learned position table (native and open_clip text towers) 
   r = (new_length - keep) / (L - keep), between rows floor(t) and floor(t) + 1. Released code
   (beichenzbc/Long-CLIP ``model/longclip.py`` ``load``) uses r = 4 (77 -> 248 rows) and
   extrapolates the last r - 1 rows past old row L - 1 with the last difference,
-  PE[L-1] + (t - (L-1)) (PE[L-1] - PE[L-2]); we follow that for every r (the paper's
-  equation only interpolates between existing rows and leaves those tail rows undefined).
+  PE[L-1] + (t - (L-1)) (PE[L-1] - PE[L-2]); we follow that for every r. The paper describes
+  only the interpolation (keep 20, ratio 4), not these tail rows. Its code then fine-tunes a
+  residual copy of the rows past 20 (``positional_embedding_res``); at load time the two add
+  up to this table, so an un-fine-tuned stretch here is exactly theirs.
 - ``mode="linear"``: plain linear interpolation of all rows, endpoints aligned
   (t = j (L-1) / (new_length-1)), the baseline Long-CLIP compares against.
 """
