@@ -222,3 +222,30 @@ def test_token_lengths_of_hf_and_unknown_tokenizers():
             return torch.tensor([[5, 6, 0], [5, 6, 7]])
 
     assert [n > 3 for n in token_lengths(Fixed(), ["x", "y"])] == [False, True]
+
+
+def test_hf_clip_text_stretch_and_siglip_refusal(tmp_path):
+    pytest.importorskip("transformers")
+    from helpers.interop import hf_clip_reference, hf_siglip_reference
+
+    hf_clip_reference(tmp_path / "clip")
+    tower = build_text_tower(
+        TextTowerConfig(name="hf_clip", path=str(tmp_path / "clip"), context_length=16)
+    ).eval()
+    new = stretch_positions(tower, 40, "longclip", keep=8)
+    assert new.context_length == new.tokenizer.context_length == 40
+    old_table = tower.text_model.embeddings.position_embedding.weight
+    table = new.text_model.embeddings.position_embedding.weight
+    torch.testing.assert_close(table, stretch_table(old_table, 40, "longclip", 8))
+    long = "a red circle above a blue square next to a green triangle " * 3
+    with torch.no_grad():
+        a = tower(tower.tokenizer(["a cat"])).pooled
+        b = new(new.tokenizer(["a cat"])).pooled  # 3 tokens: within the kept rows
+        full = new(new.tokenizer([long])).pooled
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert int((new.tokenizer([long]) != new.pad_id).sum()) > 16 and full.isfinite().all()
+    hf_siglip_reference(tmp_path / "siglip")
+    siglip_cfg = TextTowerConfig(name="hf_clip", path=str(tmp_path / "siglip"), context_length=16)
+    siglip = build_text_tower(siglip_cfg)
+    with pytest.raises(ValueError, match=r"HFClipText \(siglip\) cannot stretch its positions"):
+        stretch_positions(siglip, 40)

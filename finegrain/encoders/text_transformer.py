@@ -152,26 +152,41 @@ def stretch_positions(
     mode: Literal["longclip", "linear"] = "longclip",
     keep: int = LONGCLIP_KEEP,
 ) -> nn.Module:
-    """A copy of ``tower`` (native ``transformer`` or ``open_clip`` text tower) whose position
-    table is stretched to ``new_length`` rows (``stretch_table``) and whose tokenizer and
-    ``context_length`` follow; the causal mask of open_clip towers is rebuilt. Other towers
-    raise a one-line error (HF encoders: relative or fixed-size positions)."""
+    """A copy of ``tower`` whose learned position table is stretched to ``new_length`` rows
+    (``stretch_table``) and whose tokenizer and ``context_length`` follow: native
+    ``transformer`` and ``open_clip`` text towers (causal mask rebuilt) and Hugging Face CLIP
+    text towers (``hf_clip``). Other towers raise a one-line error (SigLIP: trained on
+    fixed-length padded text, pooled at the last position; BERT-like encoders: a different
+    position scheme)."""
+    emb = getattr(getattr(tower, "text_model", None), "embeddings", None)
+    hf_table = getattr(emb, "position_embedding", None)
     pos = getattr(tower, "positional_embedding", None)
-    if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or not hasattr(tower, "tokenizer"):
+    if getattr(tower, "kind", "clip") != "clip" or not (
+        isinstance(hf_table, nn.Embedding)
+        or (isinstance(pos, torch.Tensor) and pos.dim() == 2 and hasattr(tower, "tokenizer"))
+    ):
+        name = f"{type(tower).__name__}" + (f" ({tower.kind})" if hasattr(tower, "kind") else "")
         raise ValueError(
-            f"text tower {type(tower).__name__} cannot stretch its positions (needs a learned "
-            "(L, D) positional_embedding: native 'transformer' or 'open_clip' text towers)"
+            f"text tower {name} cannot stretch its positions (needs a learned (L, D) causal "
+            "position table: native 'transformer', 'open_clip' or 'hf_clip' CLIP text towers)"
         )
     new = copy.deepcopy(tower)
-    table = stretch_table(pos, new_length, mode, keep)
-    new.positional_embedding = nn.Parameter(table, requires_grad=pos.requires_grad)
+    if isinstance(hf_table, nn.Embedding):
+        table = stretch_table(hf_table.weight, new_length, mode, keep)  # (new, D)
+        e = new.text_model.embeddings
+        e.position_embedding = nn.Embedding.from_pretrained(table, freeze=False)
+        e.position_embedding.weight.requires_grad_(hf_table.weight.requires_grad)
+        ids = torch.arange(new_length, device=table.device)[None]
+        e.register_buffer("position_ids", ids, persistent=False)
+        new.text_model.config.max_position_embeddings = new_length
+    else:
+        table = stretch_table(pos, new_length, mode, keep)
+        new.positional_embedding = nn.Parameter(table, requires_grad=pos.requires_grad)
     new.context_length = new_length
     new.tokenizer = copy.copy(tower.tokenizer)
-    new.tokenizer.context_length = new_length
-    if getattr(new.tokenizer, "_tok", None) is not None:
-        new.tokenizer._tok = None  # open_clip's SimpleTokenizer holds its own length
+    new.tokenizer.context_length = new_length  # the BPE/HF objects inside only encode: shared
     if isinstance(getattr(new, "attn_mask", None), torch.Tensor):
-        mask = torch.full((new_length, new_length), float("-inf"), device=pos.device).triu_(1)
+        mask = torch.full((new_length, new_length), float("-inf"), device=table.device).triu_(1)
         new.attn_mask = mask.to(new.attn_mask.dtype)
     return new
 
