@@ -8,7 +8,8 @@ of the task, without training (``finegrain.encoders.text_transformer.stretch_pos
 rows (0 = Long-CLIP's 4x: 77 -> 248); texts longer than that are still cut.
 
 Either way ``art["protocol"]`` records ``context_length`` (the effective one), ``truncation``
-(the policy, with the stretch mode/keep) and ``truncated_texts``: how many of the texts had more
+(the policy in words; with ``stretch``: its mode, keep and original length) and
+``truncated_texts``: how many of the texts had more
 tokens (start and end tokens included) than the effective context (counted with the tower's
 own tokenizer before cutting). Nothing is ever refused for being long.
 """
@@ -75,9 +76,12 @@ def text_policy(ctx: EvalContext, cfg: Any, texts: list[str]) -> Iterator[tuple[
     native = int(getattr(tower, "context_length", 0) or 0)
     if policy == "model":
         length = cfg.context_length or native
-        info = {"context_length": length, "truncation": "model"}
+        info = {
+            "context_length": length or None,
+            "truncation": f"truncate to {length} tokens" if length else "the method's own",
+        }
         tok = getattr(tower, "tokenizer", None)
-        info["truncated_texts"] = _count(tok, texts, length) if tok is not None else None
+        info["truncated_texts"] = _count(tok, texts, length) if tok and length else None
         yield cfg.context_length, info
         return
     keep, mode = int(cfg.stretch_keep), cfg.stretch_mode
@@ -91,8 +95,8 @@ def text_policy(ctx: EvalContext, cfg: Any, texts: list[str]) -> Iterator[tuple[
     stretched.stretch_mode, stretched.stretch_keep = mode, keep
     info = {
         "context_length": target,
-        "truncation": f"stretch:{mode}" + (f":keep{keep}" if mode == "longclip" else ""),
-        "native_context_length": native,
+        "truncation": f"stretch {native} -> {target} positions, then truncate to {target} tokens",
+        "stretch": {"mode": mode, "from": native, **({"keep": keep} if mode == "longclip" else {})},
         "truncated_texts": _count(stretched.tokenizer, texts, target),
     }
     old = _swap_text(m, stretched)

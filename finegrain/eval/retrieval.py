@@ -17,7 +17,6 @@ favour. Recalls are fractions in [0, 1] like CLIP_benchmark's.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
@@ -148,8 +147,8 @@ def score_matrix(ctx: EvalContext, cfg: RetrievalTaskConfig, data: RetrievalData
 def evaluate_retrieval(
     ctx: EvalContext, cfg: RetrievalTaskConfig, data: RetrievalData
 ) -> tuple[dict[str, float], dict]:
-    """Metrics and the artefacts plots need (scores, ranks, protocol: counts, chance recalls,
-    context length and truncation policy, ``finegrain.eval.long_text``)."""
+    """Metrics and the artefacts plots need (scores, ranks, protocol: context length and
+    truncation policy, ``finegrain.eval.long_text``)."""
     with text_policy(ctx, cfg, data.texts) as (length, text_info):
         run_cfg = dataclasses.replace(cfg, context_length=length)
         scores, key_t2i, key_i2t = score_matrix(ctx, run_cfg, data)
@@ -157,24 +156,6 @@ def evaluate_retrieval(
     t2i, _ = retrieval_ranks(key_t2i, owner)
     _, i2t = retrieval_ranks(key_i2t, owner)
     metrics = rank_metrics(t2i, i2t)
-    protocol = {
-        "n_images": len(data.images),
-        "n_texts": len(data.texts),
-        "scoring": cfg.scoring,
-        "chance": chance_recalls(owner, len(data.images)),
-        **text_info,
-    }
-    return metrics, {"scores": key_t2i, "t2i_ranks": t2i, "i2t_ranks": i2t, "protocol": protocol}
-
-
-def chance_recalls(text_to_image: torch.Tensor, n_images: int) -> dict[str, float]:
-    """Expected recall@k of a uniformly random ranking: text->image k / Ni; image->text
-    1 - C(Nt - g_i, k) / C(Nt, k) averaged over images with g_i ground-truth texts."""
-    nt = int(text_to_image.numel())
-    g = torch.bincount(text_to_image, minlength=n_images).tolist()
-    out = {}
-    for k in KS:
-        out[f"image_retrieval_recall@{k}"] = min(k, n_images) / max(n_images, 1)
-        miss = [math.comb(nt - gi, k) / math.comb(nt, k) if k <= nt else 0.0 for gi in g]
-        out[f"text_retrieval_recall@{k}"] = 1.0 - sum(miss) / max(len(miss), 1)
-    return out
+    # counts and chance recalls come from the data (finegrain.eval.protocol); the text policy
+    # (context length, truncation, cut texts) only from here
+    return metrics, {"scores": key_t2i, "t2i_ranks": t2i, "i2t_ranks": i2t, "protocol": text_info}

@@ -197,13 +197,6 @@ def evaluate_zeroshot(
         run_cfg = dataclasses.replace(cfg, context_length=length)
         logits = zeroshot_logits(ctx, run_cfg, data, prompts, raw)
     labels = torch.tensor(data.labels)
-    c = len(data.classnames)
-    protocol = {
-        "n_images": len(data.images),
-        "n_texts": len(texts),
-        "n_classes": c,
-        "chance": {"acc1": 1 / c, "acc5": min(5, c) / c, "mean_per_class_recall": 1 / c},
-        **text_info,
-    }
+    protocol = {"n_prompts": len(texts), **text_info}  # counts/chance: finegrain.eval.protocol
     art = {"logits": logits, "labels": labels, "protocol": protocol}
     return classification_metrics(logits, labels), art
