@@ -5,16 +5,16 @@ outputs follow one of
 - ``maskclip`` (Zhou et al., ECCV 2022, "Extract Free Dense Labels from CLIP"): the value
   path only, no query-key attention: o = W_out (W_v LN_1(x)). Released code
   (chongzhou96/MaskCLIP, ``mmseg/models/backbones/vit.py``, ``return_qkv``) keeps the block's
-  residual and FFN on it: y = x + o; y = y + MLP(LN_2(y)) (``block="released"``). The paper
-  speaks of the value embedding alone; ``block="attention_only"`` gives y = o.
+  residual and FFN on it: y = x + o; y = y + MLP(LN_2(y)) (``block="released"``); the value
+  embedding alone, as several re-implementations use it, is ``block="attention_only"`` (y = o).
 - ``sclip`` (Wang et al., ECCV 2024, "SCLIP: Rethinking Self-Attention for Dense
-  Vision-Language Inference", correlative self-attention, Eq. 5):
+  Vision-Language Inference", Sec. 3, correlative self-attention):
   A = softmax(q q^T s) + softmax(k k^T s), o = W_out (A v). The paper writes CSA with one
   projection W_r, softmax(x W_r (x W_r)^T); its released code (wangf3014/SCLIP,
   ``clip/model.py`` ``custom_attn(csa=True)``) reuses W_q and W_k as two such projections and
   sums the softmaxes, which we follow; it keeps the block's residual and FFN
   (``block="released"``).
-- ``naclip`` (Hajimiri et al., WACV 2025, "Pay Attention to Your Neighbours", Eq. 6-8):
+- ``naclip`` (Hajimiri et al., WACV 2025, "Pay Attention to Your Neighbours", Sec. 3):
   A = softmax(k k^T s + Omega), Omega_ij = exp(-||p_i - p_j||^2 / (2 sigma^2)) over patch grid
   positions p (zero on rows/columns of prefix tokens, as ``get_attention_addition`` with
   ``adjust_for_cls``), sigma = ``gaussian_std`` (5 in the released code);
@@ -78,7 +78,7 @@ class BlockParts:
 
 def gaussian_window(grid: tuple[int, int], std: float) -> torch.Tensor:
     """(N, N) Omega_ij = exp(-((r_i - r_j)^2 + (c_i - c_j)^2) / (2 std^2)), N = h * w
-    row-major patches (NACLIP Eq. 7)."""
+    row-major patches (NACLIP's neighbourhood Gaussian; ``gaussian_window`` in its code)."""
     h, w = grid
     r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     p = torch.stack([r.flatten(), c.flatten()], 1).double()  # (N, 2)
