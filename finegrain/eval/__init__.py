@@ -76,6 +76,9 @@ def task_prefix(cfg: EvalTaskConfig) -> str:
         f"ctx{cfg.context_length}" if cfg.context_length else "",
         "bg" if getattr(cfg, "background", "") else "",
         f"{cfg.image_size}px" if getattr(cfg, "image_size", 0) else "",
+        "stretch" if getattr(cfg, "truncate", "model") == "stretch" else "",
+        v if (v := getattr(cfg, "dense_variant", "raw")) != "raw" else "",
+        f"slide{cfg.slide_size}" if getattr(cfg, "slide_size", 0) else "",
     ]
     variant = "+".join(m for m in mods if m)
     return "/".join(p for p in (cfg.task, cfg.dataset, variant) if p)

@@ -22,6 +22,7 @@ from finegrain.eval.containers import (
     SegmentationData,
 )
 from finegrain.eval.grouping import load_grouping_data
+from finegrain.eval.seg_formats import load_ade20k, load_coco_stuff
 from finegrain.eval.templates import load_classnames
 from finegrain.registry import suggest
 
@@ -113,7 +114,7 @@ RETRIEVAL_FORMATS = {
     "wds": lambda p, r, c: formats.load_wds_retrieval(str(p), c.limit),
 }
 CLASSIFICATION_FORMATS = ("imagefolder", "manifest", "wds")
-SEGMENTATION_FORMATS = ("voc",)
+SEGMENTATION_FORMATS = ("voc", "coco_stuff", "ade20k")  # finegrain.eval.seg_formats
 
 
 def _check_dataset(cfg: EvalTaskConfig, formats_: dict[str, Any]) -> None:
@@ -144,7 +145,8 @@ def load_task_data(cfg: EvalTaskConfig, image_size: int = 64) -> Any:
         return _classification(cfg, path, root)
     if cfg.task == "segmentation":
         _check_dataset(cfg, SEGMENTATION_FORMATS)
-        images, masks, names = formats.load_voc(path, cfg.split)
+        load = {"voc": formats.load_voc, "coco_stuff": load_coco_stuff, "ade20k": load_ade20k}
+        images, masks, names = load[cfg.dataset](path, cfg.split)
         if cfg.classnames:
             names = load_classnames(cfg.classnames)
         return SegmentationData(_limit(images, cfg.limit), _limit(masks, cfg.limit), names)
