@@ -79,6 +79,8 @@ def task_prefix(cfg: EvalTaskConfig) -> str:
         "stretch" if getattr(cfg, "truncate", "model") == "stretch" else "",
         v if (v := getattr(cfg, "dense_variant", "raw")) != "raw" else "",
         f"slide{cfg.slide_size}" if getattr(cfg, "slide_size", 0) else "",
+        b if (b := getattr(cfg, "dense_block", "released")) != "released" else "",
+        f"sigma{g:g}" if (g := getattr(cfg, "gaussian_std", 5.0)) != 5.0 else "",
     ]
     variant = "+".join(m for m in mods if m)
     return "/".join(p for p in (cfg.task, cfg.dataset, variant) if p)
