@@ -109,3 +109,18 @@ def test_eval_cli_writes_protocol_json_with_step_and_seed(tmp_path, capsys):
     assert card["seed"] == 5 and card["n_images"] == 8 and card["step"] == 12
     assert card["checkpoint"] == str(weights)
     assert "| N | chance |" in capsys.readouterr().out
+
+
+def test_eval_help_lists_every_task_kind_its_datasets_and_options(capsys):
+    from finegrain.eval.config import task_config_class
+    from finegrain.eval.datasets import task_datasets
+    from finegrain.registry import EVAL_TASK_CONFIGS
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for kind, _ in EVAL_TASK_CONFIGS.items():
+        assert f"  {kind}: datasets {', '.join(task_datasets(kind))}" in text
+    assert "dense_variant='raw'" in text and "num_groups=8" in text
+    assert task_datasets("linear_probe") == ["synthetic", "voc"]  # from its Literal field
+    assert task_config_class("retrieval") and "flickr8k" in task_datasets("retrieval")

@@ -117,6 +117,31 @@ CLASSIFICATION_FORMATS = ("imagefolder", "manifest", "wds")
 SEGMENTATION_FORMATS = ("voc", "coco_stuff", "ade20k")  # finegrain.eval.seg_formats
 
 
+def task_datasets(task: str) -> list[str]:
+    """The datasets a task kind accepts (for ``finegrain eval --help`` and error messages):
+    the core kinds' formats here, else the ``Literal`` choices of the kind's ``dataset`` field,
+    else its ``DATASETS`` class attribute (task kinds added by other modules)."""
+    import dataclasses
+    import typing
+
+    from finegrain.eval.config import task_config_class
+    from finegrain.eval.grouping import GROUPING_DATASETS
+
+    core = {"retrieval": list(RETRIEVAL_FORMATS), "zeroshot": list(CLASSIFICATION_FORMATS),
+            "segmentation": list(SEGMENTATION_FORMATS), "grouping": list(GROUPING_DATASETS)}  # fmt: skip
+    if task in core:
+        return list(dict.fromkeys(["synthetic", *core[task]]))
+    cls = task_config_class(task)
+    hints = typing.get_type_hints(cls)
+    if typing.get_origin(hints.get("dataset")) is typing.Literal:
+        return list(typing.get_args(hints["dataset"]))
+    declared = getattr(cls, "DATASETS", None)
+    if declared:
+        return list(declared)
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == "dataset")
+    return [str(default)]
+
+
 def _check_dataset(cfg: EvalTaskConfig, formats_: dict[str, Any]) -> None:
     """A ValueError naming the valid datasets of the task (the built-in scenes included)."""
     if cfg.dataset not in formats_:
