@@ -30,6 +30,7 @@ from finegrain.eval.config import (
 from finegrain.eval.datasets import load_task_data
 from finegrain.eval.grouping import evaluate_grouping
 from finegrain.eval.linear_probe import evaluate_linear_probe
+from finegrain.eval.protocol import protocol_card
 from finegrain.eval.regions import evaluate_regions
 from finegrain.eval.report import markdown_table, write_report
 from finegrain.eval.retrieval import evaluate_retrieval
@@ -80,6 +81,11 @@ def task_prefix(cfg: EvalTaskConfig) -> str:
         getattr(cfg, "mode", ""),  # region tasks: crop | roialign | regions
         "released" if getattr(cfg, "region_scoring", "iou") != "iou" else "",
         f"margin{cfg.margin:g}" if getattr(cfg, "margin", 0) else "",
+        "stretch" if getattr(cfg, "truncate", "model") == "stretch" else "",
+        v if (v := getattr(cfg, "dense_variant", "raw")) != "raw" else "",
+        f"slide{cfg.slide_size}" if getattr(cfg, "slide_size", 0) else "",
+        b if (b := getattr(cfg, "dense_block", "released")) != "released" else "",
+        f"sigma{g:g}" if (g := getattr(cfg, "gaussian_std", 5.0)) != 5.0 else "",
     ]
     variant = "+".join(m for m in mods if m)
     return "/".join(p for p in (cfg.task, cfg.dataset, variant) if p)
@@ -117,11 +123,15 @@ def run_tasks(
     out_dir: str | Path | None = None,
     progress: bool = True,
     data_cfg: DataConfig | None = None,
+    protocols: dict[str, dict] | None = None,
+    run_info: dict | None = None,
 ) -> dict[str, float]:
     """Run every task; plots (and nothing else) are written only when ``out_dir`` is given.
 
     ``data_cfg`` supplies the normalisation mean/std of the run; without it, the
     ``config.yaml`` of a run directory holding ``out_dir`` is used, else CLIP's mean/std.
+    ``protocols``, when given, receives the protocol card of each task under its result prefix
+    (``finegrain.eval.protocol``); ``run_info`` (checkpoint, step, seed) joins every card.
     Restores the method's train/eval mode afterwards.
     """
     for i, cfg in enumerate(tasks):
@@ -144,6 +154,8 @@ def run_tasks(
             assert not dup, f"two tasks share the result prefix '{prefix}'; set name= on one"
             results.update({f"{prefix}/{k}": float(v) for k, v in metrics.items()})
             results[f"{prefix}/seconds"] = time.perf_counter() - t0
+            if protocols is not None:
+                protocols[prefix] = protocol_card(ctx, cfg, data, art, run_info)
             if out_dir is not None:
                 from finegrain.eval.plots import save_task_plots  # matplotlib: only for plots
 

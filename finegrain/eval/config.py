@@ -87,6 +87,12 @@ class ZeroShotTaskConfig(EvalTaskConfig):
     # class's raw descriptors; "max_query" = max over region queries of <r_q, class vector>
     region_score: Literal["released", "max_query"] = "released"
     memory_budget_mb: int = 1024  # text-conditioned scoring: max memory of one chunk
+    # texts past the context: "model" cuts them at context_length (0 = the tower's); "stretch"
+    # stretches the text tower's positions to context_length (0 = Long-CLIP's 4x) without
+    # training (finegrain.eval.long_text); the count of cut texts goes into the protocol
+    truncate: Literal["model", "stretch"] = "model"
+    stretch_mode: Literal["longclip", "linear"] = "longclip"
+    stretch_keep: int = 20  # longclip: first positions kept as they are
 
 
 @task_kind("retrieval")
@@ -98,6 +104,12 @@ class RetrievalTaskConfig(EvalTaskConfig):
     scoring: Literal["global", "conditioned", "rerank"] = "global"
     rerank_k: int = 20
     memory_budget_mb: int = 1024  # text-conditioned scoring: max memory of one images x texts chunk
+    # texts past the context: "model" cuts them at context_length (0 = the tower's); "stretch"
+    # stretches the text tower's positions to context_length (0 = Long-CLIP's 4x) without
+    # training (finegrain.eval.long_text); the count of cut texts goes into the protocol
+    truncate: Literal["model", "stretch"] = "model"
+    stretch_mode: Literal["longclip", "linear"] = "longclip"
+    stretch_keep: int = 20  # longclip: first positions kept as they are
 
 
 @task_kind("segmentation")
@@ -111,6 +123,15 @@ class SegmentationTaskConfig(EvalTaskConfig):
     background_threshold: float = 0.0  # > 0: predict background where the best similarity is lower
     background: str = ""  # comma-separated background prompts; their argmax is background (CLIPpy)
     image_size: int = 0  # inference resolution (0 = the model's; larger = more patches)
+    # last-block variant of the image tower (finegrain.encoders.dense): raw | maskclip | sclip |
+    # naclip; dense_block: "released" = each reference's code, or attention_only / residual_ffn
+    dense_variant: Literal["raw", "maskclip", "sclip", "naclip"] = "raw"
+    dense_block: Literal["released", "attention_only", "residual_ffn"] = "released"
+    gaussian_std: float = 5.0  # naclip neighbourhood window (NACLIP's released default)
+    # sliding windows: resize the short side to slide_size (0 = whole image squashed to the
+    # model size), windows of the model's input size every slide_stride pixels, logits averaged
+    slide_size: int = 0
+    slide_stride: int = 0  # 0 = half the window (SCLIP/NACLIP: 112 for 224-pixel windows)
 
 
 @task_kind("grouping")
@@ -151,6 +172,7 @@ class RegionTaskConfig(EvalTaskConfig):
     (variant shape | color), coco | lvis (``path`` = the instance JSON, ``image_root``)."""
 
     task: Literal["region"] = "region"
+    dataset: Literal["synthetic", "coco", "lvis"] = "synthetic"
     # crop: encode the cropped box | roialign: pool dense_features | regions: region embeddings
     mode: Literal["crop", "roialign", "regions"] = "crop"
     margin: float = 0.0  # context on each side of a box, as a fraction of its width/height
