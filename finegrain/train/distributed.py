@@ -83,7 +83,7 @@ def attempt_store(timeout: timedelta) -> dist.Store | None:
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     client = dist.TCPStore(host, port, is_master=False, timeout=timeout)
-    return dist.PrefixStore(f"finegrain/attempt_{attempt}/", client)
+    return dist.PrefixStore(f"finegrain/attempt_{attempt}", client)
 
 
 def cleanup() -> None:

@@ -42,11 +42,33 @@ def _torchrun(out: Path, fault: str, *extra: str, restarts: int = 0,
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
 
 
-@pytest.mark.skip(
-    reason="the restarted attempt intermittently hangs in gloo process-group creation "
-    "(init_process_group after an elastic restart; seen in 2 of 4 runs on 2 loaded cores): "
-    "not yet understood, so it must not gate CI (see the issue 17 note)"
-)
+def test_attempt_store_hides_keys_of_the_killed_attempt(monkeypatch):
+    """The root cause of restarts hanging in gloo init: torchrun's agent keeps one TCPStore for
+    every attempt, so the process group's keys must be scoped to the attempt."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from finegrain.train.distributed import attempt_store
+
+    server = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=5)
+    )
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(server.port),
+           "TORCHELASTIC_USE_AGENT_STORE": "True"}  # fmt: skip
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    attempt_store(timedelta(seconds=5)).set("rank_0", "address of the killed attempt")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    fresh = attempt_store(timedelta(seconds=5))
+    assert not fresh.check(["rank_0"]), "a restarted attempt must not see the old keys"
+    fresh.set("rank_0", "new")
+    assert server.get("finegrain/attempt_1/rank_0") == b"new"
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # rank 0 hosts a fresh store
+    assert attempt_store(timedelta(seconds=5)) is None
+
+
 def test_killed_rank_restarts_from_last_checkpoint_same_result(tmp_path, faults):
     ref = _torchrun(tmp_path / "ref", "none")
     assert ref.returncode == 0, ref.stderr[-3000:]
