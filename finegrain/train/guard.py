@@ -213,6 +213,12 @@ def explain_distributed_error(e: BaseException, timeout_s: float) -> Distributed
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     rank = os.environ.get("RANK", "?")
+    if not torch.distributed.is_initialized():  # failed while setting up, not in a collective
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        return DistributedTimeout(
+            f"rank {rank}: could not set up the process group with the other ranks ({first}); "
+            "check that every rank started and can reach MASTER_ADDR:MASTER_PORT"
+        )
     if is_peer_lost(e):  # torchrun restarts or ends the job
         return DistributedTimeout(
             f"rank {rank}: another rank's process died during a collective (see its log); "

@@ -69,6 +69,19 @@ def test_attempt_store_hides_keys_of_the_killed_attempt(monkeypatch):
     assert attempt_store(timedelta(seconds=5)) is None
 
 
+def test_setup_failure_is_not_called_a_collective_timeout(monkeypatch):
+    """A rank that cannot join the process group (what the stale-key hang ended in) gets a
+    setup message, not the collective-timeout advice to raise train.timeout_s."""
+    from finegrain.train.guard import explain_distributed_error
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    err = RuntimeError("Gloo connectFullMesh failed with [pair.cc:152] timed out connecting")
+    msg = str(explain_distributed_error(err, 1800))
+    assert msg.startswith("rank 1: could not set up the process group"), msg
+    assert "timeout_s" not in msg and "\n" not in msg
+
+
 def test_killed_rank_restarts_from_last_checkpoint_same_result(tmp_path, faults):
     ref = _torchrun(tmp_path / "ref", "none")
     assert ref.returncode == 0, ref.stderr[-3000:]
