@@ -14,6 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.constants import default_pg_timeout
 
 
 @dataclass
@@ -53,11 +54,36 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
     dev = resolve_device(device, local_rank)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
+        timeout = timedelta(seconds=timeout_s) if timeout_s else default_pg_timeout
         kwargs: dict = {"device_id": dev} if dev.type == "cuda" else {}
-        if timeout_s:
-            kwargs["timeout"] = timedelta(seconds=timeout_s)
-        dist.init_process_group(backend=backend, **kwargs)
+        store = attempt_store(timeout)
+        if store is not None:
+            kwargs.update(store=store, rank=rank, world_size=world)
+        dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def attempt_store(timeout: timedelta) -> dist.Store | None:
+    """The process group's store under torchrun, scoped to this restart attempt; None (plain
+    ``env://``) when torchrun's agent does not host the store.
+
+    Since torch 2.4 the c10d rendezvous shares one agent-hosted ``TCPStore`` with the workers
+    (``TORCHELASTIC_USE_AGENT_STORE=True``), and in this torch it outlives a restart: same
+    ``MASTER_PORT``, keys of the killed attempt still there. ``init_process_group`` writes
+    every attempt's keys under the same names, so after ``--max-restarts`` a rank that reaches
+    gloo's (or NCCL's) rendezvous first reads its peer's *previous* address and hangs in
+    ``connectFullMesh`` until the timeout (or fails with "connection refused"), depending on
+    which rank is first. A ``TORCHELASTIC_RESTART_COUNT`` prefix gives each attempt its own
+    keys (what torch did itself up to 2.3). That count is kept per agent: on several nodes,
+    where agents can restart a different number of times, launch with
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (rank 0 then hosts a fresh store each attempt
+    and this function returns None)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    client = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"finegrain/attempt_{attempt}", client)
 
 
 def cleanup() -> None:

@@ -198,6 +198,41 @@ def signal_name(signum: int) -> str:
     return signal.Signals(signum).name if signum else ""
 
 
+def agreed_stop_signal(stop: StopSignals, device: torch.device, distributed: bool) -> str:
+    """The first SIGINT/SIGTERM any rank received ('' when none), agreed by every rank at a
+    step boundary (collective when ``distributed``), so all ranks stop at the same step."""
+    flag = float(stop.requested)
+    if distributed:
+        flag = dist_utils.all_reduce_max(flag, device)
+    return signal_name(int(flag))
+
+
+def explain_distributed_error(e: BaseException, timeout_s: float) -> DistributedTimeout | None:
+    """A one-line ``DistributedTimeout`` for a collective that failed because another rank died
+    or hung (None when ``e`` is something else, or the run is not distributed)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    rank = os.environ.get("RANK", "?")
+    if not torch.distributed.is_initialized():  # failed while setting up, not in a collective
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        return DistributedTimeout(
+            f"rank {rank}: could not set up the process group with the other ranks ({first}); "
+            "check that every rank started and can reach MASTER_ADDR:MASTER_PORT"
+        )
+    if is_peer_lost(e):  # torchrun restarts or ends the job
+        return DistributedTimeout(
+            f"rank {rank}: another rank's process died during a collective (see its log); "
+            "under torchrun --max-restarts the job restarts from the last checkpoint"
+        )
+    if is_timeout(e):
+        return DistributedTimeout(
+            f"rank {rank}: a collective did not complete within train.timeout_s={timeout_s:g}s; "
+            "another rank hung or died (see its log); raise train.timeout_s if steps are "
+            "legitimately that slow"
+        )
+    return None
+
+
 def is_timeout(e: BaseException) -> bool:
     """Whether ``e`` is a process-group collective timing out (gloo / nccl wording)."""
     text = str(e).lower()
@@ -215,12 +250,14 @@ __all__ = [
     "DistributedTimeout",
     "RunDirInUse",
     "StopSignals",
+    "agreed_stop_signal",
     "archive_run",
     "check_run_dir",
     "claim_run_dir",
     "grads_finite",
     "nonfinite_grads",
     "describe_run",
+    "explain_distributed_error",
     "is_peer_lost",
     "is_timeout",
     "unique_dir",

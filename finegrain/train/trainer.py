@@ -5,16 +5,15 @@ The trainer knows only the method contract (``finegrain/methods/base.py``): ``fo
 ``after_optimizer_step``, ``make_transform``, ``make_collate``, ``fsdp_units``. It never looks
 at a method's name.
 
-Stats: the collate's ``batch["stats"]`` (summed over the micro-batches of a step) and the
-method's ``MethodOutput.stats`` are logged as ``stats/<name>`` (TensorBoard, console) and summed
-over the run into summary.json's ``"stats"`` (checkpointed, so a resumed run totals the same).
+Around the loop: ``resume`` (what a checkpoint holds for exact resume), ``evaluation``
+(eval during training), ``nonfinite`` (the NaN/inf policy), ``stats`` (per-step scalars and
+the stats channel), ``guard`` (run directory, stop signals, distributed failures).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -24,23 +23,20 @@ import torch
 
 from finegrain.config import finegrain_home, load_yaml, save_yaml, to_dict
 from finegrain.data.loader import build_train_loader
-from finegrain.eval import run_tasks, write_report
 from finegrain.methods.base import build_method
 from finegrain.outputs import MethodOutput
 from finegrain.run_config import RunConfig, validate_trainer
 from finegrain.train import checkpoint as ckpt
 from finegrain.train import distributed as dist_utils
-from finegrain.train import guard
+from finegrain.train import guard, nonfinite
+from finegrain.train.evaluation import evaluate_during_training
 from finegrain.train.guard import ensure_writable as ensure_writable  # re-exported
 from finegrain.train.logging import RunLogger, write_json
+from finegrain.train.nonfinite import NonFiniteLossError as NonFiniteLossError  # re-exported
 from finegrain.train.optim import build_optimizer, lr_at, set_lr
+from finegrain.train.resume import load_run_state, save_run_state
+from finegrain.train.stats import batch_size, step_scalars, step_stats
 from finegrain.train.step import exact_accumulation, to_device
-
-HEADLINE = ("recall@1", "acc1", "miou")  # metrics echoed on the console after an eval
-
-
-class NonFiniteLossError(ValueError):
-    """Raised under ``train.nan_policy=stop``; the message names the step and loss terms."""
 
 
 def resolve_run_dir(cfg: RunConfig, output_dir: str | None = None) -> Path:
@@ -90,12 +86,17 @@ class Trainer:
         self.step, self.skipped, self.stop_signal, self.overflows = 0, 0, "", 0
         self.stats: dict[str, float] = {}  # run totals of the stats channel
         _seed_all(cfg.seed + 1 + self.info.rank)  # per-rank training randomness
-        state = self._load(resume_dir) if resume_dir is not None else None
+        point = None
+        if resume_dir is not None:
+            point = load_run_state(resume_dir, method=self.method, scaler=self.scaler,
+                                   loader=self.loader, info=self.info)  # fmt: skip
+            self.step, self.skipped, self.stats = point.step, point.skipped, point.stats
         self.model = self._wrap()  # FSDP swaps parameters: the optimizer comes after
         self.optimizer = build_optimizer(self.method, self.t)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if state is not None:
-            self._load_optimizer(state["optimizer"])
+        if point is not None:
+            dist_utils.load_optimizer_state(self.method, self.optimizer, point.optimizer,
+                                            full=self._fsdp)  # fmt: skip
 
     # ---- setup ----------------------------------------------------------------------
     def _claim_run_dir(self, resume: str | None, overwrite: bool) -> Path | None:
@@ -111,35 +112,9 @@ class Trainer:
             return
         ckpt.check_same_method(saved, self.cfg, str(resume_dir))
 
-    def _load(self, resume_dir: Path) -> dict[str, Any]:
-        """Weights, scaler, RNG, data position and step; returns the state (optimizer later)."""
-        weights, state = ckpt.load_state(resume_dir)
-        ckpt.check_compatible(self.method, weights, str(resume_dir))
-        self.method.load_state_dict(weights)
-        self.scaler.load_state_dict(state["scaler"])
-        per_rank = state["per_rank"]
-        if len(per_rank) != self.info.world_size:
-            raise ValueError(
-                f"checkpoint {resume_dir} was written by {len(per_rank)} ranks, this run has "
-                f"{self.info.world_size}; exact resume needs the same world size"
-            )
-        mine = per_rank[self.info.rank]
-        if mine.get("data") is not None:
-            self.loader.load_state_dict(mine["data"])
-        ckpt.set_rng_state(mine["rng"])
-        self.step, self.skipped = int(state["step"]), int(state["skipped"])
-        self.stats = {k: float(v) for k, v in mine.get("stats", {}).items()}
-        return state
-
     @property
     def _fsdp(self) -> bool:
         return self.info.enabled and self.t.distributed == "fsdp"
-
-    def _load_optimizer(self, osd: dict[str, Any]) -> None:
-        dist_utils.load_optimizer_state(self.method, self.optimizer, osd, full=self._fsdp)
-
-    def _optimizer_state(self) -> dict[str, Any]:
-        return dist_utils.optimizer_state(self.method, self.optimizer, full=self._fsdp)
 
     def _wrap(self) -> torch.nn.Module:
         model: torch.nn.Module = self.method
@@ -168,20 +143,8 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------
     def _finite(self, out: MethodOutput) -> bool:
-        bad = 0.0 if bool(torch.isfinite(out.loss.detach()).item()) else 1.0
-        bad = dist_utils.all_reduce_max(bad, self.device)  # every rank takes the same branch
-        if bad == 0.0:
-            return True
-        if self.t.nan_policy == "stop":
-            values = {k: float(v.detach().float()) for k, v in out.losses.items()}
-            bad = [k for k, v in values.items() if not math.isfinite(v)]
-            terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-            raise NonFiniteLossError(
-                f"non-finite loss at step {self.step + 1}: loss={float(out.loss.detach().float())}"
-                f"{', ' + terms if terms else ''}{'; non-finite: ' + ', '.join(bad) if bad else ''}"
-                " (set train.nan_policy=skip to skip such steps)"
-            )
-        return False
+        """Loss finite on every rank (collective); raises under ``nan_policy=stop``."""
+        return nonfinite.loss_finite(out, self.step + 1, self.t.nan_policy, self.device)
 
     def train_step(self, micro: list[dict[str, Any]]) -> tuple[MethodOutput, bool]:
         """Gradients + update for one optimizer step; returns (output, applied)."""
@@ -223,19 +186,10 @@ class Trainer:
         return out, True
 
     def _grads_finite(self) -> bool:
-        """All gradients finite (every rank agrees); under ``nan_policy=stop`` a non-finite one
-        raises naming the parameters and the step. fp16 runs leave this to ``GradScaler``."""
-        ok = guard.grads_finite(self.params)
-        if dist_utils.all_reduce_max(0.0 if ok else 1.0, self.device) == 0.0:
-            return True
-        if self.t.nan_policy == "stop":
-            bad = guard.nonfinite_grads(self.method)
-            where = f" in {', '.join(bad[:3])}{f' (+{len(bad) - 3} more)' if len(bad) > 3 else ''}"
-            raise NonFiniteLossError(
-                f"non-finite gradient at step {self.step + 1}{where if bad else ' on another rank'}"
-                " with a finite loss (set train.nan_policy=skip to skip such steps)"
-            )
-        return False
+        """All gradients finite (every rank agrees); raises under ``nan_policy=stop``. fp16
+        runs leave this to ``GradScaler``."""
+        return nonfinite.grads_finite(self.params, self.method, self.step + 1,
+                                      self.t.nan_policy, self.device)  # fmt: skip
 
     # ---- the loop -------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -296,11 +250,8 @@ class Trainer:
 
     def _stop_requested(self, stop: guard.StopSignals) -> bool:
         """Whether any rank got SIGINT/SIGTERM (agreed by all ranks at this step boundary)."""
-        flag = float(stop.requested)
-        if self.info.enabled:
-            flag = dist_utils.all_reduce_max(flag, self.device)
-        self.stop_signal = guard.signal_name(int(flag))
-        return flag > 0
+        self.stop_signal = guard.agreed_stop_signal(stop, self.device, self.info.enabled)
+        return bool(self.stop_signal)
 
     def _interrupt(self, log: RunLogger) -> str:
         path = self.save()
@@ -330,98 +281,30 @@ class Trainer:
         stats = step_stats(micro, out)
         for k, v in stats.items():
             self.stats[k] = self.stats.get(k, 0.0) + v
-        n = sum(_batch_size(b) for b in micro)
+        n = sum(batch_size(b) for b in micro)
         dt = time.perf_counter() - t0
-        scalars: dict[str, Any] = {
-            "loss": out.loss.detach(),
-            "lr": lr,
-            "data_wait_s": t1 - t0,
-            "step_time_s": dt,
-            "samples_per_s": n / max(dt, 1e-9),
-            "skipped_steps": self.skipped,
-        }
-        scalars.update({k: v.detach() for k, v in out.losses.items()})
-        scalars.update(out.metrics)
-        scalars.update({f"stats/{k}": v for k, v in stats.items()})
-        if self.step % self.t.log_every == 0 and hasattr(self.loader, "stats"):
-            scalars.update(
-                {
-                    f"data_{k}": v
-                    for k, v in self.loader.stats().items()
-                    if isinstance(v, (int, float))
-                }
-            )
+        with_data = self.step % self.t.log_every == 0 and hasattr(self.loader, "stats")
+        scalars = step_scalars(out, stats, lr=lr, samples=n, data_wait_s=t1 - t0,
+                               step_time_s=dt, skipped=self.skipped,
+                               loader_stats=self.loader.stats() if with_data else None)  # fmt: skip
         log.step(self.step, scalars, n / max(dt, 1e-9))
 
     # ---- checkpoint & eval ----------------------------------------------------------
     def save(self) -> Path | None:
         """Checkpoint (collective: every rank contributes its RNG and data position)."""
-        mine = {
-            "rng": ckpt.rng_state(),
-            "data": self.loader.state_dict() if hasattr(self.loader, "state_dict") else None,
-            "stats": dict(self.stats),
-        }
-        per_rank = [mine]
-        if self.info.enabled:
-            per_rank = [None] * self.info.world_size
-            torch.distributed.all_gather_object(per_rank, mine)
-        weights = ckpt.model_state(self.method)  # collective under FSDP (full_tensor)
-        optim_state = self._optimizer_state()
-        path = None
-        if self.info.is_main:
-            state = {
-                "step": self.step,
-                "skipped": self.skipped,
-                "per_rank": per_rank,
-                "optimizer": optim_state,
-                "scaler": self.scaler.state_dict(),
-            }
-            root = self.run_dir / "ckpt"
-            try:
-                path = ckpt.save_checkpoint(root, self.step, weights, state, self.t.keep_last)
-            except OSError as e:  # disk full, read-only, quota: stop, the last one is intact
-                prev = ckpt.latest_checkpoint(self.run_dir)
-                raise guard.CheckpointWriteError(
-                    f"cannot write the step {self.step} checkpoint under {root}: "
-                    f"{e.strerror or e}; the previous checkpoint "
-                    f"{prev.name if prev else '(none)'} is intact"
-                ) from None
-        dist_utils.barrier()
-        return path
+        return save_run_state(self.run_dir, step=self.step, skipped=self.skipped,
+                              method=self.method, optimizer=self.optimizer,
+                              scaler=self.scaler, loader=self.loader, stats=self.stats,
+                              info=self.info, fsdp=self._fsdp,
+                              keep_last=self.t.keep_last)  # fmt: skip
 
     def evaluate(self, log: RunLogger, final: bool = False) -> dict[str, float]:
         """Run ``cfg.eval.tasks`` on rank 0 (training RNG untouched); {} when none.
 
         The final evaluation also writes plots and ``eval/results.{json,md}``."""
-        tasks = list(self.cfg.eval.tasks)
-        results: dict[str, float] = {}
-        if tasks and self.info.is_main:
-            rng = ckpt.rng_state()
-            out_dir = guard.unique_dir(self.run_dir / "eval") if final else None
-            cards: dict[str, dict] = {}
-            info = {"checkpoint": str(self.run_dir), "step": self.step, "seed": self.cfg.seed}
-            try:
-                results = run_tasks(
-                    self.method,
-                    tasks,
-                    device=str(self.device),
-                    out_dir=out_dir,
-                    progress=False,
-                    data_cfg=self.cfg.data,
-                    protocols=cards,
-                    run_info=info,
-                )
-            finally:
-                self.method.train()
-                ckpt.set_rng_state(rng)
-            if out_dir is not None:
-                write_report(results, out_dir, cards)
-            log.metrics(self.step, results)
-            head = {k: v for k, v in results.items() if k.endswith(HEADLINE)}
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in head.items())
-            log.write(f"eval @ step {self.step}: {shown}")
-        dist_utils.barrier()
-        return results
+        return evaluate_during_training(self.method, self.cfg, run_dir=self.run_dir,
+                                        device=self.device, step=self.step, log=log,
+                                        is_main=self.info.is_main, final=final)  # fmt: skip
 
     def _summary(self, status: str, metrics: dict[str, float], wall: float, first: int) -> dict:
         stats = self.loader.stats() if hasattr(self.loader, "stats") else {}
@@ -445,25 +328,6 @@ class Trainer:
             except OSError as e:  # a full disk must not hide the error that stopped the run
                 warnings.warn(f"could not write summary.json: {e}", stacklevel=2)
         return summary
-
-
-def step_stats(micro: list[dict[str, Any]], out: MethodOutput) -> dict[str, float]:
-    """The stats channel of one step: ``batch["stats"]`` summed over the micro-batches, plus
-    the method's ``out.stats`` (a key in both is summed)."""
-    total: dict[str, float] = {}
-    for b in micro:
-        for k, v in (b.get("stats") or {}).items() if isinstance(b, dict) else ():
-            total[k] = total.get(k, 0.0) + float(v)
-    for k, v in out.stats.items():
-        total[k] = total.get(k, 0.0) + float(v)
-    return total
-
-
-def _batch_size(batch: Any) -> int:
-    for v in batch.values() if isinstance(batch, dict) else [batch]:
-        if isinstance(v, torch.Tensor) and v.dim() > 0:
-            return int(v.shape[0])
-    return 0
 
 
 def _seed_all(seed: int) -> None:
@@ -491,19 +355,9 @@ def train(
     try:
         return Trainer(cfg, resume=resume, output_dir=output_dir, overwrite=overwrite).fit()
     except RuntimeError as e:
-        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        if distributed and guard.is_peer_lost(e):  # torchrun restarts or ends the job
-            raise guard.DistributedTimeout(
-                f"rank {os.environ.get('RANK', '?')}: another rank's process died during a "
-                "collective (see its log); under torchrun --max-restarts the job restarts "
-                "from the last checkpoint"
-            ) from None
-        if distributed and guard.is_timeout(e):
-            raise guard.DistributedTimeout(
-                f"rank {os.environ.get('RANK', '?')}: a collective did not complete within "
-                f"train.timeout_s={cfg.train.timeout_s:g}s; another rank hung or died (see its "
-                "log); raise train.timeout_s if steps are legitimately that slow"
-            ) from None
+        explained = guard.explain_distributed_error(e, cfg.train.timeout_s)
+        if explained is not None:
+            raise explained from None
         raise
     finally:
         dist_utils.cleanup()

@@ -82,12 +82,13 @@ def toy_setup() -> list[tuple[object, str, object]]:
     tests = str(Path(__file__).resolve().parents[1])
     if tests not in sys.path:
         sys.path.insert(0, tests)
+    import finegrain.train.evaluation as evaluation
     import finegrain.train.trainer as trainer
     from finegrain.registry import RECIPES
 
     if "toy_faults" not in RECIPES:
         RECIPES.add("toy_faults", toy_faults_recipe)
-    return [(trainer, "build_train_loader", toy_loader), (trainer, "run_tasks", toy_eval)]
+    return [(trainer, "build_train_loader", toy_loader), (evaluation, "run_tasks", toy_eval)]
 
 
 def _applies() -> bool:
@@ -138,7 +139,7 @@ def install(fault: str) -> None:
         ckpt.save_file, ckpt.write_atomic_text = save_file, write_atomic_text
         ckpt.torch.save = torch_save
     elif kind == "eval":
-        import finegrain.train.trainer as ev
+        import finegrain.train.evaluation as ev
 
         orig_run, calls = ev.run_tasks, {"n": 0}
 
