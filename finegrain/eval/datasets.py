@@ -15,6 +15,7 @@ from typing import Any
 from finegrain.config import finegrain_home
 from finegrain.data.synthetic_sets import eval_split
 from finegrain.eval import formats
+from finegrain.eval.compositional_data import load_compositional_data
 from finegrain.eval.config import EvalTaskConfig, ZeroShotTaskConfig
 from finegrain.eval.containers import (
     ClassificationData,
@@ -22,6 +23,7 @@ from finegrain.eval.containers import (
     SegmentationData,
 )
 from finegrain.eval.grouping import load_grouping_data
+from finegrain.eval.hardneg_data import load_hardneg_data
 from finegrain.eval.templates import load_classnames
 from finegrain.registry import suggest
 
@@ -132,6 +134,10 @@ def load_task_data(cfg: EvalTaskConfig, image_size: int = 64) -> Any:
         return load_grouping_data(cfg, image_size)
     if cfg.task == "linear_probe":  # two splits (train the head / measure), own config kind
         return load_probe_data(cfg, image_size)
+    if cfg.task == "hardneg":  # boxes with hard-negative descriptions (own loaders)
+        return load_hardneg_data(cfg, image_size)
+    if cfg.task == "compositional":  # captions vs negatives, 2x2 groups (own loaders)
+        return load_compositional_data(cfg, image_size)
     if cfg.dataset == "synthetic":
         return _synthetic(cfg, image_size)
     path, root = _default_path(cfg), cfg.image_root
