@@ -94,6 +94,11 @@ def _fgovd_fixture(tmp_path):
     return bench, root
 
 
+class _DotConditioned(ToyMethod):
+    def score_features(self, image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+        return image_feats @ text_feats.t()
+
+
 def test_fgovd_benchmark_layout_crops_and_counts(tmp_path):
     bench, root = _fgovd_fixture(tmp_path)
     data = load_fgovd(bench, str(root), "1_attributes")
@@ -110,6 +115,11 @@ def test_fgovd_benchmark_layout_crops_and_counts(tmp_path):
     assert (p["n_images"], p["n_boxes"], p["n_negatives"], p["region"]) == (1, 3, 2, "crop")
     assert p["chance"]["acc1"] == pytest.approx(1 / 3) and p["skipped_no_negatives"] == 1
     assert p["benchmark"] == "FG-OVD hard (1_attributes)" and p["difficulty_levels"] == [1]
+    # text-conditioned scoring path (a dot product routed through score_features): same answer
+    cond = EvalTaskConfig(task="hardneg", scoring="conditioned", batch_size=2, crop_margin=0.0)
+    mc, ac = evaluate_hardneg(EvalContext.create(_DotConditioned(), progress=False), cond, data)
+    torch.testing.assert_close(torch.cat(ac["scores"]), torch.cat(art["scores"]), atol=1e-6, rtol=0)
+    assert mc["acc1"] == m["acc1"] and ac["protocol"]["scoring"] == "conditioned"
     # the whole image holds both colours: the box no longer decides
     whole = EvalTaskConfig(task="hardneg", dataset="fgovd", region="image")
     assert evaluate_hardneg(ctx, whole, data)[0]["acc1"] < 2 / 3

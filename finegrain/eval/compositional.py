@@ -142,7 +142,8 @@ def evaluate_compositional(
     skipped.update(data.skipped)
     if not items and not groups:
         raise ValueError(
-            f"compositional/{cfg.dataset}: nothing left to score; skipped: {dict(skipped) or 'none'}"
+            f"compositional/{cfg.dataset}: nothing left to score; "
+            f"skipped: {dict(skipped) or 'none'}"
         )
     texts, pairs = _pairs(items, groups)
     tindex = {t: j for j, t in enumerate(texts)}
@@ -150,10 +151,17 @@ def evaluate_compositional(
     qindex = {i: q for q, i in enumerate(used)}
     ptensor = torch.tensor([(qindex[i], tindex[t]) for i, t in pairs]).reshape(-1, 2)
     flat, failed = pair_scores(
-        ctx, data.images, [Query(i) for i in used], texts, ptensor, scoring=cfg.scoring,
-        batch_size=cfg.batch_size, context_length=cfg.context_length,
-        budget_mb=cfg.memory_budget_mb, task=f"compositional/{cfg.dataset}",
-    )  # fmt: skip
+        ctx,
+        data.images,
+        [Query(i) for i in used],
+        texts,
+        ptensor,
+        scoring=cfg.scoring,
+        batch_size=cfg.batch_size,
+        context_length=cfg.context_length,
+        budget_mb=cfg.memory_budget_mb,
+        task=f"compositional/{cfg.dataset}",
+    )
     bad = {used[q] for q in failed}
     n_item = sum(1 + len(it.negatives) for it in items)
     per_item = list(flat[:n_item].split([1 + len(it.negatives) for it in items]))
@@ -190,5 +198,6 @@ def evaluate_compositional(
         **skips,
         **data.info,
     }
-    art = {"items": kept_items, "groups": kept_groups, "protocol": protocol}
+    # every scored (image, text) pair: items' caption + negatives in order, then groups' [c][i]
+    art = {"items": kept_items, "groups": kept_groups, "pair_scores": flat, "protocol": protocol}
     return metrics, art

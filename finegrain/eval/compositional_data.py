@@ -62,7 +62,9 @@ def relation(a: dict, b: dict) -> str | None:
 
 
 def relation_caption(a: dict, rel: str, b: dict) -> str:
-    return f"{noun_phrase(a['color'], a['shape'])} {RELATIONS[rel]} {noun_phrase(b['color'], b['shape'])}"
+    """'a red circle to the left of a blue square'."""
+    first, second = noun_phrase(a["color"], a["shape"]), noun_phrase(b["color"], b["shape"])
+    return f"{first} {RELATIONS[rel]} {second}"
 
 
 def scene_negatives(a: dict, b: dict, rel: str, rng: random.Random) -> list[tuple[str, str]]:
@@ -70,7 +72,8 @@ def scene_negatives(a: dict, b: dict, rel: str, rng: random.Random) -> list[tupl
     out = []
     swap = lambda o, key, v: {**o, key: v}  # noqa: E731
     if a["color"] != b["color"]:
-        out.append((relation_caption(swap(a, "color", b["color"]), rel, swap(b, "color", a["color"])), "swap_att"))  # fmt: skip
+        na, nb = swap(a, "color", b["color"]), swap(b, "color", a["color"])
+        out.append((relation_caption(na, rel, nb), "swap_att"))
     if (a["color"], a["shape"]) != (b["color"], b["shape"]):
         out.append((relation_caption(b, rel, a), "swap_obj"))
     target = rng.choice(["a", "b"])
@@ -94,27 +97,28 @@ def _two_objects(seed: int, image_size: int, objects: list[dict] | None = None) 
     return scene
 
 
+def pair_scenes(num: int, image_size: int, seed: int = 10_000) -> list[dict[str, Any]]:
+    """The ``num`` two-object scenes of the built-in ``pairs`` split (ground truth: objects)."""
+    scenes, i = [], 0
+    while len(scenes) < num:
+        scene = _two_objects(mix_seed("synthetic-eval", "compositional-pairs", seed, i), image_size)
+        i += 1
+        if scene is not None:
+            scenes.append(scene)
+    return scenes
+
+
 def synthetic_pairs(num: int, image_size: int, seed: int = 10_000) -> CompositionalData:
     images, items = [], []
-    i = 0
-    while len(images) < num:
-        s = mix_seed("synthetic-eval", "compositional-pairs", seed, i)
-        i += 1
-        scene = _two_objects(s, image_size)
-        if scene is None:
-            continue
+    for k, scene in enumerate(pair_scenes(num, image_size, seed)):
         a, b = scene["objects"]
         rel = relation(a, b)
-        negs = scene_negatives(a, b, rel, random.Random(s))
-        items.append(
-            CompositionalItem(
-                len(images), relation_caption(a, rel, b), [n for n, _ in negs], [k for _, k in negs]
-            )
-        )
+        negs = scene_negatives(a, b, rel, random.Random(mix_seed(seed, k, "negatives")))
+        caption = relation_caption(a, rel, b)
+        items.append(CompositionalItem(k, caption, [n for n, _ in negs], [x for _, x in negs]))
         images.append(scene["image"])
-    return CompositionalData(
-        images, items, info={"source": f"finegrain synthetic pairs, seed {seed}"}
-    )
+    info = {"source": f"finegrain synthetic pairs, seed {seed}"}
+    return CompositionalData(images, items, info=info)
 
 
 def _group(rng: random.Random, s: int, image_size: int, kind: str) -> tuple[Any, ...] | None:
@@ -136,28 +140,36 @@ def _group(rng: random.Random, s: int, image_size: int, kind: str) -> tuple[Any,
             continue
         (a, b), (a2, b2) = x["objects"], y["objects"]
         if kind == "attribute":
-            caps = (f"{noun_phrase(c0, s0)} and {noun_phrase(c1, s1)}",
-                    f"{noun_phrase(c1, s0)} and {noun_phrase(c0, s1)}")  # fmt: skip
-            return x["image"], y["image"], caps
+            caps = (
+                f"{noun_phrase(c0, s0)} and {noun_phrase(c1, s1)}",
+                f"{noun_phrase(c1, s0)} and {noun_phrase(c0, s1)}",
+            )
+            return x, y, caps
         r, r2 = relation(a, b), relation(a2, b2)
         if r2 == OPPOSITE[r]:
-            return x["image"], y["image"], (relation_caption(a, r, b), relation_caption(b, r, a))
+            return x, y, (relation_caption(a, r, b), relation_caption(b, r, a))
     return None
 
 
-def synthetic_winoground(num: int, image_size: int, seed: int = 10_000) -> CompositionalData:
-    images, groups = [], []
-    i = 0
-    while len(groups) < num:
+def winoground_scenes(num: int, image_size: int, seed: int = 10_000) -> list[tuple]:
+    """The ``num`` groups of the built-in ``winoground`` split: (kind, scene 0, scene 1,
+    (caption 0, caption 1)), alternating attribute and relation groups."""
+    out, i = [], 0
+    while len(out) < num:
         s = mix_seed("synthetic-eval", "compositional-winoground", seed, i)
         kind = ("attribute", "relation")[i % 2]
         i += 1
         made = _group(random.Random(s), s, image_size, kind)
-        if made is None:
-            continue
-        im0, im1, caps = made
+        if made is not None:
+            out.append((kind, *made))
+    return out
+
+
+def synthetic_winoground(num: int, image_size: int, seed: int = 10_000) -> CompositionalData:
+    images, groups = [], []
+    for kind, x, y, caps in winoground_scenes(num, image_size, seed):
         groups.append(WinogroundGroup((len(images), len(images) + 1), caps, kind))
-        images += [im0, im1]
+        images += [x["image"], y["image"]]
     info = {"source": f"finegrain synthetic winoground groups, seed {seed}"}
     return CompositionalData(images, groups=groups, info=info)
 
@@ -246,9 +258,12 @@ def load_winoground(path: Path, image_root: str, limit: int = 0) -> Compositiona
         if None in found:
             skipped["missing_image"] += 1
             continue
-        groups.append(WinogroundGroup((len(images), len(images) + 1), (str(caps[0]), str(caps[1])), str(r.get("collapsed_tag") or r.get("tag") or "")))  # fmt: skip
+        tag = str(r.get("collapsed_tag") or r.get("tag") or "")
+        pair = (len(images), len(images) + 1)
+        groups.append(WinogroundGroup(pair, (str(caps[0]), str(caps[1])), tag))
         images += found
-    return CompositionalData(images, groups=groups, skipped={k: v for k, v in skipped.items() if v}, info={"source": str(file)})  # fmt: skip
+    kept = {k: v for k, v in skipped.items() if v}
+    return CompositionalData(images, groups=groups, skipped=kept, info={"source": str(file)})
 
 
 def load_compositional_data(cfg: EvalTaskConfig, image_size: int) -> CompositionalData:
@@ -258,8 +273,9 @@ def load_compositional_data(cfg: EvalTaskConfig, image_size: int) -> Composition
         variant = cfg.variant or "pairs"
         if variant not in SYNTHETIC_VARIANTS:
             raise ValueError(
-                f"synthetic compositional variant '{variant}'{suggest(variant, list(SYNTHETIC_VARIANTS))};"
-                f" valid choices: {', '.join(SYNTHETIC_VARIANTS)}"
+                f"synthetic compositional variant '{variant}'"
+                f"{suggest(variant, list(SYNTHETIC_VARIANTS))}; "
+                f"valid choices: {', '.join(SYNTHETIC_VARIANTS)}"
             )
         make = synthetic_pairs if variant == "pairs" else synthetic_winoground
         return make(cfg.num_samples, image_size)

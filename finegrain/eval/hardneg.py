@@ -176,10 +176,18 @@ def evaluate_hardneg(
         [(owner[i], tindex[t]) for i, it in enumerate(items) for t in [it.positive, *it.negatives]]
     ).reshape(-1, 2)
     flat, failed = pair_scores(
-        ctx, data.images, queries, texts, pairs, scoring=cfg.scoring,
-        batch_size=cfg.batch_size, context_length=cfg.context_length,
-        margin=cfg.crop_margin, budget_mb=cfg.memory_budget_mb, task=f"hardneg/{cfg.dataset}",
-    )  # fmt: skip
+        ctx,
+        data.images,
+        queries,
+        texts,
+        pairs,
+        scoring=cfg.scoring,
+        batch_size=cfg.batch_size,
+        context_length=cfg.context_length,
+        margin=cfg.crop_margin,
+        budget_mb=cfg.memory_budget_mb,
+        task=f"hardneg/{cfg.dataset}",
+    )
     per_item = list(flat.split([1 + len(it.negatives) for it in items]))
     ok = [i for i in range(len(items)) if owner[i] not in failed]
     skipped["unreadable_image"] += len(items) - len(ok)

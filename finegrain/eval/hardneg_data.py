@@ -214,7 +214,7 @@ def load_fgovd(path: Path, image_root: str, variant: str = "", limit: int = 0) -
                 negs,
                 [diff] * n if diff else None,
                 [kind] * n if kind else None,
-            )  # fmt: skip
+            )
         )
     info = {"benchmark": f"FG-OVD {bench} ({stem})", "source": str(file)}
     return HardNegData(images, items, skipped={k: v for k, v in skipped.items() if v}, info=info)
