@@ -31,7 +31,7 @@ import torch
 from finegrain.eval.common import EvalContext
 from finegrain.eval.config import CompositionalTaskConfig
 from finegrain.eval.containers import ImageItem
-from finegrain.eval.pairs import Query, pair_scores, text_index
+from finegrain.eval.pairs import Query, count_summary, pair_scores, text_index
 
 SKIP_REASONS = (
     "missing_image",
@@ -124,29 +124,19 @@ def prepare_items(items: list[CompositionalItem]) -> tuple[list[CompositionalIte
     return kept, skipped
 
 
-def _pairs(items, groups) -> tuple[list[str], list[tuple[int, str]]]:
-    """Every (image, text) pair to score: items' caption + negatives, then each group's 4."""
+def _score(
+    ctx: EvalContext,
+    cfg: CompositionalTaskConfig,
+    data: CompositionalData,
+    items: list[CompositionalItem],
+    groups: list[WinogroundGroup],
+) -> tuple[torch.Tensor, set[int], int, int]:
+    """(P,) scores of every pair: items' caption + negatives in order, then each group's
+    [caption][image]; the images that could not be read; the number of images and texts."""
     pairs = [(it.image, t) for it in items for t in [it.positive, *it.negatives]]
     for g in groups:
-        pairs += [(i, c) for c in g.captions for i in g.images]  # order [c][i]
-    texts, _ = text_index([t for _, t in pairs])
-    return texts, pairs
-
-
-def evaluate_compositional(
-    ctx: EvalContext, cfg: CompositionalTaskConfig, data: CompositionalData
-) -> tuple[dict[str, float], dict]:
-    items, skipped = prepare_items(data.items)
-    groups = [g for g in data.groups if all(c.strip() for c in g.captions)]
-    skipped["empty_caption"] += len(data.groups) - len(groups)
-    skipped.update(data.skipped)
-    if not items and not groups:
-        raise ValueError(
-            f"compositional/{cfg.dataset}: nothing left to score; "
-            f"skipped: {dict(skipped) or 'none'}"
-        )
-    texts, pairs = _pairs(items, groups)
-    tindex = {t: j for j, t in enumerate(texts)}
+        pairs += [(i, c) for c in g.captions for i in g.images]
+    texts, tindex = text_index([t for _, t in pairs])
     used = sorted({i for i, _ in pairs})
     qindex = {i: q for q, i in enumerate(used)}
     ptensor = torch.tensor([(qindex[i], tindex[t]) for i, t in pairs]).reshape(-1, 2)
@@ -162,7 +152,22 @@ def evaluate_compositional(
         budget_mb=cfg.memory_budget_mb,
         task=f"compositional/{cfg.dataset}",
     )
-    bad = {used[q] for q in failed}
+    return flat, {used[q] for q in failed}, len(used) - len(failed), len(texts)
+
+
+def evaluate_compositional(
+    ctx: EvalContext, cfg: CompositionalTaskConfig, data: CompositionalData
+) -> tuple[dict[str, float], dict]:
+    items, skipped = prepare_items(data.items)
+    groups = [g for g in data.groups if all(c.strip() for c in g.captions)]
+    skipped["empty_caption"] += len(data.groups) - len(groups)
+    skipped.update(data.skipped)
+    if not items and not groups:
+        raise ValueError(
+            f"compositional/{cfg.dataset}: nothing left to score; "
+            f"skipped: {dict(skipped) or 'none'}"
+        )
+    flat, bad, n_images, n_texts = _score(ctx, cfg, data, items, groups)
     n_item = sum(1 + len(it.negatives) for it in items)
     per_item = list(flat[:n_item].split([1 + len(it.negatives) for it in items]))
     ok = [k for k, it in enumerate(items) if it.image not in bad]
@@ -184,13 +189,13 @@ def evaluate_compositional(
     metrics.update({k: float(v) for k, v in skips.items() if v})
     kept_items, kept_groups = [items[k] for k in ok], [groups[k] for k in gok]
     protocol = {
-        "n_images": len({i for i, _ in pairs} - bad),
+        "n_images": n_images,
         "n_items": len(kept_items),
         "n_pairs": sum(counts.values()),
         "n_pairs_per_kind": counts,
-        "n_negatives": sorted({len(it.negatives) for it in kept_items}),
+        "n_negatives": count_summary([len(it.negatives) for it in kept_items] or [0]),
         "n_groups": len(kept_groups),
-        "n_texts": len(texts),
+        "n_texts": n_texts,
         "chance": chance,
         "negatives": ",".join(sorted(counts)),
         "scoring": cfg.scoring,

@@ -29,7 +29,7 @@ import torch
 from finegrain.eval.common import EvalContext
 from finegrain.eval.config import HardNegTaskConfig
 from finegrain.eval.containers import ImageItem
-from finegrain.eval.pairs import Box, Query, clip_box, pair_scores, text_index
+from finegrain.eval.pairs import Box, Query, clip_box, count_summary, pair_scores, text_index
 
 SKIP_REASONS = (
     "missing_image",
@@ -203,14 +203,13 @@ def evaluate_hardneg(
 
 
 def _protocol(cfg, data, items, region, chance, counts, clipped, n_texts) -> dict:
-    n_neg = sorted({len(it.negatives) for it in items})
     kinds = sorted({k for it in items if it.kinds for k in it.kinds})
     diffs = sorted({d for it in items if it.diffs for d in it.diffs})
     return {
         "n_images": len({it.image for it in items}),
         "n_boxes": len(items),
         "n_texts": n_texts,
-        "n_negatives": n_neg[0] if len(n_neg) == 1 else {"min": n_neg[0], "max": n_neg[-1]},
+        "n_negatives": count_summary([len(it.negatives) for it in items]),
         "num_negatives": cfg.num_negatives,
         "chance": chance,
         "region": region,

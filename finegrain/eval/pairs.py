@@ -172,3 +172,10 @@ def text_index(texts: list[str]) -> tuple[list[str], dict[str, int]]:
     for t in texts:
         index.setdefault(t, len(index))
     return list(index), index
+
+
+def count_summary(values: list[int]) -> int | dict[str, float]:
+    """A protocol count: the value when all agree, else its min, max and mean."""
+    if len(set(values)) == 1:
+        return values[0]
+    return {"min": min(values), "max": max(values), "mean": sum(values) / max(1, len(values))}
