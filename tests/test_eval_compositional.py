@@ -99,7 +99,7 @@ def test_sugarcrepe_layout_with_toy_colours(tmp_path):
     assert m["skipped_missing_image"] == 1 and m["skipped_no_negatives"] == 1
     assert m["skipped_negative_same_as_positive"] == 1
     p = art["protocol"]
-    assert (p["n_images"], p["n_pairs"], p["n_groups"]) == (3, 4, 0)
+    assert (p["n_images"], p["n_pairs"], p["n_negatives"]) == (3, 4, 1) and "n_groups" not in p
     assert p["chance"] == {"acc_swap_att": 0.5, "acc_replace_rel": 0.5, "acc": 0.5}
     only = load_sugarcrepe(data_dir, str(coco), variant="replace_rel")
     assert {k for it in only.items for k in it.kinds} == {"replace_rel"}
@@ -129,7 +129,7 @@ def test_winoground_layout_with_toy_colours(tmp_path):
         assert m[k] == 0.5 and m[f"{k}_object"] == 1.0 and m[f"{k}_relation"] == 0.0
     assert m["skipped_missing_image"] == 1
     p = art["protocol"]
-    assert p["n_groups"] == 2 and p["n_images"] == 4
+    assert p["n_groups"] == 2 and p["n_images"] == 4 and "n_pairs" not in p
     assert (
         p["chance"]["group_score"] == pytest.approx(1 / 6)
         and p["chance"]["text_score_object"] == 0.25

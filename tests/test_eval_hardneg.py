@@ -126,6 +126,8 @@ def test_fgovd_benchmark_layout_crops_and_counts(tmp_path):
     # FG-OVD's ranks.py keeps boxes with >= N negatives
     m2, _ = evaluate_hardneg(ctx, EvalTaskConfig(task="hardneg", num_negatives=2), data)
     assert m2["skipped_few_negatives"] == 1 and m2["acc1"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="crop_margin and num_negatives must be >= 0"):
+        evaluate_hardneg(ctx, EvalTaskConfig(task="hardneg", crop_margin=-0.1), data)
     with pytest.raises(ValueError, match="no box left to score; skipped: .*'few_negatives': 4"):
         evaluate_hardneg(ctx, EvalTaskConfig(task="hardneg", num_negatives=3), data)
 
@@ -277,6 +279,7 @@ def test_builtin_oracle_scores_100_and_random_near_chance(variant):
     ctx.method = _Oracle(truth)
     m, art = evaluate_hardneg(ctx, cfg, data)
     assert art["protocol"]["region"] == ("image" if variant == "single" else "crop")
+    assert art["protocol"]["negatives"] == "color,pattern,shape,size"
     keys = ["acc1", "acc1_diff1", "acc1_diff2", "acc1_diff3", "acc1_color", "acc1_pattern"]
     keys += ["acc1_size", "acc1_shape"]
     assert all(m[k] == 1.0 for k in keys) and m["mean_rank"] == 1.0, m

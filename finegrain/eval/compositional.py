@@ -188,16 +188,19 @@ def evaluate_compositional(
     skips = {f"skipped_{r}": int(skipped[r]) for r in reasons}
     metrics.update({k: float(v) for k, v in skips.items() if v})
     kept_items, kept_groups = [items[k] for k in ok], [groups[k] for k in gok]
-    protocol = {
-        "n_images": n_images,
+    pair_fields = {
         "n_items": len(kept_items),
         "n_pairs": sum(counts.values()),
         "n_pairs_per_kind": counts,
         "n_negatives": count_summary([len(it.negatives) for it in kept_items] or [0]),
-        "n_groups": len(kept_groups),
+        "negatives": ",".join(sorted(counts)),
+    }
+    protocol = {
+        "n_images": n_images,
+        **(pair_fields if kept_items else {}),
+        **({"n_groups": len(kept_groups)} if kept_groups else {}),
         "n_texts": n_texts,
         "chance": chance,
-        "negatives": ",".join(sorted(counts)),
         "scoring": cfg.scoring,
         "ties": "error (caption must score strictly higher)",
         **skips,

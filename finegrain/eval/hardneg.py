@@ -163,6 +163,11 @@ def _queries(items: list[HardNegItem], region: str) -> tuple[list[Query], list[i
 def evaluate_hardneg(
     ctx: EvalContext, cfg: HardNegTaskConfig, data: HardNegData
 ) -> tuple[dict[str, float], dict]:
+    if cfg.crop_margin < 0 or cfg.num_negatives < 0:
+        raise ValueError(
+            f"hardneg: crop_margin and num_negatives must be >= 0, got {cfg.crop_margin} "
+            f"and {cfg.num_negatives}"
+        )
     items, skipped, clipped = prepare_items(data.items, cfg.num_negatives)
     skipped.update(data.skipped)
     if not items:
@@ -203,7 +208,7 @@ def evaluate_hardneg(
 
 
 def _protocol(cfg, data, items, region, chance, counts, clipped, n_texts) -> dict:
-    kinds = sorted({k for it in items if it.kinds for k in it.kinds})
+    kinds = sorted({a for it in items if it.kinds for k in it.kinds for a in k.split("+")})
     diffs = sorted({d for it in items if it.diffs for d in it.diffs})
     return {
         "n_images": len({it.image for it in items}),
