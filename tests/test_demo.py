@@ -57,8 +57,8 @@ def test_quick_run_reports_every_method_task_and_claim(quick):
             assert c["verdict"] == "not run"
         elif "diff" in c:
             assert c["verdict"] == verdict(c["diff"], c["ci_low"])
-            if c["ci_low"] is not None:  # grouping / linear probe: no per-image results yet
-                assert c["ci_low"] <= c["diff"] + 1e-9 <= c["ci_high"] + 2e-9
+            assert c["ci_low"] is not None, c  # every claimed task has per-image results
+            assert c["ci_low"] <= c["diff"] + 1e-9 <= c["ci_high"] + 2e-9
     clip = res["metrics"]["clip"]
     assert 0 <= clip["shape/names/acc1"] <= 1 and 0 <= clip["segmentation/zeroshot/miou"] <= 1
     assert clip["boxes"] == "n/a" and clip["retrieval/sentences+conditioned"] == "n/a"
@@ -66,6 +66,9 @@ def test_quick_run_reports_every_method_task_and_claim(quick):
         assert "retrieval/sentences+conditioned/image_retrieval_recall@1" in res["metrics"]["flair"]
     if "grain" in res["metrics"]:
         assert 0 <= res["metrics"]["grain"]["boxes/matched_iou"] <= 1
+    card = res["protocol"]["shape/names"]  # the protocol card of every task
+    assert card["n_images"] > 0 and card["chance"]["acc1"] == pytest.approx(1 / card["n_classes"])
+    assert "| N | chance |" in report.replace("task (metric, %) ", "")
     for t in res["timing"]:
         assert t["samples_per_s"] > 0 and 0 <= t["data_share"] < 1
     for key in ("cpu", "cores"):

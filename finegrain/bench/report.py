@@ -81,19 +81,40 @@ def _fmt(metric: str, v: Any) -> str:
     return f"{100 * v:.1f}" if any(f in metric for f in FRACTIONS) else f"{v:.3g}"
 
 
-def headline_table(means: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: one row per (task, headline metric), one column per method."""
+def protocol_cards(runs: list[Any]) -> dict[str, dict[str, Any]]:
+    """The protocol card of each task (``finegrain.eval.protocol``), from the first run that
+    evaluated it; the evaluation data are the same for every method and seed."""
+    cards: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        for key, res in r.results.items():
+            if res.protocol and key not in cards:
+                cards[key] = res.protocol
+    return cards
+
+
+def headline_table(
+    means: dict[str, dict[str, Any]], cards: dict[str, dict[str, Any]] | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: one row per (task, headline metric) with its N (evaluation images)
+    and chance level from the task's protocol card, one column per method."""
     methods = list(means)
+    cards = cards or {}
     rows = []
     for spec in task_specs():
+        card = cards.get(spec.key, {})
         for metric in spec.headline:
             cells = []
             for m in methods:
                 v = means[m].get(f"{spec.key}/{metric}", means[m].get(spec.key, "-"))
                 cells.append(_fmt(metric, v))
+            chance = card.get("chance", {}).get(metric)
+            proto = [
+                str(card.get("n_images", "-")),
+                "-" if chance is None else _fmt(metric, chance),
+            ]
             if any(c not in ("-", "n/a") for c in cells):
-                rows.append([f"{spec.key} {_short(metric)}", *cells])
-    return ["task (metric, %)", *methods], rows
+                rows.append([f"{spec.key} {_short(metric)}", *proto, *cells])
+    return ["task (metric, %)", "N", "chance", *methods], rows
 
 
 def _short(metric: str) -> str:
@@ -148,13 +169,15 @@ def write_outputs(opts: Any, runs: list[Any], wall: float) -> Path:
     for r in runs:
         by_method.setdefault(r.method, []).append(r.results)
     claims = check_claims(by_method)
-    table = headline_table(means)
+    cards = protocol_cards(runs)
+    table = headline_table(means, cards)
     figs = save_figures({r.method: r.figures for r in runs if r.seed == 0}, table, out)
     timing = timing_rows(runs)
     data = {"command": opts.command, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "machine": machine(), "versions": versions(), "budget": opts.budget.describe(),
             "seeds": opts.seeds, "methods": opts.methods, "metrics": means,
             "per_seed": per_seed, "claims": claims, "timing": timing, "wall_s": round(wall, 2),
+            "protocol": cards,
             "figures": [p.name for p in figs]}  # fmt: skip
     (out / "results.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     report = out / "report.md"
@@ -183,9 +206,10 @@ def render_markdown(d: dict[str, Any], table: tuple[list[str], list[list[str]]],
         claims_markdown(d["claims"]),
         "## Results (mean over seeds; n/a = the method cannot do the task)\n",
         "\n".join(results) + "\n",
-        f"{b['eval_images']} held-out scenes per task (seeds disjoint from training). Chance: "
-        "7.1% (14 shapes), 0.7% (140 colour x shape), 25% (4 novel shapes). `+conditioned` = "
-        "text-conditioned scoring. Every metric of every task is in results.json.\n",
+        f"{b['eval_images']} held-out scenes per task (seeds disjoint from training); N = images "
+        "scored, chance = a uniform random scorer's expected value (finegrain.eval.protocol). "
+        "`+conditioned` = text-conditioned scoring. Every metric of every task is in "
+        "results.json, with the protocol card of each task (`protocol`).\n",
         "## Time per method\n",
         timing_markdown(d["timing"]),
         f"Data pipeline (scene generation, transforms, tokenisation) share of training time: at "

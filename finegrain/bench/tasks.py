@@ -26,6 +26,7 @@ import torch
 from finegrain.eval.common import EvalContext, image_batches
 from finegrain.eval.config import EvalTaskConfig
 from finegrain.eval.datasets import load_task_data
+from finegrain.eval.protocol import protocol_card
 from finegrain.eval.segmentation import seg_metrics
 from finegrain.registry import EVAL_TASK_CONFIGS, EVAL_TASKS
 
@@ -50,6 +51,7 @@ class TaskResult:
     per_image: dict[str, Any] = field(default_factory=dict)  # see ``per_image_values``
     na: str = ""
     seconds: float = 0.0
+    protocol: dict[str, Any] = field(default_factory=dict)  # finegrain.eval.protocol card
 
 
 def _registered(*names: str) -> str:
@@ -146,7 +148,8 @@ def run_suite_task(ctx: EvalContext, spec: TaskSpec, num: int) -> tuple[TaskResu
         # a task added by another module that cannot run here: said in the report, not fatal
         return TaskResult(na=f"{NA} (failed: {str(e).splitlines()[0][:80]})"), None, {}
     res = TaskResult({k: float(v) for k, v in metrics.items()},
-                     per_image_values(spec.task, data, art, metrics), seconds=time.perf_counter() - t0)  # fmt: skip
+                     per_image_values(spec.task, data, art, metrics), seconds=time.perf_counter() - t0,
+                     protocol=protocol_card(ctx, cfg, data, art))  # fmt: skip
     return res, data, art
 
 

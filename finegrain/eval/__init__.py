@@ -32,6 +32,7 @@ from finegrain.eval.datasets import load_task_data
 from finegrain.eval.grouping import evaluate_grouping
 from finegrain.eval.hardneg import evaluate_hardneg
 from finegrain.eval.linear_probe import evaluate_linear_probe
+from finegrain.eval.protocol import protocol_card
 from finegrain.eval.report import markdown_table, write_report
 from finegrain.eval.retrieval import evaluate_retrieval
 from finegrain.eval.segmentation import evaluate_segmentation
@@ -116,11 +117,15 @@ def run_tasks(
     out_dir: str | Path | None = None,
     progress: bool = True,
     data_cfg: DataConfig | None = None,
+    protocols: dict[str, dict] | None = None,
+    run_info: dict | None = None,
 ) -> dict[str, float]:
     """Run every task; plots (and nothing else) are written only when ``out_dir`` is given.
 
     ``data_cfg`` supplies the normalisation mean/std of the run; without it, the
     ``config.yaml`` of a run directory holding ``out_dir`` is used, else CLIP's mean/std.
+    ``protocols``, when given, receives the protocol card of each task under its result prefix
+    (``finegrain.eval.protocol``); ``run_info`` (checkpoint, step, seed) joins every card.
     Restores the method's train/eval mode afterwards.
     """
     for i, cfg in enumerate(tasks):
@@ -143,6 +148,8 @@ def run_tasks(
             assert not dup, f"two tasks share the result prefix '{prefix}'; set name= on one"
             results.update({f"{prefix}/{k}": float(v) for k, v in metrics.items()})
             results[f"{prefix}/seconds"] = time.perf_counter() - t0
+            if protocols is not None:
+                protocols[prefix] = protocol_card(ctx, cfg, data, art, run_info)
             if out_dir is not None:
                 from finegrain.eval.plots import save_task_plots  # matplotlib: only for plots
 

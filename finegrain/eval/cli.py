@@ -23,7 +23,10 @@ the next free ``<out>-2``, ``<out>-3``... is taken and named on stderr) and prin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
+import re
 import sys
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from finegrain.eval.config import EvalTaskConfig, task_config_class
 from finegrain.eval.report import markdown_table
 from finegrain.interop import load_method_spec, split_spec
 from finegrain.registry import EVAL_TASK_CONFIGS, suggest
+from finegrain.train.checkpoint import weights_path
 
 USER_ERROR = 2
 
@@ -134,6 +138,21 @@ def check_device(device: str) -> None:
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPUs")
 
 
+def run_info(ckpt: str, cfg: object) -> dict[str, object]:
+    """Checkpoint spec, its training step (from a ``step_N`` folder or file name, when there
+    is one) and the run's seed, for the protocol card of every number."""
+    step = None
+    if not split_spec(ckpt)[0]:
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # notes were printed at load
+                path = weights_path(Path(ckpt).expanduser())
+            found = re.findall(r"step[_-]?(\d+)", str(path))
+            step = int(found[-1]) if found else None
+        except (OSError, ValueError):  # CheckpointError is a ValueError
+            step = None
+    return {"checkpoint": ckpt, "step": step, "seed": getattr(cfg, "seed", None)}
+
+
 def _fresh(out: Path) -> Path:
     """``out`` when new or empty, else the next free ``out-2``, ``out-3``...: an evaluation
     never replaces earlier results."""
@@ -155,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
     _check_common(common)
     check_device(args.device)
     results: dict[str, dict[str, float]] = {}
+    protocols: dict[str, dict[str, dict]] = {}
     out = _fresh(Path(args.out)) if args.out else None
     for ckpt in args.checkpoint:
         method, cfg = load_method_spec(ckpt, device=args.device)
@@ -172,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 out = _fresh((base if base.is_dir() else base.parent) / "eval")
         label = _label(ckpt, getattr(cfg, "name", ""), set(results))
+        protocols[label] = {}
         results[label] = run_tasks(
             method,
             tasks,
@@ -179,13 +200,15 @@ def run(args: argparse.Namespace) -> int:
             out_dir=out / label,
             progress=not args.quiet,
             data_cfg=cfg.data,
+            protocols=protocols[label],
+            run_info=run_info(ckpt, cfg),
         )
     assert out is not None
-    paths = write_report(results, out)
+    paths = write_report(results, out, protocols)
     shown = {
         m: {k: v for k, v in r.items() if not k.endswith("/seconds")} for m, r in results.items()
     }
-    print(markdown_table(shown), end="")
+    print(markdown_table(shown, protocols), end="")
     print(f"wrote {paths['json']} and {paths['markdown']}", file=sys.stderr)
     return 0
 

@@ -104,6 +104,7 @@ def evaluate_grouping(
     scores: list[float] = []
     per_image: list[float] = []
     keep: dict = {"preds": [], "masks": [], "indices": []}
+    owners: list[int] = []  # the image of each instance score (bootstrap over images)
     s = 0
     for batch in image_batches(ctx, data.images, g.batch_size, "grouping", False, g.image_size):
         dense = ctx.method.dense_features(batch)  # (B, D, h, w)
@@ -113,6 +114,7 @@ def evaluate_grouping(
             pred = assign_groups(group_patches(dense[j].cpu(), g.num_groups, g.center), mask.shape)
             js = instance_jaccards(pred, mask)
             scores += js
+            owners += [s + j] * len(js)
             if js:
                 per_image.append(sum(js) / len(js))
             if len(keep["preds"]) < g.num_examples:
@@ -127,6 +129,7 @@ def evaluate_grouping(
         "jaccard_image_mean": float(np.mean(per_image)),
         "instances": float(len(scores)),
     }
+    keep["per_item"] = {"jaccard": (torch.tensor(scores), torch.tensor(owners))}
     return metrics, keep
 
 

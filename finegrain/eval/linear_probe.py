@@ -101,15 +101,21 @@ def evaluate_linear_probe(
     mu, sigma, head = train_probe(train_f, _resized_masks(data.train, size), num_labels, cfg)
     test_f = _features(ctx, data.test, cfg.batch_size)
     conf = torch.zeros(num_labels, num_labels, dtype=torch.long)
-    keep: dict = {"preds": [], "masks": [], "indices": []}
+    keep: dict = {"preds": [], "masks": [], "indices": [], "confusions": []}
     for i in range(test_f.shape[0]):
         gt = torch.from_numpy(load_mask(data.test.masks[i]).astype(np.int64))
         logits = head((test_f[i : i + 1] - mu) / sigma)  # (1, C+1, h, w)
         logits = F.interpolate(logits, size=tuple(gt.shape), mode="bilinear", align_corners=False)
         pred = logits[0].argmax(0)
-        conf += confusion(pred, gt, num_labels, ignore_background=False)
+        image_conf = confusion(pred, gt, num_labels, ignore_background=False)
+        conf += image_conf
+        keep["confusions"].append(image_conf)  # per image: bootstrap over images
         if len(keep["preds"]) < cfg.num_examples:
             keep["preds"].append(pred.numpy().astype(np.uint8))
             keep["masks"].append(gt.numpy())
             keep["indices"].append(i)
+    n = test_f.shape[0]
+    keep["confusions"] = (
+        torch.stack(keep["confusions"]) if n else torch.zeros(0, num_labels, num_labels).long()
+    )
     return seg_metrics(conf, ignore_background=False), keep

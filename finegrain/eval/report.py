@@ -19,6 +19,15 @@ def _by_method(results: dict) -> dict[str, dict[str, float]]:
     return {"model": dict(results)}
 
 
+def _cards_by_method(protocols: dict | None) -> dict[str, dict[str, dict]]:
+    """``{method: {prefix: card}}`` from that or one method's ``{prefix: card}``."""
+    if not protocols:
+        return {}
+    if all(isinstance(v, dict) and "task" in v for v in protocols.values()):
+        return {"model": dict(protocols)}
+    return {str(k): dict(v) for k, v in protocols.items()}
+
+
 def split_key(key: str) -> tuple[str, str]:
     """'retrieval/flickr8k/image_retrieval_recall@1' -> ('retrieval/flickr8k', metric)."""
     head, _, metric = key.rpartition("/")
@@ -39,32 +48,69 @@ def _fmt(metric: str, v: float) -> str:
     return f"{v:.4g}"
 
 
-def markdown_table(results: dict) -> str:
-    """One row per (task/dataset, metric), one column per method; fractions shown in %."""
+def _card(cards: dict[str, dict[str, dict]], head: str) -> dict:
+    """The protocol card of task prefix ``head`` (the first method's that has one)."""
+    for per_method in cards.values():
+        if head in per_method:
+            return per_method[head]
+    return {}
+
+
+def _count(card: dict) -> str:
+    """'256', or '1000 / 5000' (images / texts), from a protocol card; '' without one."""
+    n = card.get("n_images")
+    extra = next(
+        (card[k] for k in ("n_texts", "n_regions", "n_boxes", "n_pairs") if k in card), None
+    )
+    if n is None:
+        return "" if extra is None else str(extra)
+    return f"{n}" if extra is None else f"{n} / {extra}"
+
+
+def markdown_table(results: dict, protocols: dict | None = None) -> str:
+    """One row per (task/dataset, metric), one column per method; fractions shown in %.
+    With protocol cards (``finegrain.eval.protocol``), N (images, or images / texts-regions-
+    boxes) and the chance level of each metric are shown next to the metric."""
     methods = _by_method(results)
+    cards = _cards_by_method(protocols)
     names = list(methods)
     keys = sorted({k for r in methods.values() for k in r}, key=_natural)
+    extra = " N | chance |" if cards else ""
     lines = [
-        "| task | metric | " + " | ".join(names) + " |",
-        "|---|---|" + "---|" * len(names),
+        f"| task | metric |{extra} " + " | ".join(names) + " |",
+        "|---|---|" + ("---|---|" if cards else "") + "---|" * len(names),
     ]
     for k in keys:
         head, metric = split_key(k)
         unit = " (%)" if any(f in metric for f in FRACTIONS) else ""
         cells = [_fmt(metric, methods[n].get(k, float("nan"))) for n in names]
-        lines.append(f"| {head} | {metric}{unit} | " + " | ".join(cells) + " |")
+        proto = ""
+        if cards:
+            card = _card(cards, head)
+            chance = card.get("chance", {}).get(metric)
+            proto = f" {_count(card)} | {'' if chance is None else _fmt(metric, chance)} |"
+        lines.append(f"| {head} | {metric}{unit} |{proto} " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``results.json`` and ``results.md`` under ``out_dir``.
+def write_report(
+    results: dict, out_dir: str | Path, protocols: dict | None = None
+) -> dict[str, Path]:
+    """Write ``results.json``, ``results.md`` and (with cards) ``protocol.json`` under ``out_dir``.
 
-    ``results`` is either one method's flat ``{key: value}`` or ``{method: {key: value}}``.
+    ``results`` is either one method's flat ``{key: value}`` or ``{method: {key: value}}``
+    (CLIP_benchmark metric names, unchanged for existing readers); ``protocols`` the same
+    shape with the protocol card of each task prefix (``finegrain.eval.protocol``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     methods = _by_method(results)
+    cards = _cards_by_method(protocols)
     js, md = out / "results.json", out / "results.md"
     js.write_text(json.dumps(methods, indent=2, sort_keys=True))
-    md.write_text("# finegrain evaluation\n\n" + markdown_table(methods))
-    return {"json": js, "markdown": md}
+    paths = {"json": js, "markdown": md}
+    if cards:
+        paths["protocol"] = out / "protocol.json"
+        paths["protocol"].write_text(json.dumps(cards, indent=2, sort_keys=True, default=str))
+    md.write_text("# finegrain evaluation\n\n" + markdown_table(methods, cards))
+    return paths

@@ -398,6 +398,8 @@ class Trainer:
         if tasks and self.info.is_main:
             rng = ckpt.rng_state()
             out_dir = guard.unique_dir(self.run_dir / "eval") if final else None
+            cards: dict[str, dict] = {}
+            info = {"checkpoint": str(self.run_dir), "step": self.step, "seed": self.cfg.seed}
             try:
                 results = run_tasks(
                     self.method,
@@ -406,12 +408,14 @@ class Trainer:
                     out_dir=out_dir,
                     progress=False,
                     data_cfg=self.cfg.data,
+                    protocols=cards,
+                    run_info=info,
                 )
             finally:
                 self.method.train()
                 ckpt.set_rng_state(rng)
             if out_dir is not None:
-                write_report(results, out_dir)
+                write_report(results, out_dir, cards)
             log.metrics(self.step, results)
             head = {k: v for k, v in results.items() if k.endswith(HEADLINE)}
             shown = ", ".join(f"{k}={v:.4g}" for k, v in head.items())
