@@ -320,5 +320,12 @@ def test_cli_runs_builtin_hardneg_and_compositional(tmp_path, capsys):
     res = json.loads((tmp_path / "o" / "results.json").read_text())["toy"]
     assert 0 <= res["hardneg/synthetic/acc1"] <= 1 and "hardneg/synthetic/acc1_diff3" in res
     assert 0 <= res["compositional/synthetic/acc_swap_att"] <= 1
+    cards = json.loads((tmp_path / "o" / "protocol.json").read_text())["toy"]
+    hn, cp = cards["hardneg/synthetic"], cards["compositional/synthetic"]
+    assert hn["n_images"] == 8 and hn["n_boxes"] > 8 and hn["region"] == "crop"
+    assert hn["chance"]["acc1"] == pytest.approx(1 / 17) and hn["settings"]["crop_margin"] == 0.1
+    assert cp["n_pairs"] > 8 and cp["chance"]["acc_swap_att"] == 0.5
+    table = (tmp_path / "o" / "results.md").read_text()
+    assert f"| hardneg/synthetic | acc1 (%) | 8 / {hn['n_boxes']} | 5.88 |" in table
     rc = main(["--checkpoint", str(run), "--tasks", "hardneg:synthetic/nope", "--quiet"])
     assert rc == 2 and "synthetic hardneg variant 'nope'" in capsys.readouterr().err

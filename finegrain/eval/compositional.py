@@ -199,7 +199,7 @@ def evaluate_compositional(
         "n_images": n_images,
         **(pair_fields if kept_items else {}),
         **({"n_groups": len(kept_groups)} if kept_groups else {}),
-        "n_texts": n_texts,
+        "n_distinct_texts": n_texts,
         "chance": chance,
         "scoring": cfg.scoring,
         "ties": "error (caption must score strictly higher)",

@@ -213,7 +213,7 @@ def _protocol(cfg, data, items, region, chance, counts, clipped, n_texts) -> dic
     return {
         "n_images": len({it.image for it in items}),
         "n_boxes": len(items),
-        "n_texts": n_texts,
+        "n_distinct_texts": n_texts,
         "n_negatives": count_summary([len(it.negatives) for it in items]),
         "num_negatives": cfg.num_negatives,
         "chance": chance,
