@@ -229,6 +229,15 @@ def _keyed(scenes: list[dict], size: int) -> dict[int, list[dict]]:
     return {zlib.crc32(_Oracle.key(tf(s["image"]))): s["objects"] for s in scenes}
 
 
+def test_builtin_pairs_captions_true_negatives_false():
+    scenes = pair_scenes(200, 32)  # holds scenes whose two objects look alike (regression)
+    data = synthetic_pairs(200, 32)
+    for it, scene in zip(data.items, scenes):
+        assert caption_true(it.positive, scene["objects"]), it.positive
+        for neg, kind in zip(it.negatives, it.kinds):
+            assert not caption_true(neg, scene["objects"]), (kind, neg, scene["objects"])
+
+
 def test_builtin_pairs_oracle_100_random_near_chance():
     n, size = 64, 32
     data = synthetic_pairs(n, size)

@@ -103,7 +103,8 @@ def pair_scenes(num: int, image_size: int, seed: int = 10_000) -> list[dict[str,
     while len(scenes) < num:
         scene = _two_objects(mix_seed("synthetic-eval", "compositional-pairs", seed, i), image_size)
         i += 1
-        if scene is not None:
+        # two objects alike in colour and shape make every relation true both ways
+        if scene is not None and len({(o["color"], o["shape"]) for o in scene["objects"]}) == 2:
             scenes.append(scene)
     return scenes
 

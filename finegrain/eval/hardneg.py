@@ -31,6 +31,7 @@ from finegrain.eval.config import HardNegTaskConfig
 from finegrain.eval.containers import ImageItem
 from finegrain.eval.pairs import Box, Query, clip_box, count_summary, pair_scores, text_index
 
+# every count is of boxes (an image missing from disk counts each of its boxes), except:
 SKIP_REASONS = (
     "missing_image",
     "unreadable_image",
