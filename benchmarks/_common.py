@@ -108,3 +108,23 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
 def print_json(result: dict[str, Any]) -> None:
     """The one JSON document a benchmark prints (last on stdout, for ``python -m benchmarks``)."""
     print(json.dumps(result, indent=2, sort_keys=False, default=str), flush=True)
+
+
+def _child(target: Callable[..., Any], args: tuple, queue: Any) -> None:
+    queue.put(target(*args))
+
+
+def run_in_subprocess(target: Callable[..., Any], *args: Any) -> Any:
+    """``target(*args)`` in a fresh spawned process, so its peak memory (VmHWM) and threads
+    are its own; returns what ``target`` returns (``target`` and ``args`` must pickle: a
+    module-level function of the script)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(target, args, queue))
+    proc.start()
+    try:
+        return queue.get()
+    finally:
+        proc.join()

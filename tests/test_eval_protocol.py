@@ -15,12 +15,8 @@ from finegrain.config import save_yaml
 from finegrain.eval import run_tasks, write_report
 from finegrain.eval.cli import main
 from finegrain.eval.config import EvalTaskConfig
-from finegrain.eval.protocol import (
-    classification_chance,
-    retrieval_chance,
-    segmentation_chance,
-)
-from finegrain.eval.segmentation import confusion, seg_metrics
+from finegrain.eval.protocol import classification_chance, retrieval_chance
+from finegrain.eval.segmentation import chance_metrics, confusion, seg_metrics
 from finegrain.run_config import RunConfig
 
 from helpers.eval_toy import ToyConfig, ToyMethod, register_toy
@@ -57,8 +53,8 @@ def test_classification_chance():
 
 @pytest.mark.parametrize("ignore_background", [True, False])
 def test_segmentation_chance_matches_random_labels(ignore_background):
-    """The closed form against uniform random predictions on a large mask (law of large
-    numbers: 400 x 400 pixels keep the sampled mIoU within 0.005 of the expectation)."""
+    """The expected-confusion chance level against uniform random predictions on a large mask
+    (law of large numbers: 400 x 400 pixels keep the sampled mIoU within 0.005 of it)."""
     rng = np.random.default_rng(0)
     mask = rng.choice(4, size=(400, 400), p=[0.5, 0.3, 0.15, 0.05])
     mask[:5, :5] = 255  # ignored pixels count nowhere
@@ -68,7 +64,7 @@ def test_segmentation_chance_matches_random_labels(ignore_background):
     pred = torch.randint(0, k, (400, 400), generator=g) + (1 if ignore_background else 0)
     conf = confusion(pred, torch.from_numpy(mask), n, ignore_background)
     sampled = seg_metrics(conf, ignore_background)
-    exact = segmentation_chance([mask], n, ignore_background)
+    exact = chance_metrics(conf, k, ignore_background)
     assert exact["miou"] == pytest.approx(sampled["miou"], abs=5e-3)
     assert exact["pixel_accuracy"] == pytest.approx(sampled["pixel_accuracy"], abs=5e-3)
 
@@ -113,3 +109,18 @@ def test_eval_cli_writes_protocol_json_with_step_and_seed(tmp_path, capsys):
     assert card["seed"] == 5 and card["n_images"] == 8 and card["step"] == 12
     assert card["checkpoint"] == str(weights)
     assert "| N | chance |" in capsys.readouterr().out
+
+
+def test_eval_help_lists_every_task_kind_its_datasets_and_options(capsys):
+    from finegrain.eval.config import task_config_class
+    from finegrain.eval.datasets import task_datasets
+    from finegrain.registry import EVAL_TASK_CONFIGS
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for kind, _ in EVAL_TASK_CONFIGS.items():
+        assert f"  {kind}: datasets {', '.join(task_datasets(kind))}" in text
+    assert "dense_variant='raw'" in text and "num_groups=8" in text
+    assert task_datasets("linear_probe") == ["synthetic", "voc"]  # from its Literal field
+    assert task_config_class("retrieval") and "flickr8k" in task_datasets("retrieval")

@@ -40,6 +40,7 @@ EVAL_KINDS = (
     "sentences",
     "long",
     "segmentation",
+    "regions",
 )
 
 
@@ -176,6 +177,31 @@ def _segmentation(num: int, seed: int, image_size: int) -> dict[str, Any]:
     }
 
 
+def _region_scenes(num: int, seed: int, image_size: int) -> dict[str, Any]:
+    """Multi-object scenes with every object's exact box and attributes (region classification):
+    per image ``boxes`` (pixel xyxy), ``shapes`` / ``colors`` (indices into ``SHAPES`` /
+    ``COLORS``) and the instance mask (object j is value j + 1)."""
+    cfg = SyntheticConfig(novel_object_prob=0.0)
+    images, boxes, shapes, colors, instances = [], [], [], [], []
+    for i in range(num):
+        scene = generate_scene(_eval_seed("regions", seed, i), image_size, cfg=cfg)
+        images.append(scene["image"])
+        boxes.append([[v * image_size for v in o["box"]] for o in scene["objects"]])
+        shapes.append([SHAPES.index(o["shape"]) for o in scene["objects"]])
+        colors.append([COLORS.index(o["color"]) for o in scene["objects"]])
+        instances.append(scene["instance_mask"].astype(np.int64))
+    return {
+        "images": images,
+        "boxes": boxes,
+        "shapes": shapes,
+        "colors": colors,
+        "instance_masks": instances,
+        "classnames": list(SHAPES),
+        "color_classnames": list(COLORS),
+        "descriptions": {s: list(DESCRIPTIONS[s]) for s in SHAPES},
+    }
+
+
 def eval_split(kind: str, num: int, seed: int = 10_000, image_size: int = 64) -> dict[str, Any]:
     """Evaluation data from seeds disjoint from training.
 
@@ -184,7 +210,9 @@ def eval_split(kind: str, num: int, seed: int = 10_000, image_size: int = 64) ->
     of lists), texts, text_to_image; ``segmentation`` -> images, masks (HxW, 0 = background,
     v = classnames[v - 1]), instance_masks (HxW, 0 = background, i = object i), boxes (per
     image, the objects' normalised xyxy boxes), classnames, color_masks (HxW, v =
-    color_classnames[v - 1]: objects labelled by colour), color_classnames.
+    color_classnames[v - 1]: objects labelled by colour), color_classnames; ``regions`` ->
+    images, boxes (per image, pixel xyxy), shapes / colors (per image, per object class
+    indices), instance_masks, classnames (shapes), color_classnames, descriptions.
     """
     if kind not in EVAL_KINDS:
         raise ValueError(
@@ -196,6 +224,8 @@ def eval_split(kind: str, num: int, seed: int = 10_000, image_size: int = 64) ->
         return _single(kind, num, seed, image_size)
     if kind == "segmentation":
         return _segmentation(num, seed, image_size)
+    if kind == "regions":
+        return _region_scenes(num, seed, image_size)
     return _texts(kind, num, seed, image_size)
 
 

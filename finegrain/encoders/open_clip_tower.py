@@ -36,6 +36,7 @@ from finegrain.encoders.base import (
     patch_grid,
     run_blocks,
 )
+from finegrain.encoders.dense import BlockParts, check_dense_call, run_dense_blocks
 from finegrain.encoders.vit import freeze_except_last, resample_pos_embed
 from finegrain.outputs import TextOutput, VisionOutput
 from finegrain.registry import IMAGE_TOWERS, TEXT_TOWERS, suggest
@@ -116,6 +117,14 @@ class OpenCLIPVision(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.transformer.grad_checkpointing = enable
 
+    def dense_unsupported(self) -> str:
+        """Why the dense variants (``finegrain.encoders.dense``) do not apply, or ''."""
+        t = self.visual.transformer
+        blk = t.resblocks[-1]
+        if not isinstance(getattr(blk, "attn", None), nn.MultiheadAttention) or not t.batch_first:
+            return f"{type(blk).__name__} is not a batch-first nn.MultiheadAttention block"
+        return ""
+
     def num_patches(self, image_hw: tuple[int, int]) -> tuple[int, int]:
         """(h, w) patch grid of an (H, W) image."""
         return patch_grid(self.name, image_hw, self.patch_size)
@@ -157,7 +166,11 @@ class OpenCLIPVision(nn.Module):
         x, keep = keep_tokens(x, keep, 1, self.patch_dropout, self.training)
         x = v.ln_pre(x)
         attn = None
-        if n_attn:
+        mode = getattr(self, "dense_mode", None)  # finegrain.encoders.dense.dense_variant
+        if mode is not None:
+            check_dense_call(self.name, keep, return_attention)
+            x = run_dense_blocks(v.transformer.resblocks, x, mode, open_clip_block_parts, grid, 1)
+        elif n_attn:
             x, attn = self._blocks_with_attention(x, n_attn)
         else:
             x = v.transformer(x)
@@ -186,6 +199,24 @@ def _open_clip_cls_attention(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(B, H, T) CLS attention row of an open_clip ``ResidualAttentionBlock`` on x (B, T, D)."""
     a = blk.attn
     return cls_attention(blk.ln_1(x), a.in_proj_weight, a.in_proj_bias, a.num_heads)
+
+
+def open_clip_block_parts(blk: nn.Module) -> BlockParts:
+    """An open_clip ``ResidualAttentionBlock`` as ``BlockParts`` (dense variants)."""
+    a = blk.attn
+    dh = a.embed_dim // a.num_heads
+    return BlockParts(
+        blk.ln_1,
+        a.in_proj_weight,
+        a.in_proj_bias,
+        a.num_heads,
+        dh**-0.5,
+        a.out_proj,
+        blk.ln_2,
+        blk.mlp,
+        blk.ls_1,
+        blk.ls_2,
+    )
 
 
 class OpenCLIPText(nn.Module):

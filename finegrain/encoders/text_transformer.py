@@ -3,9 +3,29 @@ position embedding, causal pre-norm blocks (fused SDPA, ``is_causal``), final La
 pooling at the EOT token. The position embedding is sized by ``context_length`` (not fixed
 to 77); shorter inputs use its first L rows. Padding after the batch's last EOT is not run
 through the blocks (causal attention makes that exact); its output states are zeros.
+
+Longer text at evaluation time, without training: ``stretch_positions(tower, new_length,
+mode)`` resamples the learned position table (native and open_clip text towers) to
+``new_length`` rows and widens the tokenizer (``stretch_table`` is the pure function):
+
+- ``mode="longclip"`` (Long-CLIP, Zhang et al. ECCV 2024, Sec. 3.1 "knowledge-preserved
+  stretching"): the first ``keep`` (20) rows are kept, row j >= keep is the linear
+  interpolation at the fractional old position t = keep + (j - keep) / r,
+  r = (new_length - keep) / (L - keep), between rows floor(t) and floor(t) + 1. Released code
+  (beichenzbc/Long-CLIP ``model/longclip.py`` ``load``) uses r = 4 (77 -> 248 rows) and
+  extrapolates the last r - 1 rows past old row L - 1 with the last difference,
+  PE[L-1] + (t - (L-1)) (PE[L-1] - PE[L-2]); we follow that for every r. The paper describes
+  only the interpolation (keep 20, ratio 4), not these tail rows. Its code then fine-tunes a
+  residual copy of the rows past 20 (``positional_embedding_res``); at load time the two add
+  up to this table, so an un-fine-tuned stretch here is exactly theirs.
+- ``mode="linear"``: plain linear interpolation of all rows, endpoints aligned
+  (t = j (L-1) / (new_length-1)), the baseline Long-CLIP compares against.
 """
 
 from __future__ import annotations
+
+import copy
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -88,6 +108,87 @@ class TextTransformer(nn.Module):
         mask = torch.arange(length, device=ids.device)[None, :] <= eot[:, None]  # (B, L)
         pooled = pool_tokens(x, mask, self.pooling, eot)
         return TextOutput(pooled=pooled, tokens=x, mask=mask)
+
+
+LONGCLIP_KEEP = 20  # Long-CLIP keeps the first 20 positions
+LONGCLIP_RATIO = 4  # and stretches the rest 4x (77 -> 248)
+
+
+def longclip_length(length: int, keep: int = LONGCLIP_KEEP, ratio: int = LONGCLIP_RATIO) -> int:
+    """The released Long-CLIP context for an ``length``-position tower (77 -> 248)."""
+    return keep + ratio * (length - keep)
+
+
+def stretch_table(
+    pos: torch.Tensor, new_length: int, mode: Literal["longclip", "linear"] = "longclip",
+    keep: int = LONGCLIP_KEEP,
+) -> torch.Tensor:  # fmt: skip
+    """(L, D) position table -> (new_length, D), see the module docstring for the modes."""
+    length = pos.shape[0]
+    if new_length < length or length < 2:
+        raise ValueError(f"cannot stretch {length} positions to {new_length} (must not shrink)")
+    if mode == "linear":
+        t = torch.arange(new_length, dtype=torch.float64) * (length - 1) / max(new_length - 1, 1)
+        keep = 0
+    elif mode == "longclip":
+        if not 0 <= keep <= length - 1:
+            raise ValueError(f"keep={keep} must lie in [0, {length - 1}] for {length} positions")
+        r = (new_length - keep) / (length - keep)
+        t = keep + (torch.arange(new_length - keep, dtype=torch.float64)) / r
+        t = torch.cat([torch.arange(keep, dtype=torch.float64), t])
+    else:
+        raise ValueError(f"unknown stretch mode '{mode}'; valid choices: longclip, linear")
+    lo = t.floor().long().clamp(max=length - 2)  # (new,) left row; the tail extrapolates
+    frac = (t - lo).to(torch.float64)[:, None]  # (new, 1), > 1 only past row L-1
+    p = pos.detach().double()
+    out = p[lo] + frac * (p[lo + 1] - p[lo])  # (new, D)
+    out[:keep] = p[:keep]  # bit-exact kept rows
+    return out.to(pos.dtype)
+
+
+def stretch_positions(
+    tower: nn.Module,
+    new_length: int,
+    mode: Literal["longclip", "linear"] = "longclip",
+    keep: int = LONGCLIP_KEEP,
+) -> nn.Module:
+    """A copy of ``tower`` whose learned position table is stretched to ``new_length`` rows
+    (``stretch_table``) and whose tokenizer and ``context_length`` follow: native
+    ``transformer`` and ``open_clip`` text towers (causal mask rebuilt) and Hugging Face CLIP
+    text towers (``hf_clip``). Other towers raise a one-line error (SigLIP: trained on
+    fixed-length padded text, pooled at the last position; BERT-like encoders: a different
+    position scheme)."""
+    emb = getattr(getattr(tower, "text_model", None), "embeddings", None)
+    hf_table = getattr(emb, "position_embedding", None)
+    pos = getattr(tower, "positional_embedding", None)
+    if getattr(tower, "kind", "clip") != "clip" or not (
+        isinstance(hf_table, nn.Embedding)
+        or (isinstance(pos, torch.Tensor) and pos.dim() == 2 and hasattr(tower, "tokenizer"))
+    ):
+        name = f"{type(tower).__name__}" + (f" ({tower.kind})" if hasattr(tower, "kind") else "")
+        raise ValueError(
+            f"text tower {name} cannot stretch its positions (needs a learned (L, D) causal "
+            "position table: native 'transformer', 'open_clip' or 'hf_clip' CLIP text towers)"
+        )
+    new = copy.deepcopy(tower)
+    if isinstance(hf_table, nn.Embedding):
+        table = stretch_table(hf_table.weight, new_length, mode, keep)  # (new, D)
+        e = new.text_model.embeddings
+        e.position_embedding = nn.Embedding.from_pretrained(table, freeze=False)
+        e.position_embedding.weight.requires_grad_(hf_table.weight.requires_grad)
+        ids = torch.arange(new_length, device=table.device)[None]
+        e.register_buffer("position_ids", ids, persistent=False)
+        new.text_model.config.max_position_embeddings = new_length
+    else:
+        table = stretch_table(pos, new_length, mode, keep)
+        new.positional_embedding = nn.Parameter(table, requires_grad=pos.requires_grad)
+    new.context_length = new_length
+    new.tokenizer = copy.copy(tower.tokenizer)
+    new.tokenizer.context_length = new_length  # the BPE/HF objects inside only encode: shared
+    if isinstance(getattr(new, "attn_mask", None), torch.Tensor):
+        mask = torch.full((new_length, new_length), float("-inf"), device=table.device).triu_(1)
+        new.attn_mask = mask.to(new.attn_mask.dtype)
+    return new
 
 
 @TEXT_TOWERS.register("transformer")

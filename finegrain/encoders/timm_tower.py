@@ -33,6 +33,7 @@ from finegrain.encoders.base import (
     reject_token_options,
     run_blocks,
 )
+from finegrain.encoders.dense import BlockParts, check_dense_call, run_dense_blocks
 from finegrain.encoders.vit import freeze_except_last
 from finegrain.outputs import VisionOutput
 from finegrain.registry import IMAGE_TOWERS
@@ -133,6 +134,21 @@ class TimmTower(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
 
+    def dense_unsupported(self) -> str:
+        """Why the dense variants (``finegrain.encoders.dense``) do not apply, or ''."""
+        if not self.tokens_ok:
+            return "not a timm VisionTransformer"
+        if self.no_attention and self.has_cls:
+            return self.no_attention
+        blk = self.model.blocks[-1]
+        from timm.models.vision_transformer import Block
+
+        if not isinstance(blk, Block) or not isinstance(getattr(blk.attn, "qkv", None), nn.Linear):
+            return f"{type(blk).__name__} is not a pre-norm block with a fused qkv"
+        if getattr(blk.attn, "gate", None) is not None:
+            return "gated attention"
+        return ""
+
     def num_patches(self, image_hw: tuple[int, int]) -> tuple[int, int]:
         """(h, w) patch grid of an (H, W) image (ViTs)."""
         if not self.tokens_ok:
@@ -195,7 +211,11 @@ class TimmTower(nn.Module):
         x, keep = keep_tokens(x, keep, p, self.patch_dropout, self.training)
         x = m.norm_pre(m.patch_drop(x))
         attn = None
-        if n_attn:
+        mode = getattr(self, "dense_mode", None)  # finegrain.encoders.dense.dense_variant
+        if mode is not None:
+            check_dense_call(self.name, keep, return_attention)
+            x = run_dense_blocks(m.blocks, x, mode, timm_block_parts, grid, p)
+        elif n_attn:
             ckpt = m.grad_checkpointing and torch.is_grad_enabled()
             x, attn = run_blocks(m.blocks, x, n_attn, _timm_cls_attention, ckpt)
             attn = attn[..., p:]  # (B, k, H, N_out): patch columns only
@@ -216,6 +236,25 @@ def _timm_cls_attention(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
     a = blk.attn
     return cls_attention(
         blk.norm1(x), a.qkv.weight, a.qkv.bias, a.num_heads, a.scale, a.q_norm, a.k_norm
+    )
+
+
+def timm_block_parts(blk: nn.Module) -> BlockParts:
+    """A timm pre-norm ``Block`` as ``BlockParts`` (dense variants of the last block)."""
+    a = blk.attn
+    return BlockParts(
+        blk.norm1,
+        a.qkv.weight,
+        a.qkv.bias,
+        a.num_heads,
+        float(a.scale),
+        lambda o: a.proj(getattr(a, "norm", nn.Identity())(o)),  # newer timm: post-attention norm
+        blk.norm2,
+        blk.mlp,
+        blk.ls1,
+        blk.ls2,
+        a.q_norm,
+        a.k_norm,
     )
 
 

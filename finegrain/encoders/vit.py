@@ -37,6 +37,7 @@ from finegrain.encoders.base import (
     patch_grid,
     run_blocks,
 )
+from finegrain.encoders.dense import BlockParts, check_dense_call, run_dense_blocks
 from finegrain.outputs import VisionOutput
 from finegrain.registry import IMAGE_TOWERS
 
@@ -176,6 +177,10 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
 
+    def dense_unsupported(self) -> str:
+        """'' : every native ViT takes the dense variants (``finegrain.encoders.dense``)."""
+        return ""
+
     def num_patches(self, image_hw: tuple[int, int]) -> tuple[int, int]:
         """(h, w) patch grid of an (H, W) image."""
         return patch_grid("vit", image_hw, self.patch_size)
@@ -216,7 +221,11 @@ class VisionTransformer(nn.Module):
         x, keep = keep_tokens(x, keep, 1, self.patch_dropout, self.training)
         x = self.ln_pre(x)
         attn = None
-        if n_attn:
+        mode = getattr(self, "dense_mode", None)  # finegrain.encoders.dense.dense_variant
+        if mode is not None:
+            check_dense_call("vit", keep, return_attention)
+            x = run_dense_blocks(blocks, x, mode, native_block_parts, grid, 1)
+        elif n_attn:
             ckpt = self.transformer.grad_checkpointing and self.training
             x, attn = run_blocks(
                 blocks, x, n_attn, _block_cls_attention, ckpt and torch.is_grad_enabled()
@@ -233,6 +242,15 @@ class VisionTransformer(nn.Module):
 def _block_cls_attention(blk: Block, x: torch.Tensor) -> torch.Tensor:
     """(B, H, T) CLS attention row of a native block on its input x (B, T, D)."""
     return cls_attention(blk.ln_1(x), blk.attn.qkv.weight, blk.attn.qkv.bias, blk.attn.heads)
+
+
+def native_block_parts(blk: Block) -> BlockParts:
+    """A native block as ``BlockParts`` (dense variants of the last block)."""
+    a = blk.attn
+    dh = a.qkv.weight.shape[0] // 3 // a.heads
+    return BlockParts(
+        blk.ln_1, a.qkv.weight, a.qkv.bias, a.heads, dh**-0.5, a.proj, blk.ln_2, blk.mlp
+    )
 
 
 @IMAGE_TOWERS.register("vit")

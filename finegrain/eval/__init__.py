@@ -33,6 +33,7 @@ from finegrain.eval.grouping import evaluate_grouping
 from finegrain.eval.hardneg import evaluate_hardneg
 from finegrain.eval.linear_probe import evaluate_linear_probe
 from finegrain.eval.protocol import protocol_card
+from finegrain.eval.regions import evaluate_regions
 from finegrain.eval.report import markdown_table, write_report
 from finegrain.eval.retrieval import evaluate_retrieval
 from finegrain.eval.segmentation import evaluate_segmentation
@@ -45,6 +46,7 @@ EVAL_TASKS.add("retrieval", evaluate_retrieval)
 EVAL_TASKS.add("segmentation", evaluate_segmentation)
 EVAL_TASKS.add("grouping", evaluate_grouping)
 EVAL_TASKS.add("linear_probe", evaluate_linear_probe)
+EVAL_TASKS.add("region", evaluate_regions)
 EVAL_TASKS.add("hardneg", evaluate_hardneg)
 EVAL_TASKS.add("compositional", evaluate_compositional)
 
@@ -80,6 +82,14 @@ def task_prefix(cfg: EvalTaskConfig) -> str:
         f"ctx{cfg.context_length}" if cfg.context_length else "",
         "bg" if getattr(cfg, "background", "") else "",
         f"{cfg.image_size}px" if getattr(cfg, "image_size", 0) else "",
+        getattr(cfg, "mode", ""),  # region tasks: crop | roialign | regions
+        "released" if getattr(cfg, "region_scoring", "iou") != "iou" else "",
+        f"margin{cfg.margin:g}" if getattr(cfg, "margin", 0) else "",
+        "stretch" if getattr(cfg, "truncate", "model") == "stretch" else "",
+        v if (v := getattr(cfg, "dense_variant", "raw")) != "raw" else "",
+        f"slide{cfg.slide_size}" if getattr(cfg, "slide_size", 0) else "",
+        b if (b := getattr(cfg, "dense_block", "released")) != "released" else "",
+        f"sigma{g:g}" if (g := getattr(cfg, "gaussian_std", 5.0)) != 5.0 else "",
     ]
     variant = "+".join(m for m in mods if m)
     return "/".join(p for p in (cfg.task, cfg.dataset, variant) if p)

@@ -6,6 +6,7 @@
     finegrain eval --checkpoint a.safetensors --checkpoint runs/b \\
         --tasks "zeroshot:synthetic/shape@descriptions=builtin,retrieval:synthetic/sentences" \\
         --set scoring=rerank --out reports/ab
+    finegrain eval --checkpoint runs/grain --tasks region:synthetic@mode=roialign
     finegrain eval --checkpoint runs/clip --tasks hardneg:synthetic,compositional:synthetic
     finegrain eval --checkpoint runs/clip --tasks \\
         "hardneg:fgovd/1_attributes=FG-OVD/benchmarks@image_root=/data/coco@num_negatives=10"
@@ -90,8 +91,35 @@ def _split_specs(text: str) -> list[str]:
     return [s for s in (p.strip() for p in text.split(",")) if s]
 
 
+COMMON_FIELDS = ("task", "dataset", "path", "split", "variant", "name", "image_root", "limit",
+                 "num_examples", "num_samples", "batch_size", "context_length")  # fmt: skip
+
+
+def task_help() -> str:
+    """Every registered task kind with its datasets (synthetic variants) and its own options
+    (name=default), for the ``--help`` epilog."""
+    from finegrain.eval.datasets import SYNTHETIC_KINDS, task_datasets
+
+    lines = ["tasks (TASK:DATASET[/VARIANT][=PATH][@key=value]...):"]
+    for kind, cls in sorted(EVAL_TASK_CONFIGS.items()):
+        lines.append(f"  {kind}: datasets {', '.join(task_datasets(kind))}")
+        if kind in SYNTHETIC_KINDS:
+            lines.append(f"    synthetic variants: {', '.join(SYNTHETIC_KINDS[kind])}")
+        own = [f"{f.name}={f.default!r}" for f in dataclasses.fields(cls)
+               if f.name not in COMMON_FIELDS and f.default is not dataclasses.MISSING]  # fmt: skip
+        lines.append("    options: " + ", ".join(own) if own else "    options: (common only)")
+    lines.append("  common options: " + ", ".join(COMMON_FIELDS[3:]))
+    lines.append("every result comes with its protocol card (protocol.json: N, chance, settings)")
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="finegrain eval", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="finegrain eval",
+        description=__doc__.split("\n\n")[0],
+        epilog=task_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument(
         "--checkpoint",
         action="append",

@@ -87,6 +87,12 @@ class ZeroShotTaskConfig(EvalTaskConfig):
     # class's raw descriptors; "max_query" = max over region queries of <r_q, class vector>
     region_score: Literal["released", "max_query"] = "released"
     memory_budget_mb: int = 1024  # text-conditioned scoring: max memory of one chunk
+    # texts past the context: "model" cuts them at context_length (0 = the tower's); "stretch"
+    # stretches the text tower's positions to context_length (0 = Long-CLIP's 4x) without
+    # training (finegrain.eval.long_text); the count of cut texts goes into the protocol
+    truncate: Literal["model", "stretch"] = "model"
+    stretch_mode: Literal["longclip", "linear"] = "longclip"
+    stretch_keep: int = 20  # longclip: first positions kept as they are
 
 
 @task_kind("retrieval")
@@ -98,6 +104,12 @@ class RetrievalTaskConfig(EvalTaskConfig):
     scoring: Literal["global", "conditioned", "rerank"] = "global"
     rerank_k: int = 20
     memory_budget_mb: int = 1024  # text-conditioned scoring: max memory of one images x texts chunk
+    # texts past the context: "model" cuts them at context_length (0 = the tower's); "stretch"
+    # stretches the text tower's positions to context_length (0 = Long-CLIP's 4x) without
+    # training (finegrain.eval.long_text); the count of cut texts goes into the protocol
+    truncate: Literal["model", "stretch"] = "model"
+    stretch_mode: Literal["longclip", "linear"] = "longclip"
+    stretch_keep: int = 20  # longclip: first positions kept as they are
 
 
 @task_kind("segmentation")
@@ -111,6 +123,15 @@ class SegmentationTaskConfig(EvalTaskConfig):
     background_threshold: float = 0.0  # > 0: predict background where the best similarity is lower
     background: str = ""  # comma-separated background prompts; their argmax is background (CLIPpy)
     image_size: int = 0  # inference resolution (0 = the model's; larger = more patches)
+    # last-block variant of the image tower (finegrain.encoders.dense): raw | maskclip | sclip |
+    # naclip; dense_block: "released" = each reference's code, or attention_only / residual_ffn
+    dense_variant: Literal["raw", "maskclip", "sclip", "naclip"] = "raw"
+    dense_block: Literal["released", "attention_only", "residual_ffn"] = "released"
+    gaussian_std: float = 5.0  # naclip neighbourhood window (NACLIP's released default)
+    # sliding windows: resize the short side to slide_size (0 = whole image squashed to the
+    # model size), windows of the model's input size every slide_stride pixels, logits averaged
+    slide_size: int = 0
+    slide_stride: int = 0  # 0 = half the window (SCLIP/NACLIP: 112 for 224-pixel windows)
 
 
 @task_kind("grouping")
@@ -144,6 +165,30 @@ class LinearProbeTaskConfig(EvalTaskConfig):
     seed: int = 0
 
 
+@task_kind("region")
+@dataclass
+class RegionTaskConfig(EvalTaskConfig):
+    """Classification of ground-truth boxes (``finegrain.eval.regions``); datasets: synthetic
+    (variant shape | color), coco | lvis (``path`` = the instance JSON, ``image_root``)."""
+
+    task: Literal["region"] = "region"
+    dataset: Literal["synthetic", "coco", "lvis"] = "synthetic"
+    # crop: encode the cropped box | roialign: pool dense_features | regions: region embeddings
+    mode: Literal["crop", "roialign", "regions"] = "crop"
+    margin: float = 0.0  # context on each side of a box, as a fraction of its width/height
+    square: bool = True  # crop: pad the box to a square (mean colour) instead of squashing it
+    roi_size: int = 7  # roialign: output bins per side, averaged
+    sampling_ratio: int = 0  # roialign: samples per bin side (0 = adaptive, torchvision's)
+    region_scoring: Literal["iou", "released"] = "iou"  # regions: see finegrain.eval.regions
+    image_size: int = 0  # roialign/regions: inference resolution (0 = the model's)
+    feature_cache_mb: int = 1024  # roialign: dense maps kept for later tasks of one eval run
+    templates: str = "default"
+    descriptions: str = ""  # '' | 'builtin' | path to {class: [descriptor, ...]} JSON
+    classnames: str = ""  # '' = the dataset's own | clip_benchmark dataset name | path
+    descriptor_prompts: Literal["released", "menon_vondrick", "which_has"] = "released"
+    class_vectors: Literal["auto", "mean", "renormalized"] = "auto"
+
+
 def task_config_class(task: str) -> type[EvalTaskConfig]:
     """The config class of task kind ``task``; a ``ValueError`` naming the kinds otherwise."""
     return EVAL_TASK_CONFIGS.get(task)
@@ -162,6 +207,7 @@ class HardNegTaskConfig(EvalTaskConfig):
     Datasets: synthetic (variant regions | single), fgovd (FG-OVD benchmark JSON), jsonl."""
 
     task: Literal["hardneg"] = "hardneg"
+    dataset: Literal["synthetic", "fgovd", "jsonl"] = "synthetic"
     # what the model sees of a box: auto = the whole image when the data has one object per
     # image, else crop; crop = the box plus margin, squashed to the input size; image = whole
     region: Literal["auto", "crop", "image"] = "auto"
@@ -180,5 +226,6 @@ class CompositionalTaskConfig(EvalTaskConfig):
     winoground), sugarcrepe (folder of <kind>.json + COCO images), winoground (jsonl + images)."""
 
     task: Literal["compositional"] = "compositional"
+    dataset: Literal["synthetic", "sugarcrepe", "winoground"] = "synthetic"
     scoring: Literal["global", "conditioned"] = "global"
     memory_budget_mb: int = 1024  # text-conditioned scoring: max memory of one chunk

@@ -69,10 +69,27 @@ def load_image(item: ImageItem) -> Image.Image:
         return im.convert("RGB")
 
 
-def load_mask(item: np.ndarray | Path) -> np.ndarray:
+@dataclass(frozen=True)
+class MappedMask:
+    """A mask file whose stored labels map to finegrain's through ``lut`` (256,) on loading
+    (COCO-Stuff train ids, ADE20K's 0 = ignore; ``finegrain.eval.seg_formats``)."""
+
+    path: Path
+    lut: np.ndarray
+
+    def load(self) -> np.ndarray:
+        raw = load_mask(self.path)
+        if raw.size and (raw.min() < 0 or raw.max() > 255):
+            raise ValueError(f"mask {self.path} has labels outside 0..255")
+        return self.lut[raw]
+
+
+def load_mask(item: np.ndarray | Path | MappedMask) -> np.ndarray:
     """A (H, W) int64 label mask from an array or a palette/grayscale PNG (indices, not colours)."""
     if isinstance(item, np.ndarray):
         return item.astype(np.int64)
+    if isinstance(item, MappedMask):
+        return item.load()
     with Image.open(item) as im:
         if im.mode not in ("P", "L", "I", "I;16"):
             raise ValueError(

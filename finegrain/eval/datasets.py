@@ -15,6 +15,7 @@ from typing import Any
 from finegrain.config import finegrain_home
 from finegrain.data.synthetic_sets import eval_split
 from finegrain.eval import formats
+from finegrain.eval.compositional_data import SYNTHETIC_VARIANTS as COMPOSITIONAL_VARIANTS
 from finegrain.eval.compositional_data import load_compositional_data
 from finegrain.eval.config import EvalTaskConfig, ZeroShotTaskConfig
 from finegrain.eval.containers import (
@@ -23,7 +24,10 @@ from finegrain.eval.containers import (
     SegmentationData,
 )
 from finegrain.eval.grouping import load_grouping_data
+from finegrain.eval.hardneg_data import SYNTHETIC_VARIANTS as HARDNEG_VARIANTS
 from finegrain.eval.hardneg_data import load_hardneg_data
+from finegrain.eval.region_data import SYNTHETIC_REGION_VARIANTS, load_region_data
+from finegrain.eval.seg_formats import load_ade20k, load_coco_stuff
 from finegrain.eval.templates import load_classnames
 from finegrain.registry import suggest
 
@@ -32,6 +36,9 @@ SYNTHETIC_KINDS = {
     "zeroshot": ("shape", "color_shape", "pattern_shape", "novel"),
     "retrieval": ("retrieval", "sentences", "long"),
     "segmentation": ("segmentation", "color"),  # objects labelled by shape | by colour
+    "region": SYNTHETIC_REGION_VARIANTS,  # finegrain.eval.region_data
+    "hardneg": HARDNEG_VARIANTS,  # finegrain.eval.hardneg_data
+    "compositional": COMPOSITIONAL_VARIANTS,  # finegrain.eval.compositional_data
 }
 
 
@@ -115,7 +122,32 @@ RETRIEVAL_FORMATS = {
     "wds": lambda p, r, c: formats.load_wds_retrieval(str(p), c.limit),
 }
 CLASSIFICATION_FORMATS = ("imagefolder", "manifest", "wds")
-SEGMENTATION_FORMATS = ("voc",)
+SEGMENTATION_FORMATS = ("voc", "coco_stuff", "ade20k")  # finegrain.eval.seg_formats
+
+
+def task_datasets(task: str) -> list[str]:
+    """The datasets a task kind accepts (for ``finegrain eval --help`` and error messages):
+    the core kinds' formats here, else the ``Literal`` choices of the kind's ``dataset`` field,
+    else its ``DATASETS`` class attribute (task kinds added by other modules)."""
+    import dataclasses
+    import typing
+
+    from finegrain.eval.config import task_config_class
+    from finegrain.eval.grouping import GROUPING_DATASETS
+
+    core = {"retrieval": list(RETRIEVAL_FORMATS), "zeroshot": list(CLASSIFICATION_FORMATS),
+            "segmentation": list(SEGMENTATION_FORMATS), "grouping": list(GROUPING_DATASETS)}  # fmt: skip
+    if task in core:
+        return list(dict.fromkeys(["synthetic", *core[task]]))
+    cls = task_config_class(task)
+    hints = typing.get_type_hints(cls)
+    if typing.get_origin(hints.get("dataset")) is typing.Literal:
+        return list(typing.get_args(hints["dataset"]))
+    declared = getattr(cls, "DATASETS", None)
+    if declared:
+        return list(declared)
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == "dataset")
+    return [str(default)]
 
 
 def _check_dataset(cfg: EvalTaskConfig, formats_: dict[str, Any]) -> None:
@@ -134,6 +166,8 @@ def load_task_data(cfg: EvalTaskConfig, image_size: int = 64) -> Any:
         return load_grouping_data(cfg, image_size)
     if cfg.task == "linear_probe":  # two splits (train the head / measure), own config kind
         return load_probe_data(cfg, image_size)
+    if cfg.task == "region":  # boxes per image: synthetic scenes, COCO / LVIS instance JSON
+        return load_region_data(cfg, image_size)
     if cfg.task == "hardneg":  # boxes with hard-negative descriptions (own loaders)
         return load_hardneg_data(cfg, image_size)
     if cfg.task == "compositional":  # captions vs negatives, 2x2 groups (own loaders)
@@ -150,7 +184,8 @@ def load_task_data(cfg: EvalTaskConfig, image_size: int = 64) -> Any:
         return _classification(cfg, path, root)
     if cfg.task == "segmentation":
         _check_dataset(cfg, SEGMENTATION_FORMATS)
-        images, masks, names = formats.load_voc(path, cfg.split)
+        load = {"voc": formats.load_voc, "coco_stuff": load_coco_stuff, "ade20k": load_ade20k}
+        images, masks, names = load[cfg.dataset](path, cfg.split)
         if cfg.classnames:
             names = load_classnames(cfg.classnames)
         return SegmentationData(_limit(images, cfg.limit), _limit(masks, cfg.limit), names)

@@ -32,7 +32,7 @@ from finegrain.eval.common import EvalContext, image_batches, require
 from finegrain.eval.config import LinearProbeTaskConfig
 from finegrain.eval.containers import SegmentationData, load_mask
 from finegrain.eval.datasets import ProbeData
-from finegrain.eval.segmentation import IGNORE, confusion, seg_metrics
+from finegrain.eval.segmentation import IGNORE, chance_metrics, confusion, seg_metrics
 
 
 def _resized_masks(data: SegmentationData, size: int) -> torch.Tensor:
@@ -118,4 +118,5 @@ def evaluate_linear_probe(
     keep["confusions"] = (
         torch.stack(keep["confusions"]) if n else torch.zeros(0, num_labels, num_labels).long()
     )
+    keep["protocol"] = {"chance": chance_metrics(conf, num_labels, ignore_bg=False)}
     return seg_metrics(conf, ignore_background=False), keep

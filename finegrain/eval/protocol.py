@@ -11,9 +11,9 @@ and the chance level of each metric. Evaluate functions add what only they know 
 Chance levels here are exact expectations under a uniform random scorer:
 classification ``acc@k = min(k, C) / C`` and per-class recall ``1 / C``; text->image retrieval
 ``R@k = min(k, N_i) / N_i``; image->text retrieval with ``m`` correct among ``N_t`` texts
-``R@k = 1 - C(N_t - m, k) / C(N_t, k)`` (averaged over images); segmentation mIoU from the
-class pixel frequencies ``f_c`` with ``K`` predictable labels:
-``IoU_c = (f_c / K) / (f_c + 1 / K - f_c / K)``, pixel accuracy ``1 / K``.
+``R@k = 1 - C(N_t - m, k) / C(N_t, k)`` (averaged over images); segmentation (zero-shot and
+linear probe) from the expected confusion matrix of uniform labels
+(``finegrain.eval.segmentation.chance_metrics``).
 """
 
 from __future__ import annotations
@@ -29,10 +29,7 @@ from finegrain.eval.containers import (
     ClassificationData,
     RetrievalData,
     SegmentationData,
-    load_mask,
 )
-
-IGNORE = 255
 
 
 def classification_chance(num_classes: int) -> dict[str, float]:
@@ -66,39 +63,16 @@ def retrieval_chance(num_images: int, text_to_image: list[int], ks: tuple[int, .
     return out
 
 
-def segmentation_chance(
-    masks: list[Any], num_labels: int, ignore_background: bool, limit: int = 64
-) -> dict[str, float]:
-    """Expected mIoU and pixel accuracy of uniform random labels, from the class pixel
-    frequencies of the first ``limit`` masks (mIoU over classes present in the ground truth,
-    as ``seg_metrics`` averages over classes present)."""
-    counts = np.zeros(num_labels, dtype=np.float64)
-    for mk in masks[:limit]:
-        m = load_mask(mk).ravel()
-        m = m[(m != IGNORE) & (m >= 0) & (m < num_labels)]
-        counts += np.bincount(m, minlength=num_labels)[:num_labels]
-    if ignore_background:
-        counts = counts[1:]
-    k = len(counts)
-    total = counts.sum()
-    if total <= 0 or k == 0:
-        return {}
-    f = counts[counts > 0] / total
-    iou = (f / k) / (f + 1 / k - f / k)
-    return {"miou": float(iou.mean()), "pixel_accuracy": 1 / k}
-
-
 def data_counts(data: Any, cfg: Any = None) -> dict[str, Any]:
     """Counts and chance levels from the loaded data of the core kinds (classification,
     retrieval, zero-shot segmentation, linear-probe segmentation, grouping)."""
     out: dict[str, Any] = {}
     test = getattr(data, "test", None)
-    if isinstance(test, SegmentationData):  # linear probe: a head on C + 1 labels
+    if isinstance(test, SegmentationData):  # linear probe (chance: from its confusion)
         train = getattr(data, "train", None)
         out["n_train_images"] = len(train.images) if train is not None else 0
         out["n_classes"] = len(test.classnames)
         out["n_images"] = len(test.images)
-        out["chance"] = segmentation_chance(test.masks, len(test.classnames) + 1, False)
         return out
     images = getattr(data, "images", None)
     if images is not None:
@@ -109,11 +83,8 @@ def data_counts(data: Any, cfg: Any = None) -> dict[str, Any]:
     elif isinstance(data, RetrievalData):
         out["n_texts"] = len(data.texts)
         out["chance"] = retrieval_chance(len(data.images), list(data.text_to_image))
-    elif isinstance(data, SegmentationData):
+    elif isinstance(data, SegmentationData):  # chance: from the task's confusion
         out["n_classes"] = len(data.classnames)
-        bg = bool(getattr(cfg, "background", "")) or getattr(cfg, "background_threshold", 0) > 0
-        n = len(data.classnames) + 1
-        out["chance"] = segmentation_chance(data.masks, n, ignore_background=not bg)
     return out
 
 

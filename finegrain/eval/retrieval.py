@@ -30,6 +30,7 @@ from finegrain.eval.common import (
 )
 from finegrain.eval.config import RetrievalTaskConfig
 from finegrain.eval.containers import RetrievalData
+from finegrain.eval.long_text import text_policy
 
 KS = (1, 5, 10)
 
@@ -146,10 +147,15 @@ def score_matrix(ctx: EvalContext, cfg: RetrievalTaskConfig, data: RetrievalData
 def evaluate_retrieval(
     ctx: EvalContext, cfg: RetrievalTaskConfig, data: RetrievalData
 ) -> tuple[dict[str, float], dict]:
-    """Metrics and the artefacts plots need (scores, ranks)."""
-    scores, key_t2i, key_i2t = score_matrix(ctx, cfg, data)
+    """Metrics and the artefacts plots need (scores, ranks, protocol: context length and
+    truncation policy, ``finegrain.eval.long_text``)."""
+    with text_policy(ctx, cfg, data.texts) as (length, text_info):
+        run_cfg = dataclasses.replace(cfg, context_length=length)
+        scores, key_t2i, key_i2t = score_matrix(ctx, run_cfg, data)
     owner = torch.tensor(data.text_to_image)
     t2i, _ = retrieval_ranks(key_t2i, owner)
     _, i2t = retrieval_ranks(key_i2t, owner)
     metrics = rank_metrics(t2i, i2t)
-    return metrics, {"scores": key_t2i, "t2i_ranks": t2i, "i2t_ranks": i2t}
+    # counts and chance recalls come from the data (finegrain.eval.protocol); the text policy
+    # (context length, truncation, cut texts) only from here
+    return metrics, {"scores": key_t2i, "t2i_ranks": t2i, "i2t_ranks": i2t, "protocol": text_info}

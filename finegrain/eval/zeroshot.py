@@ -24,6 +24,8 @@ against every prompt with ``score_features`` and the class score is the mean ove
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -36,6 +38,7 @@ from finegrain.eval.common import (
 )
 from finegrain.eval.config import ZeroShotTaskConfig
 from finegrain.eval.containers import ClassificationData
+from finegrain.eval.long_text import text_policy
 from finegrain.eval.templates import class_prompts, load_descriptions, load_templates
 
 
@@ -189,6 +192,11 @@ def evaluate_zeroshot(
     prompts = prompts_for(cfg, data.classnames, data.descriptions)
     desc = task_descriptions(cfg, data.classnames, data.descriptions)
     raw = [[d for d in desc[c] if d.strip()] for c in data.classnames] if desc else None
-    logits = zeroshot_logits(ctx, cfg, data, prompts, raw)
+    texts = [p for ps in prompts for p in ps]
+    with text_policy(ctx, cfg, texts) as (length, text_info):
+        run_cfg = dataclasses.replace(cfg, context_length=length)
+        logits = zeroshot_logits(ctx, run_cfg, data, prompts, raw)
     labels = torch.tensor(data.labels)
-    return classification_metrics(logits, labels), {"logits": logits, "labels": labels}
+    protocol = {"n_prompts": len(texts), **text_info}  # counts/chance: finegrain.eval.protocol
+    art = {"logits": logits, "labels": labels, "protocol": protocol}
+    return classification_metrics(logits, labels), art
