@@ -17,6 +17,7 @@ import yaml
 from finegrain.config import from_dict, validate_config
 from finegrain.data.config import DataConfig
 from finegrain.eval.common import EvalContext
+from finegrain.eval.compositional import evaluate_compositional
 from finegrain.eval.config import (
     EvalConfig,
     EvalTaskConfig,
@@ -29,6 +30,7 @@ from finegrain.eval.config import (
 )
 from finegrain.eval.datasets import load_task_data
 from finegrain.eval.grouping import evaluate_grouping
+from finegrain.eval.hardneg import evaluate_hardneg
 from finegrain.eval.linear_probe import evaluate_linear_probe
 from finegrain.eval.protocol import protocol_card
 from finegrain.eval.regions import evaluate_regions
@@ -45,6 +47,8 @@ EVAL_TASKS.add("segmentation", evaluate_segmentation)
 EVAL_TASKS.add("grouping", evaluate_grouping)
 EVAL_TASKS.add("linear_probe", evaluate_linear_probe)
 EVAL_TASKS.add("region", evaluate_regions)
+EVAL_TASKS.add("hardneg", evaluate_hardneg)
+EVAL_TASKS.add("compositional", evaluate_compositional)
 
 __all__ = [
     "EvalConfig",

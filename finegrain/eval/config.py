@@ -197,3 +197,35 @@ def task_config_class(task: str) -> type[EvalTaskConfig]:
 @dataclass
 class EvalConfig(Checked):
     tasks: list[EvalTaskConfig] = field(default_factory=list)
+
+
+@task_kind("hardneg")
+@dataclass
+class HardNegTaskConfig(EvalTaskConfig):
+    """Attribute hard negatives, FG-OVD style (``finegrain.eval.hardneg``): each box's true
+    description vs N with attributes changed; top-1 overall, by difficulty and by attribute.
+    Datasets: synthetic (variant regions | single), fgovd (FG-OVD benchmark JSON), jsonl."""
+
+    task: Literal["hardneg"] = "hardneg"
+    dataset: Literal["synthetic", "fgovd", "jsonl"] = "synthetic"
+    # what the model sees of a box: auto = the whole image when the data has one object per
+    # image, else crop; crop = the box plus margin, squashed to the input size; image = whole
+    region: Literal["auto", "crop", "image"] = "auto"
+    crop_margin: float = 0.1  # crop: grow the box by this fraction of its width/height per side
+    num_negatives: int = 0  # first N negatives per box; fewer: skipped (0 = all; FG-OVD uses 10)
+    scoring: Literal["global", "conditioned"] = "global"
+    memory_budget_mb: int = 1024  # text-conditioned scoring: max memory of one chunk
+
+
+@task_kind("compositional")
+@dataclass
+class CompositionalTaskConfig(EvalTaskConfig):
+    """Compositionality (``finegrain.eval.compositional``): an image's caption vs negatives that
+    swap or replace attributes, objects or relations (SugarCrepe), accuracy per kind; and
+    Winoground-style 2x2 groups (text, image, group score). Datasets: synthetic (variant pairs |
+    winoground), sugarcrepe (folder of <kind>.json + COCO images), winoground (jsonl + images)."""
+
+    task: Literal["compositional"] = "compositional"
+    dataset: Literal["synthetic", "sugarcrepe", "winoground"] = "synthetic"
+    scoring: Literal["global", "conditioned"] = "global"
+    memory_budget_mb: int = 1024  # text-conditioned scoring: max memory of one chunk

@@ -15,6 +15,8 @@ from typing import Any
 from finegrain.config import finegrain_home
 from finegrain.data.synthetic_sets import eval_split
 from finegrain.eval import formats
+from finegrain.eval.compositional_data import SYNTHETIC_VARIANTS as COMPOSITIONAL_VARIANTS
+from finegrain.eval.compositional_data import load_compositional_data
 from finegrain.eval.config import EvalTaskConfig, ZeroShotTaskConfig
 from finegrain.eval.containers import (
     ClassificationData,
@@ -22,6 +24,8 @@ from finegrain.eval.containers import (
     SegmentationData,
 )
 from finegrain.eval.grouping import load_grouping_data
+from finegrain.eval.hardneg_data import SYNTHETIC_VARIANTS as HARDNEG_VARIANTS
+from finegrain.eval.hardneg_data import load_hardneg_data
 from finegrain.eval.region_data import SYNTHETIC_REGION_VARIANTS, load_region_data
 from finegrain.eval.seg_formats import load_ade20k, load_coco_stuff
 from finegrain.eval.templates import load_classnames
@@ -33,6 +37,8 @@ SYNTHETIC_KINDS = {
     "retrieval": ("retrieval", "sentences", "long"),
     "segmentation": ("segmentation", "color"),  # objects labelled by shape | by colour
     "region": SYNTHETIC_REGION_VARIANTS,  # finegrain.eval.region_data
+    "hardneg": HARDNEG_VARIANTS,  # finegrain.eval.hardneg_data
+    "compositional": COMPOSITIONAL_VARIANTS,  # finegrain.eval.compositional_data
 }
 
 
@@ -162,6 +168,10 @@ def load_task_data(cfg: EvalTaskConfig, image_size: int = 64) -> Any:
         return load_probe_data(cfg, image_size)
     if cfg.task == "region":  # boxes per image: synthetic scenes, COCO / LVIS instance JSON
         return load_region_data(cfg, image_size)
+    if cfg.task == "hardneg":  # boxes with hard-negative descriptions (own loaders)
+        return load_hardneg_data(cfg, image_size)
+    if cfg.task == "compositional":  # captions vs negatives, 2x2 groups (own loaders)
+        return load_compositional_data(cfg, image_size)
     if cfg.dataset == "synthetic":
         return _synthetic(cfg, image_size)
     path, root = _default_path(cfg), cfg.image_root
