@@ -90,6 +90,7 @@ def task_prefix(cfg: EvalTaskConfig) -> str:
         f"slide{cfg.slide_size}" if getattr(cfg, "slide_size", 0) else "",
         b if (b := getattr(cfg, "dense_block", "released")) != "released" else "",
         f"sigma{g:g}" if (g := getattr(cfg, "gaussian_std", 5.0)) != 5.0 else "",
+        r if (r := getattr(cfg, "region", "auto")) != "auto" else "",
     ]
     variant = "+".join(m for m in mods if m)
     return "/".join(p for p in (cfg.task, cfg.dataset, variant) if p)

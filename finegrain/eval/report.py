@@ -10,7 +10,8 @@ from pathlib import Path
 
 # Metrics shown as percentages in the Markdown table (stored as fractions in JSON, like
 # CLIP_benchmark).
-FRACTIONS = ("recall@", "acc1", "acc5", "mean_per_class_recall", "miou", "pixel_accuracy")
+FRACTIONS = ("recall@", "acc1", "acc5", "mean_per_class_recall", "miou", "pixel_accuracy",
+             "acc", "text_score", "image_score", "group_score")  # fmt: skip
 
 
 def _by_method(results: dict) -> dict[str, dict[str, float]]:
