@@ -258,8 +258,17 @@ def test_zeroshot_errors(tmp_path):
     bad = tmp_path / "desc.json"
     bad.write_text(json.dumps({"red": ["x"]}))
     cfg = dict(task="zeroshot", dataset="imagefolder", path=root, templates="plain")
+    strict = EvalTaskConfig(**cfg, descriptions=str(bad), missing_descriptions="error")
     with pytest.raises(ValueError, match=r"desc.json: no descriptors for class 'blue'"):
-        run_tasks(ToyMethod(), [EvalTaskConfig(**cfg, descriptions=str(bad))], progress=False)
+        run_tasks(ToyMethod(), [strict], progress=False)
+    # default: the class without descriptors is scored by its name alone, counted and recorded
+    cards: dict = {}
+    task = EvalTaskConfig(**cfg, descriptions=str(bad), name="zs")
+    res = run_tasks(ToyMethod(), [task], progress=False, protocols=cards)
+    names = sorted(p.name for p in (tmp_path / "test").iterdir())
+    assert res["zs/classes_without_descriptions"] == len(names) - 1
+    assert sorted(cards["zs"]["classes_without_descriptions"]) == [n for n in names if n != "red"]
+    assert 0 <= res["zs/acc1"] <= 1
     with pytest.raises(ValueError, match=r"method 'toy' \(PlainToy\) has no region_embeddings"):
         run_tasks(PlainToy(), [EvalTaskConfig(**cfg, fusion_alpha=0.5)], progress=False)
     (tmp_path / "test" / "empty").mkdir()

@@ -86,6 +86,8 @@ class ZeroShotTaskConfig(EvalTaskConfig):
     # region score of a class: "released" = mean over region queries of the max over the
     # class's raw descriptors; "max_query" = max over region queries of <r_q, class vector>
     region_score: Literal["released", "max_query"] = "released"
+    # a class the descriptions lack: scored by its name alone and counted, or a one-line error
+    missing_descriptions: Literal["name_only", "error"] = "name_only"
     memory_budget_mb: int = 1024  # text-conditioned scoring: max memory of one chunk
     # texts past the context: "model" cuts them at context_length (0 = the tower's); "stretch"
     # stretches the text tower's positions to context_length (0 = Long-CLIP's 4x) without

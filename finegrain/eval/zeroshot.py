@@ -45,10 +45,24 @@ from finegrain.eval.templates import class_prompts, load_descriptions, load_temp
 def task_descriptions(
     cfg: ZeroShotTaskConfig, classnames: list[str], builtin: dict[str, list[str]] | None = None
 ) -> dict[str, list[str]] | None:
-    """The task's class descriptions (None without ``descriptions``)."""
+    """The task's class descriptions (None without ``descriptions``). With
+    ``missing_descriptions="name_only"`` (default) a class the descriptions lack (or whose
+    list is empty) gets no entry: it is scored by its name alone and counted
+    (``described_classes``); with ``"error"`` that is a one-line error naming the class."""
     if not cfg.descriptions:
         return None
-    return load_descriptions(cfg.descriptions, builtin, classnames)
+    strict = getattr(cfg, "missing_descriptions", "name_only") == "error"
+    loaded = load_descriptions(cfg.descriptions, builtin, classnames, allow_missing=not strict)
+    if strict:
+        return loaded
+    return {c: ds for c in classnames if (ds := [d for d in loaded.get(c, []) if d.strip()])}
+
+
+def without_descriptions(
+    classnames: list[str], descriptions: dict[str, list[str]] | None
+) -> list[str]:
+    """The classes scored by their name alone although the task asked for descriptions."""
+    return [] if descriptions is None else [c for c in classnames if c not in descriptions]
 
 
 def prompts_for(
@@ -63,7 +77,14 @@ def prompts_for(
         check_descriptions(classnames, {c: cupl.get(c, []) for c in classnames})
         return [cupl[c] for c in classnames]
     templates = load_templates(cfg.templates, cfg.dataset)
-    return class_prompts(classnames, templates, descriptions, cfg.descriptor_prompts)
+    if descriptions is None or not without_descriptions(classnames, descriptions):
+        return class_prompts(classnames, templates, descriptions, cfg.descriptor_prompts)
+    return [  # classes without descriptions: the plain template prompts of their name
+        class_prompts([c], templates, {c: descriptions[c]}, cfg.descriptor_prompts)[0]
+        if c in descriptions
+        else class_prompts([c], templates)[0]
+        for c in classnames
+    ]
 
 
 def _owner(prompts: list[list[str]]) -> tuple[list[str], torch.Tensor]:
@@ -191,12 +212,17 @@ def evaluate_zeroshot(
 ) -> tuple[dict[str, float], dict]:
     prompts = prompts_for(cfg, data.classnames, data.descriptions)
     desc = task_descriptions(cfg, data.classnames, data.descriptions)
-    raw = [[d for d in desc[c] if d.strip()] for c in data.classnames] if desc else None
+    raw = [[d for d in desc.get(c, [c]) if d.strip()] for c in data.classnames] if desc else None
     texts = [p for ps in prompts for p in ps]
     with text_policy(ctx, cfg, texts) as (length, text_info):
         run_cfg = dataclasses.replace(cfg, context_length=length)
         logits = zeroshot_logits(ctx, run_cfg, data, prompts, raw)
     labels = torch.tensor(data.labels)
     protocol = {"n_prompts": len(texts), **text_info}  # counts/chance: finegrain.eval.protocol
+    metrics = classification_metrics(logits, labels)
+    if desc is not None:
+        names_only = without_descriptions(data.classnames, desc)
+        protocol["classes_without_descriptions"] = names_only
+        metrics["classes_without_descriptions"] = float(len(names_only))
     art = {"logits": logits, "labels": labels, "protocol": protocol}
-    return classification_metrics(logits, labels), art
+    return metrics, art
