@@ -4,11 +4,14 @@ Conventions for every ``benchmarks/bench_*.py`` (used by ``python -m benchmarks`
 - ``main(argv) -> dict`` and ``if __name__ == "__main__"`` printing one JSON document last;
 - ``--quick``: a small preset that finishes in about a minute on 2 CPU cores (also the preset
   the runner uses on CPU); ``--device`` defaults to CUDA when available;
-- result keys ending in ``_ratio`` are ours / reference (higher is better for speed).
+- result keys ending in ``_ratio`` are ours / reference: for speeds (samples/s, ours over the
+  reference's) higher is better; for step times, memory and overhead fractions lower is better,
+  which each script's docstring says.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -57,6 +60,45 @@ def time_interleaved(
             "cpu_s": sorted(cpu[name])[len(w) // 2],
         }
     return out
+
+
+def autocast(device: torch.device | str, precision: str = "fp32") -> Any:
+    """bf16/fp16 autocast on CUDA; a null context for fp32 and on CPU (benchmarks time fp32
+    there)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if torch.device(device).type != "cuda" or dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def cuda_step_peak_mb(fn: Callable[[], Any]) -> float:
+    """CUDA memory (MB) one call of ``fn`` allocates at its peak on top of what was allocated
+    before it (model, optimizer state, inputs)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def train_step(
+    loss_fn: Callable[[], torch.Tensor],
+    opt: torch.optim.Optimizer,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+) -> Callable[[], None]:
+    """One training step as a closure: ``loss_fn()`` under :func:`autocast`, backward,
+    optimizer step (gradients cleared first, so a step never sees the previous one's)."""
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+
+    return step
 
 
 def vm_hwm_mb() -> float:
@@ -117,14 +159,23 @@ def _child(target: Callable[..., Any], args: tuple, queue: Any) -> None:
 def run_in_subprocess(target: Callable[..., Any], *args: Any) -> Any:
     """``target(*args)`` in a fresh spawned process, so its peak memory (VmHWM) and threads
     are its own; returns what ``target`` returns (``target`` and ``args`` must pickle: a
-    module-level function of the script)."""
+    module-level function of the script). A child that dies raises instead of hanging."""
     import multiprocessing as mp
+    import queue as queue_mod
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(target, args, queue))
     proc.start()
     try:
-        return queue.get()
+        while True:
+            try:
+                return queue.get(timeout=5)
+            except queue_mod.Empty:
+                if not proc.is_alive():
+                    name = getattr(target, "__name__", target)
+                    raise RuntimeError(
+                        f"{name} died in its subprocess (exit {proc.exitcode})"
+                    ) from None
     finally:
         proc.join()
