@@ -23,6 +23,7 @@ peak RSS (VmHWM) of a fresh process that builds the model and runs one step of t
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (  # noqa: E402
-    cuda_step_peak_mb,
+    add_variant_args,
     machine_info,
     print_json,
     run_in_subprocess,
-    time_interleaved,
+    time_steps,
     train_step,
     vm_hwm_mb,
 )
@@ -100,15 +101,9 @@ def _rss_after_step(a: dict[str, Any], variant: str) -> float:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    p.add_argument("--quick", action="store_true", help="small preset, 2 repeats (CPU preset)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    add_variant_args(p, sorted(PRESETS), "small")
     p.add_argument("--keep", type=float, default=0.2, help="kept fraction at 2x (paper: 0.2)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--no-memory", action="store_true", help="CPU: skip the per-variant RSS runs")
     ns = p.parse_args(argv)
     from finegrain.methods.clippy import check_keep_fraction
 
@@ -120,16 +115,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              threads=ns.threads, keep=check_keep_fraction(ns.keep, "--keep"))  # fmt: skip
     if ns.batch:
         a["batch"] = ns.batch
-    fns = _steps(a, list(VARIANTS))
-    times = time_interleaved(fns, repeats=ns.repeats, warmup=1, device=dev)
-    s: dict[str, dict[str, float]] = {}
-    for v, t in times.items():
-        s[v] = {"step_s": t["median_s"], "min_step_s": t["min_s"], "cpu_s": t["cpu_s"],
-                "samples_per_s": a["batch"] / t["median_s"]}  # fmt: skip
-        if dev.type == "cuda":
-            s[v]["step_peak_mem_mb"] = cuda_step_peak_mb(fns[v])
-        elif not ns.no_memory:
-            s[v]["process_peak_rss_mb"] = run_in_subprocess(_rss_after_step, a, v)
+    rss = None if ns.no_memory else functools.partial(run_in_subprocess, _rss_after_step, a)
+    s = time_steps(_steps(a, list(VARIANTS)), a["batch"], ns.repeats, dev, rss)
     mem = "step_peak_mem_mb" if dev.type == "cuda" else "process_peak_rss_mb"
     ratios = {}
     for v in ("clippy_2x", "clippy_2x_keep"):
