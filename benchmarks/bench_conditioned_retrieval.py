@@ -13,27 +13,38 @@ Scores N images x M texts with FLAIR's text-conditioned attention pooling head
 - loop (reported for context): one image at a time through the head's ``similarity`` (keys
   and values once per image, queries once per image): the gain of batching images per call.
 
-Prints one JSON object with pairs/s, peak memory (CUDA: max allocated; CPU: growth of the
-process's max RSS, each variant in a fresh subprocess), the speed ratio and the max abs
-difference (asserted <= 1e-4, fp32). The naive loop may run on the first ``--naive-images``
-images only (its rate is per pair, so the ratio stays comparable).
+Prints one JSON object (``print_json``) with pairs/s, peak memory (CUDA: max allocated; CPU:
+growth of the peak RSS, VmHWM, each variant in a fresh subprocess via ``run_in_subprocess``),
+the ratios and the max abs difference (asserted <= 1e-4, fp32). Ratios (speed, higher is
+better): ``chunked_speed_ratio`` = ours / naive pairs/s, ``chunked_vs_head_loop_speed_ratio``
+= ours / loop pairs/s (peak memories are reported, not compared: the sides score different
+numbers of images). The naive loop may run on the first ``--naive-images`` images only (its rate is per pair, so the
+ratio stays comparable).
 
-    python benchmarks/bench_conditioned_retrieval.py                 # CPU: 100 x 500, D=256, 64 tokens, naive on 10 images
+    python benchmarks/bench_conditioned_retrieval.py --quick         # CPU: 50 x 250, naive on 5 images
+    python benchmarks/bench_conditioned_retrieval.py                 # 100 x 500, D=256, 64 tokens, naive on 10
     python benchmarks/bench_conditioned_retrieval.py --gpu-defaults  # 1000 x 5000, D=512, 196 tokens
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing as mp
-import resource
 import sys
-import time
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import (  # noqa: E402
+    machine_info,
+    print_json,
+    run_in_subprocess,
+    time_interleaved,
+    vm_hwm_mb,
+)
 from finegrain.eval.common import EvalContext, chunked_scores
 from finegrain.heads.pooling import TextConditionedPooling
 from finegrain.methods.base import Method, MethodConfig
@@ -79,57 +90,40 @@ def loop_scores(m: PoolingScorer, tokens: torch.Tensor, texts: torch.Tensor) -> 
     return torch.cat([m.pooling.similarity(texts, tokens[i : i + 1]) for i in range(len(tokens))])
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _run(variant: str, a: argparse.Namespace, queue) -> None:
-    """One variant, timed; puts (seconds, pairs, peak_bytes, scores on CPU) on the queue."""
+def _run(variant: str, a: argparse.Namespace) -> tuple[float, int, float, Any]:
+    """One variant, timed in this (fresh) process: (seconds, pairs, peak MB, scores on CPU)."""
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     m, tokens, texts = make_inputs(a, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        base = torch.cuda.memory_allocated() / 2**20
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = vm_hwm_mb()
     if variant != "ours":
         tokens = tokens[: a.naive_images]
     ctx = EvalContext.create(m, device, progress=False)
-    for rep in range(2):  # warm-up, then timed
-        _sync(device)
-        t0 = time.perf_counter()
+    out: dict[str, torch.Tensor] = {}
+
+    def score() -> None:
         if variant == "ours":
-            s = chunked_scores(ctx, tokens, texts, a.budget_mb)
+            out["s"] = chunked_scores(ctx, tokens, texts, a.budget_mb)
         elif variant == "loop":
-            s = loop_scores(m, tokens, texts).cpu()
+            out["s"] = loop_scores(m, tokens, texts).cpu()
         else:
-            s = naive_scores(m, tokens, texts).cpu()
-        _sync(device)
-        dt = time.perf_counter() - t0
-        if rep == 0 and not a.warmup:
-            break
+            out["s"] = naive_scores(m, tokens, texts).cpu()
+
+    dt = time_interleaved({variant: score}, 1, int(a.warmup), device)[variant]["median_s"]
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
+        peak = torch.cuda.max_memory_allocated() / 2**20 - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    queue.put((dt, tokens.shape[0] * texts.shape[0], peak, s[: a.naive_images].float().numpy()))
+        peak = vm_hwm_mb() - base
+    pairs = tokens.shape[0] * texts.shape[0]
+    return dt, pairs, peak, out["s"][: a.naive_images].float().numpy()
 
 
-def run_variant(variant: str, a: argparse.Namespace):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_run, args=(variant, a, q))
-    p.start()
-    out = q.get()
-    p.join()
-    assert p.exitcode == 0, f"{variant} run failed"
-    return out
-
-
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=100)
     ap.add_argument("--texts", type=int, default=500)
@@ -141,34 +135,36 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", action="store_true", help="time a second run after a warm-up")
+    ap.add_argument("--quick", action="store_true", help="50 x 250, naive on 5 images (CPU)")
     ap.add_argument("--gpu-defaults", action="store_true",
                     help="1000 x 5000, D=512, 196 tokens (ViT-B/16), naive on 100 images")  # fmt: skip
     a = ap.parse_args(argv)
+    if a.quick:
+        a.images, a.texts, a.naive_images = 50, 250, 5
     if a.gpu_defaults:
         a.images, a.texts, a.dim, a.tokens, a.warmup = 1000, 5000, 512, 196, True
         a.naive_images = 100 if a.naive_images == 10 else a.naive_images
         a.budget_mb = max(a.budget_mb, 4096)
     a.naive_images = a.naive_images or a.images
-    ours_t, ours_pairs, ours_mem, ours_s = run_variant("ours", a)
-    naive_t, naive_pairs, naive_mem, naive_s = run_variant("naive", a)
-    loop_t, loop_pairs, loop_mem, loop_s = run_variant("loop", a)
+    ours_t, ours_pairs, ours_mem, ours_s = run_in_subprocess(_run, "ours", a)
+    naive_t, naive_pairs, naive_mem, naive_s = run_in_subprocess(_run, "naive", a)
+    loop_t, loop_pairs, loop_mem, loop_s = run_in_subprocess(_run, "loop", a)
     diff = float(max(abs(ours_s - naive_s).max(), abs(loop_s - naive_s).max()))
     res = {
-        "device": a.device if a.device == "cpu" else torch.cuda.get_device_name(),
-        "images": a.images, "texts": a.texts, "dim": a.dim, "tokens": a.tokens, "heads": a.heads,
+        "benchmark": "conditioned_retrieval", "images": a.images, "texts": a.texts,
+        "dim": a.dim, "tokens": a.tokens, "heads": a.heads,
         "naive_images": a.naive_images, "budget_mb": a.budget_mb,
         "ours_pairs_per_s": ours_pairs / ours_t, "naive_pairs_per_s": naive_pairs / naive_t,
         "ours_seconds": ours_t, "naive_seconds": naive_t,
-        "ours_peak_mb": ours_mem / 2**20, "naive_peak_mb": naive_mem / 2**20,
-        "loop_pairs_per_s": loop_pairs / loop_t, "loop_peak_mb": loop_mem / 2**20,
-        "speedup": (ours_pairs / ours_t) / (naive_pairs / naive_t),
-        "speedup_vs_per_image_head_loop": (ours_pairs / ours_t) / (loop_pairs / loop_t),
-        "max_abs_diff": diff,
+        "ours_peak_mb": ours_mem, "naive_peak_mb": naive_mem,
+        "loop_pairs_per_s": loop_pairs / loop_t, "loop_peak_mb": loop_mem,
+        "chunked_speed_ratio": (ours_pairs / ours_t) / (naive_pairs / naive_t),
+        "chunked_vs_head_loop_speed_ratio": (ours_pairs / ours_t) / (loop_pairs / loop_t),
+        "max_abs_diff": diff, "machine": machine_info(a.device),
     }  # fmt: skip
-    print(json.dumps(res, indent=2))
     assert diff <= 1e-4, f"ours and naive differ by {diff:.3g} > 1e-4"
     return res
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    print_json(main())

@@ -6,26 +6,37 @@ tokenize captions with OpenCLIP's CLIP BPE tokenizer, collate into a batch. Open
 ``open_clip_train.data.get_wds_dataset`` when importable, else the same pipeline rebuilt from its
 parts (``wds.WebDataset -> shuffle -> decode("pilrgb") -> rename -> map_dict(preprocess,
 tokenize) -> to_tuple -> batched``). Ours additionally validates the schema JSON, moves region
-boxes and derives per-sample seeds. Runs alternate (A, B, A, B, ...) and the median is reported.
+boxes and derives per-sample seeds. Each pipeline's iterator is created once; a timed call
+pulls ``--batches`` batches, round-robin over the pipelines after a warm-up call
+(``benchmarks._common.time_interleaved``), median reported. With ``--workers`` > 0 a pipeline's
+prefetch queue (2 x workers batches) refills while the others are timed, so choose
+``--batches`` well above that.
 
+    python benchmarks/bench_data.py --quick             # 128 samples, 6 batches x 2 repeats
     python benchmarks/bench_data.py                     # small CPU defaults
     python benchmarks/bench_data.py --num 2048 --image-size 224 --workers 4
 
 Prints one JSON object: samples/s per worker (num_workers=0 runs in the main process: the
-throughput of one worker), ratios ours/open_clip (>= 1 means we are not slower) and the
-synthetic generator's images/s.
+throughput of one worker), ratios (speed, higher is better; >= 1 means we are not slower):
+``data_speed_ratio`` = ours / open_clip samples/s with one caption per image,
+``k_caption_data_speed_ratio`` = ours with ``--k`` captions per image / open_clip with one; and
+the synthetic generator's images/s.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import machine_info, print_json, time_interleaved  # noqa: E402
 from finegrain.data.schema import sample_rng
 
 
@@ -47,7 +58,7 @@ class KCaptionCollate:
                 "texts": tokens.view(len(samples), self.k, -1)}  # fmt: skip
 
 
-def ours(pattern: str, args, k: int) -> float:
+def ours(pattern: str, args, k: int) -> Any:
     import open_clip
 
     from finegrain.data import DataConfig, build_train_loader
@@ -56,10 +67,10 @@ def ours(pattern: str, args, k: int) -> float:
                      image_size=args.image_size, num_workers=args.workers, augment="rrc",
                      crop_scale=(0.9, 1.0), shuffle_buffer=args.shuffle)  # fmt: skip
     loader = build_train_loader(cfg, KCaptionCollate(open_clip.get_tokenizer("ViT-B-32"), k))
-    return _time(iter(loader), args)
+    return _pull(iter(loader), args.batches)
 
 
-def openclip(pattern: str, args) -> float:
+def openclip(pattern: str, args) -> Any:
     import open_clip
     import webdataset as wds
 
@@ -77,16 +88,17 @@ def openclip(pattern: str, args) -> float:
         wds.batched(args.batch_size, partial=False),
     ).repeat()  # endless, like our loader
     loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=args.workers)
-    return _time(iter(loader), args)
+    return _pull(iter(loader), args.batches)
 
 
-def _time(it, args) -> float:
-    next(it)  # warm-up: worker start, first shard open
-    n = args.batches
-    start = time.perf_counter()
-    for _ in range(n):
-        next(it)
-    return n * args.batch_size / (time.perf_counter() - start) / max(1, args.workers)
+def _pull(it, n: int) -> Any:
+    """A closure taking the next ``n`` batches of the (persistent) iterator ``it``."""
+
+    def run() -> None:
+        for _ in range(n):
+            next(it)
+
+    return run
 
 
 def generator_speed(size: int, n: int) -> float:
@@ -98,44 +110,47 @@ def generator_speed(size: int, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="128 samples, 6 batches x 2 (CPU preset)")
     p.add_argument("--num", type=int, default=256, help="synthetic samples in the shards")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--batches", type=int, default=12, help="timed batches per run")
+    p.add_argument("--batches", type=int, default=12, help="timed batches per call")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (0 = main process)")
     p.add_argument("--shuffle", type=int, default=100)
     p.add_argument("--k", type=int, default=4, help="captions per image for the K-caption run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args()
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="recorded only: the pipelines run on CPU")  # fmt: skip
+    args = p.parse_args(argv)
+    if args.quick:
+        args.num, args.batches, args.repeats = 128, 6, 2
     torch.set_num_threads(args.threads)
     from finegrain.data.shards import synthesize
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = synthesize(tmp, args.num, args.image_size, seed=0, shard_size=max(1, args.num // 4))
         pattern = f"{tmp}/{{00000..{len(paths) - 1:05d}}}.tar"
-        runs: dict[str, list[float]] = {"ours_k1": [], "open_clip": [], f"ours_k{args.k}": []}
-        for _ in range(args.repeats):  # alternate so machine noise hits both sides alike
-            runs["ours_k1"].append(ours(pattern, args, 1))
-            runs["open_clip"].append(openclip(pattern, args))
-            runs[f"ours_k{args.k}"].append(ours(pattern, args, args.k))
-    med = {k: statistics.median(v) for k, v in runs.items()}
-    out = {
+        fns = {"ours_k1": ours(pattern, args, 1), "open_clip": openclip(pattern, args),
+               f"ours_k{args.k}": ours(pattern, args, args.k)}  # fmt: skip
+        t = time_interleaved(fns, repeats=args.repeats, warmup=1)
+    per_worker = args.batches * args.batch_size / max(1, args.workers)
+    rate = {k: per_worker / v["median_s"] for k, v in t.items()}
+    return {
+        "benchmark": "data_pipeline",
         "config": vars(args),
-        "samples_per_s_per_worker": {k: round(v, 1) for k, v in med.items()},
-        "ratio_ours_vs_open_clip": round(med["ours_k1"] / med["open_clip"], 3),
-        f"ratio_ours_k{args.k}_vs_open_clip_k1": round(
-            med[f"ours_k{args.k}"] / med["open_clip"], 3
-        ),
+        "samples_per_s_per_worker": {k: round(v, 1) for k, v in rate.items()},
+        "data_speed_ratio": rate["ours_k1"] / rate["open_clip"],
+        "k_caption_data_speed_ratio": rate[f"ours_k{args.k}"] / rate["open_clip"],
         "generator_images_per_s": {
-            "64": round(generator_speed(64, 200), 1),
-            "224": round(generator_speed(224, 50), 1),
+            "64": round(generator_speed(64, 200 if not args.quick else 50), 1),
+            "224": round(generator_speed(224, 50 if not args.quick else 10), 1),
         },
+        "machine": machine_info("cpu"),
     }
-    print(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    print_json(main())

@@ -1,38 +1,55 @@
-"""FLAIR training step vs CLIP training step (same towers, same batch), and FLAIR's batched
-text-conditioned sigmoid loss vs a straightforward per-image loop. Prints one JSON object.
+"""FLAIR's batched text-conditioned sigmoid loss vs a straightforward per-image loop, and
+the cost of FLAIR's text-conditioned branch within a training step.
 
-Variants (timed round-robin on one model, so all see the same machine load):
-- ``clip``: global InfoNCE, one caption per image (``texts[:, 0]``);
+Variants of one training step (one model, timed round-robin with
+``benchmarks._common.time_interleaved``):
 - ``mps``: the multi-positive sigmoid loss on all B x K sub-captions (FLAIR without the
   text-conditioned branch: the same text-tower workload as FLAIR);
 - ``flair``: finegrain's FLAIR step (batched pooling of all B x (B + K - 1) pairs);
 - ``flair_loop``: the same step with the text-conditioned loss computed image by image.
 Plus ``tcs_loss``: forward + backward of the text-conditioned loss alone on random features,
-batched vs per-image loop (no towers).
+batched vs per-image loop (no towers). FLAIR's step against CLIP's on the same towers is
+``bench_methods.py``'s comparison and is not repeated here.
+
+Ratios: ``batched_tcs_step_speed_ratio`` and ``batched_tcs_loss_speed_ratio`` are the loop's
+seconds over the batched version's (speed, higher is better); ``batched_tcs_peak_mem_ratio`` is
+``flair`` / ``flair_loop`` memory and ``tcs_branch_step_time_ratio`` is ``flair`` / ``mps`` step
+time (the text-conditioned branch's overhead): lower is better for those two.
 
 CPU defaults are tiny; ``--preset vitb16 --device cuda`` is the paper's ViT-B/16, batch 128,
-K = 8 setup (bf16 autocast). Peak memory: on GPU the peak a step allocates on top of the
-model/optimizer state (``max_memory_allocated``); on CPU the max RSS of a fresh process that
-runs one step of the variant.
+K = 8 setup (bf16 autocast). Peak memory: CUDA, what a step allocates on top of model and
+optimizer state; CPU, the peak RSS (VmHWM) of a fresh process that builds the model and runs
+one step of the variant.
 
-    python benchmarks/bench_flair.py                       # CPU, tiny
+    python benchmarks/bench_flair.py --quick                # CPU, tiny, about a minute
     python benchmarks/bench_flair.py --preset vitb16 --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import multiprocessing as mp
-import resource
-import time
+import functools
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ("clip", "mps", "flair", "flair_loop")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import (  # noqa: E402
+    add_variant_args,
+    machine_info,
+    print_json,
+    run_in_subprocess,
+    time_interleaved,
+    time_steps,
+    train_step,
+    vm_hwm_mb,
+)
+
+VARIANTS = ("mps", "flair", "flair_loop")
 PRESETS = {
     "tiny": dict(batch=16, k=4, image_size=64, patch=8, width=64, depth=2, heads=2, text_width=64,
                  text_depth=2, text_heads=2, context=32, embed=64, pool_heads=4),
@@ -78,35 +95,26 @@ def _build(a: dict[str, Any]):
 
 
 def _loss(model, batch: dict[str, torch.Tensor], variant: str) -> torch.Tensor:
-    from finegrain.losses.contrastive import clip_loss
-
-    scale, bias = model.logit_scale.exp(), model.logit_bias
-    if variant == "clip":
-        img = model.encode_image(batch["image"])
-        txt = model.encode_text(batch["texts"][:, 0])
-        return clip_loss(img, txt, scale)
-    if variant == "mps":
-        from finegrain.losses.flair import flair_multi_positive_loss
-
-        f = model.features(batch)
-        return flair_multi_positive_loss(
-            F.normalize(f["image"], dim=-1), F.normalize(f["texts"], dim=-1), scale, bias
-        )
-    if variant == "flair":
-        return model(batch).loss
-    f = model.features(batch)  # flair_loop: same step, loop-based text-conditioned loss
     from finegrain.losses.flair import flair_multi_positive_loss
 
-    tcs = per_image_loop_tcs(
-        model.pooling, f["image_tokens"], f["texts"], scale, bias, f["pair_seed"]
-    )
+    if variant == "flair":
+        return model(batch).loss
+    scale, bias = model.logit_scale.exp(), model.logit_bias
+    f = model.features(batch)
     mps = flair_multi_positive_loss(
         F.normalize(f["image"], dim=-1), F.normalize(f["texts"], dim=-1), scale, bias
+    )
+    if variant == "mps":
+        return mps
+    # flair_loop: the same step, loop-based text-conditioned loss
+    tcs = per_image_loop_tcs(
+        model.pooling, f["image_tokens"], f["texts"], scale, bias, f["pair_seed"]
     )
     return (tcs + mps) / 2
 
 
-def _setup(a: dict[str, Any]) -> tuple[Any, Any, dict[str, torch.Tensor], Any]:
+def _steps(a: dict[str, Any], variants: list[str]) -> dict[str, Any]:
+    """{variant: step closure} on one model, optimizer and batch."""
     torch.set_num_threads(a["threads"])
     torch.manual_seed(0)
     dev = torch.device(a["device"])
@@ -119,90 +127,20 @@ def _setup(a: dict[str, Any]) -> tuple[Any, Any, dict[str, torch.Tensor], Any]:
         "pair_seed": torch.arange(b, device=dev) * 7919,
     }
     batch["texts"][..., -1] = 49407  # an EOT token in every row
-    amp = a["device"] == "cuda" and a["precision"] == "bf16"
-    ctx = (lambda: torch.autocast("cuda", torch.bfloat16)) if amp else contextlib.nullcontext
-    return model, opt, batch, ctx
+
+    def one(v: str) -> Any:
+        return train_step(lambda: _loss(model, batch, v), opt, dev, a["precision"])
+
+    return {v: one(v) for v in variants}
 
 
-def _step(model, opt, batch, variant: str, ctx) -> float:
-    """One optimizer step; returns its wall time (seconds, synchronised on GPU)."""
-    cuda = batch["image"].is_cuda
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with ctx():
-        loss = _loss(model, batch, variant)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+def _rss_after_step(a: dict[str, Any], variant: str) -> float:
+    """Peak RSS (MB) of this (fresh) process after building the model and one step."""
+    _steps(a, [variant])[variant]()
+    return vm_hwm_mb()
 
 
-def _time_interleaved(a: dict[str, Any], variants: list[str]) -> dict[str, dict[str, float]]:
-    """Round-robin over variants on one model, so every variant sees the same machine load.
-    On GPU also the peak memory a step adds on top of what was allocated before it."""
-    model, opt, batch, ctx = _setup(a)
-    cuda = a["device"] == "cuda"
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    extra: dict[str, float] = {v: 0.0 for v in variants}
-    for step in range(a["warmup"] + a["steps"]):
-        for v in variants:
-            if cuda:
-                opt.zero_grad(set_to_none=True)
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-            dt = _step(model, opt, batch, v, ctx)
-            if step >= a["warmup"]:
-                times[v].append(dt)
-                if cuda:
-                    extra[v] = max(extra[v], (torch.cuda.max_memory_allocated() - base) / 2**20)
-    out = {}
-    for v in variants:
-        ts = sorted(times[v])
-        out[v] = {
-            "step_s": ts[len(ts) // 2],
-            "min_step_s": ts[0],
-            "samples_per_s": a["batch"] / ts[len(ts) // 2],
-        }
-        if cuda:
-            out[v]["step_peak_mem_mb"] = extra[v]
-    return out
-
-
-def _rss_after_step(a: dict[str, Any], variant: str, queue: Any) -> None:
-    model, opt, batch, ctx = _setup(a)
-    _step(model, opt, batch, variant, ctx)
-    queue.put(_vm_hwm_mb())
-
-
-def _vm_hwm_mb() -> float:
-    """This process's peak RSS (MiB). /proc VmHWM is reset by exec, unlike ru_maxrss, which a
-    spawned child inherits from its parent on Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**10  # kB -> MiB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-
-
-def _cpu_peak_rss(a: dict[str, Any], variant: str) -> float:
-    """Max RSS (MiB) of a fresh process that builds the model and runs one step of ``variant``."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_rss_after_step, args=(a, variant, q))
-    p.start()
-    out = q.get()
-    p.join()
-    return out
-
-
-def _tcs_loss_only(a: dict[str, Any]) -> dict[str, float]:
+def _tcs_loss_only(a: dict[str, Any], repeats: int) -> dict[str, float]:
     """Forward + backward of the TCS loss alone, batched vs per-image loop, interleaved."""
     from finegrain.heads.pooling import TextConditionedPooling
     from finegrain.losses.flair import text_conditioned_sigmoid_loss
@@ -217,68 +155,49 @@ def _tcs_loss_only(a: dict[str, Any]) -> dict[str, float]:
     fns = {
         "batched": lambda: text_conditioned_sigmoid_loss(
             pool, tokens, texts, 10.0, -10.0, pair_seed=seeds
-        ),
-        "loop": lambda: per_image_loop_tcs(pool, tokens, texts, 10.0, -10.0, seeds),
+        ).backward(),
+        "loop": lambda: per_image_loop_tcs(pool, tokens, texts, 10.0, -10.0, seeds).backward(),
     }
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for step in range(a["warmup"] + 2 * a["steps"]):
-        for name, fn in fns.items():
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn().backward()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            if step >= a["warmup"]:
-                times[name].append(time.perf_counter() - t0)
-    out = {f"{name}_s": sorted(ts)[len(ts) // 2] for name, ts in times.items()}
-    out["loop_over_batched"] = out["loop_s"] / out["batched_s"]
-    return out
+    t = time_interleaved(fns, repeats=repeats, warmup=1, device=dev)
+    return {f"{name}_s": v["median_s"] for name, v in t.items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2)
+    add_variant_args(p, sorted(PRESETS), "tiny")
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--no-memory", action="store_true", help="CPU: skip the per-variant RSS runs")
     p.add_argument(
         "--loss-batch", type=int, default=0, help="batch of the loss-only timing (0: --batch)"
     )
     for key, val in PRESETS["tiny"].items():
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"tiny: {val}")
     ns = p.parse_args(argv)
+    if ns.quick:
+        ns.preset, ns.repeats = "tiny", min(ns.repeats, 2)
+    dev = torch.device(ns.device)
     a = dict(PRESETS[ns.preset])
     a.update({k: v for k, v in vars(ns).items() if v is not None and k in a})
-    a.update(device=ns.device, precision=ns.precision if ns.device == "cuda" else "fp32",
-             steps=ns.steps, warmup=ns.warmup, threads=ns.threads,
-             loss_batch=ns.loss_batch or a["batch"])  # fmt: skip
+    a.update(device=ns.device, precision=ns.precision if dev.type == "cuda" else "fp32",
+             threads=ns.threads, loss_batch=ns.loss_batch or a["batch"])  # fmt: skip
     variants = [v for v in ns.variants.split(",") if v]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise SystemExit(f"unknown variant(s) {bad}; valid choices: {', '.join(VARIANTS)}")
-    res: dict[str, Any] = {"config": a, "steps": _time_interleaved(a, variants)}
-    s = res["steps"]
-    mem_key = "step_peak_mem_mb" if a["device"] == "cuda" else "process_peak_rss_mb"
-    if a["device"] != "cuda" and not ns.no_memory:
-        for v in variants:
-            s[v][mem_key] = _cpu_peak_rss(a, v)
+    rss = None if ns.no_memory else functools.partial(run_in_subprocess, _rss_after_step, a)
+    s = time_steps(_steps(a, variants), a["batch"], ns.repeats, dev, rss)
+    mem = "step_peak_mem_mb" if dev.type == "cuda" else "process_peak_rss_mb"
     ratios = {}
-    for num, den in (("flair", "clip"), ("flair", "mps"), ("flair_loop", "flair")):
-        if num in s and den in s:
-            ratios[f"{num}_over_{den}_step_time"] = s[num]["step_s"] / s[den]["step_s"]
-            if mem_key in s[num]:
-                ratios[f"{num}_over_{den}_peak_mem"] = s[num][mem_key] / s[den][mem_key]
-    res["ratios"] = ratios
-    res["tcs_loss"] = _tcs_loss_only(a)
-    res["device_name"] = torch.cuda.get_device_name() if a["device"] == "cuda" else "cpu"
-    print(json.dumps(res, indent=1))
-    return res
+    if "flair" in s and "flair_loop" in s:
+        ratios["batched_tcs_step_speed_ratio"] = s["flair_loop"]["step_s"] / s["flair"]["step_s"]
+        if mem in s["flair"]:
+            ratios["batched_tcs_peak_mem_ratio"] = s["flair"][mem] / s["flair_loop"][mem]
+    if "flair" in s and "mps" in s:
+        ratios["tcs_branch_step_time_ratio"] = s["flair"]["step_s"] / s["mps"]["step_s"]
+    tcs = _tcs_loss_only(a, 2 * ns.repeats)
+    ratios["batched_tcs_loss_speed_ratio"] = tcs["loop_s"] / tcs["batched_s"]
+    return {"benchmark": "flair", "config": a, "steps": s, "tcs_loss": tcs, "ratios": ratios,
+            "machine": machine_info(dev)}  # fmt: skip
 
 
 if __name__ == "__main__":
-    main()
+    print_json(main())

@@ -24,7 +24,6 @@ CPU the peak RSS of a fresh process that builds the method and runs two steps (`
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import sys
 import time
@@ -36,10 +35,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (  # noqa: E402
+    cuda_step_peak_mb,
     machine_info,
     print_json,
     run_in_subprocess,
     time_interleaved,
+    train_step,
     vm_hwm_mb,
 )
 
@@ -109,18 +110,8 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     }
 
 
-def step_fn(method: Any, opt: Any, batch: dict[str, Any], precision: str) -> Any:
-    amp = (torch.autocast("cuda", torch.bfloat16) if precision == "bf16"
-           else contextlib.nullcontext())  # fmt: skip
-
-    def step() -> None:
-        with amp:
-            loss = method(batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+def step_fn(method: Any, opt: Any, batch: dict[str, Any], precision: str, device: Any) -> Any:
+    return train_step(lambda: method(batch).loss, opt, device, precision)
 
 
 def data_rate(it: Any, batch: int, n: int = 3) -> tuple[float, list[dict[str, Any]]]:
@@ -136,17 +127,8 @@ def peak_rss_child(name: str, small: bool, batch: int) -> float:
     method, opt, it = build(run_config(name, small, batch), torch.device("cpu"))
     b = next(it)
     for _ in range(2):
-        step_fn(method, opt, b, "fp32")()
+        step_fn(method, opt, b, "fp32", "cpu")()
     return vm_hwm_mb()
-
-
-def cuda_step_memory(step: Any) -> float:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -182,12 +164,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 continue
             method, opt, it = build(c, dev)
             rate, batches = data_rate(it, batch)
-            fns[label] = step_fn(method, opt, to_device(batches[0], dev), precision)
+            fns[label] = step_fn(method, opt, to_device(batches[0], dev), precision, dev)
             per[label] = {"params_m": sum(q.numel() for q in method.parameters()) / 1e6,
                           "data_samples_per_s": rate}  # fmt: skip
             if dev.type == "cuda":
                 fns[label]()  # warm-up, then one measured step
-                per[label]["step_peak_mem_mb"] = cuda_step_memory(fns[label])
+                per[label]["step_peak_mem_mb"] = cuda_step_peak_mb(fns[label])
     times = time_interleaved(fns, repeats=a.repeats, warmup=1, device=dev)
     ratios: dict[str, float] = {}
     for label, t in times.items():
