@@ -163,8 +163,8 @@ def demo() -> RunConfig:
 
 # clip_flickr8k_cached: K fixed crops per image (rrc draws, seeded) and the step budget; see
 # README "Locked-tower feature caching" for the measured R@1 vs wall time of both paths
-FLICKR8K_CACHE_CROPS = 2
-FLICKR8K_CACHED_STEPS = 600
+FLICKR8K_CACHE_CROPS = 1
+FLICKR8K_CACHED_STEPS = 300
 
 
 def _flickr8k(smoke: bool) -> RunConfig:
