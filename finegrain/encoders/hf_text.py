@@ -145,9 +145,10 @@ class HFTextTower(nn.Module):
         """The frozen bottom's modules: embeddings + the frozen layers (empty when all train)."""
         if self.split < 0:
             return []
-        if not self.splittable:  # frozen, but not splittable: the whole encoder is the bottom
-            return [self.model]
-        return [self.model.embeddings, *list(_layers(self.model))[: self.split]]
+        frozen = list(_layers(self.model))[: self.split]
+        if not self.splittable:  # T5: the frozen layers (locked), but no cacheable prefix
+            return frozen
+        return [self.model.embeddings, *frozen]
 
     def train(self, mode: bool = True) -> HFTextTower:
         super().train(mode)
