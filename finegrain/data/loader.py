@@ -108,8 +108,7 @@ class MapBatches(Dataset):
                     mix_seed(self.seed, epoch, pos, "substitute", attempt)).randrange(self.n)  # fmt: skip
                 seed = mix_seed(self.seed, epoch, pos, attempt)
                 try:
-                    raw = self.source.raw(index)
-                    samples.append(make_sample(raw, self.transform, seed, self.caption_key))
+                    samples.append(self.load(index, seed))
                     break
                 except BrokenSample as e:
                     broken[e.reason] += 1
@@ -119,6 +118,10 @@ class MapBatches(Dataset):
                     "check the data with `finegrain data inspect`"
                 )
         return _with_stats(self.collate, samples, broken)
+
+    def load(self, index: int, seed: int) -> dict[str, Any]:
+        """One schema sample (``BrokenSample`` to substitute); the feature cache overrides it."""
+        return make_sample(self.source.raw(index), self.transform, seed, self.caption_key)
 
 
 class WdsBatches(IterableDataset):
@@ -254,18 +257,28 @@ class TrainLoader:
 
     def _iter_map(self) -> Iterator[dict[str, Any]]:
         """Map-style: one endless DataLoader over global batch numbers."""
-        ds = MapBatches(self.source, self.transform, self.collate, seed=self.seed, rank=self.rank,
-                        world_size=self.world_size, batch_size=self.cfg.batch_size,
-                        caption_key=self.cfg.caption_key)  # fmt: skip
+        ds = self._map_batches()
         start = self.epoch * ds.num_batches + self.batches_in_epoch
         loader = DataLoader(ds, batch_size=None, sampler=itertools.count(start),
-                            num_workers=self.num_workers, collate_fn=_identity)  # fmt: skip
+                            num_workers=self.num_workers, collate_fn=_identity,
+                            generator=self._generator())  # fmt: skip
         for batch in loader:
             self._count(batch.pop("_data_stats"))
             self.batches_in_epoch += 1
             if self.batches_in_epoch == ds.num_batches:
                 self._end_epoch()
             yield batch
+
+    def _generator(self) -> torch.Generator:
+        """The DataLoader's own generator: without one, creating its iterator draws a base seed
+        from the *global* RNG, so a resumed run (iterator created after the RNG state is
+        restored) would shift dropout / drop-connect draws against an uninterrupted run."""
+        return torch.Generator().manual_seed(mix_seed(self.seed, "dataloader", self.epoch) % 2**63)
+
+    def _map_batches(self) -> MapBatches:
+        return MapBatches(self.source, self.transform, self.collate, seed=self.seed,
+                          rank=self.rank, world_size=self.world_size,
+                          batch_size=self.cfg.batch_size, caption_key=self.cfg.caption_key)  # fmt: skip
 
     def _wds_epoch(self) -> Iterator[dict[str, Any]]:
         """Webdataset: one DataLoader per epoch (workers restart their streams)."""
@@ -275,7 +288,8 @@ class TrainLoader:
                         world_size=self.world_size, cursors=dict(self.cursors),
                         done=dict(self.done), ended=set(self.ended), per_worker=self._per_worker(),
                         rotate=(self.last_worker + 1) % nw if self.items_in_epoch else 0)  # fmt: skip
-        loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity)
+        loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+                            generator=self._generator())  # fmt: skip
         for batch in loader:
             self.items_in_epoch += 1
             stream = batch.pop("_stream")

@@ -9,6 +9,14 @@ A tower is an ``nn.Module`` with:
   (a picklable callable ``list[str] -> LongTensor (N, context_length)``), ``pad_id`` and
   ``context_length``.
 Each registered entry is a callable ``build(cfg) -> nn.Module``.
+
+Split point (towers with ``trainable_blocks``: ``efficientnet_lite0``, BERT-like ``hf`` /
+``minilm``): ``frozen_prefix(x) -> h`` runs the frozen bottom (stem + frozen blocks; ``x``
+unchanged when nothing is frozen), ``trainable_suffix(h[, ids])`` the rest, and ``forward`` is
+exactly ``trainable_suffix(frozen_prefix(x))``, so a cached ``h`` (``data.feature_cache``) and
+the uncached path run the same suffix code. ``prefix_modules()`` lists the frozen bottom's
+modules (empty when nothing is frozen): their state is hashed to invalidate caches, and with
+``lock_frozen`` they stay in eval mode (``lock_prefix``).
 """
 
 from __future__ import annotations
@@ -45,6 +53,10 @@ class ImageTowerConfig(Checked):
         -1
     )  # -1: everything trains; n >= 0: only the last n blocks (+ final norm)
     mask_token: bool = False  # a learned mask token for forward(mask=...) (iBOT-style masking)
+    # frozen blocks (trainable_blocks >= 0) always run in eval mode (BatchNorm running statistics,
+    # no dropout / stochastic depth): a fixed function of the input, as LiT's locked tower;
+    # needed by data.feature_cache (frozen_prefix / trainable_suffix)
+    lock_frozen: bool = False
 
 
 @dataclass
@@ -62,6 +74,7 @@ class TextTowerConfig(Checked):
     pooling: Literal["eot", "mean", "cls"] = "eot"
     grad_checkpointing: bool = False
     trainable_blocks: int = -1  # -1: everything trains; n >= 0: only the last n blocks
+    lock_frozen: bool = False  # frozen blocks always in eval mode (no dropout); see image towers
 
 
 def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
@@ -70,6 +83,14 @@ def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
 
 def build_text_tower(cfg: TextTowerConfig) -> nn.Module:
     return TEXT_TOWERS.get(cfg.name)(cfg)
+
+
+def lock_prefix(tower: nn.Module, mode: bool) -> None:
+    """After ``tower.train(mode)``: with ``cfg.lock_frozen`` its ``prefix_modules()`` stay in eval
+    mode, so the frozen bottom is a fixed function of its input (cacheable, LiT's "locked")."""
+    if mode and getattr(tower, "lock_frozen", False):
+        for m in tower.prefix_modules():
+            m.eval()
 
 
 # ---- keep sets, masks and CLS attention: the shared mechanics of the token towers ----------

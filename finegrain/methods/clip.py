@@ -14,6 +14,11 @@ projection into ``embed_dim``, L2-normalised. They differ only in the loss:
 ``features`` returns only per-sample tensors (normalised embeddings); the logit scale/bias are
 module parameters read in ``loss_from_features``, so micro-batch features concatenate for
 exact gradient accumulation.
+
+Locked-tower feature caching (``data.feature_cache``): a batch may carry ``image_prefix`` (the
+image tower's ``frozen_prefix`` output) instead of ``image``, and ``text_prefix`` next to the
+token ids; ``features`` then runs only the towers' ``trainable_suffix`` (the same code as the
+uncached forward).
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ class DualEncoder(Method):
 
     Config = CLIPConfig
     num_captions = 1
+    supports_feature_cache = True  # features() reads image_prefix / text_prefix
 
     def __init__(self, cfg: CLIPConfig | SigLIPConfig) -> None:
         super().__init__(cfg)
@@ -121,8 +127,18 @@ class DualEncoder(Method):
             raise ValueError(
                 f"method '{self.cfg.name}' needs batch['{key}']; got keys {sorted(batch)}"
             )
-        text = self.encode_text(batch[key])  # (B, E) or (B, K, E)
-        return {"image": self.encode_image(batch["image"]), "text": text}
+        if "text_prefix" in batch:  # cached frozen bottom: (B[, K], L, D)
+            ids = batch[key]
+            h = batch["text_prefix"].reshape(-1, *batch["text_prefix"].shape[-2:])
+            pooled = self.text.trainable_suffix(h, ids.reshape(-1, ids.shape[-1])).pooled
+            text = _l2(self.text_proj(pooled).reshape(*ids.shape[:-1], -1))  # (B[, K], E)
+        else:
+            text = self.encode_text(batch[key])  # (B, E) or (B, K, E)
+        if "image_prefix" in batch:  # cached frozen bottom of the image tower
+            image = _l2(self.image_proj(self.image.trainable_suffix(batch["image_prefix"]).pooled))
+        else:
+            image = self.encode_image(batch["image"])
+        return {"image": image, "text": text}
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         self.temperature.clamp_()

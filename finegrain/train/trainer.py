@@ -30,6 +30,7 @@ from finegrain.train import checkpoint as ckpt
 from finegrain.train import distributed as dist_utils
 from finegrain.train import guard, nonfinite
 from finegrain.train.evaluation import evaluate_during_training
+from finegrain.train.feature_cache import build_cached_loader
 from finegrain.train.guard import ensure_writable as ensure_writable  # re-exported
 from finegrain.train.logging import RunLogger, write_json
 from finegrain.train.nonfinite import NonFiniteLossError as NonFiniteLossError  # re-exported
@@ -72,6 +73,16 @@ class Trainer:
             method = build_method(cfg.method)
         self.method = method.to(self.device)
         self.method.train()
+        if loader is None and cfg.data.feature_cache:  # frozen bottoms cached on disk
+            loader = build_cached_loader(
+                cfg.data,
+                self.method,
+                rank=self.info.rank,
+                world_size=self.info.world_size,
+                seed=cfg.seed,
+                device=self.device,
+                barrier=dist_utils.barrier if self.info.enabled else None,
+            )
         if loader is None:
             loader = build_train_loader(
                 cfg.data,
