@@ -45,6 +45,14 @@ class ImageTowerConfig(Checked):
         -1
     )  # -1: everything trains; n >= 0: only the last n blocks (+ final norm)
     mask_token: bool = False  # a learned mask token for forward(mask=...) (iBOT-style masking)
+    # native ``vit`` layout options (defaults: OpenAI CLIP's layout). GRAIN's released timm
+    # ViT: qk_norm=True, norm_eps=1e-6, ln_pre=False, patch_bias=True. ``timm`` towers take
+    # qk_norm (passed to timm.create_model); their other options come with the architecture.
+    qk_norm: bool = False  # per-head LayerNorm on q and k before attention (Dehghani et al. 2023)
+    norm_eps: float = 1e-5  # eps of every LayerNorm of the tower (timm ViTs: 1e-6)
+    ln_pre: bool = True  # LayerNorm after the embeddings, before the blocks (CLIP); timm: none
+    patch_bias: bool = False  # bias of the patch-embedding conv (CLIP: none; timm: yes)
+    activation: Literal["gelu", "quick_gelu"] = "gelu"  # MLP activation (OpenAI CLIP: quick_gelu)
 
 
 @dataclass
@@ -62,6 +70,7 @@ class TextTowerConfig(Checked):
     pooling: Literal["eot", "mean", "cls"] = "eot"
     grad_checkpointing: bool = False
     trainable_blocks: int = -1  # -1: everything trains; n >= 0: only the last n blocks
+    activation: Literal["gelu", "quick_gelu"] = "gelu"  # native tower's MLP (OpenAI CLIP: quick)
 
 
 def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
