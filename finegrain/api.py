@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from finegrain.eval.common import eval_transform
+from finegrain.eval.config import ZeroShotTaskConfig
 from finegrain.eval.segmentation import predict_masks
 from finegrain.eval.templates import class_prompts, load_templates
+from finegrain.eval.zeroshot import region_scores, released_region_scores, renormalize_classes
 from finegrain.interop import load_method_spec
 from finegrain.interop.common import read_scale_bias
 
@@ -111,30 +113,79 @@ class FinegrainModel:
         class_names: Sequence[str],
         descriptions: dict[str, list[str]] | None = None,
         templates: str | Sequence[str] = "plain",
+        *,
+        descriptor_prompts: str = "released",
+        class_vectors: str = "auto",
+        region_score: str = "released",
+        fusion_alpha: float = 1.0,
     ) -> torch.Tensor:
         """(B, C) class probabilities: softmax over classes of ``t * s_c`` with the model's
-        logit scale ``t``; ``s_c`` the cosine with the class embedding (mean of normalised prompt
-        embeddings; prompts ``template(c)``, with descriptions ``"template(c) which is/has {d}"``, GRAIN
-        Sec. 3.4) or, for text-conditioned methods, the mean conditioned score of the prompts."""
+        logit scale ``t``. ``s_c`` is the zero-shot evaluation's class score
+        (``finegrain.eval.zeroshot``, same options as ``ZeroShotTaskConfig``): the cosine with
+        the class vector (mean of normalised prompt embeddings, renormalised per
+        ``class_vectors``; with descriptions the prompts follow ``descriptor_prompts``, GRAIN
+        Sec. 3.4), fused with the region score (``region_score``) as ``alpha * global +
+        (1 - alpha) * region`` for ``fusion_alpha < 1`` (region-query methods); for
+        text-conditioned methods the mean conditioned score of the class's prompts."""
+        cfg = ZeroShotTaskConfig(
+            descriptions="builtin" if descriptions is not None else "",
+            descriptor_prompts=descriptor_prompts,
+            class_vectors=class_vectors,
+            region_score=region_score,
+            fusion_alpha=fusion_alpha,
+        )  # validates the choices (one-line ConfigError)
+        if not 0.0 <= fusion_alpha <= 1.0:
+            raise ValueError(f"fusion_alpha must lie in [0, 1], got {fusion_alpha}")
+        names = list(class_names)
         temps = load_templates(templates) if isinstance(templates, str) else list(templates)
-        prompts = class_prompts(list(class_names), temps, descriptions)
+        prompts = class_prompts(names, temps, descriptions, descriptor_prompts)
         flat = [p for ps in prompts for p in ps]
         owner = torch.tensor([c for c, ps in enumerate(prompts) for _ in ps], device=self.device)
         x = self.images(images)
+        if fusion_alpha < 1.0 and not self.method.has_regions:
+            raise ValueError(f"fusion_alpha < 1 needs a region head; method '{self.name}' has none")
         if self.method.has_conditioned_score:
+            if fusion_alpha < 1.0:
+                raise ValueError("region fusion (fusion_alpha < 1) needs a global-score method")
             per_prompt = self.method.score(x, self.tokenize(flat)).float()  # (B, P)
             scores = torch.zeros(x.shape[0], len(prompts), device=self.device)
             scores = scores.index_add_(1, owner, per_prompt) / torch.bincount(owner).float()
-        else:
-            scores = (
-                self.encode_image(x).float() @ self._class_embeddings(flat, owner, len(prompts)).t()
-            )
+            return (self.logit_scale * scores).softmax(dim=-1)
+        renorm = renormalize_classes(cfg, self.method)
+        classes = self._class_embeddings(flat, owner, len(prompts), renorm)  # (C, E)
+        scores = F.normalize(self.encode_image(x).float(), dim=-1) @ classes.t()  # (B, C)
+        if fusion_alpha < 1.0:
+            reg = self._region_scores(x, names, descriptions, classes, region_score)
+            scores = fusion_alpha * scores + (1 - fusion_alpha) * reg
         return (self.logit_scale * scores).softmax(dim=-1)
 
-    def _class_embeddings(self, flat: list[str], owner: torch.Tensor, n: int) -> torch.Tensor:
+    def _region_scores(
+        self,
+        x: torch.Tensor,
+        names: list[str],
+        descriptions: dict[str, list[str]] | None,
+        classes: torch.Tensor,
+        region_score: str,
+    ) -> torch.Tensor:
+        """(B, C) region score of ``finegrain.eval.zeroshot`` ("released": mean over queries of
+        the max over the class's raw descriptors, the name without descriptions)."""
+        region = F.normalize(self.method.region_embeddings(x).float(), dim=-1)  # (B, Q, E)
+        if region_score != "released":
+            return region_scores(region, classes)
+        raw = [[d for d in (descriptions or {}).get(c, []) if d.strip()] or [c] for c in names]
+        owner = torch.tensor([c for c, ds in enumerate(raw) for _ in ds])
+        emb = F.normalize(self.encode_text([d for ds in raw for d in ds]).float(), dim=-1)
+        reg = released_region_scores(region.cpu(), emb.cpu(), owner, len(names))  # (B, C)
+        return reg.to(x.device)
+
+    def _class_embeddings(
+        self, flat: list[str], owner: torch.Tensor, n: int, renormalize: bool = True
+    ) -> torch.Tensor:
         emb = F.normalize(self.encode_text(flat).float(), dim=-1)  # (P, E)
         summed = torch.zeros(n, emb.shape[1], device=emb.device).index_add_(0, owner, emb)
-        return F.normalize(summed, dim=-1)  # (C, E)
+        if renormalize:
+            return F.normalize(summed, dim=-1)  # (C, E)
+        return summed / torch.bincount(owner, minlength=n).float()[:, None]
 
     @torch.no_grad()
     def segment(

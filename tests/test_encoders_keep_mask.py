@@ -49,7 +49,9 @@ def make_tower(kind: str, monkeypatch, open_clip_name: str = "", **cfg) -> nn.Mo
         base = ImageTowerConfig(name="vit", image_size=32, patch_size=8, width=32, depth=2, heads=2)
     elif kind == "timm":
         timm_kw = cfg.pop("timm_kw", {})
-        monkeypatch.setattr(timm_tower_module, "_create", lambda name, size: tiny_timm(**timm_kw))
+        monkeypatch.setattr(
+            timm_tower_module, "_create", lambda name, size, *_: tiny_timm(**timm_kw)
+        )
         base = ImageTowerConfig(name="timm", model="vit_tiny_patch16_224", image_size=32)
     else:
         base = ImageTowerConfig(name="open_clip", model=open_clip_name, image_size=32)
@@ -309,7 +311,7 @@ def test_convnets_reject_token_options(monkeypatch) -> None:
     import timm
 
     monkeypatch.setattr(
-        timm_tower_module, "_create", lambda n, s: timm.create_model("resnet10t", num_classes=0)
+        timm_tower_module, "_create", lambda n, s, *_: timm.create_model("resnet10t", num_classes=0)
     )
     convnet = build_image_tower(ImageTowerConfig(name="timm", model="resnet10t")).eval()
     with pytest.raises(ValueError, match="'timm/resnet10t' does not support keep="):

@@ -113,7 +113,14 @@ def test_conditioned_score_and_dense_features(model: FLAIR) -> None:
         torch.testing.assert_close(img_f[:, 0], model.encode_image(images, normalize=False))
         dense = model.dense_features(images)
         assert dense.shape == (3, 32, 4, 4)
-        torch.testing.assert_close(dense.flatten(2).transpose(1, 2), img_f[:, 1:])
+        # independent: the tower's patch tokens through the shared projection, placed on the
+        # (h, w) grid row by row (patch n = row n // w, column n % w)
+        v = model.image(images)
+        w = model.image_proj.weight  # (D, C), bias-free
+        for b in range(3):
+            for n in range(16):
+                expected = w @ v.tokens[b, n]  # (D,)
+                torch.testing.assert_close(dense[b, :, n // 4, n % 4], expected)
 
 
 def test_logit_scale_clamped_after_step() -> None:

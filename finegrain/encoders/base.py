@@ -57,6 +57,14 @@ class ImageTowerConfig(Checked):
     # no dropout / stochastic depth): a fixed function of the input, as LiT's locked tower;
     # needed by data.feature_cache (frozen_prefix / trainable_suffix)
     lock_frozen: bool = False
+    # native ``vit`` layout options (defaults: OpenAI CLIP's layout). GRAIN's released timm
+    # ViT: qk_norm=True, norm_eps=1e-6, ln_pre=False, patch_bias=True. ``timm`` towers take
+    # qk_norm (passed to timm.create_model); their other options come with the architecture.
+    qk_norm: bool = False  # per-head LayerNorm on q and k before attention (Dehghani et al. 2023)
+    norm_eps: float = 1e-5  # eps of every LayerNorm of the tower (timm ViTs: 1e-6)
+    ln_pre: bool = True  # LayerNorm after the embeddings, before the blocks (CLIP); timm: none
+    patch_bias: bool = False  # bias of the patch-embedding conv (CLIP: none; timm: yes)
+    activation: Literal["gelu", "quick_gelu"] = "gelu"  # MLP activation (OpenAI CLIP: quick_gelu)
 
 
 @dataclass
@@ -75,6 +83,7 @@ class TextTowerConfig(Checked):
     grad_checkpointing: bool = False
     trainable_blocks: int = -1  # -1: everything trains; n >= 0: only the last n blocks
     lock_frozen: bool = False  # frozen blocks always in eval mode (no dropout); see image towers
+    activation: Literal["gelu", "quick_gelu"] = "gelu"  # native tower's MLP (OpenAI CLIP: quick)
 
 
 def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:

@@ -4,8 +4,10 @@ mmsegmentation, Mask R-CNN on COCO in mmdetection, following BEiT/iBOT's ViT-B/1
 
 The native ``vit`` tower is OpenAI-CLIP shaped, which timm expresses as
 ``VisionTransformer(pre_norm=True, class_token=True, global_pool="token", qkv_bias=True)`` with
-a bias-free patch embedding and LayerNorm eps 1e-5 (timm's ``vit_*_clip_*`` models). ``timm``
-towers are exported as they are.
+a bias-free patch embedding and LayerNorm eps 1e-5 (timm's ``vit_*_clip_*`` models); the
+layout options map to ``qk_norm``, ``pre_norm=ln_pre`` (timm's patch bias is ``not pre_norm``)
+and ``act_layer``; pass ``norm_layer`` with the tower's ``norm_eps``. ``timm`` towers are
+exported as they are.
 
 Usage (writes ``backbone.pth`` = ``{"state_dict": ..., "timm_kwargs": ...}``)::
 
@@ -35,7 +37,7 @@ import torch
 import torch.nn as nn
 
 NATIVE_RENAMES = (
-    ("conv1.weight", "patch_embed.proj.weight"),
+    ("conv1.", "patch_embed.proj."),
     ("ln_pre.", "norm_pre."),
     ("ln_post.", "norm."),
     ("transformer.blocks.", "blocks."),
@@ -48,9 +50,16 @@ NATIVE_RENAMES = (
 
 def image_backbone_to_timm(tower: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(timm state dict, timm ``VisionTransformer`` keyword arguments) of an image tower."""
-    from finegrain.encoders.vit import VisionTransformer
+    from finegrain.encoders.vit import QuickGELU, VisionTransformer
 
     if isinstance(tower, VisionTransformer):
+        pre_norm = not isinstance(tower.ln_pre, nn.Identity)
+        if (tower.conv1.bias is not None) == pre_norm:  # timm: patch bias = not pre_norm
+            raise ValueError(
+                "native vit with ln_pre and patch_bias both on (or both off) has no timm "
+                "VisionTransformer equivalent; valid: ln_pre=True, patch_bias=False (CLIP) or "
+                "ln_pre=False, patch_bias=True (timm)"
+            )
         sd: dict[str, torch.Tensor] = {}
         for k, v in tower.state_dict().items():
             if k == "class_embedding":
@@ -74,11 +83,14 @@ def image_backbone_to_timm(tower: nn.Module) -> tuple[dict[str, torch.Tensor], d
             "num_heads": blocks[0].attn.heads,
             "mlp_ratio": blocks[0].mlp[0].out_features / tower.width,
             "qkv_bias": True,
-            "pre_norm": True,
+            "qk_norm": not isinstance(blocks[0].attn.q_norm, nn.Identity),
+            "pre_norm": pre_norm,
             "class_token": True,
             "global_pool": "token",
             "num_classes": 0,
         }
+        if isinstance(blocks[0].mlp[1], QuickGELU):
+            kwargs["act_layer"] = "quick_gelu"
         return sd, kwargs
     model = getattr(tower, "model", None)
     if model is not None and type(model).__module__.startswith("timm"):

@@ -1,6 +1,6 @@
 """Native CLIP-style causal text transformer (Radford et al. 2021, Sec. 2.4): token + learned
 position embedding, causal pre-norm blocks (fused SDPA, ``is_causal``), final LayerNorm and
-pooling at the EOT token. The position embedding is sized by ``context_length`` (not fixed
+pooling at the EOT token; ``activation=quick_gelu`` is OpenAI CLIP's (and GRAIN's) MLP. The position embedding is sized by ``context_length`` (not fixed
 to 77); shorter inputs use its first L rows. Padding after the batch's last EOT is not run
 through the blocks (causal attention makes that exact); its output states are zeros.
 
@@ -82,7 +82,9 @@ class TextTransformer(nn.Module):
         self.trim_padding = True  # skip the all-padding tail (exact, see forward)
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
-        self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio)
+        self.transformer = Transformer(
+            cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, activation=cfg.activation
+        )
         self.transformer.grad_checkpointing = cfg.grad_checkpointing
         self.ln_final = nn.LayerNorm(cfg.width)
         nn.init.normal_(self.token_embedding.weight, std=0.02)

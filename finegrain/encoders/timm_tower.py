@@ -2,7 +2,8 @@
 (the DINO architecture), convnets such as ``resnet50``), random init or local weights.
 
 ``timm.create_model(cfg.model, pretrained=False, num_classes=0, img_size=cfg.image_size,
-dynamic_img_size=True)`` (the last two only for models that accept them), weights from
+dynamic_img_size=True)`` (the last two only for models that accept them; ``qk_norm=True``
+when ``cfg.qk_norm``: ``vit_base_patch16_224`` + qk_norm is GRAIN's released backbone), weights from
 ``cfg.pretrained`` (safetensors or torch file, ``weights_only=True``; the absolute position
 embedding is resampled when the checkpoint was trained at another size).
 ViTs: ``forward_features`` (after the final norm) split into ``num_prefix_tokens`` prefix
@@ -39,7 +40,7 @@ from finegrain.outputs import VisionOutput
 from finegrain.registry import IMAGE_TOWERS
 
 
-def _create(name: str, image_size: int) -> nn.Module:
+def _create(name: str, image_size: int, qk_norm: bool = False) -> nn.Module:
     import timm
 
     if not name:
@@ -49,11 +50,19 @@ def _create(name: str, image_size: int) -> nn.Module:
         from finegrain.registry import suggest
 
         raise ValueError(f"unknown timm model '{arch}'{suggest(arch, timm.list_models())}")
+    extra = {"qk_norm": True} if qk_norm else {}
     try:
         return timm.create_model(
-            name, pretrained=False, num_classes=0, img_size=image_size, dynamic_img_size=True
+            name,
+            pretrained=False,
+            num_classes=0,
+            img_size=image_size,
+            dynamic_img_size=True,
+            **extra,
         )
-    except TypeError:  # not a ViT: no img_size / dynamic_img_size arguments
+    except TypeError as e:  # not a ViT: no img_size / dynamic_img_size / qk_norm arguments
+        if qk_norm:
+            raise ValueError(f"timm model '{name}' does not take qk_norm ({e})") from None
         return timm.create_model(name, pretrained=False, num_classes=0)
 
 
@@ -99,7 +108,7 @@ class TimmTower(nn.Module):
 
     def __init__(self, cfg: ImageTowerConfig) -> None:
         super().__init__()
-        self.model = _create(cfg.model, cfg.image_size)
+        self.model = _create(cfg.model, cfg.image_size, cfg.qk_norm)
         self.name = f"timm/{cfg.model.split('.')[0]}"
         if cfg.pretrained:
             load_timm_weights(self.model, cfg.pretrained)

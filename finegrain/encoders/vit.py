@@ -3,6 +3,12 @@
 embedding, ``ln_pre``, pre-norm blocks, ``ln_post``), plus the transformer blocks that the
 native text tower shares.
 
+Layout options (``ImageTowerConfig``): ``qk_norm`` (per-head LayerNorm of q and k, shared
+over heads, Dehghani et al. 2023), ``norm_eps``, ``ln_pre``, ``patch_bias`` and
+``activation`` (gelu | quick_gelu). With ``qk_norm=True, norm_eps=1e-6, ln_pre=False,
+patch_bias=True`` the tower computes the same function as timm's ``VisionTransformer(
+qk_norm=True)`` (GRAIN's released backbone; tested by copying weights).
+
 Attention uses fused ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on
 GPU) with one fused qkv projection. Optional gradient checkpointing per block and patch
 dropout (Li et al. 2023, FLIP; CLS always kept, training only) as a random keep set.
@@ -42,21 +48,47 @@ from finegrain.outputs import VisionOutput
 from finegrain.registry import IMAGE_TOWERS
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection and SDPA."""
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): OpenAI CLIP's GELU approximation (Radford et al. 2021)."""
 
-    def __init__(self, width: int, heads: int) -> None:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
+def activation_layer(name: str) -> nn.Module:
+    """The MLP activation by name, or a one-line error naming the valid choices."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation '{name}'; valid choices: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection and SDPA.
+
+    ``qk_norm``: a LayerNorm over each head's query and key vectors (shared across heads, as
+    timm's ``Attention(qk_norm=True)`` and GRAIN's released ViT) before the scaled dot product
+    (Dehghani et al. 2023, ViT-22B); off, ``q_norm`` / ``k_norm`` are identities without
+    parameters, so state dicts keep their keys."""
+
+    def __init__(self, width: int, heads: int, qk_norm: bool = False, eps: float = 1e-5) -> None:
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} must be divisible by heads {heads}")
         self.heads = heads
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
+        dh = width // heads
+        self.q_norm = nn.LayerNorm(dh, eps=eps) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(dh, eps=eps) if qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
         b, n, d = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.heads, d // self.heads)  # (B, N, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, Dh)
+        q, k = self.q_norm(q), self.k_norm(k)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)  # (B, H, N, Dh)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
@@ -64,13 +96,22 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln(x)); x + mlp(ln(x))."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        qk_norm: bool = False,
+        eps: float = 1e-5,
+        activation: str = "gelu",
+    ) -> None:
         super().__init__()
         hidden = int(width * mlp_ratio)
-        self.ln_1 = nn.LayerNorm(width)
-        self.attn = Attention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.ln_1 = nn.LayerNorm(width, eps=eps)
+        self.attn = Attention(width, heads, qk_norm, eps)
+        self.ln_2 = nn.LayerNorm(width, eps=eps)
+        act = activation_layer(activation)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), act, nn.Linear(hidden, width))
 
     def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), is_causal=is_causal)
@@ -80,9 +121,20 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """A stack of blocks with optional (non-reentrant) gradient checkpointing."""
 
-    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(
+        self,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        qk_norm: bool = False,
+        eps: float = 1e-5,
+        activation: str = "gelu",
+    ) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            Block(width, heads, mlp_ratio, qk_norm, eps, activation) for _ in range(depth)
+        )
         self.grad_checkpointing = False
         self._init(width, depth)
 
@@ -156,17 +208,22 @@ class VisionTransformer(nn.Module):
             )
         if not 0.0 <= cfg.patch_dropout < 1.0:
             raise ValueError(f"patch_dropout must be in [0, 1), got {cfg.patch_dropout}")
+        if not cfg.norm_eps > 0:
+            raise ValueError(f"image.norm_eps must be > 0, got {cfg.norm_eps}")
         self.width, self.patch_size = cfg.width, (cfg.patch_size, cfg.patch_size)
         self.patch_dropout = cfg.patch_dropout
         g = cfg.image_size // cfg.patch_size
         scale = cfg.width**-0.5
-        self.conv1 = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size, bias=False)
+        p, eps = cfg.patch_size, cfg.norm_eps
+        self.conv1 = nn.Conv2d(3, cfg.width, p, p, bias=cfg.patch_bias)
         self.class_embedding = nn.Parameter(scale * torch.randn(cfg.width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(1, 1 + g * g, cfg.width))
-        self.ln_pre = nn.LayerNorm(cfg.width)
-        self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio)
+        self.ln_pre = nn.LayerNorm(cfg.width, eps=eps) if cfg.ln_pre else nn.Identity()
+        self.transformer = Transformer(
+            cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.qk_norm, eps, cfg.activation
+        )
         self.transformer.grad_checkpointing = cfg.grad_checkpointing
-        self.ln_post = nn.LayerNorm(cfg.width)
+        self.ln_post = nn.LayerNorm(cfg.width, eps=eps)
         # iBOT's masked-patch embedding, zero init; only with mask_token=True so that existing
         # state dicts keep their keys
         self.mask_token = nn.Parameter(torch.zeros(cfg.width)) if cfg.mask_token else None
@@ -241,7 +298,8 @@ class VisionTransformer(nn.Module):
 
 def _block_cls_attention(blk: Block, x: torch.Tensor) -> torch.Tensor:
     """(B, H, T) CLS attention row of a native block on its input x (B, T, D)."""
-    return cls_attention(blk.ln_1(x), blk.attn.qkv.weight, blk.attn.qkv.bias, blk.attn.heads)
+    a = blk.attn
+    return cls_attention(blk.ln_1(x), a.qkv.weight, a.qkv.bias, a.heads, None, a.q_norm, a.k_norm)
 
 
 def native_block_parts(blk: Block) -> BlockParts:

@@ -23,6 +23,7 @@ from finegrain.eval.containers import (
     RetrievalData,
     SegmentationData,
 )
+from finegrain.eval.flair_files import FLAIR_VARIANTS, load_flair_retrieval
 from finegrain.eval.grouping import load_grouping_data
 from finegrain.eval.hardneg_data import SYNTHETIC_VARIANTS as HARDNEG_VARIANTS
 from finegrain.eval.hardneg_data import load_hardneg_data
@@ -177,7 +178,10 @@ def load_task_data(cfg: EvalTaskConfig, image_size: int = 64) -> Any:
     path, root = _default_path(cfg), cfg.image_root
     if cfg.task == "retrieval":
         _check_dataset(cfg, RETRIEVAL_FORMATS)
-        data = RETRIEVAL_FORMATS[cfg.dataset](path, root, cfg)
+        if cfg.variant in FLAIR_VARIANTS:  # FLAIR's own evaluation files, as released
+            data = load_flair_retrieval(cfg.dataset, path, root, cfg.variant, cfg.limit)
+        else:
+            data = RETRIEVAL_FORMATS[cfg.dataset](path, root, cfg)
         return formats.limit_retrieval(data, cfg.limit) if cfg.dataset != "sharegpt4v" else data
     if cfg.task == "zeroshot":
         _check_dataset(cfg, CLASSIFICATION_FORMATS)

@@ -6,7 +6,9 @@ Retrieval: COCO captions JSON (``captions_val2017.json``), Karpathy split JSON
 (``docci_descriptions.jsonlines``) and IIW (``IIW-400/data.jsonl``) for fine-grained
 sentence-level retrieval, DCI (``densely_captioned_images/{splits.json,annotations,photos}``),
 Urban-1K (``image/*.jpg`` + ``caption/*.txt``) and ShareGPT4V (``share-captioner_*.json``)
-for long-caption retrieval, webdataset shards (``jpg``/``png`` + ``txt``).
+for long-caption retrieval, webdataset shards (``jpg``/``png`` + ``txt``). FLAIR's own
+evaluation files (fixed DOCCI-FG / IIW-FG sentence lists, its long-retrieval files) load with
+``variant="flair"`` from ``finegrain.eval.flair_files``; these loaders re-split the originals.
 Classification: ImageFolder, JSONL/CSV manifests (``image`` + ``label``), webdataset (``cls``).
 Segmentation: VOC-style folders (``JPEGImages``, ``SegmentationClass`` palette PNGs,
 ``ImageSets/Segmentation/<split>.txt``).

@@ -34,6 +34,13 @@ row). ``add_mps_loss=False`` gives the TCS-only ablation (released ``--add-mps-l
 Scoring: ``score_features`` pools every image with every text (one attention call per image
 chunk) and returns the cosine with that text; ``dense_features`` returns the projected patch
 tokens (the same space as text embeddings and as the keys/values of the pooling), (B, D, h, w).
+
+Evaluation as the paper: retrieval tasks with ``variant="flair"`` read FLAIR's own files
+(fixed DOCCI-FG / IIW-FG sentence lists; DCI over every split, IIW, ShareGPT4V-1k/10k and
+Urban-1K with long texts re-joined as ``". ".join(split_caption(text))``), and
+``finegrain.eval.flair_files.paper_retrieval_tasks`` lists the paper's table with
+``scoring="conditioned"`` (``--inference-with-flair``); re-splitting the datasets' original
+files (finegrain's sentence splitter) is the other variant, not comparable with the paper.
 """
 
 from __future__ import annotations

@@ -22,14 +22,23 @@ paper is an option (``GRAINConfig``):
   ``"custom"`` uses the ``*_weight`` fields as given;
 - ``aux_loss=False``: the code computes per-layer box losses and then drops them (their keys
   are not in ``weight_dict``); ``True`` adds them (DETR's auxiliary decoding losses);
-- ``num_boxes_over_ranks=True`` averages the box count over ranks as DETR does (the code's
-  all_reduce is commented out, i.e. local count); ``region_dedup=True`` keeps identical
-  descriptions out of each other's negatives (the code treats them as negatives);
-  ``region_symmetric`` / ``region_gather`` default off as in the code;
-- the released loss composition: ``method.weighting=released method.region_dedup=false
-  method.num_boxes_over_ranks=false`` (and ``aux_loss``, ``region_*`` at their defaults);
+- ``num_boxes_over_ranks=False`` (default, as the code: ``SetCriterion.forward`` normalises
+  by the local box count, its DETR all_reduce is commented out; we clamp it to >= 1 where the
+  code would divide by 0); ``True`` averages the count over ranks as DETR does;
+- ``region_dedup=False`` (default, as the code: ``WordContrastiveLoss`` treats identical
+  descriptions of other slots as negatives); ``True`` keeps them out of each other's
+  negatives; ``region_symmetric`` / ``region_gather`` default off as in the code;
+- the paper's composition ``L_ic + L_box + L_rd`` with unit box weights:
+  ``method.weighting=paper`` (with ``aux_loss=True``, every intermediate decoder layer adds
+  its own matched box terms at the final layer's weights, DETR's auxiliary losses; the
+  released ``/(len(weight_dict)/3)`` factor is kept as the constant 1.5 of its two-key dict);
 - weight decay (``train.no_decay="released"``): the decoder's norm weights and region
   queries are decayed, as the code's ``optim_policy`` (see ``GRAIN.no_decay``);
+- backbone: the released ``CLIP_VITB16`` is timm's ViT-B/16 with per-head q/k LayerNorm
+  (eps 1e-6 everywhere, no ``ln_pre``, patch bias) and OpenAI CLIP's QuickGELU text tower,
+  trained at 2 x 8 GPUs x 128 = 2,048 per step; ``grain_vitb16`` builds exactly that (native
+  ``vit`` tower with ``qk_norm``; ``finegrain.recipes.grain`` lists what it does not copy:
+  the warm-up start and the default-init ViT blocks);
 - ``caption="random"``: each sample's caption is the alt-text or an MLLM caption with
   probability 1/2 (the code's ``--is_gala``), drawn from the sample's ``"caption"`` stream
   (``sample_rng``).
@@ -95,8 +104,8 @@ class GRAINConfig(MethodConfig):
     box_giou_weight: float = 1.5
     region_weight: float = 1.0
     aux_loss: bool = False  # box losses on every intermediate decoder layer
-    num_boxes_over_ranks: bool = True
-    region_dedup: bool = True
+    num_boxes_over_ranks: bool = False  # released: local count (DETR: mean over ranks)
+    region_dedup: bool = False  # released: identical descriptions are negatives
     region_symmetric: bool = False
     region_gather: bool = False
     caption: Literal["random", "alt", "mllm"] = "random"  # random: --is_gala

@@ -1,12 +1,23 @@
 """GRAIN recipes (Halbe et al., arXiv 2412.04429; released ``train.py`` defaults).
 
-- ``grain_vitb16``: ViT-B/16 image tower and 12-layer text transformer from scratch, embed 512,
-  5 region queries + 1 global query, decoder 6 layers x 512 wide x 8 heads, AdamW lr 1e-3,
-  wd 0.1, betas (0.9, 0.98), eps 1e-8, 1 warmup epoch (in steps), cosine to 1e-5, batch 128
-  per GPU, 35 epochs (CC3M-sized by default; set ``train.steps`` / ``train.warmup_steps`` for
-  your shards with ``steps_for_epochs``), bf16 (the released code uses fp16 AMP), squash
-  resize as the released ``_transform(224)``, caption = alt-text or MLLM caption at random
-  (``--is_gala``). Data: webdataset shards annotated by ``finegrain annotate``.
+- ``grain_vitb16``: the released ``CLIP_VITB16`` from scratch. Image tower: timm's
+  ``vit_base_patch16_224`` with ``qk_norm=True`` (per-head q/k LayerNorm), i.e. LayerNorm eps
+  1e-6 everywhere, no ``ln_pre``, patch embedding with bias, exact GELU, qkv bias: the native
+  ``vit`` tower with ``qk_norm / norm_eps=1e-6 / ln_pre=False / patch_bias`` (the same function
+  as timm's, tested; ``method.image.name=timm method.image.model=vit_base_patch16_224
+  method.image.qk_norm=true`` gives timm's own module and parameter names). Text tower: OpenAI
+  CLIP's 12-layer, 512-wide, 8-head transformer with QuickGELU. Embed 512, 5 region queries + 1
+  global query, decoder 6 layers x 512 wide x 8 heads. Batch 128 per GPU on 2 nodes x 8 GPUs
+  (README: "2*8 H100 GPUs") = 2,048 per step, AdamW lr 1e-3, wd 0.1, betas (0.9, 0.98), eps
+  1e-8, 35 epochs with 1 warm-up epoch, cosine to 1e-5, steps computed for that global batch on
+  CC3M (``steps_for_epochs``: the released DistributedSampler + drop_last gives the same 1,378
+  steps per epoch); on another GPU count or dataset set ``train.steps`` /
+  ``train.warmup_steps`` with ``steps_for_epochs``. bf16 (the released code uses fp16 AMP),
+  squash resize as the released ``_transform(224)``, caption = alt-text or MLLM caption at
+  random (``--is_gala``). Data: webdataset shards annotated by ``finegrain annotate``.
+  Not reproduced: the released warm-up starts at 1e-6 (``--lr-start``), ours at lr/warmup;
+  the released ViT blocks are re-created after timm's init and so keep PyTorch's default
+  Linear init (ours: CLIP's init); the text MLP biases start at PyTorch's default (ours: 0).
 - ``grain_smoke``: tiny native ViT at 64 px on the built-in synthetic scenes, CPU, a few steps,
   evaluated with name-only and description-aware zero-shot on the novel-concept split.
 """
@@ -30,7 +41,9 @@ from finegrain.train.config import TrainConfig
 
 # The released code trains on CC3M / CC12M; CC3M-sized (3M) is the default scale.
 PAPER_EPOCHS = 35
-PAPER_GPUS = 8
+PAPER_WARMUP_EPOCHS = 1
+PAPER_GPUS = 16  # 2 nodes x 8 GPUs (grain-clip README)
+PAPER_BATCH_PER_GPU = 128
 
 __all__ = ["steps_for_epochs"]
 
@@ -53,20 +66,31 @@ def zeroshot_tasks(num_samples: int = 256, fusion_alpha: float = 0.5) -> list[Ev
 @recipe("grain_vitb16")
 def grain_vitb16() -> RunConfig:
     """GRAIN ViT-B/16 from scratch on annotated shards (released setup; pass data.train=)."""
+    towers = vitb16_towers()
+    image, text = towers["image"], towers["text"]
+    image.qk_norm, image.norm_eps, image.ln_pre, image.patch_bias = True, 1e-6, False, True
+    text.activation = "quick_gelu"
     method = GRAINConfig(
         embed_dim=512,
-        **vitb16_towers(),
+        image=image,
+        text=text,
         num_region_queries=5,
         decoder_width=512,
         decoder_depth=6,
         decoder_heads=8,
         caption="random",
     )
-    data = DataConfig(source="wds", batch_size=128, image_size=224, augment="squash", num_workers=8)
-    global_batch = data.batch_size * PAPER_GPUS
+    data = DataConfig(
+        source="wds",
+        batch_size=PAPER_BATCH_PER_GPU,
+        image_size=224,
+        augment="squash",
+        num_workers=8,
+    )
+    global_batch = data.batch_size * PAPER_GPUS  # 2,048
     train = TrainConfig(
         steps=steps_for_epochs(CC3M_RECAP_SAMPLES, PAPER_EPOCHS, global_batch),
-        warmup_steps=steps_for_epochs(CC3M_RECAP_SAMPLES, 1, global_batch),
+        warmup_steps=steps_for_epochs(CC3M_RECAP_SAMPLES, PAPER_WARMUP_EPOCHS, global_batch),
         lr=1e-3,
         min_lr=1e-5,
         betas=(0.9, 0.98),
