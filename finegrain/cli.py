@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
                        "one budget on the built-in scenes (CPU, <= 10 min), evaluated on every "
                        "task; writes report.md, results.json and PNG figures.")  # fmt: skip
     d.add_argument("--methods", help="comma-separated subset (default: every registered method)")
-    d.add_argument("--steps", type=int, help="training steps per method (default 200)")
+    d.add_argument("--steps", type=int, help="training steps per method (default 150)")
     d.add_argument("--image-size", type=int, help="pixels, a multiple of 32 (default 64)")
     d.add_argument("--device", help="cpu (default) | cuda")
     d.add_argument("--out", help="output folder (default $FINEGRAIN_HOME/demo/<time>)")
