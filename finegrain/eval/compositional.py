@@ -31,7 +31,7 @@ import torch
 from finegrain.eval.common import EvalContext
 from finegrain.eval.config import CompositionalTaskConfig
 from finegrain.eval.containers import ImageItem
-from finegrain.eval.pairs import Query, count_summary, pair_scores, text_index
+from finegrain.eval.pairs import Query, count_summary, pair_scores, text_index, usable_negatives
 
 SKIP_REASONS = (
     "missing_image",
@@ -111,13 +111,8 @@ def prepare_items(items: list[CompositionalItem]) -> tuple[list[CompositionalIte
     skipped: Counter = Counter()
     kept = []
     for it in items:
-        if not it.positive.strip():
-            skipped["empty_caption"] += 1
-            continue
-        keep = [j for j, n in enumerate(it.negatives) if n.strip() and n != it.positive]
-        skipped["negative_same_as_positive"] += sum(n == it.positive for n in it.negatives)
-        if not keep:
-            skipped["no_negatives"] += 1
+        keep = usable_negatives(it.positive, it.negatives, skipped)
+        if keep is None:
             continue
         negs, kinds = [it.negatives[j] for j in keep], [it.kinds[j] for j in keep]
         kept.append(CompositionalItem(it.image, it.positive, negs, kinds))

@@ -29,7 +29,15 @@ import torch
 from finegrain.eval.common import EvalContext
 from finegrain.eval.config import HardNegTaskConfig
 from finegrain.eval.containers import ImageItem
-from finegrain.eval.pairs import Box, Query, clip_box, count_summary, pair_scores, text_index
+from finegrain.eval.pairs import (
+    Box,
+    Query,
+    clip_box,
+    count_summary,
+    pair_scores,
+    text_index,
+    usable_negatives,
+)
 
 # every count is of boxes (an image missing from disk counts each of its boxes), except:
 SKIP_REASONS = (
@@ -84,13 +92,8 @@ def prepare_items(
     skipped: Counter = Counter()
     kept, clipped = [], 0
     for it in items:
-        if not it.positive.strip():
-            skipped["empty_caption"] += 1
-            continue
-        keep = [j for j, n in enumerate(it.negatives) if n.strip() and n != it.positive]
-        skipped["negative_same_as_positive"] += sum(n == it.positive for n in it.negatives)
-        if not keep:
-            skipped["no_negatives"] += 1
+        keep = usable_negatives(it.positive, it.negatives, skipped)
+        if keep is None:
             continue
         if num_negatives > 0:
             if len(keep) < num_negatives:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -164,6 +165,20 @@ def pair_scores(
         sub = chunked_scores(quiet, qs, slice_features(tf, cols), budget_mb)
         out[sel] = sub[pairs[sel, 0] - s, inv]
     return out, failed
+
+
+def usable_negatives(positive: str, negatives: list[str], skipped: Counter) -> list[int] | None:
+    """Indices of the negatives worth scoring (non-empty, not the positive itself), counting
+    what is dropped in ``skipped``; None (counted) when the item has nothing to score."""
+    if not positive.strip():
+        skipped["empty_caption"] += 1
+        return None
+    keep = [j for j, n in enumerate(negatives) if n.strip() and n != positive]
+    skipped["negative_same_as_positive"] += sum(n == positive for n in negatives)
+    if not keep:
+        skipped["no_negatives"] += 1
+        return None
+    return keep
 
 
 def text_index(texts: list[str]) -> tuple[list[str], dict[str, int]]:
