@@ -107,8 +107,15 @@ def test_eval_cli_writes_protocol_json_with_step_and_seed(tmp_path, capsys):
     cards = json.loads((out / "protocol.json").read_text())
     card = cards["toy_a"]["zeroshot/synthetic/shape"]
     assert card["seed"] == 5 and card["n_images"] == 8 and card["step"] == 12
-    assert card["checkpoint"] == str(weights)
+    assert card["checkpoint"] == str(weights) and card["weights"] == str(weights)
     assert "| N | chance |" in capsys.readouterr().out
+    # a checkpoint dir resolves (once, at load) to its weights file; the card names that file
+    ckpt = weights.parent
+    assert main(["--checkpoint", str(ckpt), "--tasks", spec, "--out", str(out), "--quiet"]) == 0
+    card = json.loads((tmp_path / "report-2" / "protocol.json").read_text())["toy_a"]
+    card = card["zeroshot/synthetic/shape"]
+    assert card["checkpoint"] == str(ckpt) and card["weights"] == str(weights)
+    assert card["step"] == 12
 
 
 def test_eval_help_lists_every_task_kind_its_datasets_and_options(capsys):

@@ -24,9 +24,7 @@ the next free ``<out>-2``, ``<out>-3``... is taken and named on stderr) and prin
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import io
 import re
 import sys
 from pathlib import Path
@@ -35,9 +33,8 @@ from finegrain.config import ConfigError, from_dict
 from finegrain.eval import run_tasks, write_report
 from finegrain.eval.config import EvalTaskConfig, task_config_class
 from finegrain.eval.report import markdown_table
-from finegrain.interop import load_method_spec, split_spec
+from finegrain.interop import load_spec, split_spec
 from finegrain.registry import EVAL_TASK_CONFIGS, suggest
-from finegrain.train.checkpoint import weights_path
 
 USER_ERROR = 2
 
@@ -166,19 +163,17 @@ def check_device(device: str) -> None:
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPUs")
 
 
-def run_info(ckpt: str, cfg: object) -> dict[str, object]:
-    """Checkpoint spec, its training step (from a ``step_N`` folder or file name, when there
-    is one) and the run's seed, for the protocol card of every number."""
-    step = None
-    if not split_spec(ckpt)[0]:
-        try:
-            with contextlib.redirect_stderr(io.StringIO()):  # notes were printed at load
-                path = weights_path(Path(ckpt).expanduser())
-            found = re.findall(r"step[_-]?(\d+)", str(path))
-            step = int(found[-1]) if found else None
-        except (OSError, ValueError):  # CheckpointError is a ValueError
-            step = None
-    return {"checkpoint": ckpt, "step": step, "seed": getattr(cfg, "seed", None)}
+def run_info(ckpt: str, weights: Path | None, cfg: object) -> dict[str, object]:
+    """Checkpoint spec, the weights file it resolved to at load, that file's training step
+    (from a ``step_N`` folder or file name, when there is one) and the run's seed, for the
+    protocol card of every number."""
+    found = re.findall(r"step[_-]?(\d+)", str(weights)) if weights is not None else []
+    return {
+        "checkpoint": ckpt,
+        "weights": None if weights is None else str(weights),
+        "step": int(found[-1]) if found else None,
+        "seed": getattr(cfg, "seed", None),
+    }
 
 
 def _fresh(out: Path) -> Path:
@@ -205,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     protocols: dict[str, dict[str, dict]] = {}
     out = _fresh(Path(args.out)) if args.out else None
     for ckpt in args.checkpoint:
-        method, cfg = load_method_spec(ckpt, device=args.device)
+        method, cfg, weights = load_spec(ckpt, device=args.device)
         specs = _split_specs(args.tasks)
         tasks = [parse_task(s, common) for s in specs] or [
             from_dict(EvalTaskConfig, {**dataclasses.asdict(t), **_only(common, t)})
@@ -229,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             data_cfg=cfg.data,
             protocols=protocols[label],
-            run_info=run_info(ckpt, cfg),
+            run_info=run_info(ckpt, weights, cfg),
         )
     assert out is not None
     paths = write_report(results, out, protocols)

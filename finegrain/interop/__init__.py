@@ -21,7 +21,8 @@ Every loader returns ``(method in eval mode, RunConfig)`` whose ``data.mean``/``
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from finegrain.config import load_yaml
 from finegrain.encoders.weights import load_into, load_state_dict_file
@@ -66,22 +67,42 @@ def run_config(method_cfg: Any, name: str, mean: tuple, std: tuple) -> Any:
     return cfg
 
 
-def load_method_spec(spec: str, strict: bool = True, device: str = "cpu") -> tuple[Any, Any]:
-    """``(method in eval mode, RunConfig)`` for any spec (see the module docstring)."""
+class LoadedSpec(NamedTuple):
+    """What a spec resolved to: the method (eval mode), its ``RunConfig`` and, for a finegrain
+    run, the ``model.safetensors`` actually loaded (a run dir resolves to its newest valid
+    checkpoint; ``None`` for other libraries' weights)."""
+
+    method: Any
+    cfg: Any
+    weights: Path | None
+
+
+def load_spec(spec: str, strict: bool = True, device: str = "cpu") -> LoadedSpec:
+    """Load any spec (see the module docstring) and say which weights file it resolved to, so a
+    report names the exact checkpoint without resolving the run dir a second time."""
     prefix, rest = split_spec(spec)
     if not prefix:
-        method, cfg = load_run(rest, strict=strict)
-        return method.to(device).eval(), cfg
+        method, cfg, path = _load_run(rest, strict=strict)
+        return LoadedSpec(method.to(device).eval(), cfg, path)
     module = importlib.import_module(SPEC_PREFIXES[prefix])
     method, cfg = module.load(rest, strict=strict)
-    return method.to(device).eval(), cfg
+    return LoadedSpec(method.to(device).eval(), cfg, None)
+
+
+def load_method_spec(spec: str, strict: bool = True, device: str = "cpu") -> tuple[Any, Any]:
+    """``(method in eval mode, RunConfig)`` for any spec (see the module docstring)."""
+    method, cfg, _ = load_spec(spec, strict=strict, device=device)
+    return method, cfg
 
 
 def load_run(path_or_file: str, strict: bool = True) -> tuple[Any, Any]:
     """A finegrain run dir, checkpoint dir or ``model.safetensors`` (config from the nearest
     ``config.yaml`` above it) -> (method, RunConfig); weights checked by ``load_into``."""
-    from pathlib import Path
+    method, cfg, _ = _load_run(path_or_file, strict=strict)
+    return method, cfg
 
+
+def _load_run(path_or_file: str, strict: bool) -> tuple[Any, Any, Path]:
     valid = ", ".join(f"{p}:" for p in SPEC_PREFIXES)
     try:  # newest *valid* checkpoint of a run dir; other file kinds refused
         path = weights_path(Path(path_or_file).expanduser())
@@ -100,7 +121,15 @@ def load_run(path_or_file: str, strict: bool = True) -> tuple[Any, Any]:
     cfg = load_yaml(RunConfig, config_file)
     method = build_method(cfg.method)
     load_into(method, load_state_dict_file(path), str(path), strict=strict)
-    return method.eval(), cfg
+    return method.eval(), cfg, path
 
 
-__all__ = ["SPEC_PREFIXES", "load_method_spec", "load_run", "run_config", "split_spec"]
+__all__ = [
+    "SPEC_PREFIXES",
+    "LoadedSpec",
+    "load_method_spec",
+    "load_run",
+    "load_spec",
+    "run_config",
+    "split_spec",
+]
