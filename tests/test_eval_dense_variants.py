@@ -60,7 +60,9 @@ def make_tower(kind: str, monkeypatch, open_clip_name: str = "") -> nn.Module:
 
         args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
         args.update(dynamic_img_size=True, reg_tokens=2, qk_norm=True, init_values=0.5)
-        monkeypatch.setattr(timm_tower_module, "_create", lambda n, s, *_: VisionTransformer(**args))
+        monkeypatch.setattr(
+            timm_tower_module, "_create", lambda n, s, *_: VisionTransformer(**args)
+        )
         cfg = ImageTowerConfig(name="timm", model="vit_tiny_patch16_224", image_size=32)
     else:
         cfg = ImageTowerConfig(name="open_clip", model=open_clip_name, image_size=32)
