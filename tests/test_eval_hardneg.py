@@ -17,7 +17,7 @@ from PIL import Image
 from finegrain.data.synthetic_render import COLOR_RGB
 from finegrain.eval.common import EvalContext, eval_transform
 from finegrain.eval.config import EvalTaskConfig
-from finegrain.eval.hardneg import HardNegItem, evaluate_hardneg, hardneg_metrics
+from finegrain.eval.hardneg import HardNegData, HardNegItem, evaluate_hardneg, hardneg_metrics
 from finegrain.eval.hardneg_data import (
     ATTRIBUTES,
     hardneg_scene,
@@ -130,6 +130,49 @@ def test_fgovd_benchmark_layout_crops_and_counts(tmp_path):
         evaluate_hardneg(ctx, EvalTaskConfig(task="hardneg", crop_margin=-0.1), data)
     with pytest.raises(ValueError, match="no box left to score; skipped: .*'few_negatives': 4"):
         evaluate_hardneg(ctx, EvalTaskConfig(task="hardneg", num_negatives=3), data)
+
+
+def test_roialign_pools_each_box_from_one_dense_map(tmp_path):
+    """region=roialign: one dense_features forward per image; a grid-aligned box with one bin
+    per token cell pools exactly the mean of its cells (naive reference), a whole-image query
+    the mean of the map; the FG-OVD fixture's boxes are told apart as by the crop."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    box = (0.25, 0.5, 0.75, 1.0)  # token cells: columns 1..2, rows 2..3 of the 4 x 4 grid
+    data = HardNegData([img], [HardNegItem(0, box, "red", ["blue", "green"])])
+    calls = []
+
+    class Counted(ToyMethod):
+        def dense_features(self, images):
+            calls.append(len(images))
+            return super().dense_features(images)
+
+    ctx = EvalContext.create(Counted(), progress=False)
+    cfg = EvalTaskConfig(task="hardneg", region="roialign", roi_size=2, crop_margin=0.0)
+    _, art = evaluate_hardneg(ctx, cfg, data)
+    x = eval_transform(32, ctx.mean, ctx.std, crop=False)(img)[None].double()
+    toy = ToyMethod().double()
+    dense = toy.dense_features(x)[0]  # (D, 4, 4)
+    pooled = F.normalize(dense[:, 2:4, 1:3].mean((1, 2)), dim=0)
+    text = toy.encode_text(toy.tokenize(["red", "blue", "green"]))
+    want = (text @ pooled).float()
+    torch.testing.assert_close(art["scores"][0], want, atol=1e-5 * float(want.abs().max()), rtol=0)
+    assert art["protocol"]["region"] == "roialign" and art["protocol"]["roi_size"] == 2
+    whole = HardNegData([img, img], [HardNegItem(0, None, "red", ["blue"])] * 2)
+    _, art = evaluate_hardneg(
+        ctx, EvalTaskConfig(task="hardneg", region="roialign", roi_size=4), whole
+    )
+    want = (text[:2] @ F.normalize(dense.mean((1, 2)), dim=0)).float()
+    torch.testing.assert_close(art["scores"][0], want, atol=1e-5 * float(want.abs().max()), rtol=0)
+    bench, root = _fgovd_fixture(tmp_path)  # 3 boxes of one image: one forward
+    calls.clear()
+    fg = load_fgovd(bench, str(root), "1_attributes")
+    cfg = EvalTaskConfig(task="hardneg", dataset="fgovd", region="roialign", crop_margin=0.0)
+    m, _ = evaluate_hardneg(ctx, cfg, fg)
+    assert m["acc1"] == pytest.approx(2 / 3) and calls == [1]
+    cond = EvalTaskConfig(task="hardneg", region="roialign", scoring="conditioned")
+    with pytest.raises(ValueError, match="roialign scores globally only"):
+        evaluate_hardneg(EvalContext.create(_DotConditioned(), progress=False), cond, fg)
 
 
 def test_jsonl_layout_pixel_and_normalised_boxes(tmp_path):

@@ -211,9 +211,11 @@ class HardNegTaskConfig(EvalTaskConfig):
     task: Literal["hardneg"] = "hardneg"
     dataset: Literal["synthetic", "fgovd", "jsonl"] = "synthetic"
     # what the model sees of a box: auto = the whole image when the data has one object per
-    # image, else crop; crop = the box plus margin, squashed to the input size; image = whole
-    region: Literal["auto", "crop", "image"] = "auto"
-    crop_margin: float = 0.1  # crop: grow the box by this fraction of its width/height per side
+    # image, else crop; crop = the box plus margin, squashed to the input size; image = whole;
+    # roialign = the box RoIAlign-pooled from the whole image's dense_features (global scoring)
+    region: Literal["auto", "crop", "image", "roialign"] = "auto"
+    crop_margin: float = 0.1  # crop/roialign: grow the box by this fraction of its size per side
+    roi_size: int = 7  # roialign: output bins per side, averaged
     num_negatives: int = 0  # first N negatives per box; fewer: skipped (0 = all; FG-OVD uses 10)
     scoring: Literal["global", "conditioned"] = "global"
     memory_budget_mb: int = 1024  # text-conditioned scoring: max memory of one chunk

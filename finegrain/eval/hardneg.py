@@ -5,8 +5,8 @@ details", CVPR 2024, arXiv 2311.17518.)
 Each box (or single-object image) comes with its positive description and N negatives, each
 changing one or more attributes (colour, pattern, size, shape; FG-OVD: colour, material,
 pattern, transparency). The model scores the box region (``region``: a crop of the box with a
-margin, or the whole image when the dataset has one object per image; see
-``finegrain.eval.pairs``) against the N + 1 texts. Metrics:
+margin, the box RoIAlign-pooled from the whole image's dense features, or the whole image when
+the dataset has one object per image; see ``finegrain.eval.pairs``) against the N + 1 texts. Metrics:
 - ``acc1``: the positive scores strictly above all N negatives (ties count as errors, as the
   rank in FG-OVD's ``evaluation/ranks.py`` counts every score >= the positive's);
 - ``mean_rank``: 1 + the number of negatives scoring >= the positive (FG-OVD's position);
@@ -159,7 +159,7 @@ def _queries(items: list[HardNegItem], region: str) -> tuple[list[Query], list[i
     index: dict[Query, int] = {}
     owner = []
     for it in items:
-        q = Query(it.image, it.box if region == "crop" and it.box is not None else None)
+        q = Query(it.image, it.box if region in ("crop", "roialign") else None)
         owner.append(index.setdefault(q, len(index)))
     return list(index), owner
 
@@ -196,6 +196,8 @@ def evaluate_hardneg(
         margin=cfg.crop_margin,
         budget_mb=cfg.memory_budget_mb,
         task=f"hardneg/{cfg.dataset}",
+        boxes="roialign" if region == "roialign" else "crop",
+        roi_size=cfg.roi_size,
     )
     per_item = list(flat.split([1 + len(it.negatives) for it in items]))
     ok = [i for i in range(len(items)) if owner[i] not in failed]
@@ -222,7 +224,8 @@ def _protocol(cfg, data, items, region, chance, counts, clipped, n_texts) -> dic
         "num_negatives": cfg.num_negatives,
         "chance": chance,
         "region": region,
-        **({"crop_margin": cfg.crop_margin} if region == "crop" else {}),
+        **({"crop_margin": cfg.crop_margin} if region in ("crop", "roialign") else {}),
+        **({"roi_size": cfg.roi_size} if region == "roialign" else {}),
         "scoring": cfg.scoring,
         "negatives": ",".join(kinds),
         "difficulty_levels": diffs,

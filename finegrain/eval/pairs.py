@@ -8,9 +8,13 @@ through a ``region`` mode:
   a square grid); a crop hides the object's absolute size;
 - ``image``: the whole image, centre-cropped as in every global evaluation (datasets with one
   object per image).
-Hook for RoIAlign over a method's ``dense_features`` (the region task's technique): add the
-mode's name to ``HardNegTaskConfig.region`` and a branch in ``query_features`` that encodes the
-whole images once and pools each box; the pair scoring below does not change.
+- ``roialign``: each distinct image is encoded once by the method's ``dense_features``
+  (squashed to the square input, so a normalised box maps linearly onto the token grid) and
+  every box (grown by ``margin``, clipped) is RoIAlign-pooled from that map (He et al. 2017;
+  ``torchvision.ops.roi_align``, aligned, ``roi_size`` bins averaged), the region task's
+  ``mode=roialign``; a whole-image query pools the whole map. The box keeps its context and
+  its absolute size, and N boxes of one image cost one forward instead of N. Global scoring
+  only (the pooled vector lives in the joint space; no text-conditioned pooling of it).
 
 Scores: ``global`` = cosine of the global embeddings (every query and every distinct text
 encoded once); ``conditioned`` = ``Method.score_features`` (FLAIR-like text-conditioned
@@ -123,6 +127,43 @@ def query_features(
     return cat_features(parts)
 
 
+def roi_query_features(
+    ctx: EvalContext,
+    images: list[ImageItem],
+    queries: list[Query],
+    batch_size: int,
+    margin: float,
+    failed: set[int],
+    roi_size: int = 7,
+) -> torch.Tensor:
+    """(Nq, D) RoIAlign means of ``dense_features``, one forward per distinct image."""
+    from finegrain.eval.regions import clip_boxes, grow_boxes, pool_regions
+
+    require(ctx.method, "dense_features", "region=roialign")
+    by_image: dict[int, list[int]] = {}
+    for qi, q in enumerate(queries):
+        by_image.setdefault(q.image, []).append(qi)
+    tf = eval_transform(ctx.image_size, ctx.mean, ctx.std, crop=False)
+    out: list[torch.Tensor | None] = [None] * len(queries)
+    ids = list(by_image)
+    starts = range(0, len(ids), batch_size)
+    for s in ctx.bar(starts, "regions", total=len(starts)):
+        chunk, pixels, boxes = ids[s : s + batch_size], [], []
+        for i in chunk:
+            try:
+                pixels.append(tf(load_image(images[i])))
+            except (OSError, ValueError, SyntaxError):  # PIL's errors for a broken file
+                failed.update(by_image[i])
+                pixels.append(torch.zeros(3, ctx.image_size, ctx.image_size))
+            b = [queries[qi].box or (0.0, 0.0, 1.0, 1.0) for qi in by_image[i]]
+            boxes.append(clip_boxes(grow_boxes(torch.tensor(b, dtype=torch.float64), margin), 1, 1))
+        dense = ctx.method.dense_features(torch.stack(pixels).to(ctx.device))  # (B, D, h, w)
+        pooled = pool_regions(dense, boxes, [(1, 1)] * len(chunk), roi_size)  # (K, D)
+        for qi, p in zip((qi for i in chunk for qi in by_image[i]), pooled.float().cpu()):
+            out[qi] = p
+    return torch.stack(out)  # type: ignore[arg-type]
+
+
 @torch.no_grad()
 def pair_scores(
     ctx: EvalContext,
@@ -137,12 +178,20 @@ def pair_scores(
     margin: float = 0.0,
     budget_mb: int = 1024,
     task: str = "pairs",
+    boxes: str = "crop",
+    roi_size: int = 7,
 ) -> tuple[torch.Tensor, set[int]]:
     """(P,) float32 scores of ``pairs`` (P, 2) = (query index, text index), and the set of
-    queries whose image could not be read (their scores are meaningless; callers drop them)."""
+    queries whose image could not be read (their scores are meaningless; callers drop them).
+    ``boxes``: how a box query is seen, ``crop`` or ``roialign`` (module docstring)."""
     m, failed = ctx.method, set()
+    if boxes == "roialign" and scoring != "global":
+        raise ValueError(f"{task}: region=roialign scores globally only, not scoring={scoring}")
     if scoring == "global":
-        q = query_features(ctx, images, queries, m.encode_image, batch_size, margin, failed)
+        if boxes == "roialign":
+            q = roi_query_features(ctx, images, queries, batch_size, margin, failed, roi_size)
+        else:
+            q = query_features(ctx, images, queries, m.encode_image, batch_size, margin, failed)
         t = encode_texts(ctx, texts, m.encode_text, batch_size, context_length)
         q = F.normalize(q.float().cpu(), dim=-1)  # (Nq, D)
         t = F.normalize(t.float().cpu(), dim=-1)  # (Nt, D)
