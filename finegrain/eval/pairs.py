@@ -78,6 +78,14 @@ def crop_box(image: Image.Image, box: Box, margin: float) -> Image.Image:
     return image.crop((left, top, right, bottom))
 
 
+def try_load(item: ImageItem) -> Image.Image | None:
+    """The image, or None when it is missing or cannot be decoded (the caller counts it)."""
+    try:
+        return load_image(item)
+    except (OSError, ValueError, SyntaxError):  # PIL's errors for a broken file
+        return None
+
+
 def query_batches(
     ctx: EvalContext,
     images: list[ImageItem],
@@ -98,10 +106,7 @@ def query_batches(
         for qi in range(s, min(s + batch_size, len(queries))):
             q = queries[qi]
             if cache[0] != q.image:
-                try:
-                    cache = (q.image, load_image(images[q.image]))
-                except (OSError, ValueError, SyntaxError):  # PIL's errors for a broken file
-                    cache = (q.image, None)
+                cache = (q.image, try_load(images[q.image]))
             img = cache[1]
             if img is None:
                 failed.add(qi)
@@ -150,11 +155,11 @@ def roi_query_features(
     for s in ctx.bar(starts, "regions", total=len(starts)):
         chunk, pixels, boxes = ids[s : s + batch_size], [], []
         for i in chunk:
-            try:
-                pixels.append(tf(load_image(images[i])))
-            except (OSError, ValueError, SyntaxError):  # PIL's errors for a broken file
+            img = try_load(images[i])
+            if img is None:
                 failed.update(by_image[i])
-                pixels.append(torch.zeros(3, ctx.image_size, ctx.image_size))
+            size = ctx.image_size
+            pixels.append(tf(img) if img is not None else torch.zeros(3, size, size))
             b = [queries[qi].box or (0.0, 0.0, 1.0, 1.0) for qi in by_image[i]]
             boxes.append(clip_boxes(grow_boxes(torch.tensor(b, dtype=torch.float64), margin), 1, 1))
         dense = ctx.method.dense_features(torch.stack(pixels).to(ctx.device))  # (B, D, h, w)
