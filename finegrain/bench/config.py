@@ -56,7 +56,7 @@ class Budget:
 
 
 # ``--quick``: a smoke of the whole pipeline (every method, task, claim, figure), not a result;
-# about 45 CPU seconds (the test suite runs it once)
+# about a minute of CPU (44-66 s measured on 2 shared cores; the test suite runs it once)
 QUICK = Budget(steps=10, batch_size=8, train_scenes=256, eval_images=16)
 
 
