@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--device", help="cpu (default) | cuda")
     d.add_argument("--out", help="output folder (default $FINEGRAIN_HOME/demo/<time>)")
     d.add_argument("--seeds", type=int, default=1, help="train each method with N seeds")
-    d.add_argument("--quick", action="store_true", help="a 2-minute run of the same pipeline")
+    d.add_argument("--quick", action="store_true", help="a 1-minute smoke of the same pipeline")
     d.add_argument("--overwrite", action="store_true", help="replace a report in --out")
     for name, (_, help_) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)

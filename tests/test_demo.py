@@ -217,3 +217,19 @@ def test_per_image_values_of_other_tasks():
     per = per_image_values("grouping", None, items, {"jaccard": 0.5})
     assert statistic(per, "jaccard", None) == pytest.approx(0.5)
     assert statistic(per, "jaccard", torch.tensor([0])) == pytest.approx(0.75)
+
+
+def test_budget_sizes_the_linear_probe_training_split_too():
+    """``eval_images`` sizes the probe's own training split as well as its test split (the
+    quick run once trained the probe on the default 256 scenes: most of its evaluation time);
+    the default budget's 256 is the probe's default, so default runs are unchanged."""
+    from finegrain.bench.config import Budget
+    from finegrain.bench.tasks import _task_config, task_specs
+    from finegrain.eval.config import LinearProbeTaskConfig
+
+    specs = {s.key: s for s in task_specs()}
+    probe = _task_config(specs["segmentation/linear_probe"], 16)
+    assert (probe.num_train, probe.num_samples) == (16, 16)
+    assert Budget().eval_images == LinearProbeTaskConfig().num_train
+    zs = _task_config(specs["shape/names"], 16)
+    assert zs.num_samples == 16 and not hasattr(zs, "num_train")

@@ -2,7 +2,7 @@
 evaluate each on every task, check the papers' claims, write report.md, results.json and PNGs.
 
     finegrain demo                       # all methods, default budget (<= 10 min, 2 CPU cores)
-    finegrain demo --quick               # a 2-minute smoke of the same pipeline (the tests)
+    finegrain demo --quick               # a 1-minute smoke of the same pipeline (the tests)
     finegrain demo --methods clip,flair --steps 2000 --image-size 128 --device cuda --seeds 3
 """
 

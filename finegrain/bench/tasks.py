@@ -16,6 +16,7 @@ A task a method cannot do is "n/a" (its capability is checked before running).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from finegrain.eval.common import EvalContext, image_batches
-from finegrain.eval.config import EvalTaskConfig
+from finegrain.eval.config import EvalTaskConfig, task_config_class
 from finegrain.eval.datasets import load_task_data
 from finegrain.eval.protocol import protocol_card
 from finegrain.eval.segmentation import seg_metrics
@@ -95,8 +96,14 @@ def capability(method: Any, needs: str) -> bool:
 
 
 def _task_config(spec: TaskSpec, num: int) -> EvalTaskConfig:
-    return EvalTaskConfig(task=spec.task, dataset="synthetic", num_samples=num, batch_size=64,
-                          name=spec.key, num_examples=4, **spec.fields)  # fmt: skip
+    """``num`` evaluation images; a task that trains on a split of its own (the linear probe's
+    ``num_train``) gets ``num`` training images too (the default budget's 256 = the probe's
+    default), so a small budget shrinks the whole task, not only its test split."""
+    sized = {"num_samples": num}
+    if "num_train" in {f.name for f in dataclasses.fields(task_config_class(spec.task))}:
+        sized["num_train"] = num
+    return EvalTaskConfig(task=spec.task, dataset="synthetic", batch_size=64, name=spec.key,
+                          num_examples=4, **sized, **spec.fields)  # fmt: skip
 
 
 def per_image_values(task: str, data: Any, art: dict, metrics: dict) -> dict[str, Any]:

