@@ -4,8 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
-# Keep CPU tests predictable and light on the 2-core CI machines.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Keep CPU tests predictable and light on the 2-core CI machines: each xdist worker gets its
+# share of the cores (two workers x two threads on two cores made training tests several times
+# slower from OpenMP barriers waiting on a descheduled thread), at most two threads.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
