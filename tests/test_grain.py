@@ -148,7 +148,8 @@ def mean_matched_iou(m: GRAIN, batch: dict) -> float:
 @pytest.fixture
 def one_thread():
     """One intra-op thread: the suite runs two xdist workers on two cores, and two threads per
-    worker oversubscribe them (this test took 191 s in CI that way, ~25 s with one thread)."""
+    worker oversubscribe them (this test took 191 s in CI that way; with one thread its
+    training is ~25 s of CPU time)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -48,23 +48,35 @@ def _train(recipe: str, out: str):
     return trainer.method, cfg
 
 
-def _correct(method, cfg, **task) -> torch.Tensor:
+def _correct(method, cfg, data, **task) -> torch.Tensor:
     """(N,) 1.0 where the image's top-1 class is right (same images for every model)."""
     t = ZeroShotTaskConfig(dataset="synthetic", variant="novel", num_samples=NUM_IMAGES, **task)
-    data = load_task_data(t, image_size=cfg.method.image.image_size)
     ctx = EvalContext.create(method, data_cfg=cfg.data, progress=False)
     _, art = evaluate_zeroshot(ctx, t, data)
     return (art["logits"].argmax(1) == art["labels"]).float()
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the suite runs two xdist workers on two cores, and two threads per
+    worker oversubscribe them (several times slower on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
-def test_descriptions_on_novel_shapes_grain_vs_clip_control(tmp_path) -> None:
-    res = {}
+def test_descriptions_on_novel_shapes_grain_vs_clip_control(tmp_path, one_thread) -> None:
+    res, data = {}, None
     for recipe in ("grain_smoke", "clip_smoke"):
         method, cfg = _train(recipe, str(tmp_path / recipe))
+        if data is None:  # the same rendered images for both models and both class prompts
+            t = ZeroShotTaskConfig(dataset="synthetic", variant="novel", num_samples=NUM_IMAGES)
+            data = load_task_data(t, image_size=cfg.method.image.image_size)
         res[recipe] = {
-            "names": _correct(method, cfg),
-            "desc": _correct(method, cfg, descriptions="builtin"),
+            "names": _correct(method, cfg, data),
+            "desc": _correct(method, cfg, data, descriptions="builtin"),
         }
     g, c = res["grain_smoke"], res["clip_smoke"]
     acc = {f"{m}/{k}": float(v.mean()) for m, r in res.items() for k, v in r.items()}
