@@ -1,4 +1,9 @@
-"""GRAIN novel-concept zero-shot (issues 4, 15) with a CLIP control trained identically (same
+"""(Not part of CI: ``pytest -m measurement``, about 5 minutes on 2 idle cores. Its two claims
+held on seed 0 but not at every cheaper budget or seed tried below, so it is a measurement to
+rerun when GRAIN or the zero-shot path changes, not a regression gate; the pieces it exercises
+are gated by tests/test_eval_zeroshot.py and tests/test_grain*.py.)
+
+GRAIN novel-concept zero-shot (issues 4, 15) with a CLIP control trained identically (same
 towers, data, steps, batch, schedule and seed) and given the same class descriptions: novel
 shape names never occur in training text (their objects are only described), so what the
 descriptions add is measured for both models, and GRAIN's training is judged against CLIP's.
@@ -70,7 +75,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.slow
+@pytest.mark.measurement
 def test_descriptions_on_novel_shapes_grain_vs_clip_control(tmp_path, one_thread) -> None:
     res, data = {}, None
     for recipe in ("grain_smoke", "clip_smoke"):
