@@ -38,48 +38,130 @@ def _versions(*tensors: torch.Tensor) -> tuple:
     return tuple((id(t), t._version, t.device, t.dtype) for t in tensors)
 
 
-def _cached_folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Folded weights, cached on the conv while no input tensor changed (in-place optimizer
+def _geometry(conv: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int, int, int] | None, bool]:
+    """(conv padding, explicit F.pad or None, zero-extend the kernel) equal to the package's
+    static 'SAME' padding ``(left, right, top, bottom)``.
+
+    Symmetric padding is the conv's own. TensorFlow pads one more at the end than at the start
+    where the total is odd (the stride-2 convs): ``(p, p + 1)``. A kernel with one zero row and
+    column prepended, run with symmetric padding ``p + 1``, computes the same outputs (same
+    count, every window shifted by the zero tap) without copying the input into a padded
+    buffer; other layouts (never produced by the package) get one ``F.pad``."""
+    pad = getattr(conv, "static_padding", None)
+    if not isinstance(pad, nn.ZeroPad2d):
+        return (0, 0), None, False
+    left, right, top, bottom = pad.padding
+    if left == right and top == bottom:
+        return (top, left), None, False
+    if right == left + 1 and bottom == top + 1 and conv.dilation == (1, 1):
+        return (top + 1, left + 1), None, True
+    return (0, 0), (left, right, top, bottom), False
+
+
+def _weights(
+    conv: nn.Conv2d, bn: nn.BatchNorm2d | None, extend: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Conv weight (BN folded in when ``bn`` is given, zero-extended when ``extend``) and bias."""
+    if bn is None:
+        weight, bias = conv.weight, conv.bias
+    else:
+        weight, bias = folded_conv_weights(conv, bn)
+    if extend:
+        weight = F.pad(weight, (1, 0, 1, 0))  # (C_out, C_in / g, k + 1, k + 1), zero tap first
+    return weight, bias
+
+
+def _cached_weights(
+    conv: nn.Conv2d, bn: nn.BatchNorm2d | None, extend: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_weights`, cached on the conv while no input tensor changed (in-place optimizer
     steps and ``load_state_dict`` bump ``Tensor._version``). Not cached when autograd records
-    (the folded weights must then be part of the graph)."""
-    if torch.is_grad_enabled() and (conv.weight.requires_grad or bn.weight.requires_grad):
-        return folded_conv_weights(conv, bn)
-    tensors = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    through them (they must then be part of the graph)."""
+    params = [conv.weight] + ([bn.weight, bn.bias] if bn is not None else [])
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return _weights(conv, bn, extend)
+    if bn is None and not extend:
+        return conv.weight, conv.bias
+    tensors = params + ([bn.running_mean, bn.running_var] if bn is not None else [])
     if conv.bias is not None:
         tensors.append(conv.bias)
-    key = _versions(*tensors)
+    key = (_versions(*tensors), bn is not None, extend)
     cached = getattr(conv, "_fg_folded", None)
     if cached is None or cached[0] != key:
         # never inference tensors: a later grad-mode forward with frozen weights saves them
         with torch.inference_mode(False), torch.no_grad():
-            weight, bias = folded_conv_weights(conv, bn)
+            weight, bias = _weights(conv, bn, extend)
             weight = weight.contiguous(memory_format=torch.channels_last)
         cached = (key, weight, bias)
         conv.__dict__["_fg_folded"] = cached  # plain attribute: not a buffer, not in state_dict
     return cached[1], cached[2]
 
 
-def _padding(conv: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int, int, int] | None]:
-    """(conv padding, explicit F.pad or None) equal to the package's static 'SAME' padding."""
-    pad = getattr(conv, "static_padding", None)
-    if not isinstance(pad, nn.ZeroPad2d):
-        return (0, 0), None
-    left, right, top, bottom = pad.padding
-    if left == right and top == bottom:
-        return (top, left), None
-    return (0, 0), (left, right, top, bottom)
+_FUSED: dict[str, bool] = {}
 
 
-def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """``bn(conv(x))`` as in the package (static 'SAME' padding), BN folded when in eval mode."""
-    padding, explicit = _padding(conv)
+def _fused_available() -> bool:
+    """Whether oneDNN's conv + bias + activation op (``torch.ops.mkldnn._convolution_pointwise``,
+    the kernel ``torch.compile`` emits for CPU convs) is present and agrees with ``F.conv2d``
+    here; probed once, any failure means the plain path."""
+    if "ok" not in _FUSED:
+        try:
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(2, 4, 7, 7, generator=gen).contiguous(memory_format=torch.channels_last)
+            w = torch.randn(4, 1, 4, 4, generator=gen).contiguous(memory_format=torch.channels_last)
+            b = torch.randn(4, generator=gen)
+            with torch.no_grad():
+                got = torch.ops.mkldnn._convolution_pointwise(
+                    x, w, b, [1, 1], [2, 2], [1, 1], 4, "hardtanh", [0.0, 1.0], ""
+                )
+                want = F.conv2d(x, w, b, 2, 1, 1, 4).clamp_(0.0, 1.0)
+            _FUSED["ok"] = got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+        except Exception:  # noqa: BLE001 - missing op or unsupported build: use F.conv2d
+            _FUSED["ok"] = False
+    return _FUSED["ok"]
+
+
+def _use_fused(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Inference-only kernel: float32 on CPU, nothing that autograd must record."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    return _fused_available()
+
+
+def conv_bn(
+    x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: bool = False
+) -> torch.Tensor:
+    """``bn(conv(x))`` as in the package (static 'SAME' padding), then ReLU6 when ``act``.
+
+    Eval-mode BN is folded into the conv; without autograd (inference, or a frozen bottom fed
+    a plain tensor) float32 CPU convs run as one oneDNN conv + bias + ReLU6 kernel."""
+    padding, explicit, extend = _geometry(conv)
     if explicit is not None:
         x = F.pad(x, explicit)
+    args = (conv.stride, padding, conv.dilation, conv.groups)
     if bn.training:
-        y = F.conv2d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
-        return bn(y)
-    weight, bias = _cached_folded(conv, bn)
-    return F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
+        weight, bias = _cached_weights(conv, None, extend)
+        y = bn(F.conv2d(x, weight, bias, *args))
+        return relu6_(y) if act else y
+    weight, bias = _cached_weights(conv, bn, extend)
+    if _use_fused(x, weight):
+        attr, scalars = ("hardtanh", [0.0, 6.0]) if act else ("none", [])
+        return torch.ops.mkldnn._convolution_pointwise(
+            x,
+            weight,
+            bias,
+            list(padding),
+            list(conv.stride),
+            list(conv.dilation),
+            conv.groups,
+            attr,
+            scalars,
+            "",
+        )
+    y = F.conv2d(x, weight, bias, *args)
+    return relu6_(y) if act else y
 
 
 def relu6_(x: torch.Tensor) -> torch.Tensor:
@@ -95,15 +177,15 @@ def mbconv_forward(block: nn.Module, inputs: torch.Tensor, drop_rate: float) -> 
         raise ValueError("the fast EfficientNet path supports the Lite variants only (no SE)")
     x = inputs
     if args.expand_ratio != 1:
-        x = relu6_(conv_bn(x, block._expand_conv, block._bn0))
-    x = relu6_(conv_bn(x, block._depthwise_conv, block._bn1))
+        x = conv_bn(x, block._expand_conv, block._bn0, act=True)
+    x = conv_bn(x, block._depthwise_conv, block._bn1, act=True)
     x = conv_bn(x, block._project_conv, block._bn2)
     if block.id_skip and args.stride == 1 and args.input_filters == args.output_filters:
         if drop_rate:
             from efficientnet_lite_pytorch.utils import drop_connect
 
             x = drop_connect(x, p=drop_rate, training=block.training)
-        x = x + inputs
+        x = x.add_(inputs)  # in place on a fresh conv/BN/drop-connect output: no backward needs it
     return x
 
 
@@ -112,10 +194,10 @@ def extract_features_fast(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
     if not isinstance(net._swish, nn.ReLU6):
         raise ValueError("the fast EfficientNet path supports the Lite variants only (ReLU6)")
     x = images.contiguous(memory_format=torch.channels_last)
-    x = relu6_(conv_bn(x, net._conv_stem, net._bn0))
+    x = conv_bn(x, net._conv_stem, net._bn0, act=True)
     base_rate = net._global_params.drop_connect_rate
     n = len(net._blocks)
     for idx, block in enumerate(net._blocks):
         rate = base_rate * float(idx) / n if base_rate else base_rate
         x = mbconv_forward(block, x, rate)
-    return relu6_(conv_bn(x, net._conv_head, net._bn1))  # (B, C, h, w), channels-last
+    return conv_bn(x, net._conv_head, net._bn1, act=True)  # (B, C, h, w), channels-last

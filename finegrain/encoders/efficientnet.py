@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from finegrain.encoders.base import ImageTowerConfig, lock_prefix, reject_token_options
-from finegrain.encoders.conv_fused import conv_bn, mbconv_forward, relu6_
+from finegrain.encoders.conv_fused import conv_bn, mbconv_forward
 from finegrain.encoders.vit import freeze_except_last
 from finegrain.outputs import VisionOutput
 from finegrain.registry import IMAGE_TOWERS
@@ -124,10 +124,10 @@ class EfficientNetLite0Tower(nn.Module):
         if not isinstance(self.net._swish, nn.ReLU6):
             raise ValueError("the fast EfficientNet path supports the Lite variants only (ReLU6)")
         x = images.contiguous(memory_format=torch.channels_last)
-        return relu6_(conv_bn(x, self.net._conv_stem, self.net._bn0))
+        return conv_bn(x, self.net._conv_stem, self.net._bn0, act=True)
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
-        return relu6_(conv_bn(x, self.net._conv_head, self.net._bn1))  # (B, 1280, h, w)
+        return conv_bn(x, self.net._conv_head, self.net._bn1, act=True)  # (B, 1280, h, w)
 
     def frozen_prefix(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, C, h, w) feature map after the frozen blocks (channels-last);
