@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from finegrain.encoders import build_image_tower, conv_fused
 from finegrain.encoders.base import ImageTowerConfig
@@ -139,7 +140,7 @@ def _assert_train_close(
         assert_close_scaled(got["stats"][name], buf, rtol=rtol, atol_rel=stat_atol, msg=name)
 
 
-@pytest.mark.parametrize("trainable_blocks,eval_frozen", [(-1, False), (3, True)])
+@pytest.mark.parametrize("trainable_blocks,eval_frozen", [(-1, False), (3, False), (3, True)])
 def test_train_outputs_gradients_stats_equal_package(trainable_blocks: int, eval_frozen: bool):
     images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     ref, got = _train_pair(trainable_blocks, eval_frozen, images)
@@ -192,3 +193,21 @@ def test_folded_cache_follows_weight_updates_and_grad_mode(dtype: torch.dtype) -
     pooled, _ = _reference(tower, images)
     assert_close_scaled(out.pooled.detach(), pooled.detach(), **tol)
     assert not torch.allclose(before, pooled)
+
+
+@pytest.mark.parametrize("k,padding", [(3, 1), (5, 2), (5, 1)])
+def test_depthwise_conv_backward_equals_autograd(k: int, padding: int) -> None:
+    """The stride-1 depthwise conv whose backward is built from forward convs (flipped kernel
+    for the input, batch-summed correlation for the weight) has ``F.conv2d``'s gradients."""
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(3, 6, 9, 8, dtype=torch.float64, generator=gen)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    w = torch.randn(6, 1, k, k, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, generator=gen, requires_grad=True)
+    out = conv_fused._DepthwiseConv.apply(x, w, b, (padding, padding))
+    want = F.conv2d(x, w, b, 1, padding, 1, 6)
+    g = torch.randn(want.shape, dtype=torch.float64, generator=gen)
+    assert_close_scaled(out, want, rtol=1e-12, atol_rel=1e-14)
+    got = torch.autograd.grad(out, (x, w, b), g)
+    for a, e in zip(got, torch.autograd.grad(want, (x, w, b), g)):
+        assert_close_scaled(a, e, rtol=1e-12, atol_rel=1e-14)

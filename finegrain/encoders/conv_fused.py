@@ -130,6 +130,109 @@ def _use_fused(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return _fused_available()
 
 
+def _depthwise_weight_grad(
+    x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int]
+) -> torch.Tensor:
+    """d loss / d weight of a stride-1 depthwise conv: per channel, the correlation of the input
+    with the output gradient summed over the batch. For 3x3 kernels ATen's own kernel is fast;
+    for larger ones (oneDNN's 5x5 backward-weights is ~6x slower than the rest of the block here)
+    the correlation runs as one forward depthwise conv over (B * C) groups whose 'kernel' is the
+    output gradient: (1, B*C, H, W) * (B*C, 1, h, w) -> (1, B*C, k, k), summed over B."""
+    c, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
+    if kh * kw <= 9:
+        return torch.ops.aten.convolution_backward(
+            grad,
+            x,
+            weight,
+            None,
+            [1, 1],
+            list(padding),
+            [1, 1],
+            False,
+            [0, 0],
+            c,
+            [False, True, False],
+        )[1]
+    b, _, h, w = x.shape
+    xi = x.contiguous().reshape(1, b * c, h, w)  # (1, B*C, H, W), groups of (b, c)
+    gi = grad.contiguous().reshape(b * c, 1, grad.shape[2], grad.shape[3])  # (B*C, 1, h, w)
+    corr = F.conv2d(xi, gi, None, 1, padding, 1, b * c)  # (1, B*C, kh, kw)
+    return corr.reshape(b, c, kh, kw).sum(0).unsqueeze(1)  # (C, 1, kh, kw)
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """Stride-1 depthwise ``F.conv2d`` whose backward is computed with forward convs: the input
+    gradient is the output gradient convolved with the flipped kernel (oneDNN's depthwise
+    backward-data is 10-20x slower than that forward conv on CPU), the weight gradient as in
+    :func:`_depthwise_weight_grad`. Same values up to rounding (tested in float64)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x, weight)
+        ctx.padding = padding
+        return F.conv2d(x, weight, bias, 1, padding, 1, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        x, weight = ctx.saved_tensors
+        (ph, pw), (kh, kw) = ctx.padding, weight.shape[2:]
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            flipped = weight.flip(2, 3)
+            gx = F.conv2d(grad, flipped, None, 1, (kh - 1 - ph, kw - 1 - pw), 1, weight.shape[0])
+        if ctx.needs_input_grad[1]:
+            gw = _depthwise_weight_grad(x, grad, weight, ctx.padding)
+        if ctx.needs_input_grad[2]:
+            gb = grad.sum((0, 2, 3))
+        return gx, gw, gb, None
+
+
+def _conv(
+    x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None, padding
+) -> torch.Tensor:
+    """``F.conv2d`` with the conv's geometry; stride-1 depthwise convs that autograd records
+    (trainable, or fed a tensor that needs a gradient) go through :class:`_DepthwiseConv`."""
+    c, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
+    if (
+        torch.is_grad_enabled()
+        and (x.requires_grad or weight.requires_grad)
+        and x.device.type == "cpu"
+        and conv.groups == c == x.shape[1] > 1
+        and weight.shape[1] == 1
+        and conv.stride == (1, 1)
+        and conv.dilation == (1, 1)
+        and padding[0] < kh
+        and padding[1] < kw
+    ):
+        return _DepthwiseConv.apply(x, weight, bias, tuple(padding))
+    return F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
+
+
+def _batch_norm_train_(y: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """``bn(y)`` in train mode, in place, for a ``y`` that autograd does not record (a frozen
+    bottom in train mode): the same batch statistics and running-statistics update as the
+    module (``torch.batch_norm_update_stats``, the kernel BatchNorm uses), then one scale/shift
+    in place instead of a fresh output tensor (large at full resolution)."""
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    mean, var = torch.batch_norm_update_stats(y, bn.running_mean, bn.running_var, factor)  # (C,)
+    scale = torch.rsqrt(var + bn.eps)  # var: biased, as BatchNorm normalises with
+    if bn.affine:
+        scale = scale * bn.weight
+    shift = -mean * scale if not bn.affine else bn.bias - mean * scale
+    return y.mul_(scale.reshape(1, -1, 1, 1)).add_(shift.reshape(1, -1, 1, 1))
+
+
+def _bn_in_place_ok(y: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
+    if not bn.track_running_stats or bn.running_mean is None:
+        return False
+    if bn.momentum is None and bn.num_batches_tracked is None:
+        return False
+    records = y.requires_grad or (bn.affine and (bn.weight.requires_grad or bn.bias.requires_grad))
+    return not (torch.is_grad_enabled() and records)
+
+
 def conv_bn(
     x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: bool = False
 ) -> torch.Tensor:
@@ -140,10 +243,10 @@ def conv_bn(
     padding, explicit, extend = _geometry(conv)
     if explicit is not None:
         x = F.pad(x, explicit)
-    args = (conv.stride, padding, conv.dilation, conv.groups)
     if bn.training:
         weight, bias = _cached_weights(conv, None, extend)
-        y = bn(F.conv2d(x, weight, bias, *args))
+        y = _conv(x, conv, weight, bias, padding)
+        y = _batch_norm_train_(y, bn) if _bn_in_place_ok(y, bn) else bn(y)
         return relu6_(y) if act else y
     weight, bias = _cached_weights(conv, bn, extend)
     if _use_fused(x, weight):
@@ -160,7 +263,7 @@ def conv_bn(
             scalars,
             "",
         )
-    y = F.conv2d(x, weight, bias, *args)
+    y = _conv(x, conv, weight, bias, padding)
     return relu6_(y) if act else y
 
 
