@@ -98,27 +98,41 @@ def _cached_weights(
 
 
 _FUSED: dict[str, bool] = {}
+try:  # oneDNN's fused conv (CPU builds with mkldnn); absent elsewhere
+    _FUSED_OP = torch.ops.mkldnn._convolution_pointwise
+except (AttributeError, RuntimeError):
+    _FUSED_OP = None
 
 
-def _fused_available() -> bool:
+def _fused_available(kind: str = "ok") -> bool:
     """Whether oneDNN's conv + bias + activation op (``torch.ops.mkldnn._convolution_pointwise``,
-    the kernel ``torch.compile`` emits for CPU convs) is present and agrees with ``F.conv2d``
-    here; probed once, any failure means the plain path."""
-    if "ok" not in _FUSED:
-        try:
-            gen = torch.Generator().manual_seed(0)
-            x = torch.randn(2, 4, 7, 7, generator=gen).contiguous(memory_format=torch.channels_last)
-            w = torch.randn(4, 1, 4, 4, generator=gen).contiguous(memory_format=torch.channels_last)
-            b = torch.randn(4, generator=gen)
-            with torch.no_grad():
-                got = torch.ops.mkldnn._convolution_pointwise(
-                    x, w, b, [1, 1], [2, 2], [1, 1], 4, "hardtanh", [0.0, 1.0], ""
-                )
-                want = F.conv2d(x, w, b, 2, 1, 1, 4).clamp_(0.0, 1.0)
-            _FUSED["ok"] = got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
-        except Exception:  # noqa: BLE001 - missing op or unsupported build: use F.conv2d
-            _FUSED["ok"] = False
-    return _FUSED["ok"]
+    the kernel ``torch.compile`` emits for CPU convs; ``kind='add'``: its conv + residual form)
+    is present and agrees with ``F.conv2d`` here; probed once, any failure means the plain
+    path."""
+    if kind not in _FUSED:
+        _FUSED[kind] = _probe_fused(kind)
+    return _FUSED[kind]
+
+
+def _probe_fused(kind: str) -> bool:
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 4, 7, 7, generator=gen).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(4, 1, 4, 4, generator=gen).contiguous(memory_format=torch.channels_last)
+        b = torch.randn(4, generator=gen)
+        geometry = ([1, 1], [2, 2], [1, 1], 4)
+        with torch.no_grad():
+            want = F.conv2d(x, w, b, 2, 1, 1, 4)
+            if kind == "add":
+                other = torch.randn_like(want)
+                got = _FUSED_OP.binary(x, other, w, b, *geometry, "add", None, None, [], None)
+                want = want + other
+            else:
+                got = _FUSED_OP(x, w, b, *geometry, "hardtanh", [0.0, 1.0], "")
+                want = want.clamp_(0.0, 1.0)
+        return got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+    except Exception:  # noqa: BLE001 - missing op or unsupported build: use F.conv2d
+        return False
 
 
 def _use_fused(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -234,12 +248,18 @@ def _bn_in_place_ok(y: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
 
 
 def conv_bn(
-    x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: bool = False
+    x: torch.Tensor,
+    conv: nn.Conv2d,
+    bn: nn.BatchNorm2d,
+    act: bool = False,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``bn(conv(x))`` as in the package (static 'SAME' padding), then ReLU6 when ``act``.
+    """``bn(conv(x))`` as in the package (static 'SAME' padding), then ReLU6 when ``act``, then
+    ``+ residual`` when given (not with ``act``).
 
     Eval-mode BN is folded into the conv; without autograd (inference, or a frozen bottom fed
-    a plain tensor) float32 CPU convs run as one oneDNN conv + bias + ReLU6 kernel."""
+    a plain tensor) float32 CPU convs run as one oneDNN conv + bias + ReLU6 (or + residual)
+    kernel: fewer passes over memory and fewer thread barriers."""
     padding, explicit, extend = _geometry(conv)
     if explicit is not None:
         x = F.pad(x, explicit)
@@ -247,24 +267,20 @@ def conv_bn(
         weight, bias = _cached_weights(conv, None, extend)
         y = _conv(x, conv, weight, bias, padding)
         y = _batch_norm_train_(y, bn) if _bn_in_place_ok(y, bn) else bn(y)
-        return relu6_(y) if act else y
-    weight, bias = _cached_weights(conv, bn, extend)
-    if _use_fused(x, weight):
-        attr, scalars = ("hardtanh", [0.0, 6.0]) if act else ("none", [])
-        return torch.ops.mkldnn._convolution_pointwise(
-            x,
-            weight,
-            bias,
-            list(padding),
-            list(conv.stride),
-            list(conv.dilation),
-            conv.groups,
-            attr,
-            scalars,
-            "",
-        )
-    y = _conv(x, conv, weight, bias, padding)
-    return relu6_(y) if act else y
+    else:
+        weight, bias = _cached_weights(conv, bn, extend)
+        if _use_fused(x, weight):
+            geometry = (list(padding), list(conv.stride), list(conv.dilation), conv.groups)
+            if residual is not None and _fused_available("add") and not residual.requires_grad:
+                return _FUSED_OP.binary(
+                    x, residual, weight, bias, *geometry, "add", None, None, [], None
+                )
+            attr, scalars = ("hardtanh", [0.0, 6.0]) if act else ("none", [])
+            y = _FUSED_OP(x, weight, bias, *geometry, attr, scalars, "")
+            return y if residual is None else y.add_(residual)
+        y = _conv(x, conv, weight, bias, padding)
+    y = relu6_(y) if act else y
+    return y if residual is None else y.add_(residual)  # in place: no backward needs y
 
 
 def relu6_(x: torch.Tensor) -> torch.Tensor:
@@ -282,14 +298,13 @@ def mbconv_forward(block: nn.Module, inputs: torch.Tensor, drop_rate: float) -> 
     if args.expand_ratio != 1:
         x = conv_bn(x, block._expand_conv, block._bn0, act=True)
     x = conv_bn(x, block._depthwise_conv, block._bn1, act=True)
-    x = conv_bn(x, block._project_conv, block._bn2)
-    if block.id_skip and args.stride == 1 and args.input_filters == args.output_filters:
-        if drop_rate:
-            from efficientnet_lite_pytorch.utils import drop_connect
+    skip = block.id_skip and args.stride == 1 and args.input_filters == args.output_filters
+    if skip and drop_rate and block.training:  # drop connect between the BN and the sum
+        from efficientnet_lite_pytorch.utils import drop_connect
 
-            x = drop_connect(x, p=drop_rate, training=block.training)
-        x = x.add_(inputs)  # in place on a fresh conv/BN/drop-connect output: no backward needs it
-    return x
+        x = drop_connect(conv_bn(x, block._project_conv, block._bn2), p=drop_rate, training=True)
+        return x.add_(inputs)  # in place on a fresh output: no backward needs it
+    return conv_bn(x, block._project_conv, block._bn2, residual=inputs if skip else None)
 
 
 def extract_features_fast(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
