@@ -211,24 +211,3 @@ def test_depthwise_conv_backward_equals_autograd(k: int, padding: int) -> None:
     got = torch.autograd.grad(out, (x, w, b), g)
     for a, e in zip(got, torch.autograd.grad(want, (x, w, b), g)):
         assert_close_scaled(a, e, rtol=1e-12, atol_rel=1e-14)
-
-
-def test_inference_in_chunks_equals_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Inference splits the batch so the largest activation stays small; same outputs (each
-    image's features depend on that image only). Not in train mode or under autograd."""
-    from finegrain.encoders import efficientnet
-
-    tower = _tower(32).eval()
-    images = torch.randn(5, 3, 32, 32, dtype=torch.float64)
-    per_image = 24 * 32 * 32 * 8  # Lite0's largest activation: 24 values per input pixel
-    monkeypatch.setattr(efficientnet, "INFERENCE_CHUNK_BYTES", 2 * per_image)
-    with torch.no_grad():
-        assert tower._inference_chunk(images) == 2
-        out = tower(images)
-        pooled, tokens = _reference(tower, images)
-    assert out.grid_hw == (1, 1) and out.tokens.shape == tokens.shape
-    assert_close_scaled(out.tokens, tokens, rtol=1e-10, atol_rel=1e-12)
-    assert_close_scaled(out.pooled, pooled, rtol=1e-10, atol_rel=1e-12)
-    assert tower._inference_chunk(images) == 5  # grad mode, trainable weights: recorded
-    with torch.no_grad():
-        assert tower.train()._inference_chunk(images) == 5  # batch statistics

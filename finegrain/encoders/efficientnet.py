@@ -40,7 +40,6 @@ from finegrain.outputs import VisionOutput
 from finegrain.registry import IMAGE_TOWERS
 
 WIDTH = 1280
-INFERENCE_CHUNK_BYTES = 16 * 2**20  # largest activation of one inference chunk
 
 
 def package_weights_path() -> Path:
@@ -78,18 +77,6 @@ def load_lite0_weights(net: nn.Module, path: str | Path) -> None:
     load_into(net, load_state_dict_file(path), str(path))
 
 
-def _peak_activation_per_pixel(net: nn.Module) -> float:
-    """Largest activation of one image, in elements per input pixel (Lite0: the 96-channel
-    expansion at 1/2 resolution, 24)."""
-    stride = net._conv_stem.stride[0] * net._conv_stem.stride[1]
-    peak = net._conv_stem.out_channels / stride
-    for block in net._blocks:
-        dw = block._depthwise_conv
-        peak = max(peak, dw.in_channels / stride)  # expanded map, before the block's stride
-        stride *= dw.stride[0] * dw.stride[1]
-    return max(peak, net._conv_head.out_channels / stride)
-
-
 class EfficientNetLite0Tower(nn.Module):
     """Convnet tower: last feature map as the token grid."""
 
@@ -111,7 +98,6 @@ class EfficientNetLite0Tower(nn.Module):
         # prefix = stem + blocks[:split] (+ head when k = 0); nothing when everything trains
         self.split = n - cfg.trainable_blocks if cfg.trainable_blocks >= 0 else -1
         self.lock_frozen = cfg.lock_frozen
-        self._peak_per_pixel = _peak_activation_per_pixel(net)
 
     def prefix_modules(self) -> list[nn.Module]:
         """The frozen bottom's modules (empty when everything trains)."""
@@ -174,32 +160,7 @@ class EfficientNetLite0Tower(nn.Module):
         return_attention: bool | int = False,
     ) -> VisionOutput:
         reject_token_options("efficientnet_lite0", keep, mask, return_attention)
-        chunk = self._inference_chunk(images)
-        if chunk >= images.shape[0]:
-            return self.trainable_suffix(self.frozen_prefix(images))
-        outs = [self.trainable_suffix(self.frozen_prefix(part)) for part in images.split(chunk)]
-        return VisionOutput(
-            pooled=torch.cat([o.pooled for o in outs]),  # (B, C)
-            tokens=torch.cat([o.tokens for o in outs]),  # (B, h*w, C)
-            grid_hw=outs[0].grid_hw,
-        )
-
-    def _inference_chunk(self, images: torch.Tensor) -> int:
-        """Images per pass at inference (every BatchNorm in eval mode, nothing recorded by
-        autograd): each image's features depend on that image only, so the batch runs in
-        chunks whose largest activation stays under ``INFERENCE_CHUNK_BYTES``. Large fresh
-        buffers cost a page fault per 4 KiB on every call (glibc serves allocations over its
-        32 MiB mmap ceiling from new mappings); at 160 px x 32 chunking saved ~15% here.
-        Without those conditions: the whole batch."""
-        whole = images.shape[0]
-        if any(m.training for m in self.net.modules() if isinstance(m, nn.BatchNorm2d)):
-            return whole
-        if torch.is_grad_enabled() and (
-            images.requires_grad or any(p.requires_grad for p in self.parameters())
-        ):
-            return whole
-        per_image = self._peak_per_pixel * images.shape[2] * images.shape[3]
-        return max(1, int(INFERENCE_CHUNK_BYTES // (per_image * images.element_size())))
+        return self.trainable_suffix(self.frozen_prefix(images))
 
 
 @IMAGE_TOWERS.register("efficientnet_lite0")
