@@ -1,21 +1,29 @@
 """Fast forward of the ``efficientnet_lite_pytorch`` network, same modules and state dict.
 
 The package's own forward runs every convolution behind a ``ZeroPad2d`` module (TensorFlow
-'SAME' padding, computed for one image size) followed by a separate BatchNorm, in NCHW. On a
-small CPU that is slow for the depthwise convolutions. This walks the same modules and computes
-the same function faster:
+'SAME' padding, computed for one image size) followed by a separate BatchNorm and ReLU6, in
+NCHW. On a small CPU that is slow for the depthwise convolutions. This walks the same modules
+and computes the same function faster:
 
 - a BatchNorm in eval mode (frozen running statistics) is folded into the preceding conv:
   ``w' = w * gamma / sqrt(var + eps)``, ``b' = beta - mean * gamma / sqrt(var + eps)``
-  (differentiable in ``w``, ``gamma``, ``beta``, so gradients still reach them);
-  a BatchNorm in train mode is applied as the module itself (batch statistics, running
-  statistics updated exactly as in the package);
-- symmetric 'SAME' padding becomes the conv's own ``padding``; asymmetric padding (stride-2
-  convs) is one ``F.pad`` with the package's values;
+  (differentiable in ``w``, ``gamma``, ``beta``, so gradients still reach them), cached while
+  no weight or statistic changes; a BatchNorm in train mode uses batch statistics and updates
+  the running statistics exactly as the package (in place when nothing differentiates
+  through it, e.g. a frozen bottom in train mode);
+- symmetric 'SAME' padding becomes the conv's own ``padding``; TensorFlow's asymmetric
+  ``(p, p + 1)`` (stride-2 convs) becomes a kernel with a leading zero row and column and
+  symmetric padding ``p + 1`` (same outputs, no padded copy of the input);
 - activations are channels-last (NHWC), which the CPU depthwise kernels prefer;
+- without autograd (inference, or a frozen bottom fed plain images), float32 CPU convs run as
+  oneDNN's fused conv + bias + ReLU6 (or + residual) kernel, the one ``torch.compile`` emits;
+  probed once, ``F.conv2d`` + in-place ReLU6 otherwise;
+- stride-1 depthwise convs under autograd get their backward from forward convs
+  (:class:`_DepthwiseConv`): oneDNN's depthwise backward is 10-40x its forward on CPU;
 - drop connect (stochastic depth) uses the package's ``drop_connect`` with the package's rate
   schedule, in the same order, so training with it consumes the RNG identically.
-"""
+Equality with the package (float64: outputs, gradients, running statistics) is tested in
+``tests/test_efficientnet_fast.py``."""
 
 from __future__ import annotations
 
