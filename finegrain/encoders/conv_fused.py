@@ -144,8 +144,11 @@ def _probe_fused(kind: str) -> bool:
 
 
 def _use_fused(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Inference-only kernel: float32 on CPU, nothing that autograd must record."""
+    """Inference-only kernel: float32 on CPU, nothing that autograd must record, no CPU
+    autocast (which would run ``F.conv2d`` in bfloat16)."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if torch.is_autocast_enabled("cpu"):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
