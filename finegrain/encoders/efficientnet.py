@@ -11,12 +11,16 @@ Tokens: the last feature map (after the 1x1 head conv + BN + ReLU6), (B, 1280, h
 The package's example preprocesses with the ImageNet mean/std (0.485, 0.456, 0.406) /
 (0.229, 0.224, 0.225); set ``data.mean``/``data.std`` to those for the best zero-shot
 features (CLIP's defaults are close and fine for fine-tuning).
-Speed: the tower runs the package's modules through ``conv_fused.extract_features_fast`` (same
-function, same state dict): eval-mode BatchNorm folded into the convs, 'SAME' padding as conv
-padding, channels-last activations; about 3x the package's own forward on a small CPU
-(``benchmarks/bench_efficientnet.py``). Under ``trainable_blocks`` the frozen blocks' BatchNorms
+Speed: the tower runs the package's modules through ``conv_fused`` (same function, same state
+dict): eval-mode BatchNorm folded into the convs, 'SAME' padding as conv padding (a zero-extended
+kernel where TensorFlow pads asymmetrically), channels-last activations, oneDNN's fused conv +
+bias + ReLU6 (+ residual) kernels when nothing is recorded by autograd, and a faster backward
+for the stride-1 depthwise convs; 3.3-3.4x the package's own forward in eval and 1.9-2.3x per
+partly frozen training step on one thread of a small CPU (``benchmarks/bench_efficientnet.py``,
+figures in ``benchmarks/README.md``). Under ``trainable_blocks`` the frozen blocks' BatchNorms
 follow the module mode: in ``train()`` they use batch statistics and update running statistics,
-exactly as the package (so they are not folded); call ``.eval()`` on them to freeze statistics.
+exactly as the package (so they are not folded); call ``.eval()`` on them (or set
+``lock_frozen``) to freeze statistics.
 Split point (``frozen_prefix`` / ``trainable_suffix``, ``finegrain.encoders.base``): with
 ``trainable_blocks = k >= 0`` the prefix is the stem and the first ``16 - k`` MBConv blocks (with
 k = 0 also the head conv), returning the (B, C, h, w) feature map there; the suffix runs the
@@ -34,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from finegrain.encoders.base import ImageTowerConfig, lock_prefix, reject_token_options
-from finegrain.encoders.conv_fused import conv_bn, mbconv_forward, relu6_
+from finegrain.encoders.conv_fused import conv_bn, mbconv_forward
 from finegrain.encoders.vit import freeze_except_last
 from finegrain.outputs import VisionOutput
 from finegrain.registry import IMAGE_TOWERS
@@ -124,10 +128,10 @@ class EfficientNetLite0Tower(nn.Module):
         if not isinstance(self.net._swish, nn.ReLU6):
             raise ValueError("the fast EfficientNet path supports the Lite variants only (ReLU6)")
         x = images.contiguous(memory_format=torch.channels_last)
-        return relu6_(conv_bn(x, self.net._conv_stem, self.net._bn0))
+        return conv_bn(x, self.net._conv_stem, self.net._bn0, act=True)
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
-        return relu6_(conv_bn(x, self.net._conv_head, self.net._bn1))  # (B, 1280, h, w)
+        return conv_bn(x, self.net._conv_head, self.net._bn1, act=True)  # (B, 1280, h, w)
 
     def frozen_prefix(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, C, h, w) feature map after the frozen blocks (channels-last);
