@@ -25,9 +25,9 @@ from finegrain.bench.tasks import TaskResult, run_boxes, run_suite_task, task_sp
 # Seconds per training step at batch 32, 64 px on 2 quiet CPU cores (measured; see README),
 # for the up-front estimate. Unknown methods use the slowest.
 # wall seconds per step of 32 at 64 px and per evaluation, 2 CPU cores (default run, 2026-11-30)
-REF_STEP_S = {"clip": 0.36, "siglip": 0.37, "flair": 0.49, "grain": 0.47, "clippy": 0.32,
-              "detailclip": 0.81}  # fmt: skip
-REF_EVAL_S = 22.0  # all tasks, 256 images each, one method
+REF_STEP_S = {"clip": 0.18, "siglip": 0.22, "flair": 0.24, "grain": 0.26, "clippy": 0.17,
+              "detailclip": 0.45}  # fmt: skip
+REF_EVAL_S = 13.0  # all tasks, 256 images each, one method
 REPORT_FILES = ("report.md", "results.json")
 
 
