@@ -123,6 +123,8 @@ def _fused_available(kind: str = "ok") -> bool:
 
 
 def _probe_fused(kind: str) -> bool:
+    # its own generator: a probe at the first forward must not move the global RNG (dropout,
+    # drop connect and resumed runs draw from it; a randn_like here shifted every later draw)
     try:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(2, 4, 7, 7, generator=gen).contiguous(memory_format=torch.channels_last)
@@ -132,7 +134,7 @@ def _probe_fused(kind: str) -> bool:
         with torch.no_grad():
             want = F.conv2d(x, w, b, 2, 1, 1, 4)
             if kind == "add":
-                other = torch.randn_like(want)
+                other = torch.randn(want.shape, generator=gen).to(memory_format=torch.channels_last)
                 got = _FUSED_OP.binary(x, other, w, b, *geometry, "add", None, None, [], None)
                 want = want + other
             else:
