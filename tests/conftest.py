@@ -1,3 +1,4 @@
+import contextlib
 import os
 from pathlib import Path
 
@@ -24,3 +25,29 @@ def flickr8k_dir() -> Path:
     if not (d / "captions.jsonl").is_file():
         pytest.skip("../shared/data/flickr8k is absent")
     return d
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for a training test, also when run alone (without xdist): tiny
+    models gain nothing from a second thread and pay an OpenMP barrier per kernel call, which
+    stalls whenever the cores are shared (a smoke step went 0.22 s -> 3 s that way)."""
+    with _threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """``one_thread`` for module-scoped fixtures and whole files."""
+    with _threads(1):
+        yield

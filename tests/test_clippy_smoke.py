@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
 from finegrain.eval.config import EvalConfig, EvalTaskConfig
 from finegrain.recipes.base import get_recipe, method_config
@@ -19,14 +18,6 @@ TASKS = [
     EvalTaskConfig(task="segmentation", dataset="synthetic", variant="color", num_samples=48),
     EvalTaskConfig(task="grouping", dataset="synthetic", num_samples=48),
 ]
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster on a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
 
 
 def train_and_eval(method: str, out_dir: str) -> dict[str, float]:

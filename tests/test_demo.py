@@ -28,17 +28,7 @@ def _err_line(capsys) -> str:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """The suite runs two xdist workers on two cores: one thread each avoids oversubscription
-    (which made the quick run several times slower on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory, one_thread):
+def quick(tmp_path_factory, one_thread_module):
     out = tmp_path_factory.mktemp("demo") / "out"
     assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
     return out, json.loads((out / "results.json").read_text())

@@ -56,15 +56,6 @@ def _terms(method, batch: dict) -> dict[str, float]:
     return {k: float(v) for k, v in method.train()(batch).losses.items()}
 
 
-@pytest.fixture
-def one_thread():
-    """Two xdist workers share two cores: one thread each (as tests/test_demo.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 def test_patch_objectives_train_the_patch_pathway_on_held_out_scenes(tmp_path, one_thread):
     batch = _held_out_batch(tmp_path / "held")

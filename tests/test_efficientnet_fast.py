@@ -16,16 +16,9 @@ from helpers.numerics import assert_close_scaled
 pytest.importorskip("efficientnet_lite_pytorch")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads buy nothing and cost OpenMP barriers, one per kernel call,
-    and float64 depthwise convs are ~9,000 calls (one per channel group) per forward. When the
-    cores are shared those barriers stall: the file took 155 s with 2 threads on a loaded 2-core
-    machine, 7 s with one. Results do not depend on it (float64, tolerances)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny tensors, float64 depthwise convs (~9,000 kernel calls per forward): one thread (the file
+# took 155 s with 2 threads on a loaded 2-core machine, 7 s with one; results do not depend on it)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _tower(
@@ -211,3 +204,12 @@ def test_depthwise_conv_backward_equals_autograd(k: int, padding: int) -> None:
     got = torch.autograd.grad(out, (x, w, b), g)
     for a, e in zip(got, torch.autograd.grad(want, (x, w, b), g)):
         assert_close_scaled(a, e, rtol=1e-12, atol_rel=1e-14)
+
+
+def test_fused_probe_leaves_the_global_rng_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe runs at the first forward, mid-training: drawing from the global RNG there
+    shifted every later dropout / drop-connect draw (and a resumed run's) by one probe."""
+    monkeypatch.setattr(conv_fused, "_FUSED", {})
+    state = torch.get_rng_state()
+    conv_fused._fused_available("ok"), conv_fused._fused_available("add")
+    assert torch.equal(torch.get_rng_state(), state)

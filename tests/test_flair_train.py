@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
 import torch
 
 import finegrain.encoders  # noqa: F401  (registers the towers)
@@ -60,14 +59,6 @@ def _retrieval(model: FLAIR, scenes: list[dict]) -> tuple[float, float]:
         conditioned = model.score(images, tokens)  # (Ni, Nt)
     model.train()
     return _recall_at_1(global_scores, owner), _recall_at_1(conditioned, owner)
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_conditioned_sentence_retrieval_beats_global_after_training(one_thread) -> None:

@@ -145,17 +145,6 @@ def mean_matched_iou(m: GRAIN, batch: dict) -> float:
     return iou.mean().item()
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: the suite runs two xdist workers on two cores, and two threads per
-    worker oversubscribe them (this test took 191 s in CI that way; with one thread its
-    training is ~25 s of CPU time)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_smoke_boxes_improve(tmp_path, one_thread) -> None:
     """grain_smoke through the trainer on the built-in scenes: matched IoU on held-out scenes
     rises clearly above the untrained model's.

@@ -65,16 +65,6 @@ def _correct(method, cfg, data, **task) -> torch.Tensor:
     return (art["logits"].argmax(1) == art["labels"]).float()
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: the suite runs two xdist workers on two cores, and two threads per
-    worker oversubscribe them (several times slower on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.measurement
 def test_descriptions_on_novel_shapes_grain_vs_clip_control(tmp_path, one_thread) -> None:
     res, data = {}, None
