@@ -22,9 +22,8 @@ import torch
 from finegrain.bench.config import QUICK, Budget, check_budget, methods_to_run, run_config
 from finegrain.bench.tasks import TaskResult, run_boxes, run_suite_task, task_specs
 
-# Seconds per training step at batch 32, 64 px on 2 quiet CPU cores (measured; see README),
-# for the up-front estimate. Unknown methods use the slowest.
-# wall seconds per step of 32 at 64 px and per evaluation, 2 CPU cores (default run, 2026-11-30)
+# Wall seconds per training step of 32 at 64 px and per evaluation on 2 CPU cores (the default
+# run of 2026-11-30, README), for the up-front estimate; unknown methods use the slowest.
 REF_STEP_S = {"clip": 0.18, "siglip": 0.22, "flair": 0.24, "grain": 0.26, "clippy": 0.17,
               "detailclip": 0.45}  # fmt: skip
 REF_EVAL_S = 13.0  # all tasks, 256 images each, one method
