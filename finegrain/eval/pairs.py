@@ -28,6 +28,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -148,7 +149,8 @@ def roi_query_features(
     by_image: dict[int, list[int]] = {}
     for qi, q in enumerate(queries):
         by_image.setdefault(q.image, []).append(qi)
-    tf = eval_transform(ctx.image_size, ctx.mean, ctx.std, crop=False)
+    size = ctx.image_size
+    tf = eval_transform(size, ctx.mean, ctx.std, crop=False)
     out: list[torch.Tensor | None] = [None] * len(queries)
     ids = list(by_image)
     starts = range(0, len(ids), batch_size)
@@ -158,7 +160,6 @@ def roi_query_features(
             img = try_load(images[i])
             if img is None:
                 failed.update(by_image[i])
-            size = ctx.image_size
             pixels.append(tf(img) if img is not None else torch.zeros(3, size, size))
             b = [queries[qi].box or (0.0, 0.0, 1.0, 1.0) for qi in by_image[i]]
             boxes.append(clip_boxes(grow_boxes(torch.tensor(b, dtype=torch.float64), margin), 1, 1))
@@ -183,7 +184,7 @@ def pair_scores(
     margin: float = 0.0,
     budget_mb: int = 1024,
     task: str = "pairs",
-    boxes: str = "crop",
+    boxes: Literal["crop", "roialign"] = "crop",
     roi_size: int = 7,
 ) -> tuple[torch.Tensor, set[int]]:
     """(P,) float32 scores of ``pairs`` (P, 2) = (query index, text index), and the set of
