@@ -120,9 +120,9 @@ def _train_pair(
 
 
 def _assert_train_close(
-    ref: dict, got: dict, rtol: float, grad_atol: float, stat_atol: float
+    ref: dict, got: dict, rtol: float, grad_atol: float, stat_atol: float, token_atol: float
 ) -> None:
-    assert_close_scaled(got["tokens"], ref["tokens"], rtol=rtol, atol_rel=rtol)
+    assert_close_scaled(got["tokens"], ref["tokens"], rtol=rtol, atol_rel=token_atol)
     assert ref["grads"].keys() == got["grads"].keys() and ref["grads"]
     scale = max(g.abs().max().item() for g in ref["grads"].values())  # grads of BN-fed biases ~0
     for name, grad in ref["grads"].items():
@@ -140,7 +140,7 @@ def test_train_outputs_gradients_stats_equal_package(trainable_blocks: int, eval
     if trainable_blocks > 0:
         assert not any(k.startswith("net._blocks.0.") for k in got["grads"])
     # train-mode BN over 3 samples of a 1x1 final map amplifies float64 rounding (~1e-10)
-    _assert_train_close(ref, got, rtol=1e-7, grad_atol=1e-8, stat_atol=1e-9)
+    _assert_train_close(ref, got, rtol=1e-7, grad_atol=1e-8, stat_atol=1e-9, token_atol=1e-9)
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -164,7 +164,7 @@ def test_float32_locked_bottom_train_step_equal_package(
     ref, got = (_train_step(build_image_tower(cfg).train(), images, r) for r in (True, False))
     assert calls and all(c == fused for c in calls)  # asked only by the eval-mode bottom
     assert not any(k.startswith("net._blocks.12.") for k in got["grads"])
-    _assert_train_close(ref, got, rtol=1e-4, grad_atol=1e-3, stat_atol=1e-5)
+    _assert_train_close(ref, got, rtol=1e-4, grad_atol=1e-3, stat_atol=1e-5, token_atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
