@@ -17,7 +17,7 @@ Measured at 80 steps (2026-11-30, torch seeds 0-4): conditioned R@1 0.33-0.52 vs
 0.01-0.11 (margin 0.24-0.43, asserted > 0.1; 4 x chance = 0.125), loss down to 0.16-0.22 of its
 first value (asserted < 0.7). At 40 steps the margin fell to 0.06-0.15 and conditioned R@1 to
 0.10-0.21, hence 80. One thread (two xdist workers share two cores) and the fused AdamW
-kernel (as ``finegrain.train.optim``; same numbers) keep it to a few CPU seconds.
+kernel (``finegrain.train.optim.adamw``; same numbers) keep it to a few CPU seconds.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from finegrain.data.config import SyntheticConfig
 from finegrain.data.synthetic_sets import SyntheticScenes
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
 from finegrain.methods.flair import FLAIR, FLAIRConfig
+from finegrain.train.optim import adamw
 
 NUM_SCENES, STEPS, BATCH, LR = 32, 80, 16, 3e-3
 
@@ -72,7 +73,7 @@ def test_conditioned_sentence_retrieval_beats_global_after_training(one_thread) 
     model = FLAIR(cfg)
     scenes = _scenes()
     collate = model.make_collate()
-    opt = torch.optim.AdamW(model.param_groups(0.1), lr=LR, betas=(0.9, 0.98), fused=True)
+    opt = adamw(model.param_groups(0.1), lr=LR, betas=(0.9, 0.98))
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
     before = _retrieval(model, scenes)
     first = None

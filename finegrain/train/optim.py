@@ -56,14 +56,17 @@ def build_optimizer(method: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ad
         for p in g["params"]:
             assert id(p) not in seen, "a parameter appears in two param groups"
             seen.add(id(p))
+    return adamw(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def adamw(groups: list[dict[str, Any]], **kw: Any) -> torch.optim.AdamW:
+    """``torch.optim.AdamW(groups, **kw)`` with the fused kernel wherever torch has one for the
+    parameters' device: one kernel per parameter instead of ~8 elementwise passes; on CPU the
+    for-loop default spent most of a small model's step on the 49,408-row token embedding
+    (62 ms -> 7 ms per step for a 49,408 x 32 table on one core). Same update rule."""
     params = [p for g in groups for p in g["params"]]
     fused = all(p.is_floating_point() and p.device.type in ("cuda", "cpu") for p in params)
-    fused = fused and len({p.device.type for p in params}) == 1
-    # fused: one kernel per parameter instead of ~8 elementwise passes; on CPU the for-loop
-    # default spent most of a small model's step on the 49,408-row token embedding (AdamW 62 ms
-    # -> 7 ms per step for a 49,408 x 32 table on one core)
-    kw = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
-    if fused:
+    if fused and len({p.device.type for p in params}) == 1:
         try:
             return torch.optim.AdamW(groups, fused=True, **kw)
         except (RuntimeError, ValueError):  # torch < 2.4 has no fused CPU kernel
