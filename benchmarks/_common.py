@@ -6,7 +6,11 @@ Conventions for every ``benchmarks/bench_*.py`` (used by ``python -m benchmarks`
   the runner uses on CPU); ``--device`` defaults to CUDA when available;
 - result keys ending in ``_ratio`` are ours / reference: for speeds (samples/s, ours over the
   reference's) higher is better; for step times, memory and overhead fractions lower is better,
-  which each script's docstring says.
+  which each script's docstring says;
+- every process that imports this module runs with the allocator setting the ``finegrain``
+  command uses (``finegrain.runtime``: freed memory retained, glibc), both sides of every
+  ratio alike; ``FINEGRAIN_MALLOC=system`` measures under glibc's defaults instead.
+  ``machine_info`` records which.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from finegrain.runtime import configure_process
+
+ALLOCATOR = configure_process()  # as the finegrain command: measure what users run
 
 
 def sync(device: torch.device | str) -> None:
@@ -223,6 +231,7 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(device),
+        "allocator": {"retained": ALLOCATOR} if ALLOCATOR else "system",
     }
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()

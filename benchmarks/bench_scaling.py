@@ -194,6 +194,7 @@ def launch(world: int, a: argparse.Namespace, argv: list[str]) -> list[dict[str,
         env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1",
                    MALLOC_MMAP_THRESHOLD_="131072",  # freed buffers leave the RSS
+                   FINEGRAIN_MALLOC="system",  # (not retained: peaks are measured)
                    PYTHONPATH=str(Path(__file__).resolve().parents[1]))  # fmt: skip
         cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", str(out)]
         procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r))) for r in range(world)]

@@ -198,6 +198,13 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``finegrain`` command; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:  # freed memory stays in the process (glibc): see finegrain.runtime
+        from finegrain.runtime import configure_process
+
+        configure_process()
+    except ValueError as e:
+        print(f"finegrain: error: {e}", file=sys.stderr)
+        return USER_ERROR
     if argv and argv[0] in SUBCOMMANDS:  # the sub-CLI owns its arguments and --help
         return _dispatch(argv[0], argv[1:])
     parser = _parser()

@@ -15,9 +15,10 @@ Speed: the tower runs the package's modules through ``conv_fused`` (same functio
 dict): eval-mode BatchNorm folded into the convs, 'SAME' padding as conv padding (a zero-extended
 kernel where TensorFlow pads asymmetrically), channels-last activations, oneDNN's fused conv +
 bias + ReLU6 (+ residual) kernels when nothing is recorded by autograd, and a faster backward
-for the stride-1 depthwise convs; 3.3-4.2x the package's own forward in eval (160 px, batch 32)
-and 2.1-2.6x per partly frozen training step on one thread of a small CPU (``benchmarks/bench_efficientnet.py``,
-figures in ``benchmarks/README.md``). Under ``trainable_blocks`` the frozen blocks' BatchNorms
+for the stride-1 depthwise convs, 1x1 convs of a trained small map as matmuls; in eval 2.8-4.1x
+the package's own forward (160 px, batch 32, one thread of a small CPU; the lower figure with
+freed memory retained, as the ``finegrain`` command runs) and 1.8-2.7x per partly frozen
+training step (``benchmarks/bench_efficientnet.py``, figures in ``benchmarks/README.md``). Under ``trainable_blocks`` the frozen blocks' BatchNorms
 follow the module mode: in ``train()`` they use batch statistics and update running statistics,
 exactly as the package (so they are not folded); call ``.eval()`` on them (or set
 ``lock_frozen``) to freeze statistics.
