@@ -83,14 +83,23 @@ def test_no_trainable_params_is_clear():
         build_optimizer(method, TrainConfig())
 
 
+def _torch_has_fused_cpu_adamw() -> bool:
+    """torch >= 2.4 has a fused CPU AdamW; on older torch (our floor is 2.3) the default runs."""
+    try:
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)], fused=True)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
 def test_cpu_adamw_is_fused_and_matches_reference_over_steps():
-    """On CPU the fused kernel is used (the for-loop default made the 49,408-row token
-    embedding most of a small model's step) and follows Alg. 2 exactly, in float64, over
-    several steps with bias correction."""
+    """On CPU the fused kernel is used where torch has one (the for-loop default made the
+    49,408-row token embedding most of a small model's step); either way the update follows
+    Alg. 2 exactly, in float64, over several steps with bias correction."""
     method = ToyCLIP(ToyConfig()).double()
     lr, wd, (b1, b2), eps = 1e-2, 0.1, (0.9, 0.98), 1e-6
     opt = build_optimizer(method, TrainConfig(weight_decay=wd, lr=lr, betas=(b1, b2), eps=eps))
-    assert all(g["fused"] for g in opt.param_groups)
+    assert all(bool(g["fused"]) == _torch_has_fused_cpu_adamw() for g in opt.param_groups)
     w = method.image_proj[0].weight
     ref, m, v = w.detach().clone(), torch.zeros_like(w), torch.zeros_like(w)
     gen = torch.Generator().manual_seed(0)
