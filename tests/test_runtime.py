@@ -39,11 +39,12 @@ def _faults_per_round(mode: str) -> int:
 
 @_glibc
 def test_retained_memory_is_reused_without_page_faults() -> None:
-    """glibc's default maps a 64 MiB block fresh each time (16,384 pages faulted in per round);
-    retained, the freed block is reused: almost no faults."""
+    """glibc's default maps a 64 MiB block fresh each time (16,384 4-KiB pages faulted in per
+    round here; fewer where transparent huge pages back it); retained, the freed block is
+    reused: almost no faults."""
     system, retained = _faults_per_round("system"), _faults_per_round("retain")
-    assert system > 8000, system
-    assert retained < 500, retained
+    assert retained < 500, (system, retained)
+    assert system > retained, (system, retained)
 
 
 @_glibc

@@ -244,8 +244,9 @@ def _pointwise_as_linear(
 def _conv(
     x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None, padding
 ) -> torch.Tensor:
-    """``F.conv2d`` with the conv's geometry; stride-1 depthwise convs that autograd records
-    (trainable, or fed a tensor that needs a gradient) go through :class:`_DepthwiseConv`."""
+    """``F.conv2d`` with the conv's geometry. Convs that autograd records (trainable, or fed a
+    tensor that needs a gradient): 1x1 on small maps run as ``F.linear``
+    (:func:`_pointwise_as_linear`), stride-1 depthwise through :class:`_DepthwiseConv`."""
     c, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
     records = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if records and _pointwise_as_linear(x, conv, weight, padding):
