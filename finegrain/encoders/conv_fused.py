@@ -45,6 +45,11 @@ def folded_conv_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tens
     return weight, bias
 
 
+def _recorded(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an op on these tensors (grad mode on and one needs a grad)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _versions(*tensors: torch.Tensor) -> tuple:
     return tuple((id(t), t._version, t.device, t.dtype) for t in tensors)
 
@@ -89,7 +94,7 @@ def _cached_weights(
     steps and ``load_state_dict`` bump ``Tensor._version``). Not cached when autograd records
     through them (they must then be part of the graph)."""
     params = [conv.weight] + ([bn.weight, bn.bias] if bn is not None else [])
-    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+    if _recorded(*params):
         return _weights(conv, bn, extend)
     if bn is None and not extend:
         return conv.weight, conv.bias
@@ -155,7 +160,7 @@ def _use_fused(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if torch.is_autocast_enabled("cpu"):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if _recorded(x, weight):
         return False
     return _fused_available()
 
@@ -248,7 +253,7 @@ def _conv(
     tensor that needs a gradient): 1x1 on small maps run as ``F.linear``
     (:func:`_pointwise_as_linear`), stride-1 depthwise through :class:`_DepthwiseConv`."""
     c, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
-    records = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    records = _recorded(x, weight)
     if records and _pointwise_as_linear(x, conv, weight, padding):
         # (B, C, H, W) channels-last is (B, H, W, C) contiguous: a 1x1 conv is a matmul on it
         out = F.linear(x.permute(0, 2, 3, 1), weight.reshape(c, -1), bias)  # (B, H, W, C')
@@ -288,8 +293,7 @@ def _bn_in_place_ok(y: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
         return False
     if bn.momentum is None and bn.num_batches_tracked is None:
         return False
-    records = y.requires_grad or (bn.affine and (bn.weight.requires_grad or bn.bias.requires_grad))
-    return not (torch.is_grad_enabled() and records)
+    return not _recorded(y, *((bn.weight, bn.bias) if bn.affine else ()))
 
 
 def conv_bn(
@@ -333,7 +337,7 @@ def relu6(x: torch.Tensor) -> torch.Tensor:
     does not record it; out of place when it does, since an in-place ``hardtanh_`` there makes
     autograd clone its input first (its backward reads the input), a copy plus the op instead
     of one write (five full-size copies per step of the Flickr8k recipe's trainable top)."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    if _recorded(x):
         return F.hardtanh(x, 0.0, 6.0)
     return F.hardtanh_(x, 0.0, 6.0)
 
@@ -354,17 +358,3 @@ def mbconv_forward(block: nn.Module, inputs: torch.Tensor, drop_rate: float) -> 
         x = drop_connect(conv_bn(x, block._project_conv, block._bn2), p=drop_rate, training=True)
         return x.add_(inputs)  # in place on a fresh output: no backward needs it
     return conv_bn(x, block._project_conv, block._bn2, residual=inputs if skip else None)
-
-
-def extract_features_fast(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """``net.extract_features(images)`` (B, 3, H, W) -> (B, C, h, w), computed channels-last."""
-    if not isinstance(net._swish, nn.ReLU6):
-        raise ValueError("the fast EfficientNet path supports the Lite variants only (ReLU6)")
-    x = images.contiguous(memory_format=torch.channels_last)
-    x = conv_bn(x, net._conv_stem, net._bn0, act=True)
-    base_rate = net._global_params.drop_connect_rate
-    n = len(net._blocks)
-    for idx, block in enumerate(net._blocks):
-        rate = base_rate * float(idx) / n if base_rate else base_rate
-        x = mbconv_forward(block, x, rate)
-    return conv_bn(x, net._conv_head, net._bn1, act=True)  # (B, C, h, w), channels-last
