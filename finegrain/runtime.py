@@ -35,11 +35,10 @@ def _glibc() -> ctypes.CDLL | None:
         return None
     try:
         libc = ctypes.CDLL(None)  # the C library this process already runs on
-        version = libc.gnu_get_libc_version  # glibc only (musl and others lack it)
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only (musl and others lack it)
         libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     except (OSError, AttributeError):
         return None
-    version.restype = ctypes.c_char_p
     return libc
 
 
