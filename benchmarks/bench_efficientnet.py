@@ -83,18 +83,19 @@ def _split_times(a: argparse.Namespace, images: torch.Tensor) -> dict[str, dict[
     torch.manual_seed(0)
     ours, ref = _towers(a.image_size, a.trainable_blocks, a.device, lock=True)
     ours.train(), ref.train()
-    net, split = ref.net, ours.split
+    net, split, n = ref.net, ours.split, len(ref.net._blocks)
     rate = net._global_params.drop_connect_rate
 
-    def pkg_bottom() -> torch.Tensor:
-        x = net._swish(net._bn0(net._conv_stem(images)))
-        for i in range(split):
-            x = net._blocks[i](x, drop_connect_rate=rate * i / len(net._blocks))
+    def pkg_blocks(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        for i in range(start, stop):  # the package's own drop-connect schedule
+            x = net._blocks[i](x, drop_connect_rate=rate * i / n)
         return x
 
+    def pkg_bottom() -> torch.Tensor:
+        return pkg_blocks(net._swish(net._bn0(net._conv_stem(images))), 0, split)
+
     def pkg_top(x: torch.Tensor) -> torch.Tensor:
-        for i in range(split, len(net._blocks)):
-            x = net._blocks[i](x, drop_connect_rate=rate * i / len(net._blocks))
+        x = pkg_blocks(x, split, n)
         return net._swish(net._bn1(net._conv_head(x))).mean(dim=(2, 3))  # (B, C)
 
     ref_h, our_h = pkg_bottom(), ours.frozen_prefix(images)
