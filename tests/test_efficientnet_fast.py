@@ -188,6 +188,18 @@ def test_folded_cache_follows_weight_updates_and_grad_mode(dtype: torch.dtype) -
     assert not torch.allclose(before, pooled)
 
 
+def _assert_same_function(
+    out: torch.Tensor, want: torch.Tensor, inputs: tuple, gen: torch.Generator
+) -> None:
+    """Float64 outputs and gradients (for one random output gradient) of ``out`` equal
+    ``want``'s, the same computation through ``F.conv2d``."""
+    g = torch.randn(want.shape, dtype=torch.float64, generator=gen)
+    assert_close_scaled(out, want, rtol=1e-12, atol_rel=1e-14)
+    got = torch.autograd.grad(out, inputs, g)
+    for a, e in zip(got, torch.autograd.grad(want, inputs, g), strict=True):
+        assert_close_scaled(a, e, rtol=1e-12, atol_rel=1e-14)
+
+
 @pytest.mark.parametrize("k,padding", [(3, 1), (5, 2), (5, 1)])
 def test_depthwise_conv_backward_equals_autograd(k: int, padding: int) -> None:
     """The stride-1 depthwise conv whose backward is built from forward convs (flipped kernel
@@ -198,12 +210,7 @@ def test_depthwise_conv_backward_equals_autograd(k: int, padding: int) -> None:
     w = torch.randn(6, 1, k, k, dtype=torch.float64, generator=gen, requires_grad=True)
     b = torch.randn(6, dtype=torch.float64, generator=gen, requires_grad=True)
     out = conv_fused._DepthwiseConv.apply(x, w, b, (padding, padding))
-    want = F.conv2d(x, w, b, 1, padding, 1, 6)
-    g = torch.randn(want.shape, dtype=torch.float64, generator=gen)
-    assert_close_scaled(out, want, rtol=1e-12, atol_rel=1e-14)
-    got = torch.autograd.grad(out, (x, w, b), g)
-    for a, e in zip(got, torch.autograd.grad(want, (x, w, b), g)):
-        assert_close_scaled(a, e, rtol=1e-12, atol_rel=1e-14)
+    _assert_same_function(out, F.conv2d(x, w, b, 1, padding, 1, 6), (x, w, b), gen)
 
 
 @pytest.mark.parametrize("hw,linear", [(5, True), (10, True), (11, False)])
@@ -218,13 +225,10 @@ def test_recorded_pointwise_conv_as_linear_equals_conv(hw: int, linear: bool) ->
     w = conv.weight.contiguous(memory_format=torch.channels_last)
     assert conv_fused._pointwise_as_linear(x, conv, w, (0, 0)) is linear
     out = conv_fused._conv(x, conv, w, conv.bias, (0, 0))
-    want = F.conv2d(x, conv.weight, conv.bias)
     assert out.is_contiguous(memory_format=torch.channels_last)
-    g = torch.randn(want.shape, dtype=torch.float64, generator=gen)
-    assert_close_scaled(out, want, rtol=1e-12, atol_rel=1e-14)
-    params = (x, conv.weight, conv.bias)
-    for a, e in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(want, params, g)):
-        assert_close_scaled(a, e, rtol=1e-12, atol_rel=1e-14)
+    _assert_same_function(
+        out, F.conv2d(x, conv.weight, conv.bias), (x, conv.weight, conv.bias), gen
+    )
 
 
 def test_fused_probe_leaves_the_global_rng_alone(monkeypatch: pytest.MonkeyPatch) -> None:
