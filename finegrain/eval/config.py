@@ -171,10 +171,13 @@ class LinearProbeTaskConfig(EvalTaskConfig):
 @dataclass
 class RegionTaskConfig(EvalTaskConfig):
     """Classification of ground-truth boxes (``finegrain.eval.regions``); datasets: synthetic
-    (variant shape | color), coco | lvis (``path`` = the instance JSON, ``image_root``)."""
+    (variant shape | color), coco | lvis (``path`` = the instance JSON or a folder as released,
+    ``annotations/instances_<split>2017.json``; ``image_root``)."""
 
     task: Literal["region"] = "region"
     dataset: Literal["synthetic", "coco", "lvis"] = "synthetic"
+    # coco / lvis folder with several instance files: the one of this split (val -> val2017)
+    split: str = "val"
     # crop: encode the cropped box | roialign: pool dense_features | regions: region embeddings
     mode: Literal["crop", "roialign", "regions"] = "crop"
     margin: float = 0.0  # context on each side of a box, as a fraction of its width/height
