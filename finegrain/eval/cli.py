@@ -9,7 +9,7 @@
     finegrain eval --checkpoint runs/grain --tasks region:synthetic@mode=roialign
     finegrain eval --checkpoint runs/clip --tasks hardneg:synthetic,compositional:synthetic
     finegrain eval --checkpoint runs/clip --tasks \\
-        "hardneg:fgovd/1_attributes=FG-OVD/benchmarks@image_root=/data/coco@num_negatives=10"
+        "hardneg:fgovd/1_attributes=FG-OVD/benchmarks@image_root=/data/coco"
 
 Task syntax: ``TASK:DATASET[/VARIANT][=PATH][@key=value]...`` where keys are fields of the
 task kind's config (``finegrain.eval.config``: ``ZeroShotTaskConfig``, ``RetrievalTaskConfig``,

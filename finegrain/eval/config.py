@@ -219,7 +219,9 @@ class HardNegTaskConfig(EvalTaskConfig):
     region: Literal["auto", "crop", "image", "roialign"] = "auto"
     crop_margin: float = 0.1  # crop/roialign: grow the box by this fraction of its size per side
     roi_size: int = 7  # roialign: output bins per side, averaged
-    num_negatives: int = 0  # first N negatives per box; fewer: skipped (0 = all; FG-OVD uses 10)
+    # first N negatives per box, boxes with fewer skipped; 0 = all; -1 = the data's protocol:
+    # FG-OVD files 10, pattern 7, transparency 2 (its ranks.py / run_all_ranks.py), else all
+    num_negatives: int = -1
     scoring: Literal["global", "conditioned"] = "global"
     memory_budget_mb: int = 1024  # text-conditioned scoring: max memory of one chunk
 

@@ -12,8 +12,10 @@ The benchmark is named by the file stem (``path`` a file, or ``path`` a folder a
 the stem): ``1_attributes`` / ``2_attributes`` / ``3_attributes`` (Hard / Medium / Easy: every
 negative differs in 1 / 2 / 3 attributes -> ``acc1_diff<k>``), ``color`` / ``material`` /
 ``pattern`` / ``transparency`` (negatives change that attribute -> ``acc1_<kind>``),
-``shuffle_negatives`` (Trivial). FG-OVD's ``ranks.py`` keeps boxes with >= 10 negatives:
-``num_negatives=10``.
+``shuffle_negatives`` (Trivial). FG-OVD's protocol scores each box against its first N
+negatives and drops boxes with fewer (``evaluation/ranks.py``, ``n_neg``): N = 10, except
+``pattern`` (7) and ``transparency`` (2), whose boxes have fewer (``run_all_ranks.py`` caps
+them); the default ``num_negatives=-1`` takes that per-file N, ``num_negatives=0`` all.
 
 **JSONL** (``dataset=jsonl``), one box per line: ``image`` (or ``file_name``) relative to
 ``image_root``; the box as ``bbox: [x, y, w, h]`` in pixels (COCO) or ``box: [x0, y0, x1, y1]``
@@ -64,6 +66,16 @@ FGOVD_BENCHMARKS: dict[str, tuple[str, int | None, str | None]] = {
     "pattern": ("pattern", None, "pattern"),
     "transparency": ("transparency", None, "transparency"),
 }
+
+FGOVD_NUM_NEGATIVES = 10  # FG-OVD ranks.py's n_neg, per benchmark file unless capped below
+FGOVD_FEWER_NEGATIVES = {"pattern": 7, "transparency": 2}  # run_all_ranks.py's caps
+
+
+def fgovd_num_negatives(stem: str) -> int:
+    """FG-OVD's negatives per box for benchmark ``stem`` (0 = all for a file it does not name)."""
+    if stem not in FGOVD_BENCHMARKS:
+        return 0
+    return FGOVD_FEWER_NEGATIVES.get(stem, FGOVD_NUM_NEGATIVES)
 
 
 # ---- built-in ----------------------------------------------------------------------------
@@ -217,7 +229,8 @@ def load_fgovd(path: Path, image_root: str, variant: str = "", limit: int = 0) -
             )
         )
     info = {"benchmark": f"FG-OVD {bench} ({stem})", "source": str(file)}
-    return HardNegData(images, items, skipped={k: v for k, v in skipped.items() if v}, info=info)
+    skipped = {k: v for k, v in skipped.items() if v}
+    return HardNegData(images, items, skipped, info=info, num_negatives=fgovd_num_negatives(stem))
 
 
 # ---- JSONL ---------------------------------------------------------------------------------
