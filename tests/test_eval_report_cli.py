@@ -101,6 +101,34 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert rc == 2 and "unknown retrieval dataset 'nope'" in capsys.readouterr().err
 
 
+def test_cli_one_failed_task_keeps_the_others(tmp_path, capsys):
+    """A task with nothing to score (every line's negatives empty) fails in one line; the
+    other task's results, protocol and plots are written and the exit code says 2."""
+    manifest = write_manifest(tmp_path / "r")
+    _save_run(tmp_path / "run_a", "toy_a", ToyMethod())
+    empty = tmp_path / "r" / "boxes.jsonl"  # JSONL layout, images relative to its folder
+    rows = [{"image": "img/red_0.png", "caption": "a red square", "neg_captions": ["", " "]}]
+    empty.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "report"
+    tasks = f"hardneg:jsonl={empty},retrieval:manifest={manifest}"
+    argv = ["--checkpoint", str(tmp_path / "run_a"), "--tasks", tasks, "--out", str(out)]
+    rc = main([*argv, "--quiet", "--set", "batch_size=4"])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("finegrain eval: error: task hardneg/jsonl failed (toy_a): ")
+    assert "no box left to score" in err[0] and "'empty_negative': 2" in err[0]
+    data = json.loads((out / "results.json").read_text())
+    assert "retrieval/manifest/image_retrieval_recall@1" in data["toy_a"]
+    assert not any(k.startswith("hardneg/") for k in data["toy_a"])
+    assert "retrieval/manifest" in json.loads((out / "protocol.json").read_text())["toy_a"]
+    failed = json.loads((out / "failed.json").read_text())
+    assert list(failed["toy_a"]) == ["hardneg/jsonl"]
+    assert "- task hardneg/jsonl failed (toy_a): " in (out / "results.md").read_text()
+    # the trainer's call (no failed=) still stops at the first failing task
+    with pytest.raises(ValueError, match="no box left to score"):
+        run_tasks(ToyMethod(), [parse_task(f"hardneg:jsonl={empty}")], progress=False)
+
+
 def test_synthetic_splits_through_adapter():
     pytest.importorskip("finegrain.data.synthetic")
     tasks = [

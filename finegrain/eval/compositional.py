@@ -17,7 +17,8 @@ captions C0, C1 where Ck describes Ik; with s(C, I) the score,
 reported overall (``text_score``, ``image_score``, ``group_score``) and per tag
 (``text_score_<tag>``...: Winoground's ``collapsed_tag``, the built-in groups' kind).
 Ties are errors in both protocols. Bad input (missing or unreadable image, no negative, empty
-caption) is skipped and counted as ``skipped_<reason>``.
+caption) is skipped and counted as ``skipped_<reason>``; an empty negative or one equal to the
+caption is dropped and counted per negative.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ SKIP_REASONS = (
     "unreadable_image",
     "no_negatives",
     "empty_caption",
-    "negative_same_as_positive",
+    "negative_same_as_positive",  # counted per negative: the negative is dropped, not the item
+    "empty_negative",  # counted per negative, as above
 )
 WINOGROUND_CHANCE = {"text_score": 0.25, "image_score": 0.25, "group_score": 1 / 6}
 

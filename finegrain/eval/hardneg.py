@@ -16,7 +16,8 @@ the dataset has one object per image; see ``finegrain.eval.pairs``) against the 
   attribute kind (FG-OVD's Color / Material / Pattern / Transparency benchmarks).
 Chance of a top-1 among n + 1 is 1 / (n + 1), averaged over the boxes that enter the metric.
 Bad input (empty negative list, box outside the image, missing or unreadable image, empty
-positive) is skipped and counted as ``skipped_<reason>``, in the metrics and the protocol.
+positive) is skipped and counted as ``skipped_<reason>``, in the metrics and the protocol; an
+empty negative or one equal to the positive is dropped and counted per negative.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ SKIP_REASONS = (
     "few_negatives",
     "empty_caption",
     "negative_same_as_positive",  # counted per negative: the negative is dropped, not the box
+    "empty_negative",  # counted per negative, as above
     "bad_annotation",  # FG-OVD: unknown positive category or no bbox
     "bad_line",  # JSONL: a line that is not a JSON object with an image
 )

@@ -94,14 +94,28 @@ def markdown_table(results: dict, protocols: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def failed_lines(failed: dict[str, dict[str, str]] | None) -> list[str]:
+    """'task <prefix> failed (<method>): <reason>', one line per failed task."""
+    return [
+        f"task {prefix} failed ({method}): {reason}"
+        for method, per in (failed or {}).items()
+        for prefix, reason in per.items()
+    ]
+
+
 def write_report(
-    results: dict, out_dir: str | Path, protocols: dict | None = None
+    results: dict,
+    out_dir: str | Path,
+    protocols: dict | None = None,
+    failed: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Path]:
     """Write ``results.json``, ``results.md`` and (with cards) ``protocol.json`` under ``out_dir``.
 
     ``results`` is either one method's flat ``{key: value}`` or ``{method: {key: value}}``
     (CLIP_benchmark metric names, unchanged for existing readers); ``protocols`` the same
-    shape with the protocol card of each task prefix (``finegrain.eval.protocol``).
+    shape with the protocol card of each task prefix (``finegrain.eval.protocol``);
+    ``failed`` ``{method: {prefix: reason}}`` of the tasks that gave no result, written to
+    ``failed.json`` and listed under the table.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,5 +127,12 @@ def write_report(
     if cards:
         paths["protocol"] = out / "protocol.json"
         paths["protocol"].write_text(json.dumps(cards, indent=2, sort_keys=True, default=str))
-    md.write_text("# finegrain evaluation\n\n" + markdown_table(methods, cards))
+    text = "# finegrain evaluation\n\n" + markdown_table(methods, cards)
+    lines = failed_lines(failed)
+    if lines:
+        paths["failed"] = out / "failed.json"
+        kept = {m: per for m, per in (failed or {}).items() if per}
+        paths["failed"].write_text(json.dumps(kept, indent=2, sort_keys=True))
+        text += "\n## Failed tasks\n\n" + "".join(f"- {line}\n" for line in lines)
+    md.write_text(text)
     return paths
