@@ -31,6 +31,14 @@ def test_write_report_json_and_markdown(tmp_path):
     assert "| retrieval/x | image_retrieval_mean_rank | 3.25 | - |" in md
     assert "| zeroshot/y | acc1 (%) | - | 12.50 |" in md
     assert "| model |" in markdown_table(a)
+    # N: images / the pairs of the metric's kind (SugarCrepe), all pairs for the mean
+    card = {"task": "compositional", "n_images": 3, "n_pairs": 4, "chance": {},
+            "n_pairs_per_kind": {"swap_att": 3, "replace_rel": 1}}  # fmt: skip
+    c = {"compositional/s/acc_swap_att": 0.5, "compositional/s/acc_replace_rel": 1.0,
+         "compositional/s/acc": 0.75}  # fmt: skip
+    md = markdown_table(c, {"compositional/s": card})
+    for metric, n in (("acc_swap_att", 3), ("acc_replace_rel", 1), ("acc", 4)):
+        assert f"| compositional/s | {metric} (%) | 3 / {n} |" in md, md
 
 
 def test_parse_task_specs():

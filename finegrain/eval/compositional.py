@@ -152,6 +152,16 @@ def _score(
     return flat, {used[q] for q in failed}, len(used) - len(failed), len(texts)
 
 
+def _group_counts(groups: list[WinogroundGroup]) -> dict:
+    """``n_groups`` and, where scores are reported per tag, ``n_groups_per_tag`` keyed by the
+    metrics' suffix (``text_score_object`` -> ``object``), for the report's N column."""
+    out: dict = {"n_groups": len(groups)}
+    tags = Counter(metric_name(g.tag) for g in groups)
+    if len(tags) > 1:
+        out["n_groups_per_tag"] = dict(sorted(tags.items()))
+    return out
+
+
 def evaluate_compositional(
     ctx: EvalContext, cfg: CompositionalTaskConfig, data: CompositionalData
 ) -> tuple[dict[str, float], dict]:
@@ -195,7 +205,7 @@ def evaluate_compositional(
     protocol = {
         "n_images": n_images,
         **(pair_fields if kept_items else {}),
-        **({"n_groups": len(kept_groups)} if kept_groups else {}),
+        **(_group_counts(kept_groups) if kept_groups else {}),
         "n_distinct_texts": n_texts,
         "chance": chance,
         "scoring": cfg.scoring,

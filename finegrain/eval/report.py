@@ -57,12 +57,28 @@ def _card(cards: dict[str, dict[str, dict]], head: str) -> dict:
     return {}
 
 
-def _count(card: dict) -> str:
-    """'256', or '1000 / 5000' (images / texts), from a protocol card; '' without one."""
+GROUP_SCORES = ("text_score", "image_score", "group_score")  # Winoground-style 2x2 groups
+
+
+def _units(card: dict, metric: str) -> int | None:
+    """What ``metric`` averages over besides images: its groups (a group score, per tag where
+    the card counts them), its kind's pairs (``acc_<kind>``), else texts / regions / boxes /
+    pairs; None for image-only tasks."""
+    if "n_groups" in card and metric.startswith(GROUP_SCORES):
+        tag = metric.partition("_score")[2].lstrip("_")
+        return (card.get("n_groups_per_tag") or {}).get(tag, card["n_groups"])
+    kind = metric.removeprefix("acc_") if metric.startswith("acc_") else ""
+    if kind in (card.get("n_pairs_per_kind") or {}):
+        return card["n_pairs_per_kind"][kind]
+    keys = ("n_texts", "n_regions", "n_boxes", "n_pairs")
+    return next((card[k] for k in keys if k in card), None)
+
+
+def _count(card: dict, metric: str = "") -> str:
+    """'256', or '1000 / 5000' (images / texts, regions, boxes, pairs or groups), from a
+    protocol card; '' without one."""
     n = card.get("n_images")
-    extra = next(
-        (card[k] for k in ("n_texts", "n_regions", "n_boxes", "n_pairs") if k in card), None
-    )
+    extra = _units(card, metric)
     if n is None:
         return "" if extra is None else str(extra)
     return f"{n}" if extra is None else f"{n} / {extra}"
@@ -70,8 +86,9 @@ def _count(card: dict) -> str:
 
 def markdown_table(results: dict, protocols: dict | None = None) -> str:
     """One row per (task/dataset, metric), one column per method; fractions shown in %.
-    With protocol cards (``finegrain.eval.protocol``), N (images, or images / texts-regions-
-    boxes) and the chance level of each metric are shown next to the metric."""
+    With protocol cards (``finegrain.eval.protocol``), N (images, or images / the texts,
+    regions, boxes, pairs or groups the metric averages over) and the chance level of each
+    metric are shown next to the metric."""
     methods = _by_method(results)
     cards = _cards_by_method(protocols)
     names = list(methods)
@@ -89,7 +106,7 @@ def markdown_table(results: dict, protocols: dict | None = None) -> str:
         if cards:
             card = _card(cards, head)
             chance = card.get("chance", {}).get(metric)
-            proto = f" {_count(card)} | {'' if chance is None else _fmt(metric, chance)} |"
+            proto = f" {_count(card, metric)} | {'' if chance is None else _fmt(metric, chance)} |"
         lines.append(f"| {head} | {metric}{unit} |{proto} " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
