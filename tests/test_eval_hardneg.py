@@ -166,6 +166,9 @@ def test_fgovd_default_negatives_follow_its_per_file_protocol(tmp_path):
     ten = [*seven, "A red striped square.", "A blue striped square.", "A white striped square."]
     _fgovd_file(bench, "1_attributes", [(red, "A red square.", ten), (red, "A red square.", seven)])
     _fgovd_file(bench, "mine", [(red, "A red square.", ["A blue square.", tie])])
+    mine = json.loads((bench / "mine.json").read_text())
+    mine["annotations"][0]["neg_category_ids"].append(99)  # no such category: counted
+    (bench / "mine.json").write_text(json.dumps(mine))
     ctx = EvalContext.create(ToyMethod(), progress=False)
     want = {"pattern": (7, 2, 1), "transparency": (2, 1, 1), "1_attributes": (10, 1, 1),
             "mine": (0, 1, 0)}  # fmt: skip  # stem: (N, boxes scored, boxes with fewer)
@@ -179,6 +182,7 @@ def test_fgovd_default_negatives_follow_its_per_file_protocol(tmp_path):
         assert m.get("skipped_few_negatives", 0) == fewer, stem
         if n:
             assert p["n_negatives"] == n  # every scored box against exactly its first N
+        assert m.get("skipped_unknown_negative_category", 0) == (stem == "mine")
     # pattern: the first box's 8th negative (a tie) is cut under FG-OVD's 7
     cfg = parse_task(f"hardneg:fgovd/pattern={bench}@image_root={root}@crop_margin=0")
     pattern = load_hardneg_data(cfg, 32)

@@ -50,6 +50,7 @@ SKIP_REASONS = (
     "empty_caption",
     "negative_same_as_positive",  # counted per negative: the negative is dropped, not the box
     "empty_negative",  # counted per negative, as above
+    "unknown_negative_category",  # FG-OVD: a neg_category_id without a category, per negative
     "bad_annotation",  # FG-OVD: unknown positive category or no bbox
     "bad_line",  # JSONL: a line that is not a JSON object with an image
 )

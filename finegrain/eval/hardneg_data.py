@@ -7,7 +7,8 @@ LVIS/COCO-style JSON per benchmark. Fields read:
   (e.g. ``val2017/000000239627.jpg``), given as ``image_root`` (default: the JSON's folder);
 - ``annotations``: ``{image_id, bbox: [x, y, w, h] in pixels, category_id, neg_category_ids}``;
 - ``categories``: ``{id, name}``: ``name`` is the description ("A dark blue striped sponge.");
-  the positive is the name of ``category_id``, the negatives those of ``neg_category_ids``.
+  the positive is the name of ``category_id``, the negatives those of ``neg_category_ids``
+  (an id without a category is dropped and counted, ``skipped_unknown_negative_category``).
 The benchmark is named by the file stem (``path`` a file, or ``path`` a folder and ``variant``
 the stem): ``1_attributes`` / ``2_attributes`` / ``3_attributes`` (Hard / Medium / Easy: every
 negative differs in 1 / 2 / 3 attributes -> ``acc1_diff<k>``), ``color`` / ``material`` /
@@ -186,7 +187,7 @@ def load_fgovd(path: Path, image_root: str, variant: str = "", limit: int = 0) -
     names = _category_names(raw, file)
     root = Path(image_root).expanduser() if image_root else file.parent
     imgs = raw["images"][:limit] if limit > 0 else raw["images"]
-    skipped = {"missing_image": 0, "bad_annotation": 0}
+    skipped = {"missing_image": 0, "bad_annotation": 0, "unknown_negative_category": 0}
     slot: dict[int, int] = {}
     images: list[Path] = []
     sizes: dict[int, tuple[int, int]] = {}
@@ -213,7 +214,9 @@ def load_fgovd(path: Path, image_root: str, variant: str = "", limit: int = 0) -
         if a.get("category_id") not in names or "bbox" not in a:
             skipped["bad_annotation"] += 1  # no known positive category, or no box
             continue
-        negs = [names[n] for n in a.get("neg_category_ids", []) if n in names]
+        neg_ids = a.get("neg_category_ids", [])
+        negs = [names[n] for n in neg_ids if n in names]
+        skipped["unknown_negative_category"] += len(neg_ids) - len(negs)  # per negative
         w, h = sizes[a["image_id"]]
         x, y, bw, bh = (float(v) for v in a["bbox"])
         box = (x / w, y / h, (x + bw) / w, (y + bh) / h)
