@@ -13,6 +13,7 @@ import zlib
 import pytest
 import torch
 
+from finegrain.eval import run_tasks
 from finegrain.eval.common import EvalContext, eval_transform
 from finegrain.eval.compositional import (
     evaluate_compositional,
@@ -29,6 +30,7 @@ from finegrain.eval.compositional_data import (
     winoground_scenes,
 )
 from finegrain.eval.config import EvalTaskConfig
+from finegrain.eval.report import markdown_table
 from finegrain.methods.base import Method
 
 from helpers.eval_toy import ToyConfig, ToyMethod, color_image
@@ -134,6 +136,34 @@ def test_winoground_layout_with_toy_colours(tmp_path):
         p["chance"]["group_score"] == pytest.approx(1 / 6)
         and p["chance"]["text_score_object"] == 0.25
     )
+
+
+def test_winoground_names_with_images_prefix_and_group_counts_in_the_table(tmp_path):
+    """Winoground's release layout (examples.jsonl + images/) where some names already say
+    ``images/``: found with the default and with image_root=; the report's N column counts the
+    groups a score averages over (per tag for the per-tag scores), not the texts."""
+    (tmp_path / "images").mkdir()
+    for g, (c0, c1) in enumerate((("red", "blue"), ("green", "yellow"), ("blue", "red"))):
+        color_image(c0).save(tmp_path / "images" / f"ex_{g}_img_0.png")
+        color_image(c1).save(tmp_path / "images" / f"ex_{g}_img_1.png")
+    row = lambda g, a, b, tag, prefix="": {  # noqa: E731
+        "id": g, "image_0": f"{prefix}ex_{g}_img_0", "image_1": f"{prefix}ex_{g}_img_1.png",
+        "caption_0": f"{a} thing", "caption_1": f"{b} thing", "collapsed_tag": tag}  # fmt: skip
+    rows = [row(0, "red", "blue", "Object", "images/"), row(1, "green", "yellow", "Object"),
+            row(2, "blue", "red", "Relation", "images/")]  # fmt: skip
+    (tmp_path / "examples.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    for root in ("", str(tmp_path / "images")):
+        data = load_winoground(tmp_path, root)
+        assert len(data.groups) == 3 and not data.skipped, (root, data.skipped)
+    cfg = EvalTaskConfig(task="compositional", dataset="winoground", path=str(tmp_path))
+    protocols: dict = {}
+    res = run_tasks(ToyMethod(), [cfg], progress=False, protocols=protocols)
+    assert res["compositional/winoground/group_score"] == 1.0
+    card = protocols["compositional/winoground"]
+    assert card["n_groups"] == 3 and card["n_groups_per_tag"] == {"object": 2, "relation": 1}
+    table = markdown_table(res, protocols)
+    for metric, n in (("text_score", 3), ("group_score_object", 2), ("image_score_relation", 1)):
+        assert f"| compositional/winoground | {metric} (%) | 6 / {n} |" in table, table
 
 
 class _DotConditioned(ToyMethod):

@@ -5,6 +5,7 @@ the VOC / COCO-Stuff / ADE20K folder loaders on fixtures in the real layouts."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import replace
@@ -53,8 +54,11 @@ def open_clip_tiny(tmp_path_factory):
 
 def make_tower(kind: str, monkeypatch, open_clip_name: str = "") -> nn.Module:
     """A tiny float64 tower, parameters perturbed so attention is far from uniform."""
-    if kind == "vit":
-        cfg = ImageTowerConfig(name="vit", image_size=32, patch_size=8, width=32, depth=2, heads=2)
+    if kind in ("vit", "vit_qk"):
+        # vit_qk: GRAIN's layout (per-head q/k LayerNorm, as the grain_vitb16 recipe)
+        layout = dict(qk_norm=True, norm_eps=1e-6, ln_pre=False, patch_bias=True)
+        cfg = ImageTowerConfig(name="vit", image_size=32, patch_size=8, width=32, depth=2,
+                               heads=2, **(layout if kind == "vit_qk" else {}))  # fmt: skip
     elif kind == "timm":
         from timm.models.vision_transformer import VisionTransformer
 
@@ -96,8 +100,17 @@ def unpack(blk: nn.Module):
         return (blk.ln_1, a.in_proj_weight, a.in_proj_bias, a.num_heads, ident, ident,
                 a.out_proj, blk.ln_2, blk.mlp, blk.ls_1, blk.ls_2)  # fmt: skip
     a = blk.attn
-    return (blk.ln_1, a.qkv.weight, a.qkv.bias, a.heads, ident, ident, a.proj, blk.ln_2,
+    qn, kn = (ident if isinstance(n, nn.Identity) else functools.partial(naive_ln, n)
+              for n in (a.q_norm, a.k_norm))  # fmt: skip
+    return (blk.ln_1, a.qkv.weight, a.qkv.bias, a.heads, qn, kn, a.proj, blk.ln_2,
             blk.mlp, ident, ident)  # fmt: skip
+
+
+def naive_ln(norm: nn.LayerNorm, z: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the last dimension from its formula, with ``norm``'s affine and eps."""
+    mu = z.mean(-1, keepdim=True)
+    var = ((z - mu) ** 2).mean(-1, keepdim=True)
+    return (z - mu) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
 
 
 def naive_last_block(blk, x, variant: str, grid, prefix: int, std: float, block: str):
@@ -137,7 +150,7 @@ def naive_last_block(blk, x, variant: str, grid, prefix: int, std: float, block:
     return o[:, prefix:]
 
 
-@pytest.mark.parametrize("kind", ["vit", "timm", "open_clip"])
+@pytest.mark.parametrize("kind", ["vit", "vit_qk", "timm", "open_clip"])
 def test_variants_match_naive_last_block(kind, monkeypatch, open_clip_tiny):
     tower = make_tower(kind, monkeypatch, open_clip_tiny)
     blocks, norm, prefix = block_pieces(tower)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import zlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -106,7 +107,9 @@ def test_fgovd_benchmark_layout_crops_and_counts(tmp_path):
     assert data.items[0].box == pytest.approx((4 / 64, 10 / 48, 24 / 64, 30 / 48))
     assert data.items[0].positive == "A red square." and data.items[0].diffs == [1, 1]
     ctx = EvalContext.create(ToyMethod(), progress=False)
-    cfg = EvalTaskConfig(task="hardneg", dataset="fgovd", batch_size=2, crop_margin=0.0)
+    # num_negatives=0: every negative (the fixture's boxes have fewer than FG-OVD's 10)
+    cfg = EvalTaskConfig(task="hardneg", dataset="fgovd", batch_size=2, crop_margin=0.0,
+                         num_negatives=0)  # fmt: skip
     m, art = evaluate_hardneg(ctx, cfg, data)
     assert m["acc1"] == pytest.approx(2 / 3) and m["acc1_diff1"] == pytest.approx(2 / 3)
     assert m["skipped_no_negatives"] == 1 and m["skipped_box_outside"] == 1
@@ -116,19 +119,19 @@ def test_fgovd_benchmark_layout_crops_and_counts(tmp_path):
     assert p["chance"]["acc1"] == pytest.approx(1 / 3) and p["skipped_no_negatives"] == 1
     assert p["benchmark"] == "FG-OVD hard (1_attributes)" and p["difficulty_levels"] == [1]
     # text-conditioned scoring path (a dot product routed through score_features): same answer
-    cond = EvalTaskConfig(task="hardneg", scoring="conditioned", batch_size=2, crop_margin=0.0)
+    cond = replace(cfg, scoring="conditioned")
     mc, ac = evaluate_hardneg(EvalContext.create(_DotConditioned(), progress=False), cond, data)
     torch.testing.assert_close(torch.cat(ac["scores"]), torch.cat(art["scores"]), atol=1e-6, rtol=0)
     assert mc["acc1"] == m["acc1"] and ac["protocol"]["scoring"] == "conditioned"
     # the whole image holds both colours: the box no longer decides
-    whole = EvalTaskConfig(task="hardneg", dataset="fgovd", region="image")
+    whole = replace(cfg, region="image", crop_margin=0.1)
     assert evaluate_hardneg(ctx, whole, data)[0]["acc1"] < 2 / 3
     # FG-OVD's ranks.py keeps boxes with >= N negatives
     m2, _ = evaluate_hardneg(ctx, EvalTaskConfig(task="hardneg", num_negatives=2), data)
     assert m2["skipped_few_negatives"] == 1 and m2["acc1"] == pytest.approx(2 / 3)
-    with pytest.raises(ValueError, match="crop_margin and num_negatives must be >= 0"):
+    with pytest.raises(ValueError, match="crop_margin must be >= 0 and num_negatives >= -1"):
         evaluate_hardneg(ctx, EvalTaskConfig(task="hardneg", crop_margin=-0.1), data)
-    with pytest.raises(ValueError, match="no box left to score; skipped: .*'few_negatives': 4"):
+    with pytest.raises(ValueError, match="'few_negatives': 4.*num_negatives=3; 0 = all"):
         evaluate_hardneg(ctx, EvalTaskConfig(task="hardneg", num_negatives=3), data)
 
 
@@ -167,10 +170,11 @@ def test_roialign_pools_each_box_from_one_dense_map(tmp_path):
     bench, root = _fgovd_fixture(tmp_path)  # 3 boxes of one image: one forward
     calls.clear()
     fg = load_fgovd(bench, str(root), "1_attributes")
-    cfg = EvalTaskConfig(task="hardneg", dataset="fgovd", region="roialign", crop_margin=0.0)
+    cfg = EvalTaskConfig(task="hardneg", dataset="fgovd", region="roialign", crop_margin=0.0,
+                         num_negatives=0)  # fmt: skip
     m, _ = evaluate_hardneg(ctx, cfg, fg)
     assert m["acc1"] == pytest.approx(2 / 3) and calls == [1]
-    cond = EvalTaskConfig(task="hardneg", region="roialign", scoring="conditioned")
+    cond = replace(cfg, scoring="conditioned")
     with pytest.raises(ValueError, match="roialign scores globally only"):
         evaluate_hardneg(EvalContext.create(_DotConditioned(), progress=False), cond, fg)
 

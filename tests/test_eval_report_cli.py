@@ -31,6 +31,14 @@ def test_write_report_json_and_markdown(tmp_path):
     assert "| retrieval/x | image_retrieval_mean_rank | 3.25 | - |" in md
     assert "| zeroshot/y | acc1 (%) | - | 12.50 |" in md
     assert "| model |" in markdown_table(a)
+    # N: images / the pairs of the metric's kind (SugarCrepe), all pairs for the mean
+    card = {"task": "compositional", "n_images": 3, "n_pairs": 4, "chance": {},
+            "n_pairs_per_kind": {"swap_att": 3, "replace_rel": 1}}  # fmt: skip
+    c = {"compositional/s/acc_swap_att": 0.5, "compositional/s/acc_replace_rel": 1.0,
+         "compositional/s/acc": 0.75}  # fmt: skip
+    md = markdown_table(c, {"compositional/s": card})
+    for metric, n in (("acc_swap_att", 3), ("acc_replace_rel", 1), ("acc", 4)):
+        assert f"| compositional/s | {metric} (%) | 3 / {n} |" in md, md
 
 
 def test_parse_task_specs():
@@ -99,6 +107,34 @@ def test_cli_end_to_end(tmp_path, capsys):
         ["--checkpoint", str(tmp_path / "run_a"), "--tasks", "retrieval:nope", "--out", str(out)]
     )
     assert rc == 2 and "unknown retrieval dataset 'nope'" in capsys.readouterr().err
+
+
+def test_cli_one_failed_task_keeps_the_others(tmp_path, capsys):
+    """A task with nothing to score (every line's negatives empty) fails in one line; the
+    other task's results, protocol and plots are written and the exit code says 2."""
+    manifest = write_manifest(tmp_path / "r")
+    _save_run(tmp_path / "run_a", "toy_a", ToyMethod())
+    empty = tmp_path / "r" / "boxes.jsonl"  # JSONL layout, images relative to its folder
+    rows = [{"image": "img/red_0.png", "caption": "a red square", "neg_captions": ["", " "]}]
+    empty.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "report"
+    tasks = f"hardneg:jsonl={empty},retrieval:manifest={manifest}"
+    argv = ["--checkpoint", str(tmp_path / "run_a"), "--tasks", tasks, "--out", str(out)]
+    rc = main([*argv, "--quiet", "--set", "batch_size=4"])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("finegrain eval: error: task hardneg/jsonl failed (toy_a): ")
+    assert "no box left to score" in err[0] and "'empty_negative': 2" in err[0]
+    data = json.loads((out / "results.json").read_text())
+    assert "retrieval/manifest/image_retrieval_recall@1" in data["toy_a"]
+    assert not any(k.startswith("hardneg/") for k in data["toy_a"])
+    assert "retrieval/manifest" in json.loads((out / "protocol.json").read_text())["toy_a"]
+    failed = json.loads((out / "failed.json").read_text())
+    assert list(failed["toy_a"]) == ["hardneg/jsonl"]
+    assert "- task hardneg/jsonl failed (toy_a): " in (out / "results.md").read_text()
+    # the trainer's call (no failed=) still stops at the first failing task
+    with pytest.raises(ValueError, match="no box left to score"):
+        run_tasks(ToyMethod(), [parse_task(f"hardneg:jsonl={empty}")], progress=False)
 
 
 def test_synthetic_splits_through_adapter():

@@ -303,11 +303,21 @@ def _block_cls_attention(blk: Block, x: torch.Tensor) -> torch.Tensor:
 
 
 def native_block_parts(blk: Block) -> BlockParts:
-    """A native block as ``BlockParts`` (dense variants of the last block)."""
+    """A native block as ``BlockParts`` (dense variants of the last block), with the block's
+    per-head q/k norms (``qk_norm=True``; identities otherwise) as its plain forward uses them."""
     a = blk.attn
     dh = a.qkv.weight.shape[0] // 3 // a.heads
     return BlockParts(
-        blk.ln_1, a.qkv.weight, a.qkv.bias, a.heads, dh**-0.5, a.proj, blk.ln_2, blk.mlp
+        blk.ln_1,
+        a.qkv.weight,
+        a.qkv.bias,
+        a.heads,
+        dh**-0.5,
+        a.proj,
+        blk.ln_2,
+        blk.mlp,
+        q_norm=a.q_norm,
+        k_norm=a.k_norm,
     )
 
 

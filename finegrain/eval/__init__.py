@@ -65,6 +65,16 @@ __all__ = [
 ]
 
 
+# what a task's data or files can raise (one-line messages); anything else is a bug and stops
+TASK_ERRORS = (ValueError, FileNotFoundError, OSError)
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of an error's message (its type when it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def task_prefix(cfg: EvalTaskConfig) -> str:
     """``task/dataset[/variant]``; non-default scoring, descriptions, fusion, background
     prompts and inference size join the variant with '+', so several settings of one dataset
@@ -130,6 +140,7 @@ def run_tasks(
     data_cfg: DataConfig | None = None,
     protocols: dict[str, dict] | None = None,
     run_info: dict | None = None,
+    failed: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """Run every task; plots (and nothing else) are written only when ``out_dir`` is given.
 
@@ -137,6 +148,9 @@ def run_tasks(
     ``config.yaml`` of a run directory holding ``out_dir`` is used, else CLIP's mean/std.
     ``protocols``, when given, receives the protocol card of each task under its result prefix
     (``finegrain.eval.protocol``); ``run_info`` (checkpoint, step, seed) joins every card.
+    ``failed``, when given, receives ``{prefix: one-line reason}`` for each task that fails on
+    its data or files (``TASK_ERRORS``: nothing to score, a missing file...) and the other tasks
+    still run (``finegrain eval``); without it such an error propagates (the trainer).
     Restores the method's train/eval mode afterwards.
     """
     for i, cfg in enumerate(tasks):
@@ -150,11 +164,17 @@ def run_tasks(
     try:
         for cfg in tasks:
             evaluate = EVAL_TASKS.get(cfg.task)
-            t0 = time.perf_counter()
-            data = load_task_data(cfg, ctx.image_size)
-            with torch.no_grad():
-                metrics, art = evaluate(ctx, cfg, data)
             prefix = task_prefix(cfg)
+            t0 = time.perf_counter()
+            try:
+                data = load_task_data(cfg, ctx.image_size)
+                with torch.no_grad():
+                    metrics, art = evaluate(ctx, cfg, data)
+            except TASK_ERRORS as e:
+                if failed is None:
+                    raise
+                failed[prefix] = one_line(e)
+                continue
             dup = [k for k in metrics if f"{prefix}/{k}" in results]
             assert not dup, f"two tasks share the result prefix '{prefix}'; set name= on one"
             results.update({f"{prefix}/{k}": float(v) for k, v in metrics.items()})

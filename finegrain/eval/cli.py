@@ -9,14 +9,16 @@
     finegrain eval --checkpoint runs/grain --tasks region:synthetic@mode=roialign
     finegrain eval --checkpoint runs/clip --tasks hardneg:synthetic,compositional:synthetic
     finegrain eval --checkpoint runs/clip --tasks \\
-        "hardneg:fgovd/1_attributes=FG-OVD/benchmarks@image_root=/data/coco@num_negatives=10"
+        "hardneg:fgovd/1_attributes=FG-OVD/benchmarks@image_root=/data/coco"
 
 Task syntax: ``TASK:DATASET[/VARIANT][=PATH][@key=value]...`` where keys are fields of the
 task kind's config (``finegrain.eval.config``: ``ZeroShotTaskConfig``, ``RetrievalTaskConfig``,
 ``SegmentationTaskConfig``; e.g. ``scoring``, ``rerank_k``, ``templates``, ``descriptions``,
 ``fusion_alpha``, ``context_length``, ``background_threshold``, ``image_root``, ``limit``);
 ``--set key=value`` applies to every task whose kind has that key. Without ``--tasks`` the run config's ``eval.tasks``
-are used. Writes ``results.json`` and ``results.md`` (one column per checkpoint) and the plots
+are used. A task that fails on its data (nothing to score, a missing file) is reported in one
+line and in ``failed.json`` while the other tasks' results are written; the exit code is then 2.
+Writes ``results.json`` and ``results.md`` (one column per checkpoint) and the plots
 under ``--out`` (default ``<run>/eval``; a folder that holds earlier results is never reused:
 the next free ``<out>-2``, ``<out>-3``... is taken and named on stderr) and prints the table.
 """
@@ -32,7 +34,7 @@ from pathlib import Path
 from finegrain.config import ConfigError, from_dict
 from finegrain.eval import run_tasks, write_report
 from finegrain.eval.config import EvalTaskConfig, task_config_class
-from finegrain.eval.report import markdown_table
+from finegrain.eval.report import failed_lines, markdown_table
 from finegrain.interop import load_spec, split_spec
 from finegrain.registry import EVAL_TASK_CONFIGS, suggest
 
@@ -198,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     results: dict[str, dict[str, float]] = {}
     protocols: dict[str, dict[str, dict]] = {}
+    failed: dict[str, dict[str, str]] = {}  # label -> {task prefix: one-line reason}
     out = _fresh(Path(args.out)) if args.out else None
     for ckpt in args.checkpoint:
         method, cfg, weights = load_spec(ckpt, device=args.device)
@@ -215,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 out = _fresh((base if base.is_dir() else base.parent) / "eval")
         label = _label(ckpt, getattr(cfg, "name", ""), set(results))
-        protocols[label] = {}
+        protocols[label], failed[label] = {}, {}
         results[label] = run_tasks(
             method,
             tasks,
@@ -225,15 +228,20 @@ def run(args: argparse.Namespace) -> int:
             data_cfg=cfg.data,
             protocols=protocols[label],
             run_info=run_info(ckpt, weights, cfg),
+            failed=failed[label],
         )
     assert out is not None
-    paths = write_report(results, out, protocols)
+    for line in failed_lines(failed):  # one line each; the other tasks' results are kept
+        print(f"finegrain eval: error: {line}", file=sys.stderr)
+    if not any(results.values()):
+        return USER_ERROR
+    paths = write_report(results, out, protocols, failed)
     shown = {
         m: {k: v for k, v in r.items() if not k.endswith("/seconds")} for m, r in results.items()
     }
     print(markdown_table(shown, protocols), end="")
     print(f"wrote {paths['json']} and {paths['markdown']}", file=sys.stderr)
-    return 0
+    return USER_ERROR if any(failed.values()) else 0
 
 
 def main(argv: list[str]) -> int:

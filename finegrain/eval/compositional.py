@@ -17,7 +17,8 @@ captions C0, C1 where Ck describes Ik; with s(C, I) the score,
 reported overall (``text_score``, ``image_score``, ``group_score``) and per tag
 (``text_score_<tag>``...: Winoground's ``collapsed_tag``, the built-in groups' kind).
 Ties are errors in both protocols. Bad input (missing or unreadable image, no negative, empty
-caption) is skipped and counted as ``skipped_<reason>``.
+caption) is skipped and counted as ``skipped_<reason>``; an empty negative or one equal to the
+caption is dropped and counted per negative.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ SKIP_REASONS = (
     "unreadable_image",
     "no_negatives",
     "empty_caption",
-    "negative_same_as_positive",
+    "negative_same_as_positive",  # counted per negative: the negative is dropped, not the item
+    "empty_negative",  # counted per negative, as above
 )
 WINOGROUND_CHANCE = {"text_score": 0.25, "image_score": 0.25, "group_score": 1 / 6}
 
@@ -150,6 +152,16 @@ def _score(
     return flat, {used[q] for q in failed}, len(used) - len(failed), len(texts)
 
 
+def _group_counts(groups: list[WinogroundGroup]) -> dict:
+    """``n_groups`` and, where scores are reported per tag, ``n_groups_per_tag`` keyed by the
+    metrics' suffix (``text_score_object`` -> ``object``), for the report's N column."""
+    out: dict = {"n_groups": len(groups)}
+    tags = Counter(metric_name(g.tag) for g in groups)
+    if len(tags) > 1:
+        out["n_groups_per_tag"] = dict(sorted(tags.items()))
+    return out
+
+
 def evaluate_compositional(
     ctx: EvalContext, cfg: CompositionalTaskConfig, data: CompositionalData
 ) -> tuple[dict[str, float], dict]:
@@ -193,7 +205,7 @@ def evaluate_compositional(
     protocol = {
         "n_images": n_images,
         **(pair_fields if kept_items else {}),
-        **({"n_groups": len(kept_groups)} if kept_groups else {}),
+        **(_group_counts(kept_groups) if kept_groups else {}),
         "n_distinct_texts": n_texts,
         "chance": chance,
         "scoring": cfg.scoring,

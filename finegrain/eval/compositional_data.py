@@ -10,7 +10,8 @@ kind is the file stem (``add_att``, ``replace_rel``, ...).
 with ``image_0``, ``image_1``, ``caption_0``, ``caption_1`` (``caption_k`` describes
 ``image_k``) and optional ``collapsed_tag`` (Object / Relation / Both) or ``tag``. Images are
 ``<image_root>/<image_k>`` with ``.png`` (the release), ``.jpg`` or ``.jpeg`` appended when the
-name has no suffix; ``image_root`` defaults to ``images/`` next to the JSONL.
+name has no suffix; ``image_root`` defaults to ``images/`` next to the JSONL, else the JSONL's
+folder; names that already start with ``images/`` are found either way.
 
 **Built-in** (``dataset=synthetic``), from generated scenes with two objects:
 - ``pairs``: the caption "a red circle to the left of a blue square" (relation along the axis
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from finegrain.data.config import SyntheticConfig
@@ -228,13 +229,19 @@ def load_sugarcrepe(
 
 
 # ---- Winoground ----------------------------------------------------------------------------
-def _image_file(root: Path, name: str) -> Path | None:
-    p = root / name
-    if p.suffix and p.is_file():
-        return p
-    for ext in (".png", ".jpg", ".jpeg"):
-        if (root / f"{name}{ext}").is_file():
-            return root / f"{name}{ext}"
+def _image_file(roots: list[Path], name: str) -> Path | None:
+    """``name`` (with ``.png`` / ``.jpg`` / ``.jpeg`` appended when it has no suffix) under the
+    first root that holds it; a name that already starts with the images folder
+    (``images/ex_0_img_0``) is also looked up as its last component."""
+    names = list(dict.fromkeys([name, PurePosixPath(name).name]))
+    for root in roots:
+        for n in names:
+            p = root / n
+            if PurePosixPath(n).suffix and p.is_file():
+                return p
+            for ext in (".png", ".jpg", ".jpeg"):
+                if (root / f"{n}{ext}").is_file():
+                    return root / f"{n}{ext}"
     return None
 
 
@@ -243,8 +250,8 @@ def load_winoground(path: Path, image_root: str, limit: int = 0) -> Compositiona
     file = path / "examples.jsonl" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"compositional: no Winoground examples.jsonl at {path}")
-    default = file.parent / "images" if (file.parent / "images").is_dir() else file.parent
-    root = Path(image_root).expanduser() if image_root else default
+    default = [file.parent / "images", file.parent]  # images/ next to the JSONL, or beside it
+    roots = [Path(image_root).expanduser()] if image_root else default
     images: list[Path] = []
     groups, skipped = [], {"missing_image": 0, "bad_line": 0}
     lines = [x for x in file.read_text().splitlines() if x.strip()]
@@ -255,7 +262,7 @@ def load_winoground(path: Path, image_root: str, limit: int = 0) -> Compositiona
         except (json.JSONDecodeError, KeyError, TypeError):
             skipped["bad_line"] += 1
             continue
-        found = [_image_file(root, str(n)) for n in names]
+        found = [_image_file(roots, str(n)) for n in names]
         if None in found:
             skipped["missing_image"] += 1
             continue

@@ -171,10 +171,13 @@ class LinearProbeTaskConfig(EvalTaskConfig):
 @dataclass
 class RegionTaskConfig(EvalTaskConfig):
     """Classification of ground-truth boxes (``finegrain.eval.regions``); datasets: synthetic
-    (variant shape | color), coco | lvis (``path`` = the instance JSON, ``image_root``)."""
+    (variant shape | color), coco | lvis (``path`` = the instance JSON or a folder as released,
+    ``annotations/instances_<split>2017.json``; ``image_root``)."""
 
     task: Literal["region"] = "region"
     dataset: Literal["synthetic", "coco", "lvis"] = "synthetic"
+    # coco / lvis folder with several instance files: the one of this split (val -> val2017)
+    split: str = "val"
     # crop: encode the cropped box | roialign: pool dense_features | regions: region embeddings
     mode: Literal["crop", "roialign", "regions"] = "crop"
     margin: float = 0.0  # context on each side of a box, as a fraction of its width/height
@@ -216,7 +219,9 @@ class HardNegTaskConfig(EvalTaskConfig):
     region: Literal["auto", "crop", "image", "roialign"] = "auto"
     crop_margin: float = 0.1  # crop/roialign: grow the box by this fraction of its size per side
     roi_size: int = 7  # roialign: output bins per side, averaged
-    num_negatives: int = 0  # first N negatives per box; fewer: skipped (0 = all; FG-OVD uses 10)
+    # first N negatives per box, boxes with fewer skipped; 0 = all; -1 = the data's protocol:
+    # FG-OVD files 10, pattern 7, transparency 2 (its ranks.py / run_all_ranks.py), else all
+    num_negatives: int = -1
     scoring: Literal["global", "conditioned"] = "global"
     memory_budget_mb: int = 1024  # text-conditioned scoring: max memory of one chunk
 

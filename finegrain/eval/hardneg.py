@@ -16,7 +16,8 @@ the dataset has one object per image; see ``finegrain.eval.pairs``) against the 
   attribute kind (FG-OVD's Color / Material / Pattern / Transparency benchmarks).
 Chance of a top-1 among n + 1 is 1 / (n + 1), averaged over the boxes that enter the metric.
 Bad input (empty negative list, box outside the image, missing or unreadable image, empty
-positive) is skipped and counted as ``skipped_<reason>``, in the metrics and the protocol.
+positive) is skipped and counted as ``skipped_<reason>``, in the metrics and the protocol; an
+empty negative or one equal to the positive is dropped and counted per negative.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ SKIP_REASONS = (
     "few_negatives",
     "empty_caption",
     "negative_same_as_positive",  # counted per negative: the negative is dropped, not the box
+    "empty_negative",  # counted per negative, as above
+    "unknown_negative_category",  # FG-OVD: a neg_category_id without a category, per negative
     "bad_annotation",  # FG-OVD: unknown positive category or no bbox
     "bad_line",  # JSONL: a line that is not a JSON object with an image
 )
@@ -74,6 +77,7 @@ class HardNegData:
     skipped: dict[str, int] = field(default_factory=dict)  # counted by the loader
     single_object: bool = False  # one object per image: region=auto scores whole images
     info: dict = field(default_factory=dict)  # protocol fields from the loader (benchmark, ...)
+    num_negatives: int = 0  # the data's own protocol (FG-OVD: per benchmark file); 0 = all
 
 
 def _subset(item: HardNegItem, keep: list[int]) -> HardNegItem:
@@ -167,16 +171,19 @@ def _queries(items: list[HardNegItem], region: str) -> tuple[list[Query], list[i
 def evaluate_hardneg(
     ctx: EvalContext, cfg: HardNegTaskConfig, data: HardNegData
 ) -> tuple[dict[str, float], dict]:
-    if cfg.crop_margin < 0 or cfg.num_negatives < 0:
+    if cfg.crop_margin < 0 or cfg.num_negatives < -1:
         raise ValueError(
-            f"hardneg: crop_margin and num_negatives must be >= 0, got {cfg.crop_margin} "
-            f"and {cfg.num_negatives}"
+            f"hardneg: crop_margin must be >= 0 and num_negatives >= -1 (-1 = the data's "
+            f"protocol, 0 = all), got {cfg.crop_margin} and {cfg.num_negatives}"
         )
-    items, skipped, clipped = prepare_items(data.items, cfg.num_negatives)
+    n_neg = data.num_negatives if cfg.num_negatives < 0 else cfg.num_negatives
+    items, skipped, clipped = prepare_items(data.items, n_neg)
     skipped.update(data.skipped)
     if not items:
+        hint = f" (num_negatives={n_neg}; 0 = all)" if skipped["few_negatives"] else ""
         raise ValueError(
             f"hardneg/{cfg.dataset}: no box left to score; skipped: {dict(skipped) or 'none'}"
+            + hint
         )
     region = resolve_region(cfg, data)
     queries, owner = _queries(items, region)
@@ -209,11 +216,11 @@ def evaluate_hardneg(
     reasons = dict.fromkeys([*SKIP_REASONS, *sorted(skipped)])  # loaders may add their own
     counts = {f"skipped_{r}": int(skipped[r]) for r in reasons}
     metrics.update({k: float(v) for k, v in counts.items() if v})
-    protocol = _protocol(cfg, data, items, region, chance, counts, clipped, len(texts))
+    protocol = _protocol(cfg, data, items, region, chance, counts, clipped, len(texts), n_neg)
     return metrics, {"scores": per_item, "items": items, "protocol": protocol}
 
 
-def _protocol(cfg, data, items, region, chance, counts, clipped, n_texts) -> dict:
+def _protocol(cfg, data, items, region, chance, counts, clipped, n_texts, n_neg) -> dict:
     kinds = sorted({a for it in items if it.kinds for k in it.kinds for a in k.split("+")})
     diffs = sorted({d for it in items if it.diffs for d in it.diffs})
     return {
@@ -221,7 +228,8 @@ def _protocol(cfg, data, items, region, chance, counts, clipped, n_texts) -> dic
         "n_boxes": len(items),
         "n_distinct_texts": n_texts,
         "n_negatives": count_summary([len(it.negatives) for it in items]),
-        "num_negatives": cfg.num_negatives,
+        "num_negatives": n_neg,  # 0 = all
+        "num_negatives_from": "the data's protocol" if cfg.num_negatives < 0 else "option",
         "chance": chance,
         "region": region,
         **({"crop_margin": cfg.crop_margin} if region in ("crop", "roialign") else {}),

@@ -7,13 +7,16 @@ LVIS/COCO-style JSON per benchmark. Fields read:
   (e.g. ``val2017/000000239627.jpg``), given as ``image_root`` (default: the JSON's folder);
 - ``annotations``: ``{image_id, bbox: [x, y, w, h] in pixels, category_id, neg_category_ids}``;
 - ``categories``: ``{id, name}``: ``name`` is the description ("A dark blue striped sponge.");
-  the positive is the name of ``category_id``, the negatives those of ``neg_category_ids``.
+  the positive is the name of ``category_id``, the negatives those of ``neg_category_ids``
+  (an id without a category is dropped and counted, ``skipped_unknown_negative_category``).
 The benchmark is named by the file stem (``path`` a file, or ``path`` a folder and ``variant``
 the stem): ``1_attributes`` / ``2_attributes`` / ``3_attributes`` (Hard / Medium / Easy: every
 negative differs in 1 / 2 / 3 attributes -> ``acc1_diff<k>``), ``color`` / ``material`` /
 ``pattern`` / ``transparency`` (negatives change that attribute -> ``acc1_<kind>``),
-``shuffle_negatives`` (Trivial). FG-OVD's ``ranks.py`` keeps boxes with >= 10 negatives:
-``num_negatives=10``.
+``shuffle_negatives`` (Trivial). FG-OVD's protocol scores each box against its first N
+negatives and drops boxes with fewer (``evaluation/ranks.py``, ``n_neg``): N = 10, except
+``pattern`` (7) and ``transparency`` (2), whose boxes have fewer (``run_all_ranks.py`` caps
+them); the default ``num_negatives=-1`` takes that per-file N, ``num_negatives=0`` all.
 
 **JSONL** (``dataset=jsonl``), one box per line: ``image`` (or ``file_name``) relative to
 ``image_root``; the box as ``bbox: [x, y, w, h]`` in pixels (COCO) or ``box: [x0, y0, x1, y1]``
@@ -64,6 +67,16 @@ FGOVD_BENCHMARKS: dict[str, tuple[str, int | None, str | None]] = {
     "pattern": ("pattern", None, "pattern"),
     "transparency": ("transparency", None, "transparency"),
 }
+
+FGOVD_NUM_NEGATIVES = 10  # FG-OVD ranks.py's n_neg, per benchmark file unless capped below
+FGOVD_FEWER_NEGATIVES = {"pattern": 7, "transparency": 2}  # run_all_ranks.py's caps
+
+
+def fgovd_num_negatives(stem: str) -> int:
+    """FG-OVD's negatives per box for benchmark ``stem`` (0 = all for a file it does not name)."""
+    if stem not in FGOVD_BENCHMARKS:
+        return 0
+    return FGOVD_FEWER_NEGATIVES.get(stem, FGOVD_NUM_NEGATIVES)
 
 
 # ---- built-in ----------------------------------------------------------------------------
@@ -174,7 +187,7 @@ def load_fgovd(path: Path, image_root: str, variant: str = "", limit: int = 0) -
     names = _category_names(raw, file)
     root = Path(image_root).expanduser() if image_root else file.parent
     imgs = raw["images"][:limit] if limit > 0 else raw["images"]
-    skipped = {"missing_image": 0, "bad_annotation": 0}
+    skipped = {"missing_image": 0, "bad_annotation": 0, "unknown_negative_category": 0}
     slot: dict[int, int] = {}
     images: list[Path] = []
     sizes: dict[int, tuple[int, int]] = {}
@@ -201,7 +214,9 @@ def load_fgovd(path: Path, image_root: str, variant: str = "", limit: int = 0) -
         if a.get("category_id") not in names or "bbox" not in a:
             skipped["bad_annotation"] += 1  # no known positive category, or no box
             continue
-        negs = [names[n] for n in a.get("neg_category_ids", []) if n in names]
+        neg_ids = a.get("neg_category_ids", [])
+        negs = [names[n] for n in neg_ids if n in names]
+        skipped["unknown_negative_category"] += len(neg_ids) - len(negs)  # per negative
         w, h = sizes[a["image_id"]]
         x, y, bw, bh = (float(v) for v in a["bbox"])
         box = (x / w, y / h, (x + bw) / w, (y + bh) / h)
@@ -217,7 +232,8 @@ def load_fgovd(path: Path, image_root: str, variant: str = "", limit: int = 0) -
             )
         )
     info = {"benchmark": f"FG-OVD {bench} ({stem})", "source": str(file)}
-    return HardNegData(images, items, skipped={k: v for k, v in skipped.items() if v}, info=info)
+    skipped = {k: v for k, v in skipped.items() if v}
+    return HardNegData(images, items, skipped, info=info, num_negatives=fgovd_num_negatives(stem))
 
 
 # ---- JSONL ---------------------------------------------------------------------------------

@@ -224,11 +224,13 @@ def pair_scores(
 
 def usable_negatives(positive: str, negatives: list[str], skipped: Counter) -> list[int] | None:
     """Indices of the negatives worth scoring (non-empty, not the positive itself), counting
-    what is dropped in ``skipped``; None (counted) when the item has nothing to score."""
+    each dropped negative in ``skipped`` (``empty_negative``, ``negative_same_as_positive``);
+    None (counted as ``empty_caption`` / ``no_negatives``) when the item has nothing to score."""
     if not positive.strip():
         skipped["empty_caption"] += 1
         return None
     keep = [j for j, n in enumerate(negatives) if n.strip() and n != positive]
+    skipped["empty_negative"] += sum(not n.strip() for n in negatives)
     skipped["negative_same_as_positive"] += sum(n == positive for n in negatives)
     if not keep:
         skipped["no_negatives"] += 1

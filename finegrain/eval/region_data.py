@@ -4,6 +4,8 @@ Formats
 - COCO-style instance JSON (``instances_val2017.json``): ``images: [{id, file_name, width,
   height}]``, ``annotations: [{image_id, bbox: [x, y, w, h] in pixels, category_id, iscrowd}]``,
   ``categories: [{id, name}]``. Crowd annotations (``iscrowd=1``) are skipped and counted.
+  ``path`` may be a COCO folder as released (``annotations/instances_{train,val}2017.json``,
+  ``train2017/``, ``val2017/``): ``split`` (default ``val``) picks the file.
 - LVIS (``lvis_v1_val.json``): the same layout; images name their file through ``coco_url``
   (``.../val2017/000000397133.jpg``) when ``file_name`` is absent; categories carry
   ``frequency`` (r / c / f), which turns on per-frequency accuracy. Category names spell
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -55,6 +58,7 @@ class RegionData:
     descriptions: dict[str, list[str]] | None = None
     frequencies: list[str] | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    source: str = ""  # the annotation file's name (coco / lvis), for the protocol card
 
     def __post_init__(self) -> None:
         assert len(self.images) == len(self.boxes) == len(self.labels), "boxes/labels per image"
@@ -124,7 +128,8 @@ def _image_paths(rels: list[str], path: Path, image_root: str) -> list[Path]:
         roots = [Path(image_root).expanduser()]
     else:
         split = path.stem.rpartition("_")[2]  # instances_val2017.json -> val2017
-        roots = [path.parent, path.parent.parent, path.parent / split, path.parent.parent / split]
+        up = path.parent.parent  # coco/annotations/x.json: images in coco/val2017 or images/val2017
+        roots = [path.parent, up, path.parent / split, up / split, up / "images" / split]
     first = rels[0]
     for root in roots:
         for strip in (False, True):
@@ -224,19 +229,36 @@ def synthetic_regions(variant: str, num: int, image_size: int, seed: int = 10_00
     return RegionData(list(d["images"]), d["boxes"], labels, list(names), desc)
 
 
+def _split_of(f: Path) -> str:
+    """``instances_val2017.json`` -> ``val2017``; ``lvis_v1_val.json`` -> ``val``."""
+    return f.stem.rpartition("_")[2]
+
+
 def _annotation_file(path: Path, dataset: str, split: str) -> Path:
     """``path`` itself, or the one instance JSON in it / its ``annotations`` folder
-    (``instances_*.json`` for coco, ``lvis*.json`` for lvis; ``split`` picks among several)."""
+    (``instances_*.json`` for coco, ``lvis*.json`` for lvis). Among several, ``split`` picks
+    the file whose split part (after the last "_") is ``split`` or ``split`` plus a year:
+    ``val`` picks ``instances_val2017.json`` of a standard COCO folder (not ``minival2014``)."""
     if not path.is_dir():
         return path
     pattern = "lvis*.json" if dataset == "lvis" else "instances_*.json"
     found = sorted([*path.glob(pattern), *(path / "annotations").glob(pattern)])
-    if len(found) > 1:
-        found = [f for f in found if split in f.stem] or found
-    if len(found) != 1:
-        named = ", ".join(f.name for f in found) or "none"
-        raise ValueError(f"{path}: need one {pattern} annotation file (found: {named}); set path=")
-    return found[0]
+    if not found:
+        raise ValueError(
+            f"{path}: no {pattern} in it or in its annotations/ folder; set path= to the "
+            f"{dataset} instance JSON"
+        )
+    if len(found) == 1:
+        return found[0]
+    picked = [f for f in found if re.fullmatch(rf"{re.escape(split)}\d*", _split_of(f))]
+    if len(picked) == 1:
+        return picked[0]
+    named = ", ".join(f.name for f in (picked or found))
+    choices = ", ".join(dict.fromkeys(_split_of(f) for f in found))
+    raise ValueError(
+        f"{path}: split='{split}' matches {len(picked) or 'none'} of {named}; "
+        f"set split= to one of {choices} (or path= to one file)"
+    )
 
 
 def load_region_data(cfg: RegionTaskConfig, image_size: int = 64) -> RegionData:
@@ -252,6 +274,7 @@ def load_region_data(cfg: RegionTaskConfig, image_size: int = 64) -> RegionData:
         path = Path(cfg.path).expanduser() if cfg.path else finegrain_home() / "data" / cfg.dataset
         path = _annotation_file(path, cfg.dataset, cfg.split)
         data = load_instances(path, cfg.image_root, cfg.limit)
+        data.source = path.name
         if cfg.dataset == "lvis" and data.frequencies is None:
             raise ValueError(f"dataset=lvis but the categories of {path} have no frequency")
     if cfg.classnames:

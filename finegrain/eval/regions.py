@@ -339,6 +339,7 @@ def protocol(
         "n_regions": int(labels.numel()),
         "n_classes": c,
         "chance": chance,
+        "annotation_file": data.source,
         "mode": cfg.mode,
         "margin": cfg.margin,
         "templates": cfg.templates,  # "default" = plain on the built-in scenes, else imagenet1k

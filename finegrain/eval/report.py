@@ -57,12 +57,28 @@ def _card(cards: dict[str, dict[str, dict]], head: str) -> dict:
     return {}
 
 
-def _count(card: dict) -> str:
-    """'256', or '1000 / 5000' (images / texts), from a protocol card; '' without one."""
+GROUP_SCORES = ("text_score", "image_score", "group_score")  # Winoground-style 2x2 groups
+
+
+def _units(card: dict, metric: str) -> int | None:
+    """What ``metric`` averages over besides images: its groups (a group score, per tag where
+    the card counts them), its kind's pairs (``acc_<kind>``), else texts / regions / boxes /
+    pairs; None for image-only tasks."""
+    if "n_groups" in card and metric.startswith(GROUP_SCORES):
+        tag = metric.partition("_score")[2].lstrip("_")
+        return (card.get("n_groups_per_tag") or {}).get(tag, card["n_groups"])
+    kind = metric.removeprefix("acc_") if metric.startswith("acc_") else ""
+    if kind in (card.get("n_pairs_per_kind") or {}):
+        return card["n_pairs_per_kind"][kind]
+    keys = ("n_texts", "n_regions", "n_boxes", "n_pairs")
+    return next((card[k] for k in keys if k in card), None)
+
+
+def _count(card: dict, metric: str = "") -> str:
+    """'256', or '1000 / 5000' (images / texts, regions, boxes, pairs or groups), from a
+    protocol card; '' without one."""
     n = card.get("n_images")
-    extra = next(
-        (card[k] for k in ("n_texts", "n_regions", "n_boxes", "n_pairs") if k in card), None
-    )
+    extra = _units(card, metric)
     if n is None:
         return "" if extra is None else str(extra)
     return f"{n}" if extra is None else f"{n} / {extra}"
@@ -70,8 +86,9 @@ def _count(card: dict) -> str:
 
 def markdown_table(results: dict, protocols: dict | None = None) -> str:
     """One row per (task/dataset, metric), one column per method; fractions shown in %.
-    With protocol cards (``finegrain.eval.protocol``), N (images, or images / texts-regions-
-    boxes) and the chance level of each metric are shown next to the metric."""
+    With protocol cards (``finegrain.eval.protocol``), N (images, or images / the texts,
+    regions, boxes, pairs or groups the metric averages over) and the chance level of each
+    metric are shown next to the metric."""
     methods = _by_method(results)
     cards = _cards_by_method(protocols)
     names = list(methods)
@@ -89,19 +106,33 @@ def markdown_table(results: dict, protocols: dict | None = None) -> str:
         if cards:
             card = _card(cards, head)
             chance = card.get("chance", {}).get(metric)
-            proto = f" {_count(card)} | {'' if chance is None else _fmt(metric, chance)} |"
+            proto = f" {_count(card, metric)} | {'' if chance is None else _fmt(metric, chance)} |"
         lines.append(f"| {head} | {metric}{unit} |{proto} " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def failed_lines(failed: dict[str, dict[str, str]] | None) -> list[str]:
+    """'task <prefix> failed (<method>): <reason>', one line per failed task."""
+    return [
+        f"task {prefix} failed ({method}): {reason}"
+        for method, per in (failed or {}).items()
+        for prefix, reason in per.items()
+    ]
+
+
 def write_report(
-    results: dict, out_dir: str | Path, protocols: dict | None = None
+    results: dict,
+    out_dir: str | Path,
+    protocols: dict | None = None,
+    failed: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Path]:
     """Write ``results.json``, ``results.md`` and (with cards) ``protocol.json`` under ``out_dir``.
 
     ``results`` is either one method's flat ``{key: value}`` or ``{method: {key: value}}``
     (CLIP_benchmark metric names, unchanged for existing readers); ``protocols`` the same
-    shape with the protocol card of each task prefix (``finegrain.eval.protocol``).
+    shape with the protocol card of each task prefix (``finegrain.eval.protocol``);
+    ``failed`` ``{method: {prefix: reason}}`` of the tasks that gave no result, written to
+    ``failed.json`` and listed under the table.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,5 +144,12 @@ def write_report(
     if cards:
         paths["protocol"] = out / "protocol.json"
         paths["protocol"].write_text(json.dumps(cards, indent=2, sort_keys=True, default=str))
-    md.write_text("# finegrain evaluation\n\n" + markdown_table(methods, cards))
+    text = "# finegrain evaluation\n\n" + markdown_table(methods, cards)
+    lines = failed_lines(failed)
+    if lines:
+        paths["failed"] = out / "failed.json"
+        kept = {m: per for m, per in (failed or {}).items() if per}
+        paths["failed"].write_text(json.dumps(kept, indent=2, sort_keys=True))
+        text += "\n## Failed tasks\n\n" + "".join(f"- {line}\n" for line in lines)
+    md.write_text(text)
     return paths
