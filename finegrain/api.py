@@ -4,8 +4,9 @@
     model, preprocess = finegrain.load("runs/clip_smoke")          # or a checkpoint / spec
     probs = model.classify(images, ["circle", "square"])            # (B, C)
 
-``load`` accepts a run directory, a checkpoint directory or ``model.safetensors`` file, or a
-spec ``open_clip:MODEL=FILE``, ``hf:DIR``, ``flair:[MODEL=]FILE`` (``finegrain.interop``).
+``load`` accepts a run directory, a folder holding one run (``finegrain demo``'s ``OUT`` or
+``OUT/runs/<method>``), a checkpoint directory or ``model.safetensors`` file, or a spec
+``open_clip:MODEL=FILE``, ``hf:DIR``, ``flair:[MODEL=]FILE`` (``finegrain.interop``).
 Images are PIL images, file paths, or tensors (``(3, H, W)`` / ``(B, 3, H, W)``, already
 preprocessed); texts a string or a list of strings.
 """
@@ -33,7 +34,10 @@ ImageLike = Any  # PIL.Image | str | Path | Tensor | a sequence of those
 def load(
     path_or_spec: str | Path, device: str = "cpu", strict: bool = True
 ) -> tuple[FinegrainModel, Callable[[Any], torch.Tensor]]:
-    """``(model, preprocess)``: ``preprocess(PIL image) -> (3, S, S)`` normalised tensor."""
+    """``(model, preprocess)``: ``preprocess(PIL image) -> (3, S, S)`` normalised tensor.
+
+    A folder holding several runs raises ``ValueError`` listing them, a path without a run
+    ``FileNotFoundError`` saying what to pass (one line each, no chained traceback)."""
     method, cfg = load_method_spec(str(path_or_spec), strict=strict, device=device)
     model = FinegrainModel(method, cfg, device)
     return model, model.preprocess

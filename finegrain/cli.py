@@ -195,6 +195,40 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _parse_top(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """(parser, args) of a train/recipes/demo command line; ``key.sub=value`` overrides may sit
+    between options (argparse exits with its usage line on anything else)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    bad = [a for a in extra if a.startswith("-") or "=" not in a]
+    if bad or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return parser, args
+
+
+def parse_command(argv: list[str]) -> argparse.Namespace:
+    """Parse a ``finegrain`` command line without running it, as far as that goes without its
+    data or weights: argparse exits (code 2, usage line) on a bad flag; ``train`` also resolves
+    its recipe and ``key.sub=value`` overrides, and a sub-command module's ``check_args`` (e.g.
+    ``eval``'s ``--tasks``) runs (``ValueError`` / ``ConfigError`` naming the mistake).
+    tests/test_readme.py validates the README's commands that CI cannot run this way."""
+    if argv and argv[0] in SUBCOMMANDS:
+        module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
+        args = module.build_parser().parse_args(argv[1:])
+        check = getattr(module, "check_args", None)
+        if check is not None:
+            check(args)
+        return args
+    _, args = _parse_top(argv)
+    if args.command is None:
+        raise ValueError("no finegrain command given (train, recipes, demo, eval, ...)")
+    if args.command == "train":
+        build_config(args.recipe, args.config, args.overrides)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``finegrain`` command; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -207,13 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         return USER_ERROR
     if argv and argv[0] in SUBCOMMANDS:  # the sub-CLI owns its arguments and --help
         return _dispatch(argv[0], argv[1:])
-    parser = _parser()
-    args, extra = parser.parse_known_args(argv)  # overrides may sit between options
-    bad = [a for a in extra if a.startswith("-") or "=" not in a]
-    if bad or (extra and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
-    if extra:
-        args.overrides = [*args.overrides, *extra]
+    parser, args = _parse_top(argv)
     if args.command is None:
         parser.print_help()
         return USER_ERROR

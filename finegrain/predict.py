@@ -74,10 +74,11 @@ def write_embeddings(emb: torch.Tensor, paths: list[Path], out: Path) -> None:
         raise ValueError(f"--embeddings must end in .npy or .parquet, got '{out.name}'")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finegrain predict", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, metavar="RUN_OR_SPEC",
-                   help="run dir, checkpoint, or open_clip:MODEL=FILE | hf:DIR | flair:FILE")  # fmt: skip
+                   help="run dir (or a demo folder holding one run), checkpoint, or "
+                   "open_clip:MODEL=FILE | hf:DIR | flair:FILE")  # fmt: skip
     p.add_argument("--images", required=True, help="image folder, file or glob ('a/*.jpg')")
     p.add_argument("--classes", default="", help="comma-separated class names or a text file")
     p.add_argument("--descriptions", default="", help="JSON {class: [descriptor, ...]}")
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str]) -> int:
     """Entry point of ``finegrain predict``; returns the exit code (2 for user mistakes)."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return run(args)
     except (ValueError, ConfigError, FileNotFoundError) as e:

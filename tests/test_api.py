@@ -1,5 +1,6 @@
-"""finegrain.load (the README example, every method), finegrain predict, tower export, and
-quiet/strict pretrained tower loading."""
+"""finegrain.load (every method; a demo folder or a method folder under it resolves to its one
+run), finegrain predict, tower export, and quiet/strict pretrained tower loading. The README's
+own blocks run in tests/test_readme.py."""
 
 from __future__ import annotations
 
@@ -14,8 +15,6 @@ import finegrain
 
 from helpers.interop import close, make_run
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-
 
 def _scene(path: Path, color: tuple[int, int, int] = (200, 30, 30)) -> Path:
     from PIL import Image, ImageDraw
@@ -26,21 +25,126 @@ def _scene(path: Path, color: tuple[int, int, int] = (200, 30, 30)) -> Path:
     return path
 
 
-def test_readme_example_runs(tmp_path, capsys):
-    text = README.read_text()
-    block = text.split("<!-- example: finegrain.load")[1].split("```python\n")[1].split("```")[0]
-    run = make_run(tmp_path / "run", "clip_smoke")
-    scene = _scene(tmp_path / "scene.png")
-    code = block.replace('"runs/demo"', repr(str(run))).replace('"scene.png"', repr(str(scene)))
-    assert code != block
-    scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 (our own README)
-    probs, labels = scope["probs"], scope["labels"]
+def test_load_embeds_classifies_and_segments(tmp_path, capsys):
+    """The README's finegrain.load calls (run as written by tests/test_readme.py) give what its
+    comments say: shapes, probabilities, PIL == preprocessed tensor, a label map."""
+    from PIL import Image
+
+    model, preprocess = finegrain.load(make_run(tmp_path / "run", "clip_smoke"))
+    image = Image.open(_scene(tmp_path / "scene.png")).convert("RGB")
+    names = ["circle", "square", "star"]
+    assert model.encode_image(image).shape == (1, 64)
+    assert model.encode_text(["a red circle", "a blue square"]).shape == (2, 64)
+    assert model.score(image, ["a red circle", "a blue square"]).shape == (1, 2)
+    probs = model.classify([image, preprocess(image)], names)
     assert probs.shape == (2, 3) and torch.allclose(probs.sum(-1), torch.ones(2))
     assert torch.allclose(probs[0], probs[1], atol=1e-6)  # PIL == preprocessed tensor
+    labels = model.segment(image, names)
     assert labels.shape == (64, 64) and set(labels.unique().tolist()) <= {1, 2, 3}
-    assert scope["image_emb"].shape == (1, 64) and scope["sims"].shape == (1, 2)
-    assert capsys.readouterr().out.split()[0] in scope["names"]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    """A folder laid out as ``finegrain demo --out OUT`` writes it: OUT/runs/<method>/seed<k>/,
+    two methods (clip with seeds 0 and 2, flair with seed 0) and a report."""
+    out = tmp_path_factory.mktemp("demo") / "out"
+    for method, seed in (("clip", 0), ("clip", 2), ("flair", 0)):
+        make_run(out / "runs" / method / f"seed{seed}", f"{method}_smoke")
+    (out / "report.md").write_text("# report\n")
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of an error a newcomer can reach: one line, no chained traceback."""
+    msg = str(e)
+    assert msg and "\n" not in msg, msg
+    assert e.__cause__ is None and (e.__context__ is None or e.__suppress_context__), repr(e)
+    return msg
+
+
+def test_load_resolves_a_method_folder_to_its_one_seed(demo_dir):
+    model, _ = finegrain.load(demo_dir / "runs" / "flair")
+    direct, _ = finegrain.load(demo_dir / "runs" / "flair" / "seed0")
+    assert model.name == "flair"
+    ids = ["a red circle", "a blue square"]
+    assert torch.equal(model.encode_text(ids), direct.encode_text(ids))
+    alone = demo_dir.parent / "alone"  # a demo of one method (`--methods clip`): OUT itself
+    make_run(alone / "runs" / "clip" / "seed0", "clip_smoke")
+    assert finegrain.load(alone)[0].name == "clip"
+
+
+def test_load_refuses_several_runs_with_one_line_listing_them(demo_dir):
+    with pytest.raises(ValueError) as several:
+        finegrain.load(demo_dir)
+    msg = _one_line(several.value)
+    assert "holds 3 runs: runs/clip/seed0, runs/clip/seed2, runs/flair/seed0;" in msg
+    assert f"e.g. {demo_dir / 'runs' / 'clip' / 'seed0'}" in msg
+    with pytest.raises(ValueError) as seeds:
+        finegrain.load(str(demo_dir / "runs" / "clip"))
+    assert "holds 2 runs: seed0, seed2; pass one of them" in _one_line(seeds.value)
+
+
+def test_load_names_what_to_pass_for_a_wrong_path(demo_dir, tmp_path):
+    with pytest.raises(FileNotFoundError) as missing:
+        finegrain.load(demo_dir / "runs" / "clipp")
+    msg = _one_line(missing.value)
+    assert "checkpoint not found" in msg and "run folder" in msg and "open_clip:" in msg
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as empty:
+        finegrain.load(tmp_path / "empty")
+    assert "no finegrain run under" in _one_line(empty.value)
+    assert "OUT/runs/clip/seed0" in str(empty.value)
+
+
+def test_cli_predict_eval_export_accept_a_method_folder(demo_dir, tmp_path, capsys):
+    from finegrain.cli import main as cli
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    _scene(imgs / "a.png")
+    flair = demo_dir / "runs" / "flair"
+    assert cli(["predict", "--checkpoint", str(flair), "--images", str(imgs),
+                "--classes", "circle,star", "--quiet"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.startswith(str(imgs / "a.png"))
+    assert cli(["eval", "--checkpoint", str(flair), "--quiet",
+                "--tasks", "zeroshot:synthetic/shape@num_samples=8@batch_size=8"]) == 0  # fmt: skip
+    assert (flair / "seed0" / "eval" / "results.json").is_file()  # in the run, not beside it
+    assert cli(["export", str(flair), "--format", "towers"]) == 0
+    assert (flair / "seed0" / "export" / "towers" / "towers.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["predict", "--checkpoint", "{demo}", "--images", "{imgs}", "--classes", "a,b"],
+        ["eval", "--checkpoint", "{demo}", "--tasks", "zeroshot:synthetic/shape"],
+        ["export", "{demo}", "--format", "towers"],
+        ["export", "{demo}/runs/nope", "--format", "towers"],
+    ],
+)
+def test_cli_errors_on_a_demo_folder_are_one_line(demo_dir, tmp_path, capsys, argv):
+    from finegrain.cli import main as cli
+
+    _scene(tmp_path / "a.png")
+    argv = [a.format(demo=demo_dir, imgs=tmp_path / "a.png") for a in argv]
+    assert cli(argv) == 2
+    err = [x for x in capsys.readouterr().err.strip().splitlines() if x.strip()]
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert ("holds 3 runs" in err[0]) != ("checkpoint not found" in err[0]), err
+
+
+def test_export_formats_name_the_towers_they_take(demo_dir, tmp_path):
+    """The demo's EfficientNet-Lite0 tower has no OpenCLIP / CLIPModel equivalent: one line
+    pointing at --format towers (the README says which towers each format takes)."""
+    from finegrain.interop.export import export
+
+    run = make_run(tmp_path / "eff", "clip_smoke", ["method.image.name=efficientnet_lite0"])
+    for fmt in ("open_clip", "hf"):
+        with pytest.raises(ValueError) as e:
+            export(str(run), fmt, tmp_path / fmt)
+        msg = _one_line(e.value)
+        assert "efficientnet_lite0 + transformer: use --format towers" in msg
+    assert (export(str(run), "towers", tmp_path / "t") / "towers.json").is_file()
 
 
 @pytest.mark.parametrize("recipe", ["flair_smoke", "grain_smoke"])

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finegrain data", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="JSONL/CSV manifest + image folder -> webdataset shards")
@@ -66,7 +66,7 @@ def _pattern(paths: list[str]) -> str:
 def main(argv: list[str]) -> int:
     """Run ``finegrain data ...``; returns the exit code."""
     try:
-        args = _parser().parse_args(argv)
+        args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help or a usage error (argparse already printed it)
         return int(e.code or 0)
     from finegrain.data import shards

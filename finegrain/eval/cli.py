@@ -37,6 +37,7 @@ from finegrain.eval.config import EvalTaskConfig, task_config_class
 from finegrain.eval.report import failed_lines, markdown_table
 from finegrain.interop import load_spec, split_spec
 from finegrain.registry import EVAL_TASK_CONFIGS, suggest
+from finegrain.train.run_dirs import resolve_run
 
 USER_ERROR = 2
 
@@ -112,7 +113,7 @@ def task_help() -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="finegrain eval",
         description=__doc__.split("\n\n")[0],
@@ -124,7 +125,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         metavar="RUN_OR_SPEC",
-        help="run dir, checkpoint dir, .safetensors file, or a spec open_clip:MODEL=FILE"
+        help="run dir (or a demo folder holding one run), checkpoint dir, .safetensors file, "
+        "or a spec open_clip:MODEL=FILE"
         " | hf:DIR | flair:FILE (repeat to compare)",
     )
     p.add_argument(
@@ -189,14 +191,28 @@ def _fresh(out: Path) -> Path:
     return fresh
 
 
-def run(args: argparse.Namespace) -> int:
+def _common_options(items: list[str]) -> dict[str, str]:
+    """``--set key=value`` options as a dict, checked against every task kind's fields."""
     common = {}
-    for s in args.set:
+    for s in items:
         if "=" not in s:
             raise ValueError(f"--set '{s}' must look like key=value")
         k, v = s.split("=", 1)
         common[k] = v
     _check_common(common)
+    return common
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Validate ``--set`` and every ``--tasks`` spec without loading a model or data (one-line
+    errors; ``finegrain.cli.parse_command``)."""
+    common = _common_options(args.set)
+    for spec in _split_specs(args.tasks):
+        parse_task(spec, common)
+
+
+def run(args: argparse.Namespace) -> int:
+    common = _common_options(args.set)
     check_device(args.device)
     results: dict[str, dict[str, float]] = {}
     protocols: dict[str, dict[str, dict]] = {}
@@ -216,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
             if split_spec(ckpt)[0]:  # an external checkpoint: never write into its folder
                 out = _fresh(Path("eval"))
             else:
-                out = _fresh((base if base.is_dir() else base.parent) / "eval")
+                out = _fresh((resolve_run(base) if base.is_dir() else base.parent) / "eval")
         label = _label(ckpt, getattr(cfg, "name", ""), set(results))
         protocols[label], failed[label] = {}, {}
         results[label] = run_tasks(
@@ -246,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str]) -> int:
     """Entry point of ``finegrain eval``; returns the exit code (2 for user mistakes)."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return run(args)
     except (ValueError, ConfigError, FileNotFoundError) as e:

@@ -11,7 +11,8 @@ A *spec* names what to load:
   with ``hf_clip`` towers (``finegrain.interop.hf``);
 - ``flair:[MODEL=]FILE``: a released FLAIR checkpoint -> ``flair`` (``finegrain.interop.flair``);
 - anything else without a prefix: a finegrain run directory, checkpoint directory or
-  ``model.safetensors`` file.
+  ``model.safetensors`` file, or a folder holding one run (``finegrain demo``'s output folder
+  or ``OUT/runs/<method>``: ``finegrain.train.run_dirs.resolve_run``).
 
 Every loader returns ``(method in eval mode, RunConfig)`` whose ``data.mean``/``data.std`` and
 ``method.image.image_size`` are the checkpoint's preprocessing, so evaluation and
@@ -36,6 +37,7 @@ SPEC_PREFIXES = {
     "hf": "finegrain.interop.hf",
     "flair": "finegrain.interop.flair",
 }
+SPEC_HINT = "open_clip:MODEL=FILE, hf:DIR or flair:[MODEL=]FILE"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -110,6 +112,10 @@ def _load_run(path_or_file: str, strict: bool) -> tuple[Any, Any, Path]:
         raise CheckpointError(
             f"{e}; weights of other libraries need a spec prefix: {valid}"
         ) from None
+    except FileNotFoundError as e:
+        if Path(path_or_file).expanduser().exists():  # a folder without a run: said in full
+            raise
+        raise FileNotFoundError(f"{e}; or a spec: {SPEC_HINT}") from None
     verify_safetensors(path)  # a truncated file is named before anything is built
     try:
         config_file = find_config(path.parent)

@@ -34,6 +34,7 @@ from finegrain.interop.common import image_tower, projection_weight, read_scale_
 from finegrain.interop.hf import export as hf_export
 from finegrain.interop.open_clip import _tower_state
 from finegrain.interop.open_clip import export as oc_export
+from finegrain.train.run_dirs import resolve_run
 
 FORMATS = ("open_clip", "hf", "towers")
 USER_ERROR = 2
@@ -92,6 +93,25 @@ def export_towers(method: nn.Module, out: Path) -> Path:
     return out
 
 
+# (image tower, text tower) pairs each format can hold (both native or both open_clip)
+OPEN_CLIP_TOWERS = (("vit", "transformer"), ("open_clip", "open_clip"))
+HF_TOWERS = ("hf_clip", "hf_clip")
+
+
+def check_towers(cfg: Any, fmt: str) -> None:
+    """One line naming what to do when ``fmt`` cannot hold this run's towers (e.g. the demo's
+    EfficientNet-Lite0 image tower has no OpenCLIP / Hugging Face CLIP equivalent)."""
+    towers = (cfg.method.image.name, cfg.method.text.name)
+    if fmt == "open_clip":
+        ok, takes = towers in OPEN_CLIP_TOWERS, "vit + transformer or open_clip + open_clip"
+    else:  # hf: native towers are converted through the OpenCLIP layout (clip only)
+        ok = towers == HF_TOWERS or (cfg.method.name == "clip" and towers in OPEN_CLIP_TOWERS)
+        takes = "hf_clip + hf_clip, or for clip vit + transformer or open_clip + open_clip"
+    if not ok:
+        raise ValueError(f"--format {fmt} takes {takes} towers; this run has {towers[0]} + "
+                         f"{towers[1]}: use --format towers (every method and tower)")  # fmt: skip
+
+
 def export(spec: str, fmt: str, out: Path) -> Path:
 
     if fmt not in FORMATS:
@@ -105,27 +125,36 @@ def export(spec: str, fmt: str, out: Path) -> Path:
     if cfg.method.name not in allowed:
         raise ValueError(f"--format {fmt} is for {'/'.join(allowed)} methods, not "
                          f"'{cfg.method.name}'; use --format towers")  # fmt: skip
+    check_towers(cfg, fmt)
     if fmt == "open_clip":
         return oc_export(method, cfg, out)
 
     return hf_export(method, cfg, out)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The ``finegrain export`` argument parser."""
+    p = argparse.ArgumentParser(prog="finegrain export", description=__doc__.split("\n\n")[0])
+    p.add_argument("run", metavar="RUN_OR_SPEC",
+                   help="run dir (or a demo folder holding one run), checkpoint, or a spec "
+                   "(hf:DIR, ...)")  # fmt: skip
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="open_clip: clip/siglip/flair on vit|open_clip + transformer|open_clip "
+                   "towers; hf: clip on those towers, clip/siglip on hf_clip towers; towers: "
+                   "every method")  # fmt: skip
+    p.add_argument("--out", default="", help="output folder (default: <run>/export/<format>)")
+    return p
+
+
 def main(argv: list[str]) -> int:
     """Entry point of ``finegrain export``; returns the exit code (2 for user mistakes)."""
-    p = argparse.ArgumentParser(prog="finegrain export", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "run", metavar="RUN_OR_SPEC", help="run dir, checkpoint, or a spec (hf:DIR, ...)"
-    )
-    p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--out", default="", help="output folder (default: <run>/export/<format>)")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         base = Path(args.run)
         out = (
             Path(args.out)
             if args.out
-            else (base if base.is_dir() else base.parent) / "export" / args.format
+            else (resolve_run(base) if base.is_dir() else base.parent) / "export" / args.format
         )
         export(args.run, args.format, out)
     except (ValueError, FileNotFoundError) as e:

@@ -37,11 +37,10 @@ from finegrain.config import ConfigError, load_yaml, to_dict
 from finegrain.methods.base import Method, build_method
 from finegrain.run_config import RunConfig
 from finegrain.train.integrity import CheckpointError, load_trusted, verify_safetensors
+from finegrain.train.run_dirs import CONFIG_FILE, MODEL_FILE, resolve_run
 
 STEP_PREFIX = "step_"
-MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
-CONFIG_FILE = "config.yaml"
 
 
 # ---- RNG -----------------------------------------------------------------------------
@@ -294,11 +293,10 @@ def find_config(path: Path) -> Path:
 
 
 def weights_path(run_or_file: str | Path) -> Path:
-    """The ``model.safetensors`` of a run dir (newest valid checkpoint, notes on stderr), a
+    """The ``model.safetensors`` of a run dir (newest valid checkpoint, notes on stderr), of the
+    one run under a folder of runs (``run_dirs.resolve_run``: a demo output folder), a
     checkpoint dir or the file itself; ``CheckpointError`` for other file kinds."""
-    path = Path(run_or_file).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    path = resolve_run(run_or_file)
     if path.is_file():
         if path.suffix != ".safetensors":
             raise CheckpointError(
