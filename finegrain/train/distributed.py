@@ -8,6 +8,9 @@ multi-node runs with ``--rdzv-backend c10d``) the default process group is initi
 from __future__ import annotations
 
 import os
+import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -56,11 +59,42 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
         backend = "nccl" if dev.type == "cuda" else "gloo"
         timeout = timedelta(seconds=timeout_s) if timeout_s else default_pg_timeout
         kwargs: dict = {"device_id": dev} if dev.type == "cuda" else {}
-        store = attempt_store(timeout)
-        if store is not None:
-            kwargs.update(store=store, rank=rank, world_size=world)
-        dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+
+        def join() -> None:
+            store = attempt_store(timeout)
+            if store is not None:
+                kwargs.update(store=store, rank=rank, world_size=world)
+            dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+
+        join_within(timeout.total_seconds() + JOIN_GRACE_S, join, rank)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+JOIN_GRACE_S = 60.0  # past the process group's own timeout, before the watchdog ends the rank
+
+
+def join_within(limit_s: float, join: Callable[[], None], rank: int | str = "?") -> None:
+    """Run ``join`` (process-group setup); if it has not returned after ``limit_s`` seconds,
+    print one line and end the process with exit code 2 (torchrun then restarts or ends the job).
+
+    torch's timeout does not bound every setup hang: a gloo rank that reads a dead peer's
+    address (what stale store keys gave, see ``attempt_store``) was measured still connecting
+    3.5 minutes into a 60 s ``timeout``. A rank stuck there cannot raise, so a timer thread
+    ends it rather than let the job hang."""
+
+    def give_up() -> None:
+        print(f"finegrain train: error: rank {rank}: could not join the process group within "
+              f"{limit_s:g}s (train.timeout_s + {JOIN_GRACE_S:g}s); check that every rank "
+              "started and can reach MASTER_ADDR:MASTER_PORT", file=sys.stderr, flush=True)  # fmt: skip
+        os._exit(2)
+
+    timer = threading.Timer(limit_s, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        join()
+    finally:
+        timer.cancel()
 
 
 def attempt_store(timeout: timedelta) -> dist.Store | None:

@@ -21,8 +21,10 @@ from helpers import torchrun
 REPO = Path(__file__).resolve().parents[2]
 INJECT = Path(__file__).resolve().parent / "inject.py"
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+# a restart that cannot join the process group (the stale-store hang) is ended by finegrain
+# after train.timeout_s + JOIN_GRACE_S with its one-line message, before BOUND_S
 ARGS = ["train", "--recipe", "toy_faults", "train.steps=8", "train.checkpoint_every=2",
-        "eval.tasks=[]", "train.device=cpu"]  # fmt: skip
+        "eval.tasks=[]", "train.device=cpu", "train.timeout_s=120"]  # fmt: skip
 BOUND_S = 420  # one torchrun, both attempts; about 80 s on 2 busy cores
 
 
@@ -75,6 +77,25 @@ def test_setup_failure_is_not_called_a_collective_timeout(monkeypatch):
     msg = str(explain_distributed_error(err, 1800))
     assert msg.startswith("rank 1: could not set up the process group"), msg
     assert "timeout_s" not in msg and "\n" not in msg
+
+
+def test_setup_hang_past_the_timeout_ends_the_rank_in_one_line():
+    """A rank stuck in process-group setup past torch's own timeout (gloo connecting to a dead
+    peer's address does not give up) is ended by the watchdog: exit code 2, one line."""
+    code = ("import time; from finegrain.train.distributed import join_within; "
+            "join_within(0.5, lambda: None); time.sleep(1.5); print('fast join: no exit'); "
+            "join_within(2, lambda: time.sleep(600), rank=1)")  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    start = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert res.stdout.strip() == "fast join: no exit", "a join that returns disarms the timer"
+    line = res.stderr.strip()
+    assert line.startswith("finegrain train: error: rank 1: could not join the process group "
+                           "within 2s"), line  # fmt: skip
+    assert "\n" not in line
+    assert time.perf_counter() - start < 120
 
 
 def test_killed_rank_restarts_from_last_checkpoint_same_result(tmp_path, faults):
