@@ -77,10 +77,11 @@ def join_within(limit_s: float, join: Callable[[], None], rank: int | str = "?")
     """Run ``join`` (process-group setup); if it has not returned after ``limit_s`` seconds,
     print one line and end the process with exit code 2 (torchrun then restarts or ends the job).
 
-    torch's timeout does not bound every setup hang: a gloo rank that reads a dead peer's
-    address (what stale store keys gave, see ``attempt_store``) was measured still connecting
-    3.5 minutes into a 60 s ``timeout``. A rank stuck there cannot raise, so a timer thread
-    ends it rather than let the job hang."""
+    torch's timeout does not bound every setup hang: with stale store keys (see
+    ``attempt_store``) a restarted gloo rank that read its peer's old address most often failed
+    with "Connection refused" at the timeout, but once was still in setup 4 minutes into a 60 s
+    ``timeout`` (torch 2.14.1, CPU). A rank stuck there cannot raise, so a timer thread ends
+    it rather than let the job hang."""
 
     def give_up() -> None:
         print(f"finegrain train: error: rank {rank}: could not join the process group within "
@@ -105,13 +106,15 @@ def attempt_store(timeout: timedelta) -> dist.Store | None:
     (``TORCHELASTIC_USE_AGENT_STORE=True``), and in this torch it outlives a restart: same
     ``MASTER_PORT``, keys of the killed attempt still there. ``init_process_group`` writes
     every attempt's keys under the same names, so after ``--max-restarts`` a rank that reaches
-    gloo's (or NCCL's) rendezvous first reads its peer's *previous* address and hangs in
-    ``connectFullMesh`` until the timeout (or fails with "connection refused"), depending on
-    which rank is first. A ``TORCHELASTIC_RESTART_COUNT`` prefix gives each attempt its own
-    keys (what torch did itself up to 2.3). That count is kept per agent: on several nodes,
-    where agents can restart a different number of times, launch with
-    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (rank 0 then hosts a fresh store each attempt
-    and this function returns None)."""
+    gloo's (or NCCL's) rendezvous before its peer reads the peer's *previous* address and
+    fails in ``connectFullMesh`` ("Connection refused" at the timeout) or hangs past it. Seen
+    in the store's trace (``TORCH_CPP_LOG_LEVEL=INFO``): restarted rank 0 read
+    ``default_pg/0//cpu//0/1`` 0.8 s before restarted rank 1 wrote it; 5 of 7 restarts failed
+    so (pytorch/pytorch#135712 reports it with NCCL). A ``TORCHELASTIC_RESTART_COUNT`` prefix
+    gives each attempt its own keys (what torch did itself up to 2.3). That count is kept per
+    agent: on several nodes, where agents can restart a different number of times, launch
+    with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (rank 0 then hosts a fresh store each
+    attempt and this function returns None)."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
