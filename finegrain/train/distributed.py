@@ -117,6 +117,12 @@ def attempt_store(timeout: timedelta) -> dist.Store | None:
     attempt and this function returns None)."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
+    several_nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+    if several_nodes and restarts and os.environ.get("RANK", "0") == "0":
+        print("finegrain: torchrun shares one store across restarts and counts them per node; "
+              "launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so that every node can rejoin "
+              "after a restart", file=sys.stderr, flush=True)  # fmt: skip
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     client = dist.TCPStore(host, port, is_master=False, timeout=timeout)

@@ -66,6 +66,33 @@ def test_attempt_store_hides_keys_of_the_killed_attempt(monkeypatch):
     assert attempt_store(timedelta(seconds=5)) is None
 
 
+def test_several_nodes_with_restarts_are_told_to_unshare_the_store(monkeypatch, capsys):
+    """Restart counts are per node agent, so attempt prefixes can differ between nodes: rank 0
+    names the launch setting that gives each attempt a fresh store (one line, only then)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from finegrain.train.distributed import attempt_store
+
+    server = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=5)
+    )
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(server.port), "RANK": "0",
+           "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "1"}  # fmt: skip
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    for nodes, told in (("1", False), ("2", True)):
+        monkeypatch.setenv("GROUP_WORLD_SIZE", nodes)
+        attempt_store(timedelta(seconds=5))
+        err = capsys.readouterr().err
+        assert ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in err) is told, (nodes, err)
+        assert err.count("\n") == int(told)
+    monkeypatch.setenv("RANK", "1")  # one line per job, not per rank
+    attempt_store(timedelta(seconds=5))
+    assert capsys.readouterr().err == ""
+
+
 def test_setup_failure_is_not_called_a_collective_timeout(monkeypatch):
     """A rank that cannot join the process group (what the stale-key hang ended in) gets a
     setup message, not the collective-timeout advice to raise train.timeout_s."""
