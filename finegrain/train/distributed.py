@@ -50,7 +50,8 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
     """Initialise the default process group from torchrun's environment (idempotent).
 
     ``timeout_s`` bounds every collective: a rank that hangs (or dies without torchrun
-    noticing) makes the others fail with a timeout instead of waiting forever."""
+    noticing) makes the others fail with a timeout instead of waiting forever. Joining the
+    group gets ``JOIN_GRACE_S`` more before ``join_within`` ends the rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
