@@ -87,6 +87,7 @@ def finish(run: Launched, timeout: float) -> subprocess.CompletedProcess:
         _signal_all([run.proc.pid, *workers], signal.SIGKILL)
         run.proc.wait()
         tail = run.stderr.read_text(errors="replace")[-6000:]
+        shutil.rmtree(run.stdout.parent, ignore_errors=True)
         pytest.fail(f"torchrun hung: no exit within {timeout:.0f} s, killed it and its "
                     f"{len(workers)} workers; log tail:\n{tail}", pytrace=False)  # fmt: skip
     out = run.stdout.read_text(errors="replace")
