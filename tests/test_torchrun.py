@@ -3,10 +3,7 @@ recipe, checkpoint, and resume."""
 
 import json
 import os
-import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +11,7 @@ import pytest
 from finegrain.registry import METHODS
 from finegrain.train.checkpoint import latest_checkpoint, load_state
 
+from helpers import torchrun
 from helpers.numerics import assert_close_scaled
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,20 +24,10 @@ BASE = ["--recipe", "clip_smoke", "eval.tasks=[]", "data.batch_size=4", "train.l
         "data.synthetic.num_samples=64"]  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(out: Path, *args: str) -> subprocess.CompletedProcess:
-    exe = shutil.which("torchrun")
-    launcher = [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
-    cmd = [*launcher, "--nproc_per_node", "2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "-m", "finegrain.cli", "train",
-           *BASE, "--output-dir", str(out), *args]  # fmt: skip
+    cmd = ["-m", "finegrain.cli", "train", *BASE, "--output-dir", str(out), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return torchrun.finish(torchrun.start(cmd, env), timeout=300)
 
 
 def test_torchrun_two_ranks_trains_checkpoints_and_resumes(tmp_path):

@@ -8,6 +8,9 @@ multi-node runs with ``--rdzv-backend c10d``) the default process group is initi
 from __future__ import annotations
 
 import os
+import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -47,7 +50,8 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
     """Initialise the default process group from torchrun's environment (idempotent).
 
     ``timeout_s`` bounds every collective: a rank that hangs (or dies without torchrun
-    noticing) makes the others fail with a timeout instead of waiting forever."""
+    noticing) makes the others fail with a timeout instead of waiting forever. Joining the
+    group gets ``JOIN_GRACE_S`` more before ``join_within`` ends the rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -56,11 +60,43 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
         backend = "nccl" if dev.type == "cuda" else "gloo"
         timeout = timedelta(seconds=timeout_s) if timeout_s else default_pg_timeout
         kwargs: dict = {"device_id": dev} if dev.type == "cuda" else {}
-        store = attempt_store(timeout)
-        if store is not None:
-            kwargs.update(store=store, rank=rank, world_size=world)
-        dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+
+        def join() -> None:
+            store = attempt_store(timeout)
+            if store is not None:
+                kwargs.update(store=store, rank=rank, world_size=world)
+            dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+
+        join_within(timeout.total_seconds() + JOIN_GRACE_S, join, rank)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+JOIN_GRACE_S = 60.0  # past the process group's own timeout, before the watchdog ends the rank
+
+
+def join_within(limit_s: float, join: Callable[[], None], rank: int | str = "?") -> None:
+    """Run ``join`` (process-group setup); if it has not returned after ``limit_s`` seconds,
+    print one line and end the process with exit code 2 (torchrun then restarts or ends the job).
+
+    torch's timeout does not bound every setup hang: with stale store keys (see
+    ``attempt_store``) a restarted gloo rank that read its peer's old address most often failed
+    with "Connection refused" at the timeout, but once was still in setup 4 minutes into a 60 s
+    ``timeout`` (torch 2.14.1, CPU). A rank stuck there cannot raise, so a timer thread ends
+    it rather than let the job hang."""
+
+    def give_up() -> None:
+        print(f"finegrain train: error: rank {rank}: could not join the process group within "
+              f"{limit_s:g}s (train.timeout_s + {JOIN_GRACE_S:g}s); check that every rank "
+              "started and can reach MASTER_ADDR:MASTER_PORT", file=sys.stderr, flush=True)  # fmt: skip
+        os._exit(2)
+
+    timer = threading.Timer(limit_s, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        join()
+    finally:
+        timer.cancel()
 
 
 def attempt_store(timeout: timedelta) -> dist.Store | None:
@@ -71,15 +107,23 @@ def attempt_store(timeout: timedelta) -> dist.Store | None:
     (``TORCHELASTIC_USE_AGENT_STORE=True``), and in this torch it outlives a restart: same
     ``MASTER_PORT``, keys of the killed attempt still there. ``init_process_group`` writes
     every attempt's keys under the same names, so after ``--max-restarts`` a rank that reaches
-    gloo's (or NCCL's) rendezvous first reads its peer's *previous* address and hangs in
-    ``connectFullMesh`` until the timeout (or fails with "connection refused"), depending on
-    which rank is first. A ``TORCHELASTIC_RESTART_COUNT`` prefix gives each attempt its own
-    keys (what torch did itself up to 2.3). That count is kept per agent: on several nodes,
-    where agents can restart a different number of times, launch with
-    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (rank 0 then hosts a fresh store each attempt
-    and this function returns None)."""
+    gloo's (or NCCL's) rendezvous before its peer reads the peer's *previous* address and
+    fails in ``connectFullMesh`` ("Connection refused" at the timeout) or hangs past it. Seen
+    in the store's trace (``TORCH_CPP_LOG_LEVEL=INFO``): restarted rank 0 read
+    ``default_pg/0//cpu//0/1`` 0.8 s before restarted rank 1 wrote it; 5 of 7 restarts failed
+    so (pytorch/pytorch#135712 reports it with NCCL). A ``TORCHELASTIC_RESTART_COUNT`` prefix
+    gives each attempt its own keys (what torch did itself up to 2.3). That count is kept per
+    agent: on several nodes, where agents can restart a different number of times, launch
+    with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (rank 0 then hosts a fresh store each
+    attempt and this function returns None)."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
+    several_nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+    if several_nodes and restarts and os.environ.get("RANK", "0") == "0":
+        print("finegrain: torchrun shares one store across restarts and counts them per node; "
+              "launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so that every node can rejoin "
+              "after a restart", file=sys.stderr, flush=True)  # fmt: skip
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     client = dist.TCPStore(host, port, is_master=False, timeout=timeout)

@@ -19,6 +19,7 @@ torchrun attempt (``TORCHELASTIC_RESTART_COUNT``); ``FAULT_SLEEP`` makes the fau
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import sys
@@ -165,6 +166,7 @@ def install(fault: str) -> None:
 
 
 if __name__ == "__main__":
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a hung test dumps our stacks
     fault, sep, *args = sys.argv[1:]
     assert sep == "--", "usage: inject.py FAULT -- finegrain args"
     for module, name, value in toy_setup():
