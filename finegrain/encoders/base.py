@@ -65,6 +65,10 @@ class ImageTowerConfig(Checked):
     ln_pre: bool = True  # LayerNorm after the embeddings, before the blocks (CLIP); timm: none
     patch_bias: bool = False  # bias of the patch-embedding conv (CLIP: none; timm: yes)
     activation: Literal["gelu", "quick_gelu"] = "gelu"  # MLP activation (OpenAI CLIP: quick_gelu)
+    # native ``vit`` initialisation: clip (OpenAI CLIP's: width^-0.5 embeddings, depth-scaled
+    # block weights) | timm (timm's ViT default: truncated normal std 0.02 for linear weights,
+    # CLS token and position embedding, zero biases, PyTorch's default patch conv)
+    init: Literal["clip", "timm"] = "clip"
 
 
 @dataclass

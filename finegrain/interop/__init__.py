@@ -10,6 +10,8 @@ A *spec* names what to load:
 - ``hf:DIR``: a Hugging Face ``CLIPModel`` / ``SiglipModel`` directory -> ``clip`` / ``siglip``
   with ``hf_clip`` towers (``finegrain.interop.hf``);
 - ``flair:[MODEL=]FILE``: a released FLAIR checkpoint -> ``flair`` (``finegrain.interop.flair``);
+- ``detailclip:[teacher=]FILE``: a released DetailCLIP training checkpoint -> ``clip`` with the
+  released towers (``finegrain.interop.detailclip``);
 - anything else without a prefix: a finegrain run directory, checkpoint directory or
   ``model.safetensors`` file.
 
@@ -35,6 +37,7 @@ SPEC_PREFIXES = {
     "open_clip": "finegrain.interop.open_clip",
     "hf": "finegrain.interop.hf",
     "flair": "finegrain.interop.flair",
+    "detailclip": "finegrain.interop.detailclip",
 }
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
