@@ -12,6 +12,8 @@ A *spec* names what to load:
 - ``flair:[MODEL=]FILE``: a released FLAIR checkpoint -> ``flair`` (``finegrain.interop.flair``);
 - ``detailclip:[teacher=]FILE``: a released DetailCLIP training checkpoint -> ``clip`` with the
   released towers (``finegrain.interop.detailclip``);
+- ``clippy:[ST5_DIR=]FILE``: the CLIPpy replication's OpenCLIP checkpoint (timm DINO trunk +
+  Sentence-T5 with its ``2_Dense``) -> ``clippy`` (``finegrain.interop.clippy``);
 - anything else without a prefix: a finegrain run directory, checkpoint directory or
   ``model.safetensors`` file.
 
@@ -38,6 +40,7 @@ SPEC_PREFIXES = {
     "hf": "finegrain.interop.hf",
     "flair": "finegrain.interop.flair",
     "detailclip": "finegrain.interop.detailclip",
+    "clippy": "finegrain.interop.clippy",
 }
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
