@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 # checkpoint wrappers, tried in order ("teacher": DINO training checkpoints, whose teacher is
-# the released/evaluated backbone)
-WRAPPER_KEYS = ("state_dict", "model", "module", "model_state", "teacher")
+# the released/evaluated backbone; "backbone_state_dict": GRAIN's training checkpoints keep the
+# CLIP towers there and the region decoder under "state_dict")
+WRAPPER_KEYS = ("backbone_state_dict", "state_dict", "model", "module", "model_state", "teacher")
 # OpenAI TorchScript archives carry these ints next to the weights
 TORCHSCRIPT_EXTRAS = ("input_resolution", "context_length", "vocab_size")
 
