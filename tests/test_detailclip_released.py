@@ -10,6 +10,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from finegrain.encoders.base import build_image_tower, build_text_tower
 from finegrain.encoders.export import timm_vit_to_native
@@ -167,3 +168,52 @@ def test_bad_detailclip_spec_is_one_line(tmp_path):
         load_method_spec(f"detailclip:{tmp_path / 'x.pt'}")
     with pytest.raises(ValueError, match="valid forms are FILE, student=FILE, teacher=FILE"):
         load_method_spec(f"detailclip:ema={tmp_path / 'x.pt'}")
+
+
+def released_att_mask(attention: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
+    """``get_att_mask`` of the released ``models.py`` in our words: (B, 196) teacher CLS
+    attention -> (B, 196) bool, True = removed. 14 x 14 -> 7 x 7 by bilinear resizing, the
+    ``int(49 * ratio) + 1`` highest blocks kept, each block's 2 x 2 patches share its flag."""
+    b = attention.shape[0]
+    small = F.interpolate(attention.reshape(b, 1, 14, 14), (7, 7), mode="bilinear").reshape(b, 49)
+    n = int(49 * ratio)
+    kept = torch.argsort(small, dim=1, descending=True)[:, : n + 1]
+    block = torch.ones(b, 49, dtype=torch.bool).scatter_(1, kept, False).reshape(b, 7, 7)
+    full = torch.zeros(b, 14, 14, dtype=torch.bool)
+    for dr in (0, 1):
+        for dc in (0, 1):
+            full[:, dr::2, dc::2] = block
+    return full.reshape(b, 196)
+
+
+def test_attention_keep_equals_released_get_att_mask():
+    from finegrain.heads.token_removal import attention_keep
+
+    torch.manual_seed(0)
+    attn = torch.rand(5, 196).double()
+    removed = released_att_mask(attn)
+    keep = attention_keep(attn, (14, 14), 0.5)  # (B, M) kept patch indices
+    for i in range(5):
+        assert keep[i].tolist() == (~removed[i]).nonzero().flatten().tolist()
+    # broken variant: the floor count keeps one block fewer than the released code
+    assert attention_keep(attn, (14, 14), 0.5, "floor").shape[1] == keep.shape[1] - 4
+
+
+def test_linear_probe_task_reads_probe_features(monkeypatch):
+    from finegrain.eval import run_tasks
+    from finegrain.eval.config import LinearProbeTaskConfig
+
+    cfg = dataclasses.replace(get_recipe("detailclip_smoke").method, embed_dim=32)
+    m = DetailCLIP(cfg).eval()
+    widths = []
+    original = DetailCLIP.probe_features
+
+    def spy(self, images):
+        out = original(self, images)
+        widths.append(out.shape[1])
+        return out
+
+    monkeypatch.setattr(DetailCLIP, "probe_features", spy)
+    task = LinearProbeTaskConfig(num_train=4, num_samples=4, epochs=1, batch_size=4)
+    run_tasks(m, [task], progress=False)
+    assert widths and set(widths) == {m.image.width}  # 64-d backbone tokens, not the 32-d E

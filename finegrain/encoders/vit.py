@@ -5,9 +5,11 @@ native text tower shares.
 
 Layout options (``ImageTowerConfig``): ``qk_norm`` (per-head LayerNorm of q and k, shared
 over heads, Dehghani et al. 2023), ``norm_eps``, ``ln_pre``, ``patch_bias`` and
-``activation`` (gelu | quick_gelu). With ``qk_norm=True, norm_eps=1e-6, ln_pre=False,
-patch_bias=True`` the tower computes the same function as timm's ``VisionTransformer(
-qk_norm=True)`` (GRAIN's released backbone; tested by copying weights).
+``activation`` (gelu | quick_gelu), and ``init`` (clip | timm: timm's truncated-normal 0.02
+init, ``timm_init_``). With ``norm_eps=1e-6, ln_pre=False, patch_bias=True`` the tower computes
+the same function as timm's ``VisionTransformer`` (DetailCLIP's released backbone; with
+``qk_norm=True`` GRAIN's), tested by copying weights; ``pretrained`` files in timm's keys are
+converted (``finegrain.encoders.export.timm_vit_to_native``).
 
 Attention uses fused ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on
 GPU) with one fused qkv projection. Optional gradient checkpointing per block and patch
