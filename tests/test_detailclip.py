@@ -265,6 +265,16 @@ def test_missing_views_is_clear_in_training_and_image_is_used_in_eval():
 
 def test_random_removal_and_teacher_eval_model():
     m = DetailCLIP(tiny_config(removal="random")).train()
+    views = tiny_batch()["views"].flatten(0, 1)  # (8, 3, 16, 16): a 4x4 grid, 4 blocks
+    torch.manual_seed(1)
+    keep, _, grid = m._teacher(views)
+    attn = m.teacher["image"](views, return_attention=True).attention.mean(dim=(1, 2))
+    assert keep.shape == (8, 4 * (int(4 * 0.5) + 1))  # the released count, 3 whole blocks
+    blocks = {
+        tuple(sorted({(p // 4) // 2 * 2 + (p % 4) // 2 for p in row})) for row in keep.tolist()
+    }
+    assert all(len(b) == 3 for b in blocks)  # whole 2x2 blocks, never single patches
+    assert not torch.equal(keep, attention_keep(attn, grid, 0.5))  # not the attention choice
     assert math.isfinite(m(tiny_batch()).loss.item())
     t = DetailCLIP(tiny_config(eval_model="teacher")).eval()
     x = torch.randn(2, 3, 16, 16)
