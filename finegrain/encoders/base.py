@@ -73,7 +73,7 @@ class ImageTowerConfig(Checked):
 
 @dataclass
 class TextTowerConfig(Checked):
-    name: str = "transformer"  # transformer (CLIP-style causal) | open_clip | hf | minilm
+    name: str = "transformer"  # transformer (CLIP-style causal) | open_clip | hf | st | minilm
     model: str = ""  # open_clip architecture name or HF model type hint
     path: str = ""  # local directory of a Hugging Face model / tokenizer
     tokenizer: Literal["clip", "hf"] = "clip"  # clip: open_clip BPE; hf: from `path`
