@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from finegrain.encoders.base import build_image_tower, build_text_tower
-from finegrain.encoders.export import timm_vit_to_native
+from finegrain.encoders.timm_keys import timm_vit_to_native
 from finegrain.interop import load_method_spec
 from finegrain.interop.detailclip import text_keys
 from finegrain.methods.detailclip import DetailCLIP

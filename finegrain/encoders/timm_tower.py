@@ -35,6 +35,7 @@ from finegrain.encoders.base import (
     run_blocks,
 )
 from finegrain.encoders.dense import BlockParts, check_dense_call, run_dense_blocks
+from finegrain.encoders.timm_keys import timm_vit_prefix
 from finegrain.encoders.vit import freeze_except_last
 from finegrain.outputs import VisionOutput
 from finegrain.registry import IMAGE_TOWERS
@@ -81,8 +82,6 @@ def load_timm_weights(model: nn.Module, path: str) -> None:
     sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc.", "classifier."))}
     if sd and all(k.startswith("backbone.") for k in sd):  # DINO/iBOT training checkpoints
         sd = {k[len("backbone.") :]: v for k, v in sd.items()}
-    from finegrain.encoders.export import timm_vit_prefix
-
     prefix = timm_vit_prefix(sd)  # ``visual.`` / ``visual.trunk.``: a vision-language checkpoint
     if prefix:
         sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}

@@ -9,7 +9,7 @@ over heads, Dehghani et al. 2023), ``norm_eps``, ``ln_pre``, ``patch_bias`` and
 init, ``timm_init_``). With ``norm_eps=1e-6, ln_pre=False, patch_bias=True`` the tower computes
 the same function as timm's ``VisionTransformer`` (DetailCLIP's released backbone; with
 ``qk_norm=True`` GRAIN's), tested by copying weights; ``pretrained`` files in timm's keys are
-converted (``finegrain.encoders.export.timm_vit_to_native``).
+converted (``finegrain.encoders.timm_keys.timm_vit_to_native``).
 
 Attention uses fused ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on
 GPU) with one fused qkv projection. Optional gradient checkpointing per block and patch
@@ -46,6 +46,7 @@ from finegrain.encoders.base import (
     run_blocks,
 )
 from finegrain.encoders.dense import BlockParts, check_dense_call, run_dense_blocks
+from finegrain.encoders.timm_keys import timm_vit_prefix, timm_vit_to_native
 from finegrain.outputs import VisionOutput
 from finegrain.registry import IMAGE_TOWERS
 
@@ -342,10 +343,9 @@ def build_vit(cfg: ImageTowerConfig) -> VisionTransformer:
     ``mask_token`` keeps its zero init: pretrained towers have none) or of a timm
     ``VisionTransformer`` (bare or under ``visual.`` / ``visual.trunk.``: DetailCLIP's
     backbone files and training checkpoints, GRAIN's and the CLIPpy replication's), converted
-    by ``finegrain.encoders.export.timm_vit_to_native``."""
+    by ``finegrain.encoders.timm_keys.timm_vit_to_native``."""
     model = VisionTransformer(cfg)
     if cfg.pretrained:
-        from finegrain.encoders.export import timm_vit_prefix, timm_vit_to_native
         from finegrain.encoders.weights import load_into, load_state_dict_file
 
         sd = load_state_dict_file(cfg.pretrained)

@@ -33,7 +33,7 @@ import torch
 
 from finegrain.config import finegrain_home
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
-from finegrain.encoders.export import timm_vit_to_native
+from finegrain.encoders.timm_keys import timm_vit_to_native
 from finegrain.encoders.weights import load_into, load_state_dict_file
 from finegrain.interop import OPENAI_MEAN, OPENAI_STD, run_config
 from finegrain.methods.base import build_method

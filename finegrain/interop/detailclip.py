@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
-from finegrain.encoders.export import timm_vit_to_native
+from finegrain.encoders.timm_keys import timm_vit_to_native
 from finegrain.encoders.weights import load_into, load_state_dict_file
 from finegrain.interop import run_config
 from finegrain.methods.base import build_method
