@@ -43,20 +43,62 @@ def _perturb(m: DetailCLIP, scale: float = 0.05) -> None:
                 p.add_(scale * torch.randn_like(p))
 
 
-def test_named_terms_and_weighted_sum():
+def released_loss(f, centers, s_temp, t_cls_temp, t_patch_temp, scale, weights):
+    """``DetailCLIPLoss.forward`` of the released ``losses.py`` in our words, on our feature
+    layout (B, V, ...): the views stacked view-major as the released ``torch.cat([u, v])``;
+    the patch mask is the removed tokens (``s_patch`` / ``t_patch`` hold exactly those)."""
+    b, v = f["image"].shape[:2]
+    vm = lambda x: x.transpose(0, 1).double()  # noqa: E731  (V, B, ...): one chunk per view
+    s_cls, t_cls = vm(f["s_cls"]) / s_temp, vm(f["t_cls"])
+    s_patch, t_patch = vm(f["s_patch"]) / s_temp, vm(f["t_patch"])
+    q_cls = torch.softmax((t_cls - centers[0].double()) / t_cls_temp, -1)
+    q_patch = torch.softmax((t_patch - centers[1].double()) / t_patch_temp, -1)
+    cls_terms, patch_terms = [], []
+    for q in range(v):
+        for w in range(v):
+            if q == w:  # iBOT: within a view, mean over removed tokens then over images
+                ce = (-q_patch[q] * torch.log_softmax(s_patch[w], -1)).sum(-1)  # (B, R)
+                patch_terms.append(ce.mean(-1).mean())
+            else:  # DINO: teacher of one view, student of the other
+                cls_terms.append((-q_cls[q] * torch.log_softmax(s_cls[w], -1)).sum(-1).mean())
+    cls, patch = sum(cls_terms) / len(cls_terms), sum(patch_terms) / len(patch_terms)
+    err = ((f["pixels"].double() - f["pixel_target"].double()) ** 2).mean(-1)  # (B, V, R)
+    recon = sum(err[:, i].mean() for i in range(v)) / v  # 0.5 (u + v), equal counts per image
+    text, y = f["text"].double(), torch.arange(b)
+    contra = []
+    for i in range(v):
+        logits = scale * vm(f["image"])[i] @ text.t()
+        contra.append((F.cross_entropy(logits, y) + F.cross_entropy(logits.t(), y)) / 2)
+    clip = sum(contra) / v
+    w = weights
+    return w[0] * clip + w[1] * patch + w[2] * cls + w[3] * recon, {"cls": cls, "patch": patch}
+
+
+def test_total_loss_equals_the_released_composition():
+    weights = (2.0, 3.0, 0.5, 4.0)
     m = DetailCLIP(tiny_config(clip_weight=2.0, ibot_patch_weight=3.0, ibot_cls_weight=0.5,
                                recon_weight=4.0)).train()  # fmt: skip
-    out = m(tiny_batch())
-    assert set(out.losses) == {"clip_loss", "ibot_patch_loss", "ibot_cls_loss", "recon_loss"}
-    lo = out.losses
-    want = (
-        2 * lo["clip_loss"]
-        + 3 * lo["ibot_patch_loss"]
-        + 0.5 * lo["ibot_cls_loss"]
-        + 4 * lo["recon_loss"]
-    )
-    torch.testing.assert_close(out.loss.detach(), want)
-    assert all(math.isfinite(v.item()) for v in lo.values())
+    with torch.no_grad():  # non-zero centres: the centring is part of the comparison
+        m.center_cls.normal_(0, 0.5)
+        m.center_patch.normal_(0, 0.5)
+    m.after_optimizer_step(5, 10)  # past the warm-up: patch teacher temperature 0.07
+    f = m.features(tiny_batch())
+    out = m.loss_from_features(f)
+    t_cls, t_patch = m.temperatures()
+    assert (t_cls, t_patch) == (0.04, 0.07)
+    scale = m.logit_scale.exp().double()
+    centers = (m.center_cls, m.center_patch)
+    want, parts = released_loss(f, centers, 0.1, t_cls, t_patch, scale, weights)
+    torch.testing.assert_close(out.loss.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.losses["ibot_cls_loss"].double(), parts["cls"], rtol=1e-6,
+                               atol=1e-6)  # fmt: skip
+    # broken variants the comparison tells apart: no centring, CLS loss within a view
+    no_center, _ = released_loss(f, (0 * centers[0], 0 * centers[1]), 0.1, t_cls, t_patch, scale,
+                                 weights)  # fmt: skip
+    assert not torch.allclose(out.loss.double(), no_center, atol=1e-4)
+    same_view = dict(f, t_cls=f["t_cls"].flip(1))  # pairs teacher u with student u
+    swapped, _ = released_loss(same_view, centers, 0.1, t_cls, t_patch, scale, weights)
+    assert not torch.allclose(out.loss.double(), swapped, atol=1e-4)
 
 
 def test_clip_term_is_mean_over_both_views():
@@ -75,11 +117,15 @@ def test_clip_term_is_mean_over_both_views():
 
 def test_student_keeps_the_teachers_top_attention_blocks():
     m = DetailCLIP(tiny_config()).train()
+    _perturb(m, scale=0.5)  # the student moves away from the teacher (equal at init)
     views = tiny_batch()["views"].flatten(0, 1)
     keep, _, grid = m._teacher(views)
     attn = m.teacher["image"](views, return_attention=True).attention.mean(dim=(1, 2))
     assert torch.equal(keep, attention_keep(attn, grid, 0.5))
     assert keep.shape == (8, 4 * (int(4 * 0.5) + 1))  # 3 of 4 blocks on a 4x4 grid
+    # broken variant: the student's own attention picks other blocks for some views
+    s_attn = m.image(views, return_attention=True).attention.mean(dim=(1, 2))
+    assert not torch.equal(attention_keep(s_attn, grid, 0.5), keep)
 
 
 def test_no_gradient_reaches_the_teacher_and_it_stays_in_eval():
@@ -219,6 +265,16 @@ def test_missing_views_is_clear_in_training_and_image_is_used_in_eval():
 
 def test_random_removal_and_teacher_eval_model():
     m = DetailCLIP(tiny_config(removal="random")).train()
+    views = tiny_batch()["views"].flatten(0, 1)  # (8, 3, 16, 16): a 4x4 grid, 4 blocks
+    torch.manual_seed(1)
+    keep, _, grid = m._teacher(views)
+    attn = m.teacher["image"](views, return_attention=True).attention.mean(dim=(1, 2))
+    assert keep.shape == (8, 4 * (int(4 * 0.5) + 1))  # the released count, 3 whole blocks
+    blocks = {
+        tuple(sorted({(p // 4) // 2 * 2 + (p % 4) // 2 for p in row})) for row in keep.tolist()
+    }
+    assert all(len(b) == 3 for b in blocks)  # whole 2x2 blocks, never single patches
+    assert not torch.equal(keep, attention_keep(attn, grid, 0.5))  # not the attention choice
     assert math.isfinite(m(tiny_batch()).loss.item())
     t = DetailCLIP(tiny_config(eval_model="teacher")).eval()
     x = torch.randn(2, 3, 16, 16)

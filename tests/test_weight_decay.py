@@ -30,8 +30,11 @@ def grain_excluded(name: str, p: torch.Tensor) -> bool:
     return open_clip_excluded(name, p)
 
 
-def slip_excluded(name: str, p: torch.Tensor) -> bool:  # DetailCLIP's released rule (SLIP)
-    return p.ndim < 2 or "bias" in name
+def slip_excluded(name: str, p: torch.Tensor) -> bool:
+    """DetailCLIP's ``main.get_optim`` (SLIP) on the released shapes: timm's CLS token is
+    (1, 1, D), the native tower's (D,)."""
+    ndim = 3 if name.endswith("class_embedding") else p.ndim
+    return ndim < 2 or "bias" in name or "ln" in name or "bn" in name
 
 
 def groups_by_name(method: torch.nn.Module, rule: str) -> tuple[set[str], set[str]]:
@@ -52,6 +55,8 @@ def test_released_rule_per_method(name: str) -> None:
     # the point of the change: >= 2-d embeddings are decayed, as in the released code
     assert any("positional_embedding" in n or "token_embedding" in n for n in decay), name
     assert any(n.endswith("logit_scale") for n in no_decay), name
+    if name == "detailclip":  # README: "also position / class embeddings"
+        assert {"image.class_embedding", "image.positional_embedding"} <= decay
 
 
 def test_grain_decoder_norms_and_queries_decayed_only_under_released() -> None:

@@ -6,6 +6,7 @@ from finegrain.encoders import (  # noqa: F401  (imported to register the towers
     hf_clip,
     hf_text,
     open_clip_tower,
+    st_text,
     text_transformer,
     timm_tower,
     vit,

@@ -65,11 +65,15 @@ class ImageTowerConfig(Checked):
     ln_pre: bool = True  # LayerNorm after the embeddings, before the blocks (CLIP); timm: none
     patch_bias: bool = False  # bias of the patch-embedding conv (CLIP: none; timm: yes)
     activation: Literal["gelu", "quick_gelu"] = "gelu"  # MLP activation (OpenAI CLIP: quick_gelu)
+    # native ``vit`` initialisation: clip (OpenAI CLIP's: width^-0.5 embeddings, depth-scaled
+    # block weights) | timm (timm's ViT default: truncated normal std 0.02 for linear weights,
+    # CLS token and position embedding, zero biases, PyTorch's default patch conv)
+    init: Literal["clip", "timm"] = "clip"
 
 
 @dataclass
 class TextTowerConfig(Checked):
-    name: str = "transformer"  # transformer (CLIP-style causal) | open_clip | hf | minilm
+    name: str = "transformer"  # transformer (CLIP-style causal) | open_clip | hf | st | minilm
     model: str = ""  # open_clip architecture name or HF model type hint
     path: str = ""  # local directory of a Hugging Face model / tokenizer
     tokenizer: Literal["clip", "hf"] = "clip"  # clip: open_clip BPE; hf: from `path`

@@ -16,7 +16,10 @@ random keep set as in the native ViT), CLS attention of a resblock from its
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,8 +51,7 @@ def create_open_clip(name: str, pretrained: str = "", **kwargs: Any) -> nn.Modul
 
     path = Path(name).expanduser()
     if path.suffix == ".json" and path.is_file():  # a model config file (finegrain.interop)
-        open_clip.add_model_config(path)
-        name = path.stem
+        name = register_model_config(path)
     names = open_clip.list_models()
     if name.startswith("local-dir:"):  # an OpenCLIP folder: its own config and weights
         pretrained = ""
@@ -61,6 +63,27 @@ def create_open_clip(name: str, pretrained: str = "", **kwargs: Any) -> nn.Modul
         raise ValueError(f"open_clip weights must be a local file, not found: {pretrained}")
     with _quiet_random_init():
         return open_clip.create_model(name, pretrained=pretrained or None, **kwargs)
+
+
+def register_model_config(path: Path) -> str:
+    """Register a model-config ``.json`` with open_clip and return its model name. Accepts a
+    bare model config (``{"embed_dim", "vision_cfg", "text_cfg"}``, named by the file stem) and
+    the hub format (``open_clip_config.json``: ``{"model_cfg": ..., "preprocess_cfg": ...}``),
+    whose ``model_cfg`` is registered under ``<stem>-<content hash>`` (the stem alone would be
+    the same for every hub folder)."""
+    import open_clip
+
+    cfg = json.loads(path.read_text())
+    if not isinstance(cfg, dict) or "model_cfg" not in cfg:
+        open_clip.add_model_config(path)
+        return path.stem
+    body = json.dumps(cfg["model_cfg"], sort_keys=True)
+    name = f"{path.stem}-{hashlib.sha256(body.encode()).hexdigest()[:12]}"
+    if name not in open_clip.list_models():
+        with tempfile.TemporaryDirectory() as d:  # open_clip reads the file when registering
+            (Path(d) / f"{name}.json").write_text(body)
+            open_clip.add_model_config(Path(d) / f"{name}.json")
+    return name
 
 
 class _DropRandomInitWarning(logging.Filter):

@@ -35,6 +35,7 @@ from finegrain.encoders.base import (
     run_blocks,
 )
 from finegrain.encoders.dense import BlockParts, check_dense_call, run_dense_blocks
+from finegrain.encoders.timm_keys import timm_vit_prefix
 from finegrain.encoders.vit import freeze_except_last
 from finegrain.outputs import VisionOutput
 from finegrain.registry import IMAGE_TOWERS
@@ -72,7 +73,8 @@ def load_timm_weights(model: nn.Module, path: str) -> None:
     Self-supervised checkpoints load as they are released: DINO's backbone files
     (``dino_deitsmall16_pretrain.pth``: timm ViT keys) and DINO training checkpoints
     (``{"teacher": {"backbone.*", "head.*"}, ...}``: the teacher backbone, projection head
-    dropped)."""
+    dropped), and the image trunk of vision-language checkpoints that keep a timm ViT under
+    ``visual.`` (DetailCLIP, GRAIN) or ``visual.trunk.`` (the CLIPpy replication)."""
     from finegrain.encoders.weights import load_into, load_state_dict_file
 
     sd = load_state_dict_file(path)
@@ -80,6 +82,9 @@ def load_timm_weights(model: nn.Module, path: str) -> None:
     sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc.", "classifier."))}
     if sd and all(k.startswith("backbone.") for k in sd):  # DINO/iBOT training checkpoints
         sd = {k[len("backbone.") :]: v for k, v in sd.items()}
+    prefix = timm_vit_prefix(sd)  # ``visual.`` / ``visual.trunk.``: a vision-language checkpoint
+    if prefix:
+        sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
         from timm.layers import resample_abs_pos_embed
 

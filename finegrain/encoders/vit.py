@@ -5,9 +5,11 @@ native text tower shares.
 
 Layout options (``ImageTowerConfig``): ``qk_norm`` (per-head LayerNorm of q and k, shared
 over heads, Dehghani et al. 2023), ``norm_eps``, ``ln_pre``, ``patch_bias`` and
-``activation`` (gelu | quick_gelu). With ``qk_norm=True, norm_eps=1e-6, ln_pre=False,
-patch_bias=True`` the tower computes the same function as timm's ``VisionTransformer(
-qk_norm=True)`` (GRAIN's released backbone; tested by copying weights).
+``activation`` (gelu | quick_gelu), and ``init`` (clip | timm: timm's truncated-normal 0.02
+init, ``timm_init_``). With ``norm_eps=1e-6, ln_pre=False, patch_bias=True`` the tower computes
+the same function as timm's ``VisionTransformer`` (DetailCLIP's released backbone; with
+``qk_norm=True`` GRAIN's), tested by copying weights; ``pretrained`` files in timm's keys are
+converted (``finegrain.encoders.timm_keys.timm_vit_to_native``).
 
 Attention uses fused ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on
 GPU) with one fused qkv projection. Optional gradient checkpointing per block and patch
@@ -44,6 +46,7 @@ from finegrain.encoders.base import (
     run_blocks,
 )
 from finegrain.encoders.dense import BlockParts, check_dense_call, run_dense_blocks
+from finegrain.encoders.timm_keys import timm_vit_prefix, timm_vit_to_native
 from finegrain.outputs import VisionOutput
 from finegrain.registry import IMAGE_TOWERS
 
@@ -191,6 +194,25 @@ def resample_pos_embed(pos: torch.Tensor, grid: tuple[int, int], prefix: int = 1
     return torch.cat([pos[:, :prefix], patch], dim=1)
 
 
+def timm_init_(tower: nn.Module) -> None:
+    """timm's default ViT initialisation (``VisionTransformer.init_weights(mode="")``, as the
+    timm ViTs of DetailCLIP's and GRAIN's released code): truncated normal (std 0.02, cut at
+    +-2 absolute, i.e. practically untruncated) for the position embedding, the CLS token and
+    every linear weight, zero linear biases, LayerNorms at one / zero; the patch conv keeps
+    PyTorch's default init."""
+    with torch.no_grad():
+        nn.init.trunc_normal_(tower.positional_embedding, std=0.02, a=-2.0, b=2.0)
+        nn.init.trunc_normal_(tower.class_embedding, std=0.02, a=-2.0, b=2.0)
+        for m in tower.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+
 class VisionTransformer(nn.Module):
     """Native ViT returning ``VisionOutput(pooled=CLS, tokens=patches, grid)`` after ``ln_post``.
 
@@ -227,6 +249,10 @@ class VisionTransformer(nn.Module):
         # iBOT's masked-patch embedding, zero init; only with mask_token=True so that existing
         # state dicts keep their keys
         self.mask_token = nn.Parameter(torch.zeros(cfg.width)) if cfg.mask_token else None
+        if cfg.init == "timm":
+            timm_init_(self)
+        elif cfg.init != "clip":
+            raise ValueError(f"unknown image.init '{cfg.init}'; valid choices: clip, timm")
         freeze_except_last(self, self.transformer.blocks, cfg.trainable_blocks, [self.ln_post])
         if self.mask_token is not None and cfg.trainable_blocks != 0:
             self.mask_token.requires_grad_(True)  # a new input embedding: trains with the tower
@@ -324,12 +350,18 @@ def native_block_parts(blk: Block) -> BlockParts:
 @IMAGE_TOWERS.register("vit")
 def build_vit(cfg: ImageTowerConfig) -> VisionTransformer:
     """Native ViT; ``cfg.pretrained`` may name a local state-dict file of this tower (a missing
-    ``mask_token`` keeps its zero init: pretrained towers have none)."""
+    ``mask_token`` keeps its zero init: pretrained towers have none) or of a timm
+    ``VisionTransformer`` (bare or under ``visual.`` / ``visual.trunk.``: DetailCLIP's
+    backbone files and training checkpoints, GRAIN's and the CLIPpy replication's), converted
+    by ``finegrain.encoders.timm_keys.timm_vit_to_native``."""
     model = VisionTransformer(cfg)
     if cfg.pretrained:
         from finegrain.encoders.weights import load_into, load_state_dict_file
 
         sd = load_state_dict_file(cfg.pretrained)
+        prefix = timm_vit_prefix(sd)
+        if prefix is not None:
+            sd = timm_vit_to_native(sd, prefix)
         if model.mask_token is not None and "mask_token" not in sd:
             sd["mask_token"] = model.mask_token.detach().clone()
         load_into(model, sd, cfg.pretrained)

@@ -1,7 +1,8 @@
 """Loading local weight files safely (safetensors or ``torch.load(weights_only=True)``).
 
 - ``.safetensors``: read with safetensors (no code at all).
-- torch files (``.pt``, ``.pth``, ``.bin``, ``.ckpt``): ``torch.load(weights_only=True)``;
+- torch files (``.pt``, ``.pth``, ``.bin``, ``.ckpt``): ``torch.load(weights_only=True)``
+  (plus ``argparse.Namespace``, plain data that training checkpoints keep as ``args``);
   a pickle that would need code execution (custom classes, lambdas) is refused with one line.
 - TorchScript archives (OpenAI's original CLIP ``.pt`` files): only their tensors are read
   (``torch.jit.load(...).state_dict()``; TorchScript cannot run arbitrary Python code).
@@ -9,6 +10,7 @@
 
 from __future__ import annotations
 
+import argparse
 import pickle
 import zipfile
 from dataclasses import dataclass, field
@@ -17,8 +19,9 @@ from pathlib import Path
 import torch
 
 # checkpoint wrappers, tried in order ("teacher": DINO training checkpoints, whose teacher is
-# the released/evaluated backbone)
-WRAPPER_KEYS = ("state_dict", "model", "module", "model_state", "teacher")
+# the released/evaluated backbone; "backbone_state_dict": GRAIN's training checkpoints keep the
+# CLIP towers there and the region decoder under "state_dict")
+WRAPPER_KEYS = ("backbone_state_dict", "state_dict", "model", "module", "model_state", "teacher")
 # OpenAI TorchScript archives carry these ints next to the weights
 TORCHSCRIPT_EXTRAS = ("input_resolution", "context_length", "vocab_size")
 
@@ -34,8 +37,9 @@ def _torch_load(path: Path) -> object:
     if _is_torchscript(path):
         sd = torch.jit.load(str(path), map_location="cpu").state_dict()
         return {k: v for k, v in sd.items() if k not in TORCHSCRIPT_EXTRAS}
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:  # argparse.Namespace: the ``args`` that SLIP-lineage checkpoints (DetailCLIP) keep
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise ValueError(
             f"refusing to load {path}: the file is a pickle that needs code execution "

@@ -11,7 +11,8 @@ lines up with the full mask.
 Background (CLIPpy Sec. 4 and its replication, which adds "background" and stuff classes to the
 prompts and maps every prediction outside the object classes to background):
 ``background="background,sky,wall"`` appends these prompts to the classes; a pixel whose
-argmax is one of them is predicted 0. ``background_threshold > 0`` additionally predicts 0
+argmax is one of them is predicted 0. ``classnames="voc59"`` is the replication's vocabulary:
+the 20 VOC classes plus 39 stuff names that predict background (ids >= 21 -> 0). ``background_threshold > 0`` additionally predicts 0
 where the best similarity is below it. Higher-resolution inference: ``image_size`` (> the
 model's input size) feeds more patches at test time (towers resample position embeddings).
 
@@ -33,6 +34,7 @@ classes only (the "VOC-20" convention); with either, background is class 0 of th
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -45,7 +47,7 @@ from finegrain.encoders.dense import dense_variant
 from finegrain.eval.common import EvalContext, image_batches, require
 from finegrain.eval.config import SegmentationTaskConfig
 from finegrain.eval.containers import SegmentationData, load_image, load_mask
-from finegrain.eval.templates import class_prompts, load_templates
+from finegrain.eval.templates import class_prompts, load_templates, split_background
 from finegrain.eval.zeroshot import class_embeddings
 
 IGNORE = 255
@@ -251,7 +253,10 @@ def evaluate_segmentation(
 ) -> tuple[dict[str, float], dict]:
     m = ctx.method
     require(m, "dense_features", f"segmentation/{cfg.dataset}")
-    bg = background_prompts(cfg.background)
+    objects, preset_bg = split_background(cfg.classnames, list(data.classnames))
+    if preset_bg:  # e.g. voc59: names past the 20 VOC classes predict background
+        data = dataclasses.replace(data, classnames=objects)
+    bg = preset_bg + background_prompts(cfg.background)
     clash = sorted(set(bg) & set(data.classnames))
     if clash:
         raise ValueError(f"background prompts {clash} are also object classes of {cfg.dataset}")

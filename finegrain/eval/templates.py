@@ -55,10 +55,36 @@ def template_sets() -> dict[str, list[str]]:
     return dict(_json("clip_benchmark", "datasets/en_zeroshot_classification_templates.json"))
 
 
+# The CLIPpy replication's PASCAL VOC segmentation vocabulary (kahnchana/clippy
+# ``src/evaluation/datasets.py`` ``PascalDataset.CLASSES`` without its "background"): the 20
+# VOC classes in label order, then 39 stuff / context names; a pixel whose best name is one of
+# the 39 is background (ids >= 21 -> 0). ``@classnames=voc59`` in a segmentation task.
+VOC59 = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train",
+    "television monitor", "bag", "bed", "bench", "book", "building", "cabinet", "ceiling",
+    "cloth", "computer", "cup", "door", "fence", "floor", "flower", "food", "grass", "ground",
+    "keyboard", "light", "mountain", "mouse", "curtain", "platform", "sign", "plate", "road",
+    "rock", "shelves", "sidewalk", "sky", "snow", "bedclothes", "track", "tree", "truck", "wall",
+    "water", "window", "wood",
+)  # fmt: skip
+# class-name sets whose names past the first k are background prompts in segmentation
+OBJECT_CLASSES = {"voc59": 20}
+
+
+def split_background(spec: str, names: list[str]) -> tuple[list[str], list[str]]:
+    """(object classes, extra background prompts) of a segmentation vocabulary: a set in
+    ``OBJECT_CLASSES`` keeps its first k names as objects and the rest as background."""
+    k = OBJECT_CLASSES.get(spec)
+    return (list(names), []) if k is None else (list(names[:k]), list(names[k:]))
+
+
 def classname_sets() -> dict[str, list[str]]:
-    """Class names of the clip_benchmark datasets, plus ``voc`` (the 20 VOC classes)."""
+    """Class names of the clip_benchmark datasets, plus ``voc`` (the 20 VOC classes) and
+    ``voc59`` (the CLIPpy replication's 59-name VOC vocabulary, ``VOC59``)."""
     sets = dict(_json("clip_benchmark", "datasets/en_classnames.json"))
     sets["voc"] = voc_classnames()
+    sets["voc59"] = list(VOC59)
     return sets
 
 

@@ -10,6 +10,10 @@ A *spec* names what to load:
 - ``hf:DIR``: a Hugging Face ``CLIPModel`` / ``SiglipModel`` directory -> ``clip`` / ``siglip``
   with ``hf_clip`` towers (``finegrain.interop.hf``);
 - ``flair:[MODEL=]FILE``: a released FLAIR checkpoint -> ``flair`` (``finegrain.interop.flair``);
+- ``detailclip:[teacher=]FILE``: a released DetailCLIP training checkpoint -> ``clip`` with the
+  released towers (``finegrain.interop.detailclip``);
+- ``clippy:[ST5_DIR=]FILE``: the CLIPpy replication's OpenCLIP checkpoint (timm DINO trunk +
+  Sentence-T5 with its ``2_Dense``) -> ``clippy`` (``finegrain.interop.clippy``);
 - anything else without a prefix: a finegrain run directory, checkpoint directory or
   ``model.safetensors`` file, or a folder holding one run (``finegrain demo``'s output folder
   or ``OUT/runs/<method>``: ``finegrain.train.run_dirs.resolve_run``).
@@ -36,6 +40,8 @@ SPEC_PREFIXES = {
     "open_clip": "finegrain.interop.open_clip",
     "hf": "finegrain.interop.hf",
     "flair": "finegrain.interop.flair",
+    "detailclip": "finegrain.interop.detailclip",
+    "clippy": "finegrain.interop.clippy",
 }
 SPEC_HINT = "open_clip:MODEL=FILE, hf:DIR or flair:[MODEL=]FILE"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -27,13 +27,17 @@ no official code). Both are reachable by config:
 
 | what | paper | replication | here |
 |---|---|---|---|
-| CLS token | "no CLS token" | max-pooled with the patches in training (timm trunk output incl. CLS), dropped at inference | ``cls_token="exclude"`` (default, one rule for training and inference) / ``"train"`` (replication) |
+| CLS token, training | "no CLS token" | max-pooled with the patches (timm trunk output incl. CLS) | ``cls_token="exclude"`` (default) / ``"train"`` (replication) |
+| CLS token, zero-shot classification | - | in the max (``encode_image`` pools the whole trunk output) | ``classify_cls=False`` (default) / ``True`` (replication; ``clippy_vitb16``) |
+| CLS token, segmentation | - | dropped (``encode_image(..., pool=False)[:, 1:]``) | never in ``dense_features`` |
 | sub-sampling | up to 2x res., 80% dropped | ``patch_dropout=0.5`` configured but ignored by its timm tower (so: none, 224 px) | ``token_keep`` (1.0 default; ``clippy_vitb16_paper``: 448 px, 0.2) |
-| projections | linear heads | none (768-wide towers, ``embed_dim`` 768) | ``projection="linear"`` / ``"none"`` (``clippy_vitb16`` uses ``none``) |
+| image projection | linear head | none (``timm_pool=global_max`` drops ``timm_proj``) | ``projection="none"`` in both ``clippy_vitb16*`` (``"linear"``: a learned head) |
+| text head | Sentence-T5 | ``SentenceTransformer``: T5 encoder, mean pooling, ``2_Dense`` (768 x 768, no bias), normalise | ``text.name=st`` loads and uses ``2_Dense`` (``clippy_vitb16*``); ``text.name=hf``: encoder + mean pooling only |
 
-With ``cls_token="train"`` the CLS token enters the maximum only in ``features`` (training
-and the training loss); ``encode_image`` / ``dense_features`` never see it, as in the
-replication's evaluation (``encode_image(..., pool=False)[:, 1:]``).
+Remaining differences from the replication (no option): its DINO trunk is timm's
+``vit_base_patch16_224_dino`` (same weights and function as our ``timm`` tower with
+``dino_vitbase16_pretrain.pth``); its ``SentenceTransformer`` L2-normalises after ``2_Dense``
+and OpenCLIP normalises again (a no-op); we normalise once.
 """
 
 from __future__ import annotations
@@ -61,6 +65,10 @@ class CLIPpyConfig(CLIPConfig):
     # exclude: max over patch tokens only, in training and inference (the paper's "no CLS");
     # train: the CLS token joins the maximum in training only (the replication)
     cls_token: Literal["exclude", "train"] = "exclude"
+    # zero-shot classification (encode_image) takes the max over the CLS token too, as the
+    # replication's eval (``encode_image`` pools the timm trunk's output incl. CLS); dense
+    # features (segmentation) never include it
+    classify_cls: bool = False
     token_keep: float = 1.0  # fraction of patch tokens kept in training (paper: 0.2 at 2x res.)
 
 
@@ -143,10 +151,11 @@ class CLIPpy(CLIP):
             )
         check_keep_fraction(cfg.token_keep)
         super().__init__(cfg)
-        if cfg.cls_token == "train" and not tower_has_cls(self.image):
+        if (cfg.cls_token == "train" or cfg.classify_cls) and not tower_has_cls(self.image):
             raise ValueError(
-                f"cls_token='train' needs an image tower with a CLS token; image tower "
-                f"'{cfg.image.name}' has none (use cls_token='exclude')"
+                f"cls_token='train' / classify_cls=True need an image tower with a CLS token; "
+                f"image tower '{cfg.image.name}' has none (use cls_token='exclude', "
+                "classify_cls=False)"
             )
         self.patch_size = tower_patch_size(self.image)
         if cfg.token_keep < 1.0 and self.patch_size is None:
@@ -168,8 +177,9 @@ class CLIPpy(CLIP):
         return max_pool(self.image_proj(tokens))  # (B, N, E) -> (B, E)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Inference embedding: max over all projected patch tokens; never the CLS token."""
-        x = self._pooled_image(images, None, with_cls=False)
+        """Inference embedding: max over all projected patch tokens, and the CLS token with
+        ``classify_cls`` (the replication's zero-shot classification)."""
+        x = self._pooled_image(images, None, with_cls=self.cfg.classify_cls)
         return _l2(x) if normalize else x
 
     def dense_features(self, images: torch.Tensor) -> torch.Tensor:

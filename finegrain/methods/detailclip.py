@@ -27,10 +27,22 @@ Where the released code differs from the paper text (code is the default, the pa
   ``"none"`` keeps no text teacher);
 - the patch teacher temperature is 0.04 for the whole first epoch, then 0.07 (``np.linspace(0.04,
   0.07, 1)`` indexed by epoch); ``teacher_temp_warmup="linear"`` ramps per step instead;
-- weight decay on every >= 2-D tensor except biases (SLIP's rule; ``weight_decay_rule="shared"``
-  uses finegrain's no-decay list for embeddings / tokens);
+- weight decay on every >= 2-D tensor except biases (SLIP's rule; the CLS token, (1, 1, D) in
+  timm, is decayed; ``weight_decay_rule="shared"`` uses finegrain's no-decay list for
+  embeddings / tokens);
 - the CLS loss pairs the teacher of one view with the student of the other (DINO), the patch
   loss stays within a view (iBOT), as the released ``iBOTLoss`` with two global crops.
+
+Towers (``detailclip_vitb16``): the released image tower is timm's ViT-B/16 (no pre-block
+LayerNorm, eps 1e-6, patch bias, timm's init: ``image.ln_pre=false image.norm_eps=1e-6
+image.patch_bias=true image.init=timm``; CLIP's layout is the option) and the text tower OpenAI
+CLIP's with QuickGELU (``text.activation=quick_gelu``). The linear probe reads the backbone's
+768-d patch tokens (``probe_features="projected"``: the 512-d projected ones).
+
+Remaining differences from the released code (no option): the warm-up starts at
+``lr / warmup_steps`` (released 1e-6); bf16 instead of fp16 AMP; the student's kept tokens
+stay in raster order (released: ``argsort`` order; the blocks are permutation-equivariant, so
+the outputs agree).
 """
 
 from __future__ import annotations
@@ -117,6 +129,9 @@ class DetailCLIPConfig(MethodConfig):
     freeze_patch_embed: bool = False  # released: frozen random patch embedding (MoCo v3)
     weight_decay_rule: Literal["released", "shared"] = "released"
     eval_model: Literal["student", "teacher"] = "student"
+    # linear probe features: backbone (the tower's final patch tokens, width D, as iBOT /
+    # DetailCLIP's dense protocols read the ViT) | projected (through image_proj, width E)
+    probe_features: Literal["backbone", "projected"] = "backbone"
     # loss weights
     clip_weight: float = 1.0
     ibot_patch_weight: float = 1.0
@@ -210,10 +225,14 @@ class DetailCLIP(Method):
         return ContrastiveCollate(self.text.tokenizer, 1, train=train)
 
     def no_decay(self, name: str, p: torch.Tensor, rule: str) -> bool:
-        """Released (SLIP lineage): every >= 2-D tensor is decayed except biases
-        (``weight_decay_rule="shared"``: the base rule, i.e. ``train.no_decay``)."""
+        """Released (SLIP lineage, ``main.get_optim``): every >= 2-D tensor is decayed except
+        biases, so timm's (1, 1, D) CLS token is decayed too; the native tower keeps it as a
+        (D,) vector, decayed here by name (``weight_decay_rule="shared"``: the base rule, i.e.
+        ``train.no_decay``)."""
         if self.cfg.weight_decay_rule == "shared" or rule != "released":
             return super().no_decay(name, p, rule)
+        if name.endswith("class_embedding"):
+            return False
         return p.ndim < 2 or "bias" in name
 
     # ---- encoders -----------------------------------------------------------------------
@@ -242,6 +261,16 @@ class DetailCLIP(Method):
         tokens = self._model("image_proj")(out.tokens)  # (B, N, E)
         b, _, e = tokens.shape
         return tokens.transpose(1, 2).reshape(b, e, *out.grid_hw)
+
+    def probe_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) features of the linear probe: the backbone's final patch tokens
+        (``probe_features="backbone"``, C = tower width, the tokens iBOT's linear protocol reads)
+        or ``dense_features`` (``"projected"``, C = embed dim)."""
+        if self.cfg.probe_features == "projected":
+            return self.dense_features(images)
+        out = self._model("image")(images)
+        b, _, d = out.tokens.shape
+        return out.tokens.transpose(1, 2).reshape(b, d, *out.grid_hw)
 
     # ---- training -----------------------------------------------------------------------
     @torch.no_grad()

@@ -1,7 +1,9 @@
 """DetailCLIP recipes (Monsefi et al. 2024, arXiv 2409.06809; released ``JOB/run.sh`` / ``main.py``).
 
-- ``detailclip_vitb16``: ViT-B/16 from scratch (frozen random patch embedding, as the released
-  ``MaskVisionTransformer``) + 12-layer 512-wide text transformer, embed dim 512, on YFCC15M-style
+- ``detailclip_vitb16``: ViT-B/16 from scratch in the released ``MaskVisionTransformer``'s
+  layout (timm's ViT: no pre-block LayerNorm, LayerNorm eps 1e-6, patch-embedding bias, timm's
+  truncated-normal 0.02 init; frozen random patch embedding) + 12-layer 512-wide QuickGELU text
+  transformer (OpenAI CLIP's, as the released ``Transformer``), embed dim 512, on YFCC15M-style
   webdataset shards (pass ``data.train=``); 16 GPUs x 256 = 4096 pairs per step, 50 epochs (the
   paper's Table 1-3 numbers; ``detailclip_vitb16_25ep`` is ``main.py``'s default 25); AdamW lr 5e-4,
   betas (0.9, 0.98), eps 1e-8, wd 0.5, 1 warm-up epoch then cosine to 1e-5; loss weights
@@ -12,6 +14,8 @@
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from finegrain.data.config import DataConfig, SyntheticConfig
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
@@ -30,6 +34,8 @@ from finegrain.train.config import TrainConfig
 
 YFCC15M_SAMPLES = 15_388_848  # SLIP's YFCC15M subset (Mu et al. 2022), as A-CLIP / DetailCLIP
 GPUS, PER_GPU = 16, 256
+# the released image tower's layout (timm VisionTransformer via ``mask_vit_base_patch16_224``)
+RELEASED_IMAGE_LAYOUT = dict(ln_pre=False, norm_eps=1e-6, patch_bias=True, init="timm")
 
 
 def _vitb16(epochs: int) -> RunConfig:
@@ -41,8 +47,13 @@ def _vitb16(epochs: int) -> RunConfig:
         weight_decay=0.5, betas=(0.9, 0.98), eps=1e-8, grad_clip=0.0, precision="bf16",
         checkpoint_every=2000, log_every=100, eval_every=steps_per_epoch,
     )  # fmt: skip
+    towers = vitb16_towers()
+    # the released MaskVisionTransformer is timm's ViT (no ln_pre, LayerNorm eps 1e-6, patch
+    # bias, timm's init) and its text transformer OpenAI CLIP's (QuickGELU)
+    towers["image"] = dataclasses.replace(towers["image"], **RELEASED_IMAGE_LAYOUT)
+    towers["text"] = dataclasses.replace(towers["text"], activation="quick_gelu")
     method = method_config(
-        "detailclip", embed_dim=512, **vitb16_towers(), freeze_patch_embed=True,
+        "detailclip", embed_dim=512, **towers, freeze_patch_embed=True,
         teacher_temp_warmup_steps=steps_per_epoch, keep_ratio=0.5,
         clip_weight=1.0, ibot_patch_weight=1.0, ibot_cls_weight=1.0, recon_weight=1.0,
     )  # fmt: skip
@@ -91,4 +102,4 @@ def detailclip_smoke() -> RunConfig:
     return smoke_config("detailclip")
 
 
-__all__ = ["smoke_config"]
+__all__ = ["RELEASED_IMAGE_LAYOUT", "smoke_config"]
