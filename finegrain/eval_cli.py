@@ -21,6 +21,9 @@ line and in ``failed.json`` while the other tasks' results are written; the exit
 Writes ``results.json`` and ``results.md`` (one column per checkpoint) and the plots
 under ``--out`` (default ``<run>/eval``; a folder that holds earlier results is never reused:
 the next free ``<out>-2``, ``<out>-3``... is taken and named on stderr) and prints the table.
+
+A top-level module, not part of ``finegrain.eval``: it loads checkpoints
+(``finegrain.interop.load_spec``), which sit above the evaluation package (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
