@@ -10,7 +10,7 @@ last 3 blocks trained; MiniLM, its last 2 layers trained), ``lock_frozen`` on bo
 the frozen bottoms are the same function with and without the cache. A step is: next batch
 from the loader, forward, backward, AdamW update. Uncached: decode + transform + full towers
 (the train transform); cached: rows of the memory-mapped stores + the towers' trainable
-suffixes (``finegrain.train.feature_cache``). ``cached_step_ratio`` = uncached / cached seconds
+suffixes (``finegrain.data.feature_cache``). ``cached_step_ratio`` = uncached / cached seconds
 per step (higher is better); ``build_s`` is the one-off cost of building the stores, also
 as the number of uncached steps it equals.
 """
@@ -18,6 +18,7 @@ as the number of uncached steps it equals.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -77,10 +78,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = p.parse_args(argv)
     if a.quick:
         a.image_size, a.batch, a.repeats = 96, 32, 2
-    from finegrain.data.collate import ContrastiveCollate
-    from finegrain.data.loader import build_train_loader
+    from finegrain.data.for_method import method_loader
     from finegrain.methods.base import build_method
-    from finegrain.train.feature_cache import build_cached_loader
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _config(a, tmp)
@@ -88,10 +87,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return {"benchmark": "feature_cache", "skipped": "Flickr8k data absent"}
         torch.manual_seed(0)
         method = build_method(cfg.method).to(a.device).train()
-        plain = build_train_loader(cfg.data, ContrastiveCollate(method.text.tokenizer),
-                                   transform=method.make_transform(cfg.data, train=True))  # fmt: skip
+        plain = method_loader(method, dataclasses.replace(cfg.data, feature_cache=""))
         t0 = time.perf_counter()
-        cached = build_cached_loader(cfg.data, method, device=a.device)
+        cached = method_loader(method, cfg.data, device=a.device)  # builds the stores
         build_s = time.perf_counter() - t0
         times = time_interleaved(
             {"uncached": _stepper(method, plain), "cached": _stepper(method, cached)},

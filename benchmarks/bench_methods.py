@@ -92,15 +92,14 @@ def clip_twin(cfg: Any) -> Any:
 
 def build(cfg: Any, device: torch.device) -> tuple[Any, Any, Any]:
     """(method, AdamW, loader iterator) for ``cfg``; one seed for every method."""
-    from finegrain.data.loader import build_train_loader
+    from finegrain.data.for_method import method_loader
     from finegrain.methods.base import build_method
 
     torch.manual_seed(0)
     method = build_method(cfg.method).to(device).train()
     params = [p for p in method.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
-    loader = build_train_loader(cfg.data, method.make_collate(train=True), seed=0,
-                                transform=method.make_transform(cfg.data, train=True))  # fmt: skip
+    loader = method_loader(method, cfg.data, seed=0)
     return method, opt, iter(loader)
 
 

@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import machine_info, print_json, time_interleaved  # noqa: E402
+from finegrain.checkpoint import list_checkpoints, verify_checkpoint
 from finegrain.config import apply_overrides
 from finegrain.data.schema import parse_record
 from finegrain.data.shards import encode_image, inspect_shards, write_shards
@@ -42,7 +43,6 @@ from finegrain.data.sources import decode_image
 from finegrain.data.synthetic import generate_scene, scene_record
 from finegrain.recipes.base import get_recipe
 from finegrain.train import guard
-from finegrain.train.checkpoint import list_checkpoints, verify_checkpoint
 from finegrain.train.trainer import Trainer
 
 

@@ -109,10 +109,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "train.checkpoint_every=0", "train.log_every=10", f"train.steps={10**6}"])  # fmt: skip
     torch.manual_seed(cfg.seed)
     method = build_method(cfg.method)
-    from finegrain.data import build_train_loader
+    from finegrain.data import method_loader
 
-    source = iter(build_train_loader(cfg.data, method.make_collate(True), seed=cfg.seed,
-                                     transform=method.make_transform(cfg.data, train=True)))  # fmt: skip
+    source = iter(method_loader(method, cfg.data, seed=cfg.seed))
     batches = [next(source) for _ in range(args.num_batches)]
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, loader=ListLoader(batches), output_dir=tmp)

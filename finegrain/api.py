@@ -25,7 +25,7 @@ from finegrain.eval.config import ZeroShotTaskConfig
 from finegrain.eval.segmentation import predict_masks
 from finegrain.eval.templates import class_prompts, load_templates
 from finegrain.eval.zeroshot import region_scores, released_region_scores, renormalize_classes
-from finegrain.interop import load_method_spec
+from finegrain.interop import load_spec
 from finegrain.interop.common import read_scale_bias
 
 ImageLike = Any  # PIL.Image | str | Path | Tensor | a sequence of those
@@ -38,7 +38,7 @@ def load(
 
     A folder holding several runs raises ``ValueError`` listing them, a path without a run
     ``FileNotFoundError`` saying what to pass (one line each, no chained traceback)."""
-    method, cfg = load_method_spec(str(path_or_spec), strict=strict, device=device)
+    method, cfg, _ = load_spec(str(path_or_spec), strict=strict, device=device)
     model = FinegrainModel(method, cfg, device)
     return model, model.preprocess
 

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # the CLI imports torch-backed modules only once a command ru
 
 USER_ERROR = 2
 SUBCOMMANDS = {
-    "eval": ("finegrain.eval.cli", "evaluate a checkpoint on declarative tasks"),
+    "eval": ("finegrain.eval_cli", "evaluate a checkpoint on declarative tasks"),
     "data": ("finegrain.data.cli", "inspect / convert / write data shards"),
     "annotate": ("finegrain.annotate.cli", "make GRAIN region annotations (MLLM + detector)"),
     "predict": ("finegrain.predict", "zero-shot labels or embeddings for a folder of images"),

@@ -10,16 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finegrain.train.checkpoint import (
+from finegrain.checkpoint import (
     check_compatible,
     latest_checkpoint,
     list_checkpoints,
-    load_method,
-    load_state,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
+    load_run,
 )
+from finegrain.train.checkpoint import load_state, rng_state, save_checkpoint, set_rng_state
 
 from helpers.toy_method import ToyCLIP, ToyConfig, toy_trainer
 
@@ -84,18 +81,19 @@ def test_check_compatible_names_shape(tmp_path):
         check_compatible(method, sd, "x")
 
 
-def test_load_method_from_run_ckpt_and_file(tmp_path):
+def test_load_run_from_run_ckpt_and_file(tmp_path):
     tr = toy_trainer(tmp_path, steps=2)
     tr.fit()
     ref = tr.method.state_dict()
     ckpt = latest_checkpoint(tmp_path)
     for where in (tmp_path, ckpt, ckpt / "model.safetensors"):
-        method, cfg = load_method(str(where))
+        method, cfg, weights = load_run(str(where))
         assert cfg.method.name == "toy_clip" and not method.training
+        assert weights == ckpt / "model.safetensors"
         for k, v in ref.items():
             assert torch.equal(method.state_dict()[k], v), (where, k)
     with pytest.raises(FileNotFoundError):
-        load_method(str(tmp_path / "nope"))
+        load_run(str(tmp_path / "nope"))
 
 
 def _toy_cmd(out, *extra):

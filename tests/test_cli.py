@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from finegrain import cli
+from finegrain.checkpoint import latest_checkpoint
 from finegrain.registry import METHODS
-from finegrain.train.checkpoint import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 needs_clip = pytest.mark.skipif("clip" not in METHODS, reason="finegrain.methods.clip is missing")
@@ -99,7 +99,7 @@ def test_train_then_incompatible_resume(tmp_path, capsys):
     assert latest_checkpoint(out).name == "step_0000003"
     ev = ["eval", "--checkpoint", out, "--tasks", "retrieval:synthetic@num_samples=16",
           "--out", str(tmp_path / "ev")]  # fmt: skip
-    assert cli.main(ev) == 0, "finegrain eval loads the run through load_method"
+    assert cli.main(ev) == 0, "finegrain eval loads the run through load_run"
     assert (tmp_path / "ev" / "results.json").is_file()
     capsys.readouterr()
     assert cli.main(["train", "--recipe", "clip_smoke", "--resume", str(tmp_path / "none"),

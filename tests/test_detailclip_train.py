@@ -18,8 +18,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from test_detailclip import tiny_batch, tiny_config
 
+from finegrain.checkpoint import latest_checkpoint
 from finegrain.methods.detailclip import DetailCLIP
-from finegrain.train.checkpoint import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD, B = 2, 3

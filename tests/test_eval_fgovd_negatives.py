@@ -10,10 +10,10 @@ from dataclasses import replace
 import pytest
 from test_eval_hardneg import _fgovd_fixture
 
-from finegrain.eval.cli import parse_task
 from finegrain.eval.common import EvalContext
 from finegrain.eval.hardneg import evaluate_hardneg
 from finegrain.eval.hardneg_data import load_hardneg_data
+from finegrain.eval_cli import parse_task
 
 from helpers.eval_toy import ToyMethod
 

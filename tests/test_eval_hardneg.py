@@ -348,7 +348,7 @@ def test_cli_runs_builtin_hardneg_and_compositional(tmp_path, capsys):
     from safetensors.torch import save_file
 
     from finegrain.config import save_yaml
-    from finegrain.eval.cli import main
+    from finegrain.eval_cli import main
     from finegrain.run_config import RunConfig
 
     from helpers.eval_toy import register_toy

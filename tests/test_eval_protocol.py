@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 
 from finegrain.config import save_yaml
 from finegrain.eval import run_tasks, write_report
-from finegrain.eval.cli import main
 from finegrain.eval.config import EvalTaskConfig
 from finegrain.eval.protocol import classification_chance, retrieval_chance
 from finegrain.eval.segmentation import chance_metrics, confusion, seg_metrics
+from finegrain.eval_cli import main
 from finegrain.run_config import RunConfig
 
 from helpers.eval_toy import ToyConfig, ToyMethod, register_toy

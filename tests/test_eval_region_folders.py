@@ -11,8 +11,8 @@ import pytest
 from test_eval_regions import EXPECTED, NAMES, SignedColour, _image, write_instances
 
 from finegrain.eval import run_tasks
-from finegrain.eval.cli import parse_task
 from finegrain.eval.region_data import load_region_data
+from finegrain.eval_cli import parse_task
 
 
 def test_standard_coco_folder_needs_no_option(tmp_path):

@@ -14,11 +14,11 @@ from PIL import Image
 
 from finegrain.data.config import DataConfig
 from finegrain.eval import run_tasks
-from finegrain.eval.cli import parse_task
 from finegrain.eval.common import EvalContext
 from finegrain.eval.config import EvalTaskConfig, RegionTaskConfig
 from finegrain.eval.region_data import RegionData, load_instances, synthetic_regions
 from finegrain.eval.regions import evaluate_regions, match_boxes, pool_regions
+from finegrain.eval_cli import parse_task
 from finegrain.methods.base import Method
 
 from helpers.eval_toy import PlainToy, ToyConfig, ToyMethod

@@ -12,9 +12,9 @@ from test_eval_zeroshot import write_imagefolder
 
 from finegrain.config import save_yaml
 from finegrain.eval import run_tasks, write_report
-from finegrain.eval.cli import main, parse_task
 from finegrain.eval.config import EvalTaskConfig
 from finegrain.eval.report import markdown_table
+from finegrain.eval_cli import main, parse_task
 
 from helpers.eval_toy import ConditionedToy, ToyConfig, ToyMethod, register_toy
 

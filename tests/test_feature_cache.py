@@ -1,4 +1,4 @@
-"""Locked-tower feature caching (finegrain.train.feature_cache, issue 19).
+"""Locked-tower feature caching (finegrain.data.feature_cache, issue 19).
 
 The towers' split point (forward == trainable_suffix(frozen_prefix(x))), cached == uncached
 losses and gradients on the same samples (K = 1: the eval transform), hit / miss / invalidation
@@ -15,17 +15,18 @@ import numpy as np
 import pytest
 import torch
 
+from finegrain.checkpoint import latest_checkpoint
+from finegrain.data import feature_cache as fc
 from finegrain.data.collate import ContrastiveCollate
 from finegrain.data.config import DataConfig, SyntheticConfig
 from finegrain.data.feature_store import FeatureStoreError, open_store
-from finegrain.data.loader import build_train_loader
+from finegrain.data.for_method import method_loader
+from finegrain.data.loader import TrainLoader, build_train_loader
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig, build_image_tower
 from finegrain.eval.config import EvalConfig
 from finegrain.methods.base import build_method
 from finegrain.recipes.base import method_config, smoke_train
 from finegrain.run_config import RunConfig
-from finegrain.train import feature_cache as fc
-from finegrain.train.checkpoint import latest_checkpoint
 from finegrain.train.trainer import Trainer
 from tests.helpers.numerics import assert_close_scaled
 
@@ -254,3 +255,26 @@ def test_unlocked_or_unfrozen_towers_refused():
     cfg.image.trainable_blocks = -1
     with pytest.raises(ValueError, match="no frozen bottom"):
         fc.check_cacheable(_data("auto"), build_method(cfg))
+
+
+def test_method_loader_reads_the_cache_when_set(tmp_path):
+    """``method_loader`` (the trainer's, the benchmark's): the cached loader with
+    ``data.feature_cache``, the method's own collate and train transform without it."""
+    torch.manual_seed(0)
+    method = build_method(_method_cfg(text="transformer")).train()  # image bottom cached only
+    cfg = _data(str(tmp_path), synthetic=SyntheticConfig(num_samples=16))
+    cached = method_loader(method, cfg, seed=3)
+    assert isinstance(cached, fc.CachedTrainLoader) and "image_prefix" in next(iter(cached))
+    off = dataclasses.replace(cfg, feature_cache="", augment="rrc")
+    plain = method_loader(method, off, seed=3)
+    assert type(plain) is TrainLoader
+
+    def first(train: bool) -> dict:
+        transform = method.make_transform(off, train=train)
+        return next(iter(build_train_loader(off, method.make_collate(train=True), seed=3,
+                                            transform=transform)))  # fmt: skip
+
+    a, b = next(iter(plain)), first(train=True)
+    assert a.keys() == b.keys() and torch.equal(a["image"], b["image"])
+    assert torch.equal(a["text"], b["text"])
+    assert not torch.equal(a["image"], first(train=False)["image"])  # random crops, not eval

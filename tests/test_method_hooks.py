@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from finegrain.train.checkpoint import latest_checkpoint
+from finegrain.checkpoint import latest_checkpoint
 from finegrain.train.optim import build_optimizer
 from finegrain.train.trainer import Trainer
 

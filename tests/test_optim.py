@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from finegrain.train.config import TrainConfig
+from finegrain.run_config import TrainConfig
 from finegrain.train.optim import build_optimizer, cosine_lr, lr_at, set_lr
 
 from helpers.toy_method import ToyCLIP, ToyConfig

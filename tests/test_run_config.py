@@ -7,7 +7,6 @@ import dataclasses
 import pytest
 
 from finegrain.config import ConfigError, apply_overrides, from_dict, to_dict, validate_config
-from finegrain.eval.cli import parse_task
 from finegrain.eval.config import (
     EvalConfig,
     EvalTaskConfig,
@@ -15,10 +14,10 @@ from finegrain.eval.config import (
     SegmentationTaskConfig,
     ZeroShotTaskConfig,
 )
+from finegrain.eval_cli import parse_task
 from finegrain.methods.flair import FLAIRConfig
 from finegrain.recipes.base import get_recipe, steps_for_epochs
-from finegrain.run_config import RunConfig, validate_run
-from finegrain.train.config import TrainConfig
+from finegrain.run_config import RunConfig, TrainConfig, validate_run
 
 
 def test_loading_rejects_a_bad_choice_in_one_line():

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from finegrain.checkpoint import latest_checkpoint
 from finegrain.registry import METHODS
-from finegrain.train.checkpoint import latest_checkpoint, load_state
+from finegrain.train.checkpoint import load_state
 
 from helpers import torchrun
 from helpers.numerics import assert_close_scaled

@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from finegrain.train.checkpoint import latest_checkpoint, load_state
+from finegrain.checkpoint import latest_checkpoint
+from finegrain.train.checkpoint import load_state
 from finegrain.train.step import exact_accumulation
 from finegrain.train.trainer import NonFiniteLossError, Trainer
 

@@ -14,7 +14,7 @@ import torch
 from finegrain.methods.base import build_method
 from finegrain.recipes.base import get_recipe
 from finegrain.registry import METHODS
-from finegrain.train.config import TrainConfig
+from finegrain.run_config import TrainConfig
 from finegrain.train.optim import build_optimizer
 
 METHOD_NAMES = [n for n, cls in METHODS.items() if cls.__module__.startswith("finegrain.")]

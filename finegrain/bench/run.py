@@ -95,13 +95,12 @@ def estimate_s(methods: list[str], b: Budget, seeds: int) -> float:
 def _accepts(method: Any, cfg: Any) -> bool:
     """Whether the method trains with these towers: one no-grad step on a copy (towers that
     cannot give token subsets, masks or attention raise a ValueError)."""
-    from finegrain.data import build_train_loader
+    from finegrain.data import method_loader
 
     data = dataclasses.replace(cfg.data, batch_size=2, num_workers=0)
     probe = copy.deepcopy(method).train()
     try:
-        loader = build_train_loader(data, probe.make_collate(train=True), seed=0,
-                                    transform=probe.make_transform(data, train=True))  # fmt: skip
+        loader = method_loader(probe, data, seed=0)
         batch = next(iter(loader))
         with torch.no_grad():
             probe(batch)
@@ -130,20 +129,13 @@ def build(name: str, b: Budget, seed: int) -> tuple[Any, Any]:
 
 
 def train_one(name: str, opts: Options, seed: int, run_dir: Path) -> tuple[Any, Any, MethodRun]:
-    from finegrain.data import build_train_loader
+    from finegrain.data import method_loader
     from finegrain.train.trainer import Trainer
 
     t0 = time.perf_counter()
     cfg, method = build(name, opts.budget, seed)
     cfg.data.num_workers = opts.workers
-    loader = TimedLoader(
-        build_train_loader(
-            cfg.data,
-            method.make_collate(train=True),
-            seed=cfg.seed,
-            transform=method.make_transform(cfg.data, train=True),
-        )  # fmt: skip
-    )
+    loader = TimedLoader(method_loader(method, cfg.data, seed=cfg.seed))
     trainer = Trainer(cfg, method=method, loader=loader, output_dir=str(run_dir))
     t1, c1 = time.perf_counter(), time.process_time()
     summary = trainer.fit()

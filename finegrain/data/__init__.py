@@ -32,6 +32,7 @@ _EXPORTS = {
     "build_train_loader": "finegrain.data.loader",
     "TrainLoader": "finegrain.data.loader",
     "TooManyBrokenSamples": "finegrain.data.loader",
+    "method_loader": "finegrain.data.for_method",
     "generate_scene": "finegrain.data.synthetic",
     "SyntheticScenes": "finegrain.data.synthetic_sets",
     "eval_split": "finegrain.data.synthetic_sets",

@@ -48,7 +48,7 @@ class DataConfig(Checked):
     min_box_visible: float = 0.25  # drop a region keeping less than this fraction after a crop
     load_masks: bool = False  # decode `mask.png` members into sample["mask"] (evaluation data)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    # locked-tower feature cache (finegrain.train.feature_cache): '' = off, 'auto' = under
+    # locked-tower feature cache (finegrain.data.feature_cache): '' = off, 'auto' = under
     # $FINEGRAIN_HOME/cache/features, or a folder. The towers' frozen bottoms run once per image
     # crop and per caption; needs lock_frozen towers and a map-style source (jsonl/csv/synthetic)
     feature_cache: str = ""

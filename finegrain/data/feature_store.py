@@ -1,6 +1,6 @@
 """Memory-mapped feature stores on disk: one ``.npy`` array of rows + a CRC32 per row + meta.
 
-The locked-tower feature cache (``finegrain.train.feature_cache``) keeps the frozen bottoms'
+The locked-tower feature cache (``finegrain.data.feature_cache``) keeps the frozen bottoms'
 outputs here. A store is a folder ``<root>/<kind>-<key>/`` holding
 
 - ``data.npy``: (N, *row_shape) float32 (or any dtype), opened with ``np.load(mmap_mode="r")``;

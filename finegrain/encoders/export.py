@@ -9,9 +9,10 @@ layout options map to ``qk_norm``, ``pre_norm=ln_pre`` (timm's patch bias is ``n
 and ``act_layer``; pass ``norm_layer`` with the tower's ``norm_eps``. ``timm`` towers are
 exported as they are.
 
-Usage (writes ``backbone.pth`` = ``{"state_dict": ..., "timm_kwargs": ...}``)::
+Usage (writes ``backbone.pth`` = ``{"state_dict": ..., "timm_kwargs": ...}``; the command lives in
+``finegrain.interop.backbone`` because it loads a run)::
 
-    python -m finegrain.encoders.export runs/detailclip_vitb16 backbone.pth
+    python -m finegrain.interop.backbone runs/detailclip_vitb16 backbone.pth
 
 Load in timm::
 
@@ -30,7 +31,6 @@ crops, 160k iterations (BEiT/iBOT recipe). The position embedding is resized by 
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import torch
@@ -116,21 +116,3 @@ def export_image_backbone(method: nn.Module, path: str) -> dict[str, Any]:
     out = {"state_dict": sd, "timm_kwargs": kwargs}
     torch.save(out, path)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m finegrain.encoders.export",
-                                description="export the image backbone as a timm ViT state dict")  # fmt: skip
-    p.add_argument("checkpoint", help="run dir, checkpoint dir or .safetensors file")
-    p.add_argument("out", help="output .pth file")
-    args = p.parse_args(argv)
-    from finegrain.train.checkpoint import load_method
-
-    method, _ = load_method(args.checkpoint)
-    out = export_image_backbone(method, args.out)
-    print(f"wrote {args.out}: {len(out['state_dict'])} tensors, timm kwargs {out['timm_kwargs']}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

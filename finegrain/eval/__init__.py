@@ -3,7 +3,7 @@ fine-grained, long), zero-shot segmentation, reports.
 
 ``run_tasks(method, tasks)`` runs a list of ``EvalTaskConfig`` and returns flat metrics
 ``<task>/<dataset>[/<variant>]/<metric>``; the trainer calls it at its eval cadence and
-``finegrain eval`` (``finegrain.eval.cli``) from the command line.
+``finegrain eval`` (``finegrain.eval_cli``) from the command line.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ A *spec* names what to load:
   Sentence-T5 with its ``2_Dense``) -> ``clippy`` (``finegrain.interop.clippy``);
 - anything else without a prefix: a finegrain run directory, checkpoint directory or
   ``model.safetensors`` file, or a folder holding one run (``finegrain demo``'s output folder
-  or ``OUT/runs/<method>``: ``finegrain.train.run_dirs.resolve_run``).
+  or ``OUT/runs/<method>``: ``finegrain.checkpoint.run_dirs.resolve_run``).
 
 Every loader returns ``(method in eval mode, RunConfig)`` whose ``data.mean``/``data.std`` and
 ``method.image.image_size`` are the checkpoint's preprocessing, so evaluation and
@@ -27,14 +27,10 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from finegrain.config import load_yaml
-from finegrain.encoders.weights import load_into, load_state_dict_file
-from finegrain.methods.base import build_method
+from finegrain.checkpoint import LoadedRun, load_run
 from finegrain.run_config import RunConfig
-from finegrain.train.checkpoint import CheckpointError, find_config, weights_path
-from finegrain.train.integrity import verify_safetensors
 
 SPEC_PREFIXES = {
     "open_clip": "finegrain.interop.open_clip",
@@ -75,72 +71,40 @@ def run_config(method_cfg: Any, name: str, mean: tuple, std: tuple) -> Any:
     return cfg
 
 
-class LoadedSpec(NamedTuple):
-    """What a spec resolved to: the method (eval mode), its ``RunConfig`` and, for a finegrain
-    run, the ``model.safetensors`` actually loaded (a run dir resolves to its newest valid
-    checkpoint; ``None`` for other libraries' weights)."""
-
-    method: Any
-    cfg: Any
-    weights: Path | None
+LoadedSpec = LoadedRun  # (method, cfg, weights file of a finegrain run or None)
 
 
-def load_spec(spec: str, strict: bool = True, device: str = "cpu") -> LoadedSpec:
-    """Load any spec (see the module docstring) and say which weights file it resolved to, so a
-    report names the exact checkpoint without resolving the run dir a second time."""
+def load_spec(spec: str, strict: bool = True, device: str = "cpu") -> LoadedRun:
+    """Load any spec (see the module docstring): the one way a model is loaded for use
+    (``finegrain.load``, ``finegrain eval``, ``predict``, ``export``). A finegrain run goes
+    through ``finegrain.checkpoint.load_run``; ``weights`` names the file it resolved to (a
+    report names the exact checkpoint without resolving the run dir a second time), ``None`` for
+    other libraries' weights."""
     prefix, rest = split_spec(spec)
     if not prefix:
-        method, cfg, path = _load_run(rest, strict=strict)
-        return LoadedSpec(method.to(device).eval(), cfg, path)
+        valid = ", ".join(f"{p}:" for p in SPEC_PREFIXES)
+        hint = f"weights of other libraries need a spec prefix: {valid} (e.g. open_clip:MODEL=FILE)"
+        try:
+            return load_run(rest, strict=strict, device=device, other_formats=hint)
+        except FileNotFoundError as e:
+            if Path(rest).expanduser().exists():  # a folder without a run: said in full
+                raise
+            raise FileNotFoundError(f"{e}; or a spec: {SPEC_HINT}") from None
     module = importlib.import_module(SPEC_PREFIXES[prefix])
     method, cfg = module.load(rest, strict=strict)
-    return LoadedSpec(method.to(device).eval(), cfg, None)
+    return LoadedRun(method.to(device).eval(), cfg, None)
 
 
 def load_method_spec(spec: str, strict: bool = True, device: str = "cpu") -> tuple[Any, Any]:
-    """``(method in eval mode, RunConfig)`` for any spec (see the module docstring)."""
+    """``(method in eval mode, RunConfig)`` of ``load_spec``."""
     method, cfg, _ = load_spec(spec, strict=strict, device=device)
     return method, cfg
-
-
-def load_run(path_or_file: str, strict: bool = True) -> tuple[Any, Any]:
-    """A finegrain run dir, checkpoint dir or ``model.safetensors`` (config from the nearest
-    ``config.yaml`` above it) -> (method, RunConfig); weights checked by ``load_into``."""
-    method, cfg, _ = _load_run(path_or_file, strict=strict)
-    return method, cfg
-
-
-def _load_run(path_or_file: str, strict: bool) -> tuple[Any, Any, Path]:
-    valid = ", ".join(f"{p}:" for p in SPEC_PREFIXES)
-    try:  # newest *valid* checkpoint of a run dir; other file kinds refused
-        path = weights_path(Path(path_or_file).expanduser())
-    except CheckpointError as e:
-        raise CheckpointError(
-            f"{e}; weights of other libraries need a spec prefix: {valid}"
-        ) from None
-    except FileNotFoundError as e:
-        if Path(path_or_file).expanduser().exists():  # a folder without a run: said in full
-            raise
-        raise FileNotFoundError(f"{e}; or a spec: {SPEC_HINT}") from None
-    verify_safetensors(path)  # a truncated file is named before anything is built
-    try:
-        config_file = find_config(path.parent)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{path} is not part of a finegrain run (no config.yaml above it); weights of "
-            f"other libraries need a spec prefix: {valid} (e.g. open_clip:ViT-B-16={path})"
-        ) from None
-    cfg = load_yaml(RunConfig, config_file)
-    method = build_method(cfg.method)
-    load_into(method, load_state_dict_file(path), str(path), strict=strict)
-    return method.eval(), cfg, path
 
 
 __all__ = [
     "SPEC_PREFIXES",
     "LoadedSpec",
     "load_method_spec",
-    "load_run",
     "load_spec",
     "run_config",
     "split_spec",

@@ -29,12 +29,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from finegrain.interop import load_method_spec
+from finegrain.checkpoint.run_dirs import resolve_run
+from finegrain.interop import load_spec
 from finegrain.interop.common import image_tower, projection_weight, read_scale_bias
 from finegrain.interop.hf import export as hf_export
 from finegrain.interop.open_clip import _tower_state
 from finegrain.interop.open_clip import export as oc_export
-from finegrain.train.run_dirs import resolve_run
 
 FORMATS = ("open_clip", "hf", "towers")
 USER_ERROR = 2
@@ -116,7 +116,7 @@ def export(spec: str, fmt: str, out: Path) -> Path:
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format '{fmt}'; valid choices: {', '.join(FORMATS)}")
-    method, cfg = load_method_spec(spec)
+    method, cfg, _ = load_spec(spec)
     if fmt == "towers":
         return export_towers(method, out)
     # FLAIR's global path (CLS -> image_proj, EOT -> text_proj) is a CLIP model (its

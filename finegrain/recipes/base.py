@@ -18,8 +18,7 @@ from finegrain.data.config import DataConfig
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
 from finegrain.methods.base import MethodConfig
 from finegrain.registry import METHODS, RECIPES
-from finegrain.run_config import RunConfig
-from finegrain.train.config import TrainConfig
+from finegrain.run_config import RunConfig, TrainConfig
 
 __all__ = [
     "CC3M_RECAP_SAMPLES",

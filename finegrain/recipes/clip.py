@@ -39,7 +39,7 @@ from finegrain.recipes.base import (
     tiny_towers,
     vitb16_towers,
 )
-from finegrain.train.config import TrainConfig
+from finegrain.run_config import TrainConfig
 
 
 def synthetic_tasks(num_samples: int = 256, fine: bool = True) -> list[EvalTaskConfig]:
@@ -252,7 +252,7 @@ def clip_flickr8k_smoke() -> RunConfig:
 
 def _flickr8k_cached(smoke: bool) -> RunConfig:
     """clip_flickr8k with both towers locked (frozen blocks in eval mode) and their frozen
-    bottoms cached on disk (``data.feature_cache``, ``finegrain.train.feature_cache``)."""
+    bottoms cached on disk (``data.feature_cache``, ``finegrain.data.feature_cache``)."""
     if smoke:  # built-in scenes, so the smoke twin caches 32 images, not Flickr8k's 6000
         cfg = _flickr8k(smoke=True)
         cfg.data = smoke_data(batch_size=4, mean=IMAGENET_MEAN, std=IMAGENET_STD,

@@ -39,7 +39,7 @@ from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
 from finegrain.eval.config import EvalConfig, EvalTaskConfig
 from finegrain.recipes.base import RunConfig, method_config, recipe
 from finegrain.recipes.clip import _flickr8k, _smoke, synthetic_tasks
-from finegrain.train.config import TrainConfig
+from finegrain.run_config import TrainConfig
 
 CC12M_SAMPLES = 10_968_539  # the replication's --train-num-samples (CC-12M as downloaded)
 DINO_FILE = "dino_vitbase16_pretrain.pth"  # DINO's released ViT-B/16 backbone weights

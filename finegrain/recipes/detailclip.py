@@ -30,7 +30,7 @@ from finegrain.recipes.base import (
     vitb16_towers,
 )
 from finegrain.recipes.clip import synthetic_tasks
-from finegrain.train.config import TrainConfig
+from finegrain.run_config import TrainConfig
 
 YFCC15M_SAMPLES = 15_388_848  # SLIP's YFCC15M subset (Mu et al. 2022), as A-CLIP / DetailCLIP
 GPUS, PER_GPU = 16, 256

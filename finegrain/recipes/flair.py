@@ -31,7 +31,7 @@ from finegrain.recipes.base import (
     vitb16_towers,
 )
 from finegrain.recipes.clip import clip_flickr8k, clip_flickr8k_smoke
-from finegrain.train.config import TrainConfig
+from finegrain.run_config import TrainConfig
 
 # The paper's CC3M-recap run: 32 epochs at 8 GPUs x 128 (2 nodes x 4).
 PAPER_EPOCHS = 32

@@ -37,7 +37,7 @@ from finegrain.recipes.base import (
     tiny_towers,
     vitb16_towers,
 )
-from finegrain.train.config import TrainConfig
+from finegrain.run_config import TrainConfig
 
 # The released code trains on CC3M / CC12M; CC3M-sized (3M) is the default scale.
 PAPER_EPOCHS = 35

@@ -12,7 +12,6 @@ _EXPORTS = {
     "Trainer": "finegrain.train.trainer",
     "train": "finegrain.train.trainer",
     "NonFiniteLossError": "finegrain.train.trainer",
-    "load_method": "finegrain.train.checkpoint",
     "cosine_lr": "finegrain.train.optim",
     "build_optimizer": "finegrain.train.optim",
     "exact_accumulation": "finegrain.train.step",

@@ -1,22 +1,15 @@
-"""Checkpoints: atomic, resumable, loadable for evaluation.
+"""Writing checkpoints (atomic, pruned) and finding the one to resume from.
 
-Layout of a run directory::
-
-    <run>/config.yaml                 resolved RunConfig
-    <run>/ckpt/step_0000050/model.safetensors
-    <run>/ckpt/step_0000050/state.pt  optimizer, scaler, RNG, data position, step (weights_only)
-    <run>/ckpt/latest                 text file naming the newest complete step directory
+The run directory layout, finding the newest (valid) checkpoint, verifying and reading weights
+live below ``train`` in ``finegrain.checkpoint`` (evaluation, interop and the API read runs
+without importing the trainer); loading a model for use is ``finegrain.checkpoint.load_run``.
 
 A checkpoint is written into a temporary sibling directory, every file fsynced, then moved in
 place with ``os.replace``; ``latest`` is rewritten the same way afterwards. A crash at any
 moment leaves either the previous or the new checkpoint complete, never a half-written one.
-
-Reading verifies before trusting (``verify_checkpoint``): the safetensors header parses and its
-tensors end exactly at the end of the file (a truncated or padded file is refused), and
-``state.pt`` is a complete zip archive that loads with ``weights_only=True`` (a pickle that
-would build arbitrary objects is refused, never executed). ``--resume latest`` takes the newest
-checkpoint that verifies and says which newer ones it skipped and why. Every failure is a
-``CheckpointError`` (a ``ValueError``: one line naming the file, exit code 2 on the CLI).
+``--resume latest`` takes the newest checkpoint that verifies and says which newer ones it
+skipped and why. Every failure is a ``CheckpointError`` (a ``ValueError``: one line naming the
+file, exit code 2 on the CLI).
 """
 
 from __future__ import annotations
@@ -30,17 +23,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from finegrain.config import ConfigError, load_yaml, to_dict
-from finegrain.methods.base import Method, build_method
+from finegrain.checkpoint.files import (
+    MODEL_FILE,
+    STATE_FILE,
+    STEP_PREFIX,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    load_weights,
+    verify_checkpoint,
+)
+from finegrain.checkpoint.integrity import CheckpointError, load_trusted
+from finegrain.config import to_dict
 from finegrain.run_config import RunConfig
-from finegrain.train.integrity import CheckpointError, load_trusted, verify_safetensors
-from finegrain.train.run_dirs import CONFIG_FILE, MODEL_FILE, resolve_run
-
-STEP_PREFIX = "step_"
-STATE_FILE = "state.pt"
 
 
 # ---- RNG -----------------------------------------------------------------------------
@@ -147,64 +143,7 @@ def prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete step directories under ``root``, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    dirs = [
-        d
-        for d in root.iterdir()
-        if d.is_dir()
-        and d.name.startswith(STEP_PREFIX)
-        and (d / MODEL_FILE).is_file()
-        and (d / STATE_FILE).is_file()
-    ]
-    return sorted(dirs, key=lambda d: d.name)
-
-
-# ---- verifying -----------------------------------------------------------------------
-def verify_checkpoint(ckpt_dir: str | Path, *, state: bool = True) -> None:
-    """Raise ``CheckpointError`` unless ``ckpt_dir`` holds a sound ``model.safetensors`` (and,
-    with ``state``, a ``state.pt`` that loads weights-only)."""
-    ckpt_dir = Path(ckpt_dir)
-    verify_safetensors(ckpt_dir / MODEL_FILE)
-    if state:
-        st = load_trusted(ckpt_dir / STATE_FILE)
-        if not isinstance(st, dict) or "step" not in st:
-            raise CheckpointError(f"corrupt checkpoint {ckpt_dir / STATE_FILE}: no trainer state")
-
-
-def latest_valid_checkpoint(
-    run_dir: str | Path, *, state: bool = True
-) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint of a run that verifies, and one note per newer one skipped."""
-    notes: list[str] = []
-    for cand in reversed(list_checkpoints(Path(run_dir) / "ckpt")):
-        try:
-            verify_checkpoint(cand, state=state)
-        except CheckpointError as e:
-            notes.append(f"skipping {cand.name}: {e}")
-            continue
-        if notes:
-            notes.append(f"falling back to {cand.name}, the newest valid checkpoint")
-        return cand, notes
-    return None, notes
-
-
-# ---- reading -------------------------------------------------------------------------
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run (``latest`` pointer, else the highest step)."""
-    root = Path(run_dir) / "ckpt"
-    pointer = root / "latest"
-    if pointer.is_file():
-        cand = root / pointer.read_text().strip()
-        if (cand / MODEL_FILE).is_file() and (cand / STATE_FILE).is_file():
-            return cand
-    found = list_checkpoints(root)
-    return found[-1] if found else None
-
-
+# ---- resuming ------------------------------------------------------------------------
 def find_resume(resume: str, run_dir: str | Path) -> tuple[Path, list[str]]:
     """(checkpoint dir, notes) for ``--resume``: ``latest`` (or a run dir) -> its newest
     *valid* checkpoint, the notes naming newer ones skipped; a checkpoint dir is verified."""
@@ -241,34 +180,6 @@ def load_state(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     return weights, state
 
 
-def load_weights(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file after ``verify_safetensors`` (one-line errors)."""
-    verify_safetensors(path)
-    try:
-        return load_file(str(path), device=device)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"corrupt checkpoint {path}: {e}") from None
-
-
-def check_compatible(method: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
-    """One-line ``ValueError`` when ``weights`` do not fit ``method`` (names or shapes)."""
-    own = method.state_dict()
-    missing = sorted(set(own) - set(weights))
-    extra = sorted(set(weights) - set(own))
-    if missing or extra:
-        raise ValueError(
-            f"incompatible checkpoint {where}: {len(missing)} missing keys (e.g. "
-            f"{missing[:2]}), {len(extra)} unexpected keys (e.g. {extra[:2]}); "
-            "was it trained with a different method or tower config?"
-        )
-    for k, v in own.items():
-        if tuple(v.shape) != tuple(weights[k].shape):
-            raise ValueError(
-                f"incompatible checkpoint {where}: '{k}' has shape {tuple(weights[k].shape)}, "
-                f"the model expects {tuple(v.shape)}; was it trained with a different config?"
-            )
-
-
 def check_same_method(saved_cfg: RunConfig, cfg: RunConfig, where: str) -> None:
     """Refuse resuming a run whose method config differs (names the first differing key)."""
     a, b = to_dict(saved_cfg.method), to_dict(cfg.method)
@@ -285,74 +196,15 @@ def _first_diff(a: Any, b: Any, where: str) -> str:
     return f"{where} ({a!r} vs {b!r})"
 
 
-def find_config(path: Path) -> Path:
-    for cand in (path, *path.parents[:3]):
-        if (cand / CONFIG_FILE).is_file():
-            return cand / CONFIG_FILE
-    raise FileNotFoundError(f"no {CONFIG_FILE} found next to or above {path}")
-
-
-def weights_path(run_or_file: str | Path) -> Path:
-    """The ``model.safetensors`` of a run dir (newest valid checkpoint, notes on stderr), of the
-    one run under a folder of runs (``run_dirs.resolve_run``: a demo output folder), a
-    checkpoint dir or the file itself; ``CheckpointError`` for other file kinds."""
-    path = resolve_run(run_or_file)
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise CheckpointError(
-                f"{path}: expected a .safetensors weights file, a checkpoint dir or a run dir, "
-                f"not a '{path.suffix or path.name}' file (pickles are never loaded for eval)"
-            )
-        return path
-    if (path / MODEL_FILE).is_file():
-        return path / MODEL_FILE
-    ckpt, notes = latest_valid_checkpoint(path, state=False)
-    for note in notes:
-        print(f"finegrain: {note}", file=sys.stderr)
-    if ckpt is None:
-        if notes:
-            raise CheckpointError(f"no valid checkpoint under {path / 'ckpt'} ({notes[0]})")
-        raise FileNotFoundError(f"no checkpoint under {path / 'ckpt'}")
-    return ckpt / MODEL_FILE
-
-
-def load_method(run_or_file: str, map_location: str = "cpu") -> tuple[Method, RunConfig]:
-    """Build the trained method of a run dir, checkpoint dir, or ``.safetensors`` file.
-
-    The config is read from the nearest ``config.yaml`` at or above the path. Returns
-    ``(method in eval mode, RunConfig)``.
-    """
-    weights_file = weights_path(run_or_file)
-    verify_safetensors(weights_file)  # a truncated file is named before anything is built
-    cfg = load_yaml(RunConfig, find_config(weights_file.parent))
-    method = build_method(cfg.method)
-    weights = load_weights(weights_file, device=map_location)
-    check_compatible(method, weights, str(weights_file))
-    method.load_state_dict(weights)
-    if map_location != "cpu":
-        method.to(map_location)
-    return method.eval(), cfg
-
-
 __all__ = [
-    "CheckpointError",
-    "ConfigError",
-    "check_compatible",
     "check_same_method",
-    "latest_checkpoint",
-    "list_checkpoints",
-    "load_method",
-    "latest_valid_checkpoint",
-    "load_state",
-    "load_trusted",
-    "load_weights",
-    "model_state",
     "find_resume",
+    "load_state",
+    "model_state",
+    "prune",
     "resolve_resume",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
-    "verify_checkpoint",
-    "verify_safetensors",
-    "weights_path",
+    "write_atomic_text",
 ]

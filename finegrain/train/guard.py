@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from finegrain.checkpoint import latest_valid_checkpoint
 from finegrain.train import checkpoint as ckpt
 from finegrain.train import distributed as dist_utils
 
@@ -120,7 +121,7 @@ def claim_run_dir(run_dir: Path, resume: str | None, overwrite: bool,
     if resume is None and restarted:
         resume = "auto"
     if resume == "auto":
-        found, _ = ckpt.latest_valid_checkpoint(run_dir)
+        found, _ = latest_valid_checkpoint(run_dir)
         resume, overwrite = ("latest", overwrite) if found is not None else (None, True)
     notes: list[str] = []
     resume_dir, held = None, None

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from finegrain.train.config import TrainConfig
+from finegrain.run_config import TrainConfig
 
 
 def cosine_lr(step: int, *, base_lr: float, warmup: int, total: int, min_lr: float = 0.0) -> float:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from finegrain.checkpoint import check_compatible, latest_checkpoint
 from finegrain.train import checkpoint as ckpt
 from finegrain.train import distributed as dist_utils
 from finegrain.train import guard
@@ -41,7 +42,7 @@ def load_run_state(
 ) -> ResumePoint:
     """Load weights, scaler, this rank's data position and RNG state from ``resume_dir``."""
     weights, state = ckpt.load_state(resume_dir)
-    ckpt.check_compatible(method, weights, str(resume_dir))
+    check_compatible(method, weights, str(resume_dir))
     method.load_state_dict(weights)
     scaler.load_state_dict(state["scaler"])
     per_rank = state["per_rank"]
@@ -103,7 +104,7 @@ def save_run_state(
         try:
             path = ckpt.save_checkpoint(root, step, weights, state, keep_last)
         except OSError as e:  # disk full, read-only, quota: stop, the last one is intact
-            prev = ckpt.latest_checkpoint(run_dir)
+            prev = latest_checkpoint(run_dir)
             raise guard.CheckpointWriteError(
                 f"cannot write the step {step} checkpoint under {root}: "
                 f"{e.strerror or e}; the previous checkpoint "

@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
+from finegrain.checkpoint import CONFIG_FILE, find_config
 from finegrain.config import finegrain_home, load_yaml, save_yaml, to_dict
-from finegrain.data.loader import build_train_loader
+from finegrain.data.for_method import method_loader
 from finegrain.methods.base import build_method
 from finegrain.outputs import MethodOutput
 from finegrain.run_config import RunConfig, validate_trainer
@@ -30,7 +31,6 @@ from finegrain.train import checkpoint as ckpt
 from finegrain.train import distributed as dist_utils
 from finegrain.train import guard, nonfinite
 from finegrain.train.evaluation import evaluate_during_training
-from finegrain.train.feature_cache import build_cached_loader
 from finegrain.train.guard import ensure_writable as ensure_writable  # re-exported
 from finegrain.train.logging import RunLogger, write_json
 from finegrain.train.nonfinite import NonFiniteLossError as NonFiniteLossError  # re-exported
@@ -73,24 +73,15 @@ class Trainer:
             method = build_method(cfg.method)
         self.method = method.to(self.device)
         self.method.train()
-        if loader is None and cfg.data.feature_cache:  # frozen bottoms cached on disk
-            loader = build_cached_loader(
-                cfg.data,
+        if loader is None:  # the method's batches (cached frozen bottoms with data.feature_cache)
+            loader = method_loader(
                 self.method,
+                cfg.data,
                 rank=self.info.rank,
                 world_size=self.info.world_size,
                 seed=cfg.seed,
                 device=self.device,
                 barrier=dist_utils.barrier if self.info.enabled else None,
-            )
-        if loader is None:
-            loader = build_train_loader(
-                cfg.data,
-                self.method.make_collate(train=True),
-                rank=self.info.rank,
-                world_size=self.info.world_size,
-                seed=cfg.seed,
-                transform=self.method.make_transform(cfg.data, train=True),
             )
         self.loader = loader
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.t.precision == "fp16")
@@ -118,7 +109,7 @@ class Trainer:
 
     def _check_resume_config(self, resume_dir: Path) -> None:
         try:
-            saved = load_yaml(RunConfig, ckpt.find_config(resume_dir))
+            saved = load_yaml(RunConfig, find_config(resume_dir))
         except FileNotFoundError:
             return
         ckpt.check_same_method(saved, self.cfg, str(resume_dir))
@@ -207,7 +198,7 @@ class Trainer:
         """Train to ``train.steps``; returns the run summary (also written to summary.json)."""
         t, info = self.t, self.info
         if info.is_main:
-            save_yaml(self.cfg, self.run_dir / ckpt.CONFIG_FILE)
+            save_yaml(self.cfg, self.run_dir / CONFIG_FILE)
         log = RunLogger(
             self.run_dir,
             rank=info.rank,

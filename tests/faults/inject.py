@@ -54,7 +54,7 @@ def toy_faults_recipe():  # noqa: ANN201
     return cfg
 
 
-def toy_loader(cfg, collate, *, rank=0, world_size=1, seed=0, **kw):  # noqa: ANN001, ANN003, ANN201
+def toy_loader(method, cfg, *, rank=0, world_size=1, seed=0, **kw):  # noqa: ANN001, ANN003, ANN201
     from helpers import toy_method
 
     return toy_method.ToyLoader(batch_size=cfg.batch_size, seed=seed, rank=rank,
@@ -89,7 +89,7 @@ def toy_setup() -> list[tuple[object, str, object]]:
 
     if "toy_faults" not in RECIPES:
         RECIPES.add("toy_faults", toy_faults_recipe)
-    return [(trainer, "build_train_loader", toy_loader), (evaluation, "run_tasks", toy_eval)]
+    return [(trainer, "method_loader", toy_loader), (evaluation, "run_tasks", toy_eval)]
 
 
 def _applies() -> bool:

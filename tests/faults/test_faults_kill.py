@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finegrain.train.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
+from finegrain.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 INJECT = Path(__file__).resolve().parent / "inject.py"

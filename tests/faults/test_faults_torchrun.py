@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finegrain.train.checkpoint import latest_checkpoint
+from finegrain.checkpoint import latest_checkpoint
 
 from helpers import torchrun
 

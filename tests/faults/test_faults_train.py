@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from finegrain.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
 from finegrain.outputs import MethodOutput
 from finegrain.train import checkpoint as ckpt
-from finegrain.train.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
 from finegrain.train.trainer import NonFiniteLossError, Trainer
 
 from helpers.toy_method import ToyCLIP, ToyConfig, ToyLoader, toy_run_config

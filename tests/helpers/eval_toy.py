@@ -164,7 +164,7 @@ def color_scene(colors: list[str], size: int = 32) -> tuple[Image.Image, np.ndar
 
 
 def register_toy() -> None:
-    """Make ``method.name=toy`` loadable by ``finegrain.train.checkpoint.load_method``."""
+    """Make ``method.name=toy`` loadable by ``finegrain.checkpoint.load_run``."""
     from finegrain.registry import METHODS
 
     try:

@@ -1,4 +1,4 @@
-"""File-level integrity checks for checkpoints (no dependency on the rest of ``train``).
+"""File-level integrity checks for checkpoints (a leaf: torch and the standard library only).
 
 ``verify_safetensors`` is cheap: it reads the header and checks that the tensors end exactly at
 the end of the file, which catches truncated and padded writes without reading any tensor.

@@ -21,6 +21,9 @@ line and in ``failed.json`` while the other tasks' results are written; the exit
 Writes ``results.json`` and ``results.md`` (one column per checkpoint) and the plots
 under ``--out`` (default ``<run>/eval``; a folder that holds earlier results is never reused:
 the next free ``<out>-2``, ``<out>-3``... is taken and named on stderr) and prints the table.
+
+A top-level module, not part of ``finegrain.eval``: it loads checkpoints
+(``finegrain.interop.load_spec``), which sit above the evaluation package (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -31,13 +34,13 @@ import re
 import sys
 from pathlib import Path
 
+from finegrain.checkpoint.run_dirs import resolve_run
 from finegrain.config import ConfigError, from_dict
 from finegrain.eval import run_tasks, write_report
 from finegrain.eval.config import EvalTaskConfig, task_config_class
 from finegrain.eval.report import failed_lines, markdown_table
 from finegrain.interop import load_spec, split_spec
 from finegrain.registry import EVAL_TASK_CONFIGS, suggest
-from finegrain.train.run_dirs import resolve_run
 
 USER_ERROR = 2
 
