@@ -210,6 +210,8 @@ def test_recipes() -> None:
     smoke = get_recipe("flair_smoke")
     assert smoke.data.source == "synthetic" and smoke.train.device == "cpu"
     assert smoke.method.logit_bias_init == "prior"  # small batches (docs/flair_scenes.md)
+    # the released mix's counterpart: alt-text + short caption + long caption's sentences
+    assert smoke.method.caption_fields == ["caption", "captions", "sentences"]
     scorings = {task.scoring for task in smoke.eval.tasks}
     assert scorings == {"global", "conditioned"}
     with pytest.raises(ValueError):
