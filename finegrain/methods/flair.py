@@ -120,7 +120,7 @@ class FLAIRConfig(MethodConfig):
 def prior_logit_bias(batch_size: int) -> float:
     """The log-odds of a positive pair in L^mps at batch ``B``: ln((1/B) / (1 - 1/B)) = -ln(B - 1).
 
-    SigLIP's b = -10 (Zhai et al. 2023, Sec. 3.2) puts the initial logits at the prior of its
+    SigLIP's b = -10 (Zhai et al. 2023, Sec. 3.2) puts the initial logits near the prior of its
     32k batch; FLAIR's release keeps -10. At the small batches of a CPU run (B = 32: prior
     -3.4) the bias cannot travel that far in a few hundred AdamW steps (|db| <= lr per step),
     so the embeddings emulate it instead: all images and texts collapse into one cone where
