@@ -14,7 +14,7 @@ import finegrain.encoders  # noqa: F401  (registers the towers)
 from finegrain.config import ConfigError, from_dict
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
 from finegrain.methods.base import MethodConfig, build_method
-from finegrain.methods.flair import FLAIR, FLAIRConfig, caption_pool
+from finegrain.methods.flair import FLAIR, FLAIRConfig, caption_pool, prior_logit_bias
 from finegrain.registry import METHODS
 
 K = 3
@@ -131,6 +131,34 @@ def test_logit_scale_clamped_after_step() -> None:
     assert math.isclose(m.logit_scale.item(), math.log(100), rel_tol=1e-6)
 
 
+def test_prior_logit_bias_values() -> None:
+    assert math.isclose(prior_logit_bias(32), -math.log(31))  # log-odds of 1 positive in 32
+    assert math.isclose(prior_logit_bias(1025), -math.log(1024))
+    assert prior_logit_bias(2) == 0.0 and prior_logit_bias(1) == 0.0
+
+
+def test_logit_bias_prior_set_once_by_first_training_forward(batch: dict) -> None:
+    torch.manual_seed(0)
+    m = FLAIR(tiny_cfg())
+    assert m.logit_bias.item() == -10.0
+    with torch.no_grad():
+        m.eval()(batch)  # evaluation never initialises
+    assert m.logit_bias.item() == -10.0
+    m.train()(batch)  # B = 4 images
+    assert math.isclose(m.logit_bias.item(), -math.log(3), rel_tol=1e-6)
+    with torch.no_grad():
+        m.logit_bias.fill_(-1.25)  # as if trained
+    m(batch)
+    assert m.logit_bias.item() == -1.25, "the prior is set once, not at every forward"
+    resumed = FLAIR(tiny_cfg())
+    resumed.load_state_dict(m.state_dict())  # a loaded b (resume, released weights) is kept
+    resumed.train()(batch)
+    assert resumed.logit_bias.item() == -1.25
+    fixed = FLAIR(tiny_cfg(logit_bias_init="fixed"))  # the released behaviour
+    fixed.train()(batch)
+    assert fixed.logit_bias.item() == -10.0
+
+
 def test_collate_bad_input_and_caption_sources(model: FLAIR) -> None:
     collate = model.make_collate()
     samples = [sample(0, sentences=["One sentence only."]),  # fewer sentences than K
@@ -177,9 +205,13 @@ def test_recipes() -> None:
         "bf16",
     )
     assert d.batch_size == 128 and d.source == "wds"
+    assert m.logit_bias_init == "fixed" and m.init_logit_bias == -10.0  # released, paper batch
     assert t.steps == steps_for_epochs(2_823_019, 32, 1024) == 32 * 2756
     smoke = get_recipe("flair_smoke")
     assert smoke.data.source == "synthetic" and smoke.train.device == "cpu"
+    assert smoke.method.logit_bias_init == "prior"  # small batches (docs/flair_scenes.md)
+    # the released mix's counterpart: alt-text + short caption + long caption's sentences
+    assert smoke.method.caption_fields == ["caption", "captions", "sentences"]
     scorings = {task.scoring for task in smoke.eval.tasks}
     assert scorings == {"global", "conditioned"}
     with pytest.raises(ValueError):

@@ -5,6 +5,10 @@
   ``data.train=``), lr 5e-4, 2000 warmup steps, AdamW (0.9, 0.98), eps 1e-8, wd 0.5, batch 128
   per GPU, 32 epochs, AMP (bf16 here; the released script uses fp16 ``amp``).
 - ``flair_smoke``: tiny native ViT at 64 px on the built-in synthetic scenes, CPU, a few steps.
+  Caption pool ``SCENE_FIELDS``: the scenes' alt-text, short caption and long-caption sentences,
+  the analogue of the released mix (alt-text + short + long MLLM captions); the benchmark
+  (``finegrain demo``) takes it from here. Sentences alone never show the model the short
+  captions and class prompts the scenes are evaluated with (docs/flair_scenes.md).
 - ``flair_flickr8k`` / ``flair_flickr8k_smoke``: the towers, data and budget of
   ``clip_flickr8k`` / ``clip_flickr8k_smoke`` (``finegrain.recipes.clip``) with the method
   swapped to FLAIR; Flickr8k's 5 human captions are the caption pool for sub-caption sampling
@@ -65,6 +69,7 @@ def flair_vitb16() -> RunConfig:
         max_sentences=3,
         pool_heads=8,
         caption_fields=list(DREAMLIP_FIELDS),
+        logit_bias_init="fixed",  # released b = -10 (near the prior of 1k x 8 texts)
     )
     data = DataConfig(
         source="wds",
@@ -89,6 +94,10 @@ def flair_vitb16() -> RunConfig:
     return RunConfig(name="flair_vitb16", method=method, data=data, train=train, eval=evals)
 
 
+# the scenes' counterpart of DREAMLIP_FIELDS: alt-text, short caption, long caption's sentences
+SCENE_FIELDS = ("caption", "captions", "sentences")
+
+
 @recipe("flair_smoke")
 def flair_smoke() -> RunConfig:
     """FLAIR, tiny ViT at 64 px on the built-in synthetic scenes, CPU, a few steps."""
@@ -98,6 +107,7 @@ def flair_smoke() -> RunConfig:
         num_subcaptions=4,
         max_sentences=2,
         pool_heads=4,
+        caption_fields=list(SCENE_FIELDS),
     )
     evals = EvalConfig(tasks=_retrieval_tasks("synthetic", "sentences", num_samples=32))
     return RunConfig(
