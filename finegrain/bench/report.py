@@ -122,23 +122,31 @@ def _short(metric: str) -> str:
             "acc1": "top-1", "miou": "mIoU"}.get(metric, metric)  # fmt: skip
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:+.1f}"
+def _pct(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{100 * v:+.{digits}f}"
 
 
 def claims_markdown(claims: list[dict[str, Any]]) -> str:
-    lines = ["| claim | verdict | method | CLIP | difference (points) | 95% CI (paired bootstrap) | seeds held |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    """The claims table, in points with two decimals (a verdict is never read off a rounded
+    number: it is taken on exact values, which results.json keeps)."""
+    lines = ["| claim | verdict | method | CLIP | difference (points) | 95% CI (paired bootstrap) "
+             "| half-width | smallest effect of interest | seeds above it |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for c in claims:
+        margin = f"{100 * c['margin']:.2f} ({c['margin_source']})" if "margin" in c else "-"
         if "diff" not in c:
-            lines.append(f"| {c['claim']} | **{c['verdict']}** | - | - | - | - | - |")
+            lines.append(
+                f"| {c['claim']} | **{c['verdict']}** | - | - | - | - | - | {margin} | - |"
+            )
             continue
         ci = "-" if c["ci_low"] is None else f"[{_pct(c['ci_low'])}, {_pct(c['ci_high'])}]"
-        spread = "" if c["seed_std"] is None else f" (± {100 * c['seed_std']:.1f} over seeds)"
-        lines.append(f"| {c['claim']} | **{c['verdict']}** | {100 * c['value']:.1f} | "
-                     f"{100 * c['baseline']:.1f} | {_pct(c['diff'])}{spread} | {ci} | "
-                     f"{c['seeds_held']}/{c['seeds']} |")  # fmt: skip
-    return "\n".join(lines) + "\n"
+        half = "-" if c.get("half_width") is None else f"{100 * c['half_width']:.2f}"
+        spread = "" if c["seed_std"] is None else f" (± {100 * c['seed_std']:.2f} over seeds)"
+        lines.append(f"| {c['claim']} | **{c['verdict']}** | {100 * c['value']:.2f} | "
+                     f"{100 * c['baseline']:.2f} | {_pct(c['diff'])}{spread} | {ci} | {half} | "
+                     f"{margin} | {c['seeds_held']}/{c['seeds']} |")  # fmt: skip
+    notes = [f"- {c['claim']}: {c['note']}" for c in claims if c.get("note") and "diff" in c]
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
 def timing_rows(runs: list[Any]) -> list[dict[str, Any]]:
@@ -201,8 +209,12 @@ def render_markdown(d: dict[str, Any], table: tuple[list[str], list[list[str]]],
         "Versions: " + ", ".join(f"{k} {v}" for k, v in d["versions"].items()) + "\n",
         "## Claims of the papers\n",
         "Each row: the method minus CLIP on the same evaluation images, in percentage points; "
-        "95% interval from a paired bootstrap over the images (1000 draws). Verdict `held` needs "
-        "the whole interval above 0; `not significant`: above 0 but the interval includes 0.\n",
+        "95% interval from a paired bootstrap over the images (1000 draws); half-width = half its "
+        "length (about the smallest difference this run can detect). Each claim's smallest effect "
+        "of interest m: `held` = the whole interval above m; `equivalent` = inside (-m, m); "
+        "`did not hold` = the whole interval below 0 (and not inside (-m, m)); `inconclusive` = "
+        "anything else (e.g. above 0 but not above m); `tie (identical per-image values)` = both "
+        "methods gave the same value on every image. Exact values are in results.json.\n",
         claims_markdown(d["claims"]),
         "## Results (mean over seeds; n/a = the method cannot do the task)\n",
         "\n".join(results) + "\n",
