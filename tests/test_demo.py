@@ -98,7 +98,7 @@ def test_refuses_a_folder_with_another_report(quick, capsys):
         (["--methods", "clip,flar"], "did you mean 'flair'"),
         (["--methods", "nope"], "valid choices: clip"),
         (["--steps", "0"], "--steps must be >= 1"),
-        (["--image-size", "50"], "not a multiple of 32"),
+        (["--image-size", "50"], "not a multiple of 16"),
         (["--image-size", "32"], "below 64"),
         (["--seeds", "0"], "--seeds must be >= 1"),
         (["--device", "tpu"], "--device must be cpu or cuda"),
@@ -306,16 +306,44 @@ def test_per_image_values_of_other_tasks():
 
 
 def test_budget_sizes_the_linear_probe_training_split_too():
-    """``eval_images`` sizes the probe's own training split as well as its test split (the
-    quick run once trained the probe on the default 256 scenes: most of its evaluation time);
-    the default budget's 256 is the probe's default, so default runs are unchanged."""
-    from finegrain.bench.config import Budget
+    """The probe's training split follows ``probe_train`` (else ``eval_images``), so a small
+    budget shrinks the whole task and a large test split does not grow the probe's training."""
+    from finegrain.bench.config import QUICK
     from finegrain.bench.tasks import _task_config, task_specs
-    from finegrain.eval.config import LinearProbeTaskConfig
 
     specs = {s.key: s for s in task_specs()}
     probe = _task_config(specs["segmentation/linear_probe"], 16)
     assert (probe.num_train, probe.num_samples) == (16, 16)
-    assert Budget().eval_images == LinearProbeTaskConfig().num_train
-    zs = _task_config(specs["shape/names"], 16)
+    probe = _task_config(specs["segmentation/linear_probe"], 512, QUICK.probe_train)
+    assert (probe.num_train, probe.num_samples) == (QUICK.probe_train, 512)
+    zs = _task_config(specs["shape/names"], 16, 8)
     assert zs.num_samples == 16 and not hasattr(zs, "num_train")
+
+
+def test_tiers_full_and_quick_and_seeds():
+    """``--full`` is 3 seeds of the larger budget, ``--seeds`` overrides; the estimate of the
+    default run of six methods stays within the 10-minute budget, the full tier within 60."""
+    from finegrain.bench.config import FULL, QUICK, Budget
+    from finegrain.bench.run import estimate_s, options_from_args
+
+    parser = cli._parser()
+    full = options_from_args(parser.parse_args(["demo", "--full"]), ["demo", "--full"])
+    assert full.budget == FULL and full.seeds == 3
+    two = parser.parse_args(["demo", "--full", "--seeds", "2"])
+    assert options_from_args(two, []).seeds == 2
+    quick = options_from_args(parser.parse_args(["demo", "--quick"]), [])
+    assert quick.budget == QUICK and quick.seeds == 1
+    six = methods_to_run(None)
+    assert estimate_s(six, Budget(), 1) <= 600 and estimate_s(six, FULL, 3) <= 3600
+    assert FULL.grid >= 8 and Budget().grid >= 8
+
+
+def test_median_half_width_and_power_line():
+    from finegrain.bench.report import median_half_width, power_line
+
+    claims = [{"half_width": 0.03}, {"half_width": 0.01}, {"verdict": "not run"},
+              {"half_width": 0.05}, {"half_width": None}]  # fmt: skip
+    assert median_half_width(claims) == 0.03
+    assert median_half_width(claims[:2]) == pytest.approx(0.02)
+    assert "3.00 points" in power_line(claims)
+    assert median_half_width([{"verdict": "not run"}]) is None

@@ -150,8 +150,9 @@ def check_claim(
     half = None if lo is None else (hi - lo) / 2
     out.update(ci_low=lo, ci_high=hi, half_width=half, verdict=verdict(lo, hi, claim.margin, tie))
     if tie:
-        out["note"] = ("both methods gave the same value on every evaluation image (e.g. a token "
-                       "grid too coarse for them to differ): no evidence either way")  # fmt: skip
+        out["note"] = ("both methods gave the same value on every evaluation image (e.g. both "
+                       "predict the same class everywhere, or a token grid too coarse for them "
+                       "to differ): no evidence either way")  # fmt: skip
     return out
 
 
