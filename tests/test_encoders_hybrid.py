@@ -110,3 +110,17 @@ def test_every_method_trains_on_the_hybrid_tower(one_thread):
         assert cfg.method.image.name == "hybrid", name
         towers = [m for m in method.modules() if isinstance(m, HybridTower)]
         assert towers and towers[0].num_patches((QUICK.image_size,) * 2) == (8, 8), name
+
+
+def test_a_recipe_takes_the_hybrid_tower_by_override(one_thread):
+    """A normal tower type: any recipe selects it with ``method.image.name=hybrid``."""
+    from finegrain.cli import build_config
+    from finegrain.encoders.hybrid import HybridTower
+    from finegrain.methods.base import build_method
+
+    over = ["method.image.name=hybrid", "method.image.pretrained=package",
+            "method.image.patch_size=16", "method.image.image_size=128", "data.image_size=128"]  # fmt: skip
+    cfg = build_config("clip_smoke", None, over)
+    method = build_method(cfg.method)
+    assert isinstance(method.image, HybridTower)
+    assert method.image(torch.zeros(2, 3, 128, 128)).grid_hw == (8, 8)
