@@ -69,12 +69,15 @@ def _parser() -> argparse.ArgumentParser:
                        "one budget on the built-in scenes (CPU, <= 10 min), evaluated on every "
                        "task; writes report.md, results.json and PNG figures.")  # fmt: skip
     d.add_argument("--methods", help="comma-separated subset (default: every registered method)")
-    d.add_argument("--steps", type=int, help="training steps per method (default 150)")
-    d.add_argument("--image-size", type=int, help="pixels, a multiple of 32 (default 64)")
+    d.add_argument("--steps", type=int, help="training steps per method (default 200)")
+    d.add_argument("--image-size", type=int, help="pixels, a multiple of 16, >= 64 (default 128)")
     d.add_argument("--device", help="cpu (default) | cuda")
     d.add_argument("--out", help="output folder (default $FINEGRAIN_HOME/demo/<time>)")
-    d.add_argument("--seeds", type=int, default=1, help="train each method with N seeds")
-    d.add_argument("--quick", action="store_true", help="a 1-minute smoke of the same pipeline")
+    d.add_argument("--seeds", type=int, help="train each method with N seeds (default 1; --full 3)")
+    tier = d.add_mutually_exclusive_group()
+    tier.add_argument("--quick", action="store_true", help="a 1-minute smoke of the same pipeline")
+    tier.add_argument("--full", action="store_true",
+                      help="the full tier: 3 seeds, a larger budget (<= 60 min on 2 CPU cores)")  # fmt: skip
     d.add_argument("--overwrite", action="store_true", help="replace a report in --out")
     for name, (_, help_) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)

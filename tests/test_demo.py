@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from finegrain import cli
-from finegrain.bench.claims import CLAIMS, Claim, check_claim, statistic, verdict
+from finegrain.bench.claims import CLAIMS, TIE, Claim, check_claim, identical, statistic, verdict
 from finegrain.bench.config import methods_to_run
 from finegrain.bench.tasks import TaskResult, match_boxes
 from finegrain.eval.segmentation import seg_metrics
@@ -46,9 +46,11 @@ def test_quick_run_reports_every_method_task_and_claim(quick):
         if claim.method not in res["methods"]:
             assert c["verdict"] == "not run"
         elif "diff" in c:
-            assert c["verdict"] == verdict(c["diff"], c["ci_low"])
+            tie = c["verdict"] == TIE
+            assert c["verdict"] == verdict(c["ci_low"], c["ci_high"], c["margin"], tie)
             assert c["ci_low"] is not None, c  # every claimed task has per-image results
             assert c["ci_low"] <= c["diff"] + 1e-9 <= c["ci_high"] + 2e-9
+            assert c["half_width"] == (c["ci_high"] - c["ci_low"]) / 2  # exact in results.json
     clip = res["metrics"]["clip"]
     assert 0 <= clip["shape/names/acc1"] <= 1 and 0 <= clip["segmentation/zeroshot/miou"] <= 1
     assert clip["boxes"] == "n/a" and clip["retrieval/sentences+conditioned"] == "n/a"
@@ -96,7 +98,7 @@ def test_refuses_a_folder_with_another_report(quick, capsys):
         (["--methods", "clip,flar"], "did you mean 'flair'"),
         (["--methods", "nope"], "valid choices: clip"),
         (["--steps", "0"], "--steps must be >= 1"),
-        (["--image-size", "50"], "not a multiple of 32"),
+        (["--image-size", "50"], "not a multiple of 16"),
         (["--image-size", "32"], "below 64"),
         (["--seeds", "0"], "--seeds must be >= 1"),
         (["--device", "tpu"], "--device must be cpu or cuda"),
@@ -136,15 +138,109 @@ def test_claim_that_does_not_hold_is_reported_as_such():
     assert c["ci_high"] < 0
 
 
-def test_small_difference_is_not_significant_and_seeds_are_averaged():
+def test_small_difference_is_inconclusive_and_seeds_are_averaged():
     one = [1, 0] * 50
-    other = [1, 0] * 49 + [1, 1]  # +1 image out of 100
+    other = [1, 0] * 48 + [1, 1, 1, 1]  # +2 images out of 100 in one seed, +0 in the other
     runs = {"grain": [{"novel/descriptions": _acc(other)}, {"novel/descriptions": _acc(one)}],
             "clip": [{"novel/descriptions": _acc(one)}] * 2}  # fmt: skip
     c = check_claim(CLAIM, runs, draws=300)
-    assert c["verdict"] == "not significant" and c["ci_low"] <= 0 < c["diff"]
-    assert c["seeds"] == 2 and c["seeds_held"] == 1 and c["diff"] == pytest.approx(0.005)
-    assert c["seed_std"] == pytest.approx(math.sqrt(2) * 0.005)
+    assert c["verdict"] == "inconclusive" and c["ci_low"] <= 0 < c["diff"] < c["ci_high"]
+    assert c["seeds"] == 2 and c["seeds_held"] == 1 and c["diff"] == pytest.approx(0.01)
+    assert c["seed_std"] == pytest.approx(math.sqrt(2) * 0.01)
+
+
+def _flip(base: list[int], up: int, down: int) -> list[int]:
+    """``base`` with its first ``up`` zeros set to 1 and its first ``down`` ones set to 0."""
+    out, zeros, ones = (
+        list(base),
+        [i for i, b in enumerate(base) if not b],
+        [i for i, b in enumerate(base) if b],
+    )
+    for i in zeros[:up]:
+        out[i] = 1
+    for i in ones[:down]:
+        out[i] = 0
+    return out
+
+
+def _base(n: int, seed: int = 5) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, generator=g) < 0.5).int().tolist()
+
+
+def test_interval_above_zero_but_not_above_the_margin_is_inconclusive():
+    """Issue 31: an interval that excludes 0 but not the smallest effect of interest is no
+    confirmation (the old rule called it held)."""
+    base = _base(1000)
+    c = check_claim(CLAIM, _runs(_flip(base, 9, 0), base), draws=1000)
+    assert 0 < c["ci_low"] <= CLAIM.margin < c["ci_high"], c
+    assert c["verdict"] == "inconclusive"
+    assert c["half_width"] == pytest.approx((c["ci_high"] - c["ci_low"]) / 2)
+
+
+def test_interval_inside_the_margin_is_equivalent():
+    base = _base(4000)
+    c = check_claim(CLAIM, _runs(_flip(base, 3, 3), base), draws=1000)
+    assert -CLAIM.margin < c["ci_low"] <= 0 <= c["ci_high"] < CLAIM.margin, c
+    assert c["verdict"] == "equivalent"
+    worse = check_claim(CLAIM, _runs(_flip(base, 0, 8), base), draws=1000)  # -0.2 points
+    assert -CLAIM.margin < worse["ci_low"] and worse["ci_high"] < 0
+    assert worse["verdict"] == "equivalent"  # worse, but by less than an effect of interest
+
+
+def test_a_larger_margin_turns_held_into_inconclusive():
+    base = _base(400)
+    mine = _flip(base, 20, 0)  # +5 points, interval about [+2.8, +7.3]
+    c = check_claim(CLAIM, _runs(mine, base), draws=1000)
+    assert c["verdict"] == "held" and c["ci_low"] > CLAIM.margin
+    wide = Claim("grain", "novel/descriptions", "acc1", "x", "p", margin=0.05)
+    assert check_claim(wide, _runs(mine, base), draws=1000)["verdict"] == "inconclusive"
+
+
+def test_identical_per_image_values_are_a_tie_never_held():
+    """The degenerate case of issue 31: both methods score the same on every image (up to float
+    rounding), so the interval collapses onto 0 (or a hair above it): a tie, with a note."""
+    v = torch.tensor([0.25, 0.5, 0.125, 1.0] * 50, dtype=torch.float64)
+    owner = torch.arange(200)
+    claim = Claim("clippy", "grouping", "jaccard", "CLIPpy > CLIP (test)", "p")
+
+    def res(x: torch.Tensor) -> TaskResult:
+        return TaskResult({"jaccard": x.mean().item()}, {"jaccard": (x, owner)})
+
+    sliver = v + 1e-9  # a floating-point sliver above CLIP on every image
+    runs = {"clippy": [{"grouping": res(sliver)}], "clip": [{"grouping": res(v)}]}
+    c = check_claim(claim, runs, draws=300)
+    assert c["ci_low"] > 0 and c["diff"] > 0  # what the old rule called "held"
+    assert c["verdict"] == TIE and "same value on every evaluation image" in c["note"]
+    from finegrain.bench.report import claims_markdown
+
+    row = claims_markdown([c])
+    assert "tie (identical per-image values)" in row and "| +0.00 |" in row
+    assert "same value on every evaluation image" in row
+    conf = torch.randint(0, 5, (3, 4, 4), generator=torch.Generator().manual_seed(0))
+    assert identical({"confusions": conf}, {"confusions": conf.clone()}, "miou")
+    other = conf.clone()
+    other[0, 0, 0] += 1
+    assert not identical({"confusions": conf}, {"confusions": other}, "miou")
+    assert not identical({"jaccard": (v, owner)}, {"jaccard": (v + 0.01, owner)}, "jaccard")
+
+
+def test_verdict_cases_and_table_digits():
+    m = 0.01
+    assert verdict(0.011, 0.05, m) == "held"
+    assert verdict(0.002, 0.05, m) == "inconclusive"  # excludes 0, not the margin
+    assert verdict(-0.009, 0.009, m) == "equivalent"
+    assert verdict(-0.05, -0.001, m) == "did not hold"
+    assert verdict(-0.05, 0.02, m) == "inconclusive"
+    assert verdict(0.05, 0.08, m, tie=True) == TIE
+    assert verdict(None, None, m) == "inconclusive (no interval)"
+    from finegrain.bench.report import claims_markdown
+
+    c = {"claim": "x", "verdict": "inconclusive", "value": 0.50049, "baseline": 0.5, "diff": 0.00049,
+         "ci_low": 0.00012, "ci_high": 0.0123, "half_width": 0.00609, "seed_std": None,
+         "seeds_held": 0, "seeds": 1, "margin": 0.01, "margin_source": "convention: 1 point"}  # fmt: skip
+    row = claims_markdown([c]).splitlines()[2]
+    assert "| +0.05 | [+0.01, +1.23] | 0.61 | 1.00 (convention: 1 point) |" in row
 
 
 def test_not_run_and_unavailable_tasks():
@@ -210,16 +306,55 @@ def test_per_image_values_of_other_tasks():
 
 
 def test_budget_sizes_the_linear_probe_training_split_too():
-    """``eval_images`` sizes the probe's own training split as well as its test split (the
-    quick run once trained the probe on the default 256 scenes: most of its evaluation time);
-    the default budget's 256 is the probe's default, so default runs are unchanged."""
-    from finegrain.bench.config import Budget
+    """The probe's training split follows ``probe_train`` (else ``eval_images``), so a small
+    budget shrinks the whole task and a large test split does not grow the probe's training."""
+    from finegrain.bench.config import QUICK
     from finegrain.bench.tasks import _task_config, task_specs
-    from finegrain.eval.config import LinearProbeTaskConfig
 
     specs = {s.key: s for s in task_specs()}
     probe = _task_config(specs["segmentation/linear_probe"], 16)
     assert (probe.num_train, probe.num_samples) == (16, 16)
-    assert Budget().eval_images == LinearProbeTaskConfig().num_train
-    zs = _task_config(specs["shape/names"], 16)
+    probe = _task_config(specs["segmentation/linear_probe"], 512, QUICK.probe_train)
+    assert (probe.num_train, probe.num_samples) == (QUICK.probe_train, 512)
+    zs = _task_config(specs["shape/names"], 16, 8)
     assert zs.num_samples == 16 and not hasattr(zs, "num_train")
+
+
+def test_tiers_full_and_quick_and_seeds():
+    """``--full`` is 3 seeds of the larger budget, ``--seeds`` overrides; the full tier's
+    estimate stays within 60 minutes on 2 cores, and every tier has an 8 x 8 grid or more."""
+    from finegrain.bench.config import FULL, QUICK, Budget
+    from finegrain.bench.run import estimate_s, options_from_args
+
+    parser = cli._parser()
+    full = options_from_args(parser.parse_args(["demo", "--full"]), ["demo", "--full"])
+    assert full.budget == FULL and full.seeds == 3
+    two = parser.parse_args(["demo", "--full", "--seeds", "2"])
+    assert options_from_args(two, []).seeds == 2
+    quick = options_from_args(parser.parse_args(["demo", "--quick"]), [])
+    assert quick.budget == QUICK and quick.seeds == 1
+    six = methods_to_run(None)
+    assert estimate_s(six, FULL, 3) <= 3600 and estimate_s(six, QUICK, 1) <= 60
+    assert FULL.grid >= 8 and Budget().grid >= 8 and QUICK.grid >= 8
+    assert FULL.steps >= Budget().steps  # the full tier never learns less than the default
+
+
+@pytest.mark.xfail(strict=True, reason="issue 26 open: the default budget that lets CLIP learn "
+                   "(200 steps of 64) is estimated at ~16 min on 2 cores; DetailCLIP's uncached "
+                   "augmented views are half of it (README, finegrain demo)")  # fmt: skip
+def test_default_run_of_six_methods_fits_ten_minutes():
+    from finegrain.bench.config import Budget
+    from finegrain.bench.run import estimate_s
+
+    assert estimate_s(methods_to_run(None), Budget(), 1) <= 600
+
+
+def test_median_half_width_and_power_line():
+    from finegrain.bench.report import median_half_width, power_line
+
+    claims = [{"half_width": 0.03}, {"half_width": 0.01}, {"verdict": "not run"},
+              {"half_width": 0.05}, {"half_width": None}]  # fmt: skip
+    assert median_half_width(claims) == 0.03
+    assert median_half_width(claims[:2]) == pytest.approx(0.02)
+    assert "3.00 points" in power_line(claims)
+    assert median_half_width([{"verdict": "not run"}]) is None

@@ -8,10 +8,23 @@ summed confusion matrices, not a mean of per-image IoUs). The 95% interval is th
 percentile of the drawn differences, averaged over seeds when ``--seeds N`` trained several
 models per method; the spread over seeds is reported next to it.
 
-Verdicts: ``held`` (difference > 0 and the interval excludes 0), ``not significant``
-(difference > 0, interval includes 0), ``did not hold`` (difference <= 0), ``not run`` (a
-method is not registered or not selected), ``n/a (...)`` (the task is unavailable or one of the
-methods cannot do it). Text-conditioned methods are scored with their conditioned scores where
+Each claim declares its *smallest effect of interest* ``margin`` (a fraction; shown in points):
+a difference smaller than that is not one the paper would call a gain. Verdicts, from the 95%
+interval [lo, hi] of the difference (issue 31):
+
+- ``tie (identical per-image values)``: both methods gave the same value on every evaluation
+  image (every seed), e.g. a token grid too coarse for the methods to differ; never ``held``;
+- ``held``: lo > margin (the whole interval above the smallest effect of interest);
+- ``equivalent``: -margin < lo and hi < margin (any difference is smaller than the margin;
+  this includes intervals just below 0: worse, but by less than an effect of interest);
+- ``did not hold``: hi < 0 and lo <= -margin (the whole interval below 0, reaching past the
+  margin: the method is worse);
+- ``inconclusive``: anything else, e.g. an interval that excludes 0 but not the margin, or one
+  that straddles 0 and a margin (the run lacks the power to tell);
+- ``not run`` (a method is not registered or not selected), ``n/a (...)`` (the task is
+  unavailable or one of the methods cannot do it).
+
+The verdict is taken on the exact values; results.json keeps them unrounded. Text-conditioned methods are scored with their conditioned scores where
 the task has a conditioned twin (their papers' protocol); CLIP with global scores.
 """
 
@@ -35,6 +48,8 @@ class Claim:
     metric: str
     what: str  # the claim in words
     paper: str
+    margin: float = 0.01  # smallest effect of interest (fraction: 0.01 = 1 point)
+    margin_source: str = "convention: 1 point"
 
 
 CLAIMS = (
@@ -105,7 +120,8 @@ def check_claim(
     ``runs[method]`` is a list over training seeds of ``{task_key: TaskResult}``.
     """
     out: dict[str, Any] = {"claim": claim.what, "paper": claim.paper, "method": claim.method,
-                           "metric": claim.metric, "task": claim.task}  # fmt: skip
+                           "metric": claim.metric, "task": claim.task, "margin": claim.margin,
+                           "margin_source": claim.margin_source}  # fmt: skip
     missing = [m for m in (claim.method, BASELINE) if m not in runs]
     if missing:
         return {**out, "verdict": "not run", "note": f"{', '.join(missing)} not run"}
@@ -123,14 +139,20 @@ def check_claim(
     out.update(value=sum(a for a, _ in point) / len(point),
                baseline=sum(b for _, b in point) / len(point),
                diff=sum(diffs) / len(diffs), seeds=len(diffs),
-               seeds_held=sum(d > 0 for d in diffs),
+               seeds_held=sum(d > claim.margin for d in diffs),
                seed_std=_std(diffs) if len(diffs) > 1 else None)  # fmt: skip
     have = all(claim.metric in m.per_image or "confusions" in m.per_image for pair in pairs
                for m in pair)  # fmt: skip
     lo = hi = None
     if have and draws > 0:
         lo, hi = paired_interval(pairs, claim.metric, draws, seed)
-    out.update(ci_low=lo, ci_high=hi, verdict=verdict(out["diff"], lo))
+    tie = have and all(identical(m.per_image, b.per_image, claim.metric) for m, b in pairs)
+    half = None if lo is None else (hi - lo) / 2
+    out.update(ci_low=lo, ci_high=hi, half_width=half, verdict=verdict(lo, hi, claim.margin, tie))
+    if tie:
+        out["note"] = ("both methods gave the same value on every evaluation image (e.g. both "
+                       "predict the same class everywhere, or a token grid too coarse for them "
+                       "to differ): no evidence either way")  # fmt: skip
     return out
 
 
@@ -153,12 +175,38 @@ def paired_interval(pairs: list[tuple[Any, Any]], metric: str, draws: int, seed:
     return float(q[0]), float(q[1])
 
 
-def verdict(diff: float, ci_low: float | None) -> str:
-    if not diff > 0:
+TIE = "tie (identical per-image values)"
+
+
+def verdict(lo: float | None, hi: float | None, margin: float, tie: bool = False) -> str:
+    """One of the four verdicts (or the tie) from the 95% interval ``[lo, hi]`` and the claim's
+    smallest effect of interest ``margin`` (see the module docstring)."""
+    if tie:
+        return TIE
+    if lo is None or hi is None:
+        return "inconclusive (no interval)"
+    if lo > margin:
+        return "held"
+    if -margin < lo and hi < margin:
+        return "equivalent"
+    if hi < 0:
         return "did not hold"
-    if ci_low is None:
-        return "held (no interval)"
-    return "held" if ci_low > 0 else "not significant"
+    return "inconclusive"
+
+
+def identical(a: dict[str, Any], b: dict[str, Any], metric: str, atol: float = 1e-6) -> bool:
+    """Whether two methods' per-image values of ``metric`` are the same on every image (the same
+    items of the same images; values within ``atol``, float rounding, of each other; confusion
+    counts exactly), read off the values themselves, not off the aggregated metric."""
+    key = "confusions" if metric == "miou" and "confusions" in a else metric
+    if key not in a or key not in b:
+        return False
+    if key == "confusions":
+        return a[key].shape == b[key].shape and bool(torch.equal(a[key], b[key]))
+    (va, oa), (vb, ob) = a[key], b[key]
+    if va.shape != vb.shape or not torch.equal(oa, ob):
+        return False
+    return bool(((va.double() - vb.double()).abs() <= atol).all())
 
 
 def _std(xs: list[float]) -> float:

@@ -1,14 +1,15 @@
 """The benchmark's one shared budget and how each registered method's run is derived from it.
 
 Every method gets the same data (built-in synthetic scenes, same seed), batch, steps, learning
-rate schedule, image size, embedding size and towers: the ImageNet-pretrained EfficientNet-Lite0
-image tower shipped on PyPI (last ``trainable_blocks`` blocks trained) where the method accepts
-a convolutional tower, and one tiny text transformer from scratch. Method-specific
-hyper-parameters (FLAIR's sub-captions, GRAIN's decoder, ...) come from the method's
-``<name>_smoke`` recipe, else from its config defaults. Nothing here is tuned per method on the
-evaluation splits: the budget was set once, for CLIP, by the old single-method demo (400 steps
-of 32 at 64 px, lr 2e-3), then shortened so that six methods fit 10 CPU minutes (200 steps took
-11.7 min on 2 cores with six methods, so 150).
+rate schedule, image size, embedding size and towers: the *hybrid* image tower
+(``finegrain.encoders.hybrid``: the ImageNet-pretrained EfficientNet-Lite0 shipped on PyPI up to
+output stride ``patch_size``, frozen, its output cached once per run for every method, and a
+small trainable transformer with a class token over its feature-map tokens: a 128 px scene is an
+8 x 8 token grid), so every method, including those that need token subsets, masks or attention
+(CLIPpy, DetailCLIP), trains on the same tower; and one tiny text transformer from scratch.
+Method-specific hyper-parameters (FLAIR's sub-captions, GRAIN's decoder, ...) come from the
+method's ``<name>_smoke`` recipe, else from its config defaults. Nothing here is tuned per method
+on the evaluation splits: the budget is set once, for all methods (see README, "finegrain demo").
 """
 
 from __future__ import annotations
@@ -25,39 +26,53 @@ from finegrain.registry import METHODS, RECIPES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-EFFNET_STRIDE = 32  # EfficientNet-Lite0's output stride: one token per 32 x 32 pixels
+MIN_GRID = 4  # tokens per side: DetailCLIP removes 2 x 2 blocks, so at least 4 x 4
 
 
 @dataclass(frozen=True)
 class Budget:
     """What every method of one benchmark run shares (documented in the report)."""
 
-    steps: int = 150
-    batch_size: int = 32
-    image_size: int = 64
+    steps: int = 200  # CLIP on the hybrid tower learns between 120 and 200 steps of 64 (README)
+    batch_size: int = 64
+    image_size: int = 128
     lr: float = 2e-3  # linear warmup over the first 10% of steps, then cosine to 0
     weight_decay: float = 0.1
     embed_dim: int = 64
+    patch_size: int = 16  # the hybrid bottom's output stride: 128 px -> 8 x 8 tokens
+    image_width: int = 128  # the hybrid tower's trainable transformer
+    image_depth: int = 3
+    image_heads: int = 4
     text_width: int = 64
     text_depth: int = 2
     text_heads: int = 2
     context_length: int = 64  # long captions of 4 objects need ~60 tokens
-    trainable_blocks: int = 4  # EfficientNet-Lite0 blocks trained (of 7 stages' blocks)
-    train_scenes: int = 8192
-    eval_images: int = 256  # per evaluation task (and the linear probe's training scenes)
+    train_scenes: int = 2048
+    eval_images: int = 512  # per evaluation task (power: see the claims' half-widths)
+    probe_train: int = 64  # the linear probe's training scenes (30 epochs each)
     device: str = "cpu"
 
     @property
     def warmup_steps(self) -> int:
         return self.steps // 10
 
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
     def describe(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "warmup_steps": self.warmup_steps}
+        return {**dataclasses.asdict(self), "warmup_steps": self.warmup_steps,
+                "token_grid": f"{self.grid}x{self.grid}"}  # fmt: skip
 
 
 # ``--quick``: a smoke of the whole pipeline (every method, task, claim, figure), not a result;
-# about a minute of CPU (44-66 s measured on 2 shared cores; the test suite runs it once)
-QUICK = Budget(steps=10, batch_size=8, train_scenes=256, eval_images=16)
+# about a minute of CPU (the test suite runs it once)
+QUICK = Budget(steps=10, batch_size=8, train_scenes=256, eval_images=16, probe_train=16)
+# ``--full``: the tier that gives the claims a verdict: 3 seeds of the default training budget on
+# twice the scenes, with twice the evaluation images (<= 60 min on 2 CPU cores by the estimate;
+# minutes on a GPU)
+FULL = Budget(train_scenes=4096, eval_images=1024, probe_train=128)
+FULL_SEEDS = 3
 
 
 def methods_to_run(requested: str | None) -> list[str]:
@@ -80,13 +95,15 @@ def check_budget(b: Budget) -> None:
     """One-line ValueError for a budget the towers or the trainer cannot take."""
     if b.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {b.steps}")
-    if b.image_size < EFFNET_STRIDE or b.image_size % EFFNET_STRIDE:
+    p, low = b.patch_size, MIN_GRID * b.patch_size
+    if b.image_size % p:
         raise ValueError(
-            f"--image-size {b.image_size} is not a multiple of {EFFNET_STRIDE} (the image tower's "
-            f"stride); valid sizes: 64, 96, 128, ... (multiples of {EFFNET_STRIDE}, >= 64)"
+            f"--image-size {b.image_size} is not a multiple of {p} (the image tower's token "
+            f"size); valid sizes: {low}, {low + p}, {low + 2 * p}, ... (multiples of {p}, >= {low})"
         )
-    if b.image_size < 2 * EFFNET_STRIDE:
-        raise ValueError(f"--image-size {b.image_size} is below 64 (a 1 x 1 token grid)")
+    if b.image_size < low:
+        raise ValueError(f"--image-size {b.image_size} is below {low} (a token grid under "
+                         f"{MIN_GRID} x {MIN_GRID})")  # fmt: skip
     import torch
 
     if b.device not in ("cpu", "cuda"):
@@ -98,8 +115,9 @@ def check_budget(b: Budget) -> None:
 
 
 def shared_towers(b: Budget) -> tuple[ImageTowerConfig, TextTowerConfig]:
-    image = ImageTowerConfig(name="efficientnet_lite0", pretrained="package",
-                             image_size=b.image_size, trainable_blocks=b.trainable_blocks)  # fmt: skip
+    image = ImageTowerConfig(name="hybrid", pretrained="package", image_size=b.image_size,
+                             patch_size=b.patch_size, width=b.image_width, depth=b.image_depth,
+                             heads=b.image_heads)  # fmt: skip
     text = TextTowerConfig(name="transformer", context_length=b.context_length,
                            width=b.text_width, depth=b.text_depth, heads=b.text_heads)  # fmt: skip
     return image, text

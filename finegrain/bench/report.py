@@ -122,23 +122,56 @@ def _short(metric: str) -> str:
             "acc1": "top-1", "miou": "mIoU"}.get(metric, metric)  # fmt: skip
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:+.1f}"
+def _pct(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{100 * v:+.{digits}f}"
 
 
 def claims_markdown(claims: list[dict[str, Any]]) -> str:
-    lines = ["| claim | verdict | method | CLIP | difference (points) | 95% CI (paired bootstrap) | seeds held |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    """The claims table, in points with two decimals (a verdict is never read off a rounded
+    number: it is taken on exact values, which results.json keeps)."""
+    lines = ["| claim | verdict | method | CLIP | difference (points) | 95% CI (paired bootstrap) "
+             "| half-width | smallest effect of interest | seeds above it |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for c in claims:
+        margin = f"{100 * c['margin']:.2f} ({c['margin_source']})" if "margin" in c else "-"
         if "diff" not in c:
-            lines.append(f"| {c['claim']} | **{c['verdict']}** | - | - | - | - | - |")
+            lines.append(
+                f"| {c['claim']} | **{c['verdict']}** | - | - | - | - | - | {margin} | - |"
+            )
             continue
         ci = "-" if c["ci_low"] is None else f"[{_pct(c['ci_low'])}, {_pct(c['ci_high'])}]"
-        spread = "" if c["seed_std"] is None else f" (± {100 * c['seed_std']:.1f} over seeds)"
-        lines.append(f"| {c['claim']} | **{c['verdict']}** | {100 * c['value']:.1f} | "
-                     f"{100 * c['baseline']:.1f} | {_pct(c['diff'])}{spread} | {ci} | "
-                     f"{c['seeds_held']}/{c['seeds']} |")  # fmt: skip
-    return "\n".join(lines) + "\n"
+        half = "-" if c.get("half_width") is None else f"{100 * c['half_width']:.2f}"
+        spread = "" if c["seed_std"] is None else f" (± {100 * c['seed_std']:.2f} over seeds)"
+        lines.append(f"| {c['claim']} | **{c['verdict']}** | {100 * c['value']:.2f} | "
+                     f"{100 * c['baseline']:.2f} | {_pct(c['diff'])}{spread} | {ci} | {half} | "
+                     f"{margin} | {c['seeds_held']}/{c['seeds']} |")  # fmt: skip
+    notes = [f"- {c['claim']}: {c['note']}" for c in claims if c.get("note") and "diff" in c]
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+
+
+def median_half_width(claims: list[dict[str, Any]]) -> float | None:
+    """Median 95%-interval half-width over the claims that have an interval (a fraction)."""
+    hw = sorted(c["half_width"] for c in claims if c.get("half_width") is not None)
+    if not hw:
+        return None
+    mid = len(hw) // 2
+    return hw[mid] if len(hw) % 2 else (hw[mid - 1] + hw[mid]) / 2
+
+
+def power_line(claims: list[dict[str, Any]]) -> str:
+    m = median_half_width(claims)
+    if m is None:
+        return "Power: no claim has an interval in this run.\n"
+    return (f"Power: median 95% half-width over the claims {100 * m:.2f} points (a difference "
+            "smaller than its row's half-width cannot be told from 0 in this run; `--seeds N` "
+            "and the `--full` tier narrow it).\n")  # fmt: skip
+
+
+def _cache_line(c: dict[str, Any] | None) -> str:
+    if not c:
+        return "not used"
+    return (f"{c['images']} scenes, {c['mib']:.0f} MiB, {c['hits']} hits / {c['misses']} "
+            "computations")  # fmt: skip
 
 
 def timing_rows(runs: list[Any]) -> list[dict[str, Any]]:
@@ -151,15 +184,16 @@ def timing_rows(runs: list[Any]) -> list[dict[str, Any]]:
 
 
 def timing_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| method | seed | image tower | train (s) | train CPU (s) | samples/s | data wait (% of train) | eval (s) |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| method | seed | image tower | train (s) | train CPU (s) | samples/s | data wait (% of train) | eval (s) | eval CPU (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for t in rows:
         lines.append(f"| {t['method']} | {t['seed']} | {t['image_tower']} | {t['train_s']:.1f} | {t['train_cpu_s']:.1f} | "
-                     f"{t['samples_per_s']:.1f} | {100 * t['data_share']:.1f} | {t['eval_s']:.1f} |")  # fmt: skip
+                     f"{t['samples_per_s']:.1f} | {100 * t['data_share']:.1f} | {t['eval_s']:.1f} | {t.get('eval_cpu_s', 0):.1f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(opts: Any, runs: list[Any], wall: float) -> Path:
+def write_outputs(opts: Any, runs: list[Any], wall: float, extra: dict[str, Any] | None = None
+                  ) -> Path:  # fmt: skip
     """Write results.json, report.md and the figures into ``opts.out``; returns report.md."""
     from finegrain.bench.figures import save_figures
 
@@ -177,7 +211,7 @@ def write_outputs(opts: Any, runs: list[Any], wall: float) -> Path:
             "machine": machine(), "versions": versions(), "budget": opts.budget.describe(),
             "seeds": opts.seeds, "methods": opts.methods, "metrics": means,
             "per_seed": per_seed, "claims": claims, "timing": timing, "wall_s": round(wall, 2),
-            "protocol": cards,
+            "protocol": cards, **(extra or {}),
             "figures": [p.name for p in figs]}  # fmt: skip
     (out / "results.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     report = out / "report.md"
@@ -198,11 +232,17 @@ def render_markdown(d: dict[str, Any], table: tuple[list[str], list[list[str]]],
         f"Command: `{d['command']}`  \nDate: {d['date']}  \nWall time: {d['wall_s'] / 60:.1f} min  \n"
         f"Machine: {mach['cpu']}, {mach['cores']} cores ({mach['torch_threads']} torch threads), "
         f"load average {mach.get('load_average_at_end', '?')} at the end  \n"
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in d["versions"].items()) + "\n",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in d["versions"].items()) + "  \n"
+        f"CPU time: {d.get('cpu_s', 0) / 60:.1f} min (this process, all threads)\n",
         "## Claims of the papers\n",
+        power_line(d["claims"]),
         "Each row: the method minus CLIP on the same evaluation images, in percentage points; "
-        "95% interval from a paired bootstrap over the images (1000 draws). Verdict `held` needs "
-        "the whole interval above 0; `not significant`: above 0 but the interval includes 0.\n",
+        "95% interval from a paired bootstrap over the images (1000 draws); half-width = half its "
+        "length (about the smallest difference this run can detect). Each claim's smallest effect "
+        "of interest m: `held` = the whole interval above m; `equivalent` = inside (-m, m); "
+        "`did not hold` = the whole interval below 0 (and not inside (-m, m)); `inconclusive` = "
+        "anything else (e.g. above 0 but not above m); `tie (identical per-image values)` = both "
+        "methods gave the same value on every image. Exact values are in results.json.\n",
         claims_markdown(d["claims"]),
         "## Results (mean over seeds; n/a = the method cannot do the task)\n",
         "\n".join(results) + "\n",
@@ -224,10 +264,13 @@ def render_markdown(d: dict[str, Any], table: tuple[list[str], list[list[str]]],
         + "\n| "
         + " | ".join(str(v) for v in b.values())
         + " |\n",
-        "Image tower: the ImageNet-pretrained EfficientNet-Lite0 shipped on PyPI (its last "
-        "`trainable_blocks` blocks trained) for every method that accepts it (the timing table "
-        "names the tower each method used); text tower: a tiny transformer from scratch. "
-        "AdamW, linear warmup then cosine decay. Method-specific settings come from each "
+        "Image tower: the hybrid tower (`image.name=hybrid`): the ImageNet-pretrained "
+        "EfficientNet-Lite0 shipped on PyPI up to output stride `patch_size`, frozen, its output "
+        "computed once per scene for all methods (shared bottom cache: "
+        f"{_cache_line(d.get('bottom_cache'))}), then a small transformer with a class token "
+        "trained over its feature-map tokens (`image_width`, `image_depth`, `image_heads`); the "
+        "timing table names the tower each method used. Text tower: a tiny transformer from "
+        "scratch. AdamW, linear warmup then cosine decay. Method-specific settings come from each "
         "method's `<name>_smoke` recipe.\n",
         "## Figures\n",
         "\n".join(f"![{p.stem}]({p.name})" for p in figs) + "\n",

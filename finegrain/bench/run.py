@@ -18,15 +18,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
-from finegrain.bench.config import QUICK, Budget, check_budget, methods_to_run, run_config
+from finegrain.bench.config import (
+    FULL,
+    FULL_SEEDS,
+    QUICK,
+    Budget,
+    check_budget,
+    methods_to_run,
+    run_config,
+)
 from finegrain.bench.tasks import TaskResult, run_boxes, run_suite_task, task_specs
+from finegrain.data.synthetic_sets import memo_scenes
+from finegrain.encoders.hybrid import shared_bottom_cache
 
-# Wall seconds per training step of 32 at 64 px and per evaluation on 2 CPU cores (the default
-# run of 2026-11-30, README), for the up-front estimate; unknown methods use the slowest.
-REF_STEP_S = {"clip": 0.18, "siglip": 0.22, "flair": 0.24, "grain": 0.26, "clippy": 0.17,
-              "detailclip": 0.45}  # fmt: skip
-REF_EVAL_S = 13.0  # all tasks, 256 images each, one method
+# CPU seconds (one thread) per training step of 64 scenes at 128 px on the hybrid tower with
+# its bottom cached, measured 2026-12-07 on the 2-core development machine (tests/stepcost in
+# the README): DetailCLIP runs its two augmented views through the bottom every step (random
+# crops cannot be cached). Unknown methods use the slowest. Wall = CPU / TWO_CORES.
+REF_STEP_CPU_S = {"clip": 0.49, "siglip": 0.49, "flair": 0.62, "grain": 0.64, "clippy": 0.51,
+                  "detailclip": 3.1}  # fmt: skip
+SCENE_CPU_S = 0.024  # render one 128 px scene + run the frozen bottom on it (once per run)
+EVAL_CPU_S = 0.04  # per evaluation image, every task but the probe, one method (bottom cached)
+PROBE_CPU_S = 0.28  # per linear-probe training scene (30 epochs of its 1 x 1 conv head)
+EVAL_SPLITS = 8  # distinct evaluation scene sets (rendered and cached once per run)
+TWO_CORES = 1.6  # speed-up of 2 torch threads on 2 cores over one thread
 REPORT_FILES = ("report.md", "results.json")
 
 
@@ -40,6 +57,7 @@ class Options:
     quick: bool = False
     command: str = "finegrain demo"
     workers: int = 1
+    warmed: set[int] = field(default_factory=set)  # seeds whose training scenes are cached
 
 
 @dataclass
@@ -84,12 +102,15 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 
 def estimate_s(methods: list[str], b: Budget, seeds: int) -> float:
-    """Rough wall seconds on 2 CPU cores from measured per-step reference times."""
-    scale = (b.batch_size / 32) * (b.image_size / 64) ** 2
-    slow = max(REF_STEP_S.values())
-    train = sum(REF_STEP_S.get(m, slow) for m in methods) * b.steps * scale
-    evals = len(methods) * REF_EVAL_S * (b.eval_images / 256) * (b.image_size / 64) ** 2
-    return seeds * (train + evals + 4 * len(methods))  # + build / save per method
+    """Rough wall seconds on 2 quiet CPU cores from measured per-step CPU times."""
+    scale = (b.batch_size / 64) * (b.image_size / 128) ** 2
+    slow = max(REF_STEP_CPU_S.values())
+    train = sum(REF_STEP_CPU_S.get(m, slow) for m in methods) * b.steps * scale
+    pixels = (b.image_size / 128) ** 2
+    scenes = (seeds * b.train_scenes + EVAL_SPLITS * b.eval_images) * SCENE_CPU_S * pixels
+    per_method = b.eval_images * EVAL_CPU_S + b.probe_train * PROBE_CPU_S
+    evals = seeds * len(methods) * (per_method * pixels + 4)  # + build / save
+    return (seeds * train + scenes + evals) / TWO_CORES
 
 
 def _accepts(method: Any, cfg: Any) -> bool:
@@ -128,6 +149,31 @@ def build(name: str, b: Budget, seed: int) -> tuple[Any, Any]:
     raise AssertionError("unreachable")
 
 
+def warm_bottom_cache(cfg: Any, method: Any) -> dict[str, float]:
+    """Run the hybrid tower's frozen bottom once over one epoch of the training scenes (the
+    batches every method's first epoch draws, default transform), filling the shared cache
+    before any method trains, so no method's training time carries the cache build."""
+    from finegrain.data import build_train_loader
+    from finegrain.data.collate import ContrastiveCollate
+    from finegrain.data.transforms import train_transform
+    from finegrain.encoders.hybrid import HybridTower
+
+    tower = next((m for m in method.modules() if isinstance(m, HybridTower)), None)
+    if tower is None:
+        return {}
+    t0, c0 = time.perf_counter(), time.process_time()
+    data = dataclasses.replace(cfg.data, num_workers=0)  # renders in this process: the scene
+    loader = build_train_loader(data, ContrastiveCollate(method.tokenize, 1),  # memo fills
+                                seed=cfg.seed, transform=train_transform(data))  # fmt: skip
+    n = -(-cfg.data.synthetic.num_samples // cfg.data.batch_size)
+    bottom = tower.conv1.bottom
+    print(f"  caching the image tower's frozen bottom on {cfg.data.synthetic.num_samples} "
+          f"training scenes (seed {cfg.seed}), once for all methods", file=sys.stderr)  # fmt: skip
+    for _, batch in zip(range(n), tqdm(loader, total=n, desc="bottom cache", leave=False)):
+        bottom(batch["image"].to(cfg.train.device))
+    return {"cache_s": time.perf_counter() - t0, "cache_cpu_s": time.process_time() - c0}
+
+
 def train_one(name: str, opts: Options, seed: int, run_dir: Path) -> tuple[Any, Any, MethodRun]:
     from finegrain.data import method_loader
     from finegrain.train.trainer import Trainer
@@ -135,6 +181,10 @@ def train_one(name: str, opts: Options, seed: int, run_dir: Path) -> tuple[Any, 
     t0 = time.perf_counter()
     cfg, method = build(name, opts.budget, seed)
     cfg.data.num_workers = opts.workers
+    warm = warm_bottom_cache(cfg, method) if seed not in opts.warmed else {}
+    if warm:
+        opts.warmed.add(seed)
+        t0 += warm["cache_s"]
     loader = TimedLoader(method_loader(method, cfg.data, seed=cfg.seed))
     trainer = Trainer(cfg, method=method, loader=loader, output_dir=str(run_dir))
     t1, c1 = time.perf_counter(), time.process_time()
@@ -142,11 +192,18 @@ def train_one(name: str, opts: Options, seed: int, run_dir: Path) -> tuple[Any, 
     train_s, cpu_s = time.perf_counter() - t1, time.process_time() - c1
     n = cfg.train.steps * cfg.data.batch_size
     run = MethodRun(name, seed)
-    run.towers = {"image": cfg.method.image.name, "text": cfg.method.text.name}
-    run.timing = {"build_s": t1 - t0, "train_s": train_s, "samples_per_s": n / train_s,
+    run.towers = {"image": _tower_name(cfg.method.image), "text": cfg.method.text.name}
+    run.timing = {**warm, "build_s": t1 - t0, "train_s": train_s, "samples_per_s": n / train_s,
                   "train_cpu_s": cpu_s, "data_wait_s": loader.wait_s, "data_share": loader.wait_s / train_s,
                   "steps": float(summary["step"])}  # fmt: skip
     return cfg, trainer.method, run
+
+
+def _tower_name(image: Any) -> str:
+    if image.name != "hybrid":
+        return image.name
+    return (f"hybrid (EfficientNet-Lite0 to stride {image.patch_size}, frozen + {image.depth}-block "
+            f"transformer, width {image.width})")  # fmt: skip
 
 
 def evaluate(method: Any, cfg: Any, opts: Options, run: MethodRun, figures: bool) -> None:
@@ -156,17 +213,19 @@ def evaluate(method: Any, cfg: Any, opts: Options, run: MethodRun, figures: bool
 
     ctx = EvalContext.create(method, opts.budget.device, cfg.data, progress=False)
     method.eval()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for spec in task_specs():
         if spec.key == "boxes":
             res, art = run_boxes(ctx, opts.budget.eval_images)
             data = None
         else:
-            res, data, art = run_suite_task(ctx, spec, opts.budget.eval_images)
+            res, data, art = run_suite_task(ctx, spec, opts.budget.eval_images,
+                                            opts.budget.probe_train)  # fmt: skip
         run.results[spec.key] = res
         if figures and not res.na:
             collect(ctx, spec.key, data, art, run.figures)
     run.timing["eval_s"] = time.perf_counter() - t0
+    run.timing["eval_cpu_s"] = time.process_time() - c0
 
 
 def run_benchmark(opts: Options) -> Path:
@@ -183,18 +242,22 @@ def run_benchmark(opts: Options) -> Path:
     print(f"finegrain demo: {len(opts.methods)} methods ({', '.join(opts.methods)}) x "
           f"{opts.seeds} seed(s), {b.steps} steps of {b.batch_size} at {b.image_size} px on "
           f"{b.device}; estimated {est / 60:.1f} min on 2 CPU cores", file=sys.stderr)  # fmt: skip
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.process_time()
     runs: list[MethodRun] = []
-    for seed in range(opts.seeds):
-        for name in opts.methods:
-            cfg, method, run = train_one(name, opts, seed, opts.out / "runs" / name / f"seed{seed}")
-            print(f"  {name} (seed {seed}): trained in {run.timing['train_s']:.0f} s; evaluating",
-                  file=sys.stderr)  # fmt: skip
-            evaluate(method, cfg, opts, run, figures=seed == 0)
-            runs.append(run)
-            del method
-    wall = time.perf_counter() - start
-    report = write_outputs(opts, runs, wall)
+    with shared_bottom_cache() as cache, memo_scenes():
+        for seed in range(opts.seeds):
+            for name in opts.methods:
+                run_dir = opts.out / "runs" / name / f"seed{seed}"
+                cfg, method, run = train_one(name, opts, seed, run_dir)
+                print(f"  {name} (seed {seed}): trained in {run.timing['train_s']:.0f} s "
+                      f"({run.timing['train_cpu_s']:.0f} CPU s); evaluating", file=sys.stderr)  # fmt: skip
+                evaluate(method, cfg, opts, run, figures=seed == 0)
+                runs.append(run)
+                del method
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    report = write_outputs(
+        opts, runs, wall, {"cpu_s": round(cpu, 2), "bottom_cache": cache.stats()}
+    )
     print(f"finegrain demo: done in {wall / 60:.1f} min; report: {report}", file=sys.stderr)
     print(report)
     return report
@@ -202,17 +265,20 @@ def run_benchmark(opts: Options) -> Path:
 
 def options_from_args(args: Any, argv: list[str]) -> Options:
     """Options from the parsed ``finegrain demo`` arguments (see ``finegrain.cli``)."""
-    base = QUICK if args.quick else Budget()
+    base = QUICK if args.quick else FULL if getattr(args, "full", False) else Budget()
     changes = {k: v for k, v in (("steps", args.steps), ("image_size", args.image_size),
                                  ("device", args.device)) if v is not None}  # fmt: skip
     budget = dataclasses.replace(base, **changes)
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    seeds = (
+        args.seeds if args.seeds is not None else FULL_SEEDS if getattr(args, "full", False) else 1
+    )
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
     if args.out:
         out = Path(args.out).expanduser()
     else:
         from finegrain.config import finegrain_home
 
         out = finegrain_home() / "demo" / time.strftime("%Y%m%d-%H%M%S")
-    return Options(methods_to_run(args.methods), budget, args.seeds, out, args.overwrite,
+    return Options(methods_to_run(args.methods), budget, seeds, out, args.overwrite,
                    args.quick, "finegrain " + " ".join(argv))  # fmt: skip

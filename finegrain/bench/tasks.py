@@ -95,13 +95,14 @@ def capability(method: Any, needs: str) -> bool:
     }[needs]
 
 
-def _task_config(spec: TaskSpec, num: int) -> EvalTaskConfig:
+def _task_config(spec: TaskSpec, num: int, num_train: int | None = None) -> EvalTaskConfig:
     """``num`` evaluation images; a task that trains on a split of its own (the linear probe's
-    ``num_train``) gets ``num`` training images too (the default budget's 256 = the probe's
-    default), so a small budget shrinks the whole task, not only its test split."""
+    ``num_train``) gets ``num_train`` training images (default ``num``), so a small budget
+    shrinks the whole task, not only its test split, and a large test split (power) does not
+    grow the probe's training (its cost: 30 epochs per training scene)."""
     sized = {"num_samples": num}
     if "num_train" in {f.name for f in dataclasses.fields(task_config_class(spec.task))}:
-        sized["num_train"] = num
+        sized["num_train"] = num if num_train is None else num_train
     return EvalTaskConfig(task=spec.task, dataset="synthetic", batch_size=64, name=spec.key,
                           num_examples=4, **sized, **spec.fields)  # fmt: skip
 
@@ -137,7 +138,8 @@ def per_image_values(task: str, data: Any, art: dict, metrics: dict) -> dict[str
     return out
 
 
-def run_suite_task(ctx: EvalContext, spec: TaskSpec, num: int) -> tuple[TaskResult, Any, dict]:
+def run_suite_task(ctx: EvalContext, spec: TaskSpec, num: int, num_train: int | None = None
+                   ) -> tuple[TaskResult, Any, dict]:  # fmt: skip
     """One registered evaluation task; returns the result, its data and its artefacts."""
     if spec.task not in EVAL_TASKS or spec.task not in EVAL_TASK_CONFIGS:
         return TaskResult(na=f"{NA} (task not available)"), None, {}
@@ -145,7 +147,7 @@ def run_suite_task(ctx: EvalContext, spec: TaskSpec, num: int) -> tuple[TaskResu
         return TaskResult(na=NA), None, {}
     t0 = time.perf_counter()
     try:
-        cfg = _task_config(spec, num)
+        cfg = _task_config(spec, num, num_train)
         data = load_task_data(cfg, ctx.image_size)
         with torch.no_grad():
             metrics, art = EVAL_TASKS.get(spec.task)(ctx, cfg, data)

@@ -7,7 +7,10 @@ so evaluation images are never training images.
 
 from __future__ import annotations
 
+import copy
 import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -44,6 +47,39 @@ EVAL_KINDS = (
 )
 
 
+_MEMOS: list[dict[Any, Any]] = []
+
+
+@contextmanager
+def memo_scenes() -> Iterator[dict[Any, Any]]:
+    """Keep every rendered scene made inside (training scenes' ``raw`` and ``eval_split``
+    results, keyed by everything they depend on) and hand the kept one back when the same scene
+    is asked for again. Scenes are deterministic in their seed, so this only saves rendering:
+    ``finegrain demo`` trains and evaluates several methods on the same scenes. Loader worker
+    processes forked inside see what the main process had kept before they started."""
+    memo: dict[Any, Any] = {}
+    _MEMOS.append(memo)
+    try:
+        yield memo
+    finally:
+        _MEMOS.remove(memo)
+
+
+def _memo(key: Any, make: Callable[[], dict[str, Any]], deep: bool = True) -> dict[str, Any]:
+    """The kept copy of ``make()``: deep-copied (callers may change what they get), or with
+    ``deep=False`` a new dict whose ``record`` is copied (a training scene's PIL image is
+    only read)."""
+    if not _MEMOS:
+        return make()
+    memo = _MEMOS[-1]
+    if key not in memo:
+        memo[key] = make()
+    kept = memo[key]
+    if deep:
+        return copy.deepcopy(kept)
+    return {**kept, "record": copy.deepcopy(kept["record"])}
+
+
 class SyntheticScenes(Dataset):
     """Training scenes as schema samples (see ``docs/CONTRACTS.md``).
 
@@ -74,6 +110,10 @@ class SyntheticScenes(Dataset):
 
     def raw(self, index: int) -> dict[str, Any]:
         """Undecoded form used by the loader: key, PIL image, JSON record, semantic mask."""
+        key = ("train", repr(self.cfg), self.image_size, self.with_mask, index)
+        return _memo(key, lambda: self._raw(index), deep=False)
+
+    def _raw(self, index: int) -> dict[str, Any]:
         scene = self.scene(index)
         return {
             "key": f"synthetic-{self.cfg.seed}-{index:08d}",
@@ -220,6 +260,12 @@ def eval_split(kind: str, num: int, seed: int = 10_000, image_size: int = 64) ->
         )
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
+    return _memo(
+        ("eval", kind, num, seed, image_size), lambda: _eval_split(kind, num, seed, image_size)
+    )
+
+
+def _eval_split(kind: str, num: int, seed: int, image_size: int) -> dict[str, Any]:
     if kind in ("shape", "color_shape", "pattern_shape", "novel"):
         return _single(kind, num, seed, image_size)
     if kind == "segmentation":
@@ -229,4 +275,4 @@ def eval_split(kind: str, num: int, seed: int = 10_000, image_size: int = 64) ->
     return _texts(kind, num, seed, image_size)
 
 
-__all__ = ["EVAL_KINDS", "SIZES", "SyntheticScenes", "eval_split"]
+__all__ = ["EVAL_KINDS", "SIZES", "SyntheticScenes", "eval_split", "memo_scenes"]

@@ -5,6 +5,7 @@ from finegrain.encoders import (  # noqa: F401  (imported to register the towers
     efficientnet,
     hf_clip,
     hf_text,
+    hybrid,
     open_clip_tower,
     st_text,
     text_transformer,

