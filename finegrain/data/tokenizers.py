@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from finegrain.compat import dependency_guard
+
 TOKENIZERS = ("clip", "hf")
 
 
@@ -32,6 +34,7 @@ class ClipTokenizer:
         self.context_length = context_length
         self._tok: Any = None
 
+    @dependency_guard("open_clip_torch", "the open_clip tokenizer")
     def backend(self) -> Any:
         """open_clip's ``SimpleTokenizer`` (built on first use)."""
         if self._tok is None:
@@ -64,6 +67,7 @@ class HFTokenizer:
         self.context_length = context_length
         self._tok: Any = None
 
+    @dependency_guard("transformers", "loading the Hugging Face tokenizer")
     def backend(self) -> Any:
         """The transformers tokenizer (loaded from ``path`` on first use)."""
         if self._tok is None:

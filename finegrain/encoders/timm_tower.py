@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from finegrain.compat import dependency_guard
 from finegrain.encoders.base import (
     ImageTowerConfig,
     apply_mask,
@@ -164,6 +165,7 @@ class TimmTower(nn.Module):
             raise ValueError(f"image tower '{self.name}' has no patch grid (not a timm ViT)")
         return patch_grid(self.name, image_hw, self.patch_size)
 
+    @dependency_guard("timm", "the timm image tower")
     def forward(
         self,
         images: torch.Tensor,
@@ -299,5 +301,6 @@ def timm_block_parts(blk: nn.Module) -> BlockParts:
 
 
 @IMAGE_TOWERS.register("timm")
+@dependency_guard("timm", "building the timm image tower")
 def build_timm_tower(cfg: ImageTowerConfig) -> TimmTower:
     return TimmTower(cfg)
