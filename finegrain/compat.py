@@ -20,8 +20,8 @@ from importlib import metadata
 
 # distribution -> (oldest, newest) release the suite passed with
 TESTED: dict[str, tuple[str, str]] = {
-    "transformers": ("4.40.0", "5.25.0"),
-    "timm": ("1.0.3", "1.0.31"),
+    "transformers": ("4.48.0", "5.25.0"),
+    "timm": ("1.0.17", "1.0.31"),
     "open_clip_torch": ("3.0.0", "3.3.0"),
 }
 

@@ -35,3 +35,14 @@ def test_ci_installs_into_a_fresh_venv_and_runs_readmes_commands():
 def test_fresh_environments_are_ignored_by_git():
     ignored = (ROOT / ".gitignore").read_text().split()
     assert {".venv-ci/", ".venv-floor/"} <= set(ignored)
+
+
+def test_readme_tested_versions_match_compat():
+    from finegrain.compat import TESTED
+
+    text = README[README.index("**Tested versions**") :]
+    newest = text[text.index("*newest*") : text.index("*floor*")]
+    floor = text[text.index("*floor*") :]
+    for dist, (lo, hi) in TESTED.items():
+        assert f"{dist} {hi}" in newest, f"README newest {dist} != compat.TESTED {hi}"
+        assert f"{dist} {lo}" in floor, f"README floor {dist} != compat.TESTED {lo}"
