@@ -27,6 +27,8 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from finegrain.compat import DependencyError  # light: no torch
+
 if TYPE_CHECKING:  # the CLI imports torch-backed modules only once a command runs
     from finegrain.run_config import RunConfig
 
@@ -243,7 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finegrain: error: {e}", file=sys.stderr)
         return USER_ERROR
     if argv and argv[0] in SUBCOMMANDS:  # the sub-CLI owns its arguments and --help
-        return _dispatch(argv[0], argv[1:])
+        try:
+            return _dispatch(argv[0], argv[1:])
+        except DependencyError as e:  # a sub-CLI that let it through: still one line
+            print(f"finegrain {argv[0]}: error: {e}", file=sys.stderr)
+            return USER_ERROR
     parser, args = _parse_top(argv)
     if args.command is None:
         parser.print_help()

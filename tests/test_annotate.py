@@ -56,7 +56,13 @@ def owl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for c in string.ascii_lowercase:
         vocab[c] = len(vocab)
         vocab[c + "</w>"] = len(vocab)
-    tok = CLIPTokenizer(vocab=vocab, merges=[])
+    try:  # transformers 5: from the vocabulary itself
+        tok = CLIPTokenizer(vocab=vocab, merges=[])
+    except TypeError:  # transformers 4.x: only from vocab.json + merges.txt files
+        d = tmp_path_factory.mktemp("clip_tokenizer")
+        (d / "vocab.json").write_text(json.dumps(vocab))
+        (d / "merges.txt").write_text("#version: 0.2\n")
+        tok = CLIPTokenizer(vocab_file=str(d / "vocab.json"), merges_file=str(d / "merges.txt"))
     size = {"height": 32, "width": 32}
     proc = OwlViTProcessor(
         image_processor=OwlViTImageProcessor(size=size, crop_size=size), tokenizer=tok

@@ -34,8 +34,10 @@ def train_and_eval(method: str, out_dir: str, seed: int = 0) -> dict[str, float]
     return summary["metrics"]
 
 
+# seed 1 (the closer margin) gates CI; seed 2 is the same check as a measurement (about two
+# minutes of the suite's time on 2 cores each): `pytest -m measurement tests/test_clippy_smoke.py`
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.measurement)])
 def test_clippy_segments_better_than_cls_pooled_clip(tmp_path, one_thread, seed):
     """Per seed, a paired comparison: CLIPpy's colour segmentation beats CLS-pooled CLIP's by
     more than 5 mIoU points (measured at 80 steps: +12.2 on seed 1, +25.6 on seed 2; at 40

@@ -160,7 +160,10 @@ def test_float32_locked_bottom_train_step_equal_package(
         trainable_blocks=3,
         lock_frozen=True,
     )
-    images = torch.randn(4, 3, 64, 64)
+    # 16 images, not 4: train-mode BN over 4 images of the 2 x 2 map of block 13 is so
+    # ill-conditioned that float32 rounding alone moved gradient elements past the tolerance
+    # on some draws (AMD EPYC: 34x over on one seed of 4); at 16 the worst of 4 seeds is 0.22x
+    images = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     ref, got = (_train_step(build_image_tower(cfg).train(), images, r) for r in (True, False))
     assert calls and all(c == fused for c in calls)  # asked only by the eval-mode bottom
     assert not any(k.startswith("net._blocks.12.") for k in got["grads"])

@@ -81,6 +81,9 @@ class HFDescriber:
             images=images, text=[prompt] * len(images), return_tensors="pt", padding=True
         )
         inputs = inputs.to(self.device)
+        # transformers 4.x processors also return token_type_ids, which generate() rejects as
+        # unused by image-to-text models (5.x no longer returns them)
+        inputs.pop("token_type_ids", None)
         out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         new = out[:, inputs["input_ids"].shape[1] :]  # (B, T) generated tokens only
         return [str(t) for t in self.processor.batch_decode(new, skip_special_tokens=True)]

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from finegrain.compat import dependency_guard
+
 TOKENIZERS = ("clip", "hf")
 
 
@@ -32,7 +34,9 @@ class ClipTokenizer:
         self.context_length = context_length
         self._tok: Any = None
 
-    def _get(self) -> Any:
+    @dependency_guard("open_clip_torch", "the open_clip tokenizer")
+    def backend(self) -> Any:
+        """open_clip's ``SimpleTokenizer`` (built on first use)."""
         if self._tok is None:
             from open_clip.tokenizer import SimpleTokenizer
 
@@ -42,7 +46,7 @@ class ClipTokenizer:
     def __call__(self, texts: list[str] | str) -> torch.Tensor:
         if isinstance(texts, str):
             texts = [texts]
-        tok = self._get()
+        tok = self.backend()
         out = torch.zeros(len(texts), self.context_length, dtype=torch.long)  # (N, L)
         for i, text in enumerate(texts):
             ids = [self.sot_id, *tok.encode(text), self.eot_id]
@@ -63,7 +67,9 @@ class HFTokenizer:
         self.context_length = context_length
         self._tok: Any = None
 
-    def _get(self) -> Any:
+    @dependency_guard("transformers", "loading the Hugging Face tokenizer")
+    def backend(self) -> Any:
+        """The transformers tokenizer (loaded from ``path`` on first use)."""
         if self._tok is None:
             if not Path(self.path).is_dir():
                 raise ValueError(f"tokenizer directory not found: {self.path}")
@@ -74,17 +80,17 @@ class HFTokenizer:
 
     @property
     def pad_id(self) -> int:
-        pad = self._get().pad_token_id
+        pad = self.backend().pad_token_id
         return 0 if pad is None else int(pad)
 
     @property
     def vocab_size(self) -> int:
-        return len(self._get())
+        return len(self.backend())
 
     def __call__(self, texts: list[str] | str) -> torch.Tensor:
         if isinstance(texts, str):
             texts = [texts]
-        enc = self._get()(
+        enc = self.backend()(
             list(texts),
             padding="max_length",
             truncation=True,

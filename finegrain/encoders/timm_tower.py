@@ -11,7 +11,7 @@ tokens (CLS, registers) and patch tokens; pooled = CLS (or the patch mean for mo
 a class token). Convnets: the last feature map (B, C, h, w) as tokens, pooled = mean.
 
 timm ``VisionTransformer`` models take ``forward(images, *, keep, mask, return_attention)``
-(see ``finegrain.encoders.vit``): we run ``patch_embed`` -> mask token -> ``_pos_embed`` ->
+(see ``finegrain.encoders.vit``): we run ``patch_embed`` -> mask token -> ``vit_pos_embed`` ->
 keep gather -> ``patch_drop`` / ``norm_pre`` -> ``blocks`` -> ``norm`` ourselves (identical to
 ``forward_features`` without options, dynamic image sizes included); the CLS attention of a
 block comes from its ``attn.qkv`` (with ``q_norm`` / ``k_norm``) on the ``norm1`` output.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from finegrain.compat import dependency_guard
 from finegrain.encoders.base import (
     ImageTowerConfig,
     apply_mask,
@@ -169,6 +170,7 @@ class TimmTower(nn.Module):
             raise ValueError(f"image tower '{self.name}' has no patch grid (not a timm ViT)")
         return patch_grid(self.name, image_hw, self.patch_size)
 
+    @dependency_guard("timm", "the timm image tower")
     def forward(
         self,
         images: torch.Tensor,
@@ -221,7 +223,7 @@ class TimmTower(nn.Module):
         x = m.patch_embed(images)  # (B, h, w, D) with dynamic_img_size, else (B, N, D)
         if mask is not None:
             x = apply_mask(x, mask, self.mask_token)
-        x = m._pos_embed(x)  # (B, P + N, D)
+        x = vit_pos_embed(m, x)  # (B, P + N, D)
         x, keep = keep_tokens(x, keep, p, self.patch_dropout, self.training)
         x = m.norm_pre(m.patch_drop(x))
         attn = None
@@ -243,6 +245,37 @@ class TimmTower(nn.Module):
         tokens = x[:, p:]  # (B, N_out, D)
         pooled = x[:, 0] if self.has_cls else tokens.mean(1)
         return VisionOutput(pooled=pooled, tokens=tokens, grid_hw=grid, keep=keep, attention=attn)
+
+
+def vit_pos_embed(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A timm ``VisionTransformer``'s position embedding step of ``forward_features`` (patch
+    tokens -> prefix tokens + patch tokens with positions, then ``pos_drop``), from the model's
+    public attributes and ``timm.layers.resample_abs_pos_embed`` (timm's own method for it is
+    private). ``x``: (B, h, w, D) with ``dynamic_img_size``, else (B, N, D). The position
+    table covers the prefix tokens unless ``no_embed_class`` (DeiT-3, DINOv2 with registers:
+    add to the patches, then prepend). Equality with ``forward_features``:
+    ``tests/test_timm_pos_embed.py``."""
+    from timm.layers import resample_abs_pos_embed
+
+    b, d = x.shape[0], x.shape[-1]
+    prefix = [t.expand(b, -1, -1) for t in (m.cls_token, getattr(m, "reg_token", None))
+              if t is not None]  # fmt: skip  # [(B, 1, D), (B, R, D)]
+    pos = m.pos_embed  # (1, P + N, D) or (1, N, D) with no_embed_class; None: no positions
+    if pos is None:  # as timm: no position table, no pos_drop either
+        return torch.cat([*prefix, x.reshape(b, -1, d)], dim=1)
+    if getattr(m, "dynamic_img_size", False):
+        pos = resample_abs_pos_embed(
+            pos,
+            new_size=list(x.shape[1:3]),
+            old_size=list(m.patch_embed.grid_size),
+            num_prefix_tokens=0 if m.no_embed_class else m.num_prefix_tokens,
+        )
+        x = x.reshape(b, -1, d)  # (B, N, D)
+    if m.no_embed_class:
+        x = torch.cat([*prefix, x + pos], dim=1)
+    else:
+        x = torch.cat([*prefix, x], dim=1) + pos
+    return m.pos_drop(x)  # (B, P + N, D)
 
 
 def _timm_cls_attention(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -273,5 +306,6 @@ def timm_block_parts(blk: nn.Module) -> BlockParts:
 
 
 @IMAGE_TOWERS.register("timm")
+@dependency_guard("timm", "building the timm image tower")
 def build_timm_tower(cfg: ImageTowerConfig) -> TimmTower:
     return TimmTower(cfg)

@@ -30,10 +30,10 @@ from finegrain.eval.common import EvalContext
 def token_lengths(tokenizer: Any, texts: list[str]) -> list[int]:
     """Untruncated token count of every text, special tokens included (CLIP: SOT + EOT)."""
     if isinstance(tokenizer, ClipTokenizer):
-        enc = tokenizer._get()
+        enc = tokenizer.backend()
         return [len(enc.encode(t)) + 2 for t in texts]
     if isinstance(tokenizer, HFTokenizer):
-        ids = tokenizer._get()(
+        ids = tokenizer.backend()(
             list(texts), truncation=False, add_special_tokens=True, verbose=False
         )
         return [len(x) for x in ids["input_ids"]]

@@ -52,7 +52,7 @@ def tower_export(tower: nn.Module, kind: str) -> tuple[dict[str, torch.Tensor], 
         if isinstance(inner, nn.Module):
             sd = {k: v.detach().cpu() for k, v in inner.state_dict().items()}
             arch = (
-                getattr(getattr(inner, "config", None), "_name_or_path", "") or type(inner).__name__
+                getattr(getattr(inner, "config", None), "name_or_path", "") or type(inner).__name__
             )
             if layout == "timm_or_hf":
                 layout = "hf" if hasattr(inner, "config") else "timm"

@@ -40,7 +40,7 @@ FENCE = re.compile(r"^```\s*([\w+-]*)\s*$")
 MARK = re.compile(r"^<!--\s*needs:\s*(?P<needs>.*?)\s*(?:--\s.*)?-->$")
 SEPARATORS = {"&&", "||", ";", "|", "&"}
 REDIRECTS = {">", ">>", "<", "2>", "&>"}
-SHELL_BUILTINS = {"cd", "mkdir", "ls", "cat", "echo", "export"}
+SHELL_BUILTINS = {"cd", "mkdir", "ls", "cat", "echo", "export", "."}
 
 
 @dataclass(frozen=True)
@@ -209,6 +209,9 @@ def check_command(argv: list[str]) -> None:
     elif prog == "ruff":
         if args[:1] not in (["check"], ["format"]):
             raise CommandError(f"ruff {shlex.join(args)}: expected check or format")
+    elif prog in ("bash", "sh"):
+        if not args or not (ROOT / args[0]).is_file():
+            raise CommandError(f"{prog} {shlex.join(args)}: no such script in the repository")
     elif prog == "tensorboard":
         if "--logdir" not in args:
             raise CommandError("tensorboard: expected --logdir")
