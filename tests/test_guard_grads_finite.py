@@ -37,3 +37,20 @@ def test_large_finite_gradients_are_finite():
 
 def test_no_gradients_is_finite():
     assert grads_finite([]) and grads_finite(_params(None, None))
+
+
+def test_empty_shard_is_skipped():
+    # an FSDP rank can hold an empty gradient shard: the inf-norm of an empty tensor is an error
+    assert grads_finite(_params(torch.zeros(0), torch.ones(2)))
+    assert not grads_finite(_params(torch.zeros(0), torch.tensor([1.0, math.nan])))
+    assert grads_finite(_params(torch.zeros(0)))
+
+
+@pytest.mark.parametrize("bad, finite", [(None, True), (math.nan, False), (math.inf, False)])
+def test_fallback_without_get_total_norm(bad, finite, monkeypatch):
+    # torch < 2.6 (the declared floor is 2.3) has no torch.nn.utils.get_total_norm
+    monkeypatch.delattr(torch.nn.utils, "get_total_norm", raising=False)
+    g = torch.randn(4, 5)
+    if bad is not None:
+        g[1, 1] = bad
+    assert grads_finite(_params(torch.zeros(0), torch.ones(3), g)) is finite

@@ -144,10 +144,14 @@ def grads_finite(params: list[torch.nn.Parameter]) -> bool:
     (``torch.nn.utils.get_total_norm``, public since torch 2.6). The inf-norm (max |g|) never
     overflows, so large finite gradients count as finite (a 2-norm of 1e30 entries is inf),
     and a NaN anywhere makes it NaN."""
-    local = [_local(p.grad) for p in params if p.grad is not None]
+    # an FSDP rank may hold an empty shard: the inf-norm of an empty tensor has no identity
+    local = [g for g in (_local(p.grad) for p in params if p.grad is not None) if g.numel()]
     if not local:
         return True
-    return bool(torch.isfinite(torch.nn.utils.get_total_norm(local, norm_type=math.inf)))
+    total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if total_norm is None:  # torch < 2.6 (our floor is 2.3): one max per tensor, NaN propagates
+        return bool(torch.isfinite(torch.stack([g.abs().amax() for g in local]).amax()))
+    return bool(torch.isfinite(total_norm(local, norm_type=math.inf)))
 
 
 def nonfinite_grads(module: torch.nn.Module) -> list[str]:
