@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from finegrain.compat import DependencyError  # light: no torch
+from finegrain.errors import one_line
 
 if TYPE_CHECKING:  # the CLI imports torch-backed modules only once a command runs
     from finegrain.run_config import RunConfig
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except _user_errors() as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = one_line(e)
         print(f"finegrain {args.command}: error: {msg}", file=sys.stderr)
         return USER_ERROR
     except RuntimeError as e:  # bad data past data.max_broken_fraction: one line, not a trace

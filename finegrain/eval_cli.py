@@ -36,6 +36,7 @@ from pathlib import Path
 
 from finegrain.checkpoint.run_dirs import resolve_run
 from finegrain.config import ConfigError, from_dict
+from finegrain.errors import one_line
 from finegrain.eval import run_tasks, write_report
 from finegrain.eval.config import EvalTaskConfig, task_config_class
 from finegrain.eval.report import failed_lines, markdown_table
@@ -269,6 +270,6 @@ def main(argv: list[str]) -> int:
     try:
         return run(args)
     except (ValueError, ConfigError, FileNotFoundError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = one_line(e)
         print(f"finegrain eval: error: {msg}", file=sys.stderr)
         return USER_ERROR

@@ -23,6 +23,7 @@ import torch
 
 from finegrain.api import load
 from finegrain.config import ConfigError
+from finegrain.errors import one_line
 
 USER_ERROR = 2
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -139,6 +140,6 @@ def main(argv: list[str]) -> int:
     try:
         return run(args)
     except (ValueError, ConfigError, FileNotFoundError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = one_line(e)
         print(f"finegrain predict: error: {msg}", file=sys.stderr)
         return USER_ERROR

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from finegrain.errors import one_line
+
 
 class CheckpointError(ValueError):
     """A checkpoint file that is missing, truncated, corrupt or refused (one line, names it)."""
@@ -74,5 +76,5 @@ def load_trusted(path: str | Path) -> Any:
 
 
 def _first_sentence(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = one_line(e)
     return text.split(". ")[0][:200]

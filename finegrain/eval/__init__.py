@@ -16,6 +16,7 @@ import yaml
 
 from finegrain.config import from_dict, validate_config
 from finegrain.data.config import DataConfig
+from finegrain.errors import one_line
 from finegrain.eval.common import EvalContext
 from finegrain.eval.compositional import evaluate_compositional
 from finegrain.eval.config import (
@@ -67,12 +68,6 @@ __all__ = [
 
 # what a task's data or files can raise (one-line messages); anything else is a bug and stops
 TASK_ERRORS = (ValueError, FileNotFoundError, OSError)
-
-
-def one_line(e: BaseException) -> str:
-    """The first line of an error's message (its type when it has none)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def task_prefix(cfg: EvalTaskConfig) -> str:

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from finegrain.encoders.export import export_image_backbone
+from finegrain.errors import one_line
 from finegrain.interop import load_spec
 
 USER_ERROR = 2
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         method, _, _ = load_spec(args.checkpoint)
         out = export_image_backbone(method, args.out)
     except (ValueError, FileNotFoundError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = one_line(e)
         print(f"finegrain backbone export: error: {msg}", file=sys.stderr)
         return USER_ERROR
     print(f"wrote {args.out}: {len(out['state_dict'])} tensors, timm kwargs {out['timm_kwargs']}")

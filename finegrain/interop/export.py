@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from finegrain.checkpoint.run_dirs import resolve_run
+from finegrain.errors import one_line
 from finegrain.interop import load_spec
 from finegrain.interop.common import image_tower, projection_weight, read_scale_bias
 from finegrain.interop.hf import export as hf_export
@@ -158,7 +159,7 @@ def main(argv: list[str]) -> int:
         )
         export(args.run, args.format, out)
     except (ValueError, FileNotFoundError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = one_line(e)
         print(f"finegrain export: error: {msg}", file=sys.stderr)
         return USER_ERROR
     print(f"wrote {out}", file=sys.stderr)
