@@ -46,16 +46,19 @@ class VisionOutput:
                 f"attention must be (B, k, heads, N) = ({b}, k, heads, {n}), got {tuple(a.shape)}"
             )
 
-    def token_map(self) -> torch.Tensor:
-        """Patch tokens as a (B, D, h, w) feature map (only when every patch was kept)."""
+    def token_map(self, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch tokens as a (B, D, h, w) feature map (only when every patch was kept);
+        ``tokens`` (B, N, D'): per-patch features of this output's grid (e.g. projected) to lay
+        out instead of ``self.tokens``."""
         if self.keep is not None:
             raise ValueError(
                 "VisionOutput.token_map(): the tokens are a subset (keep) of the "
                 f"{self.grid_hw[0]}x{self.grid_hw[1]} grid, not a full map; scatter them by keep"
             )
-        b, _, d = self.tokens.shape
+        tokens = self.tokens if tokens is None else tokens
+        b, _, d = tokens.shape
         h, w = self.grid_hw
-        return self.tokens.transpose(1, 2).reshape(b, d, h, w)
+        return tokens.transpose(1, 2).reshape(b, d, h, w)
 
 
 @dataclass
@@ -77,7 +80,8 @@ class MethodOutput:
     """The one contract between a method and the trainer.
 
     loss:    scalar tensor to backpropagate (already weighted and summed).
-    losses:  named, detached-or-not loss terms; every key ends with ``_loss``.
+    losses:  named loss terms for logging; every key ends with ``_loss``; detached here, the
+             one place (a method may pass them with their graph).
     metrics: anything else worth logging (logit scale, accuracy, ...); floats or 0-d tensors.
     stats:   counts of this step that are not per-sample features (matched boxes, ...); the
              trainer adds the collate's ``batch["stats"]`` (summed over micro-batches), logs
@@ -92,3 +96,6 @@ class MethodOutput:
     def __post_init__(self) -> None:
         bad = [k for k in self.losses if not k.endswith("_loss")]
         assert not bad, f"loss terms must be named '*_loss', got {bad}"
+        self.losses = {
+            k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in self.losses.items()
+        }

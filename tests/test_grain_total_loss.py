@@ -71,7 +71,7 @@ def _box_terms(pred: torch.Tensor, boxes: list[torch.Tensor]) -> tuple[float, fl
 
 
 def naive_total(f: dict, scale: float, weighting: str, aux: bool, dedup: bool) -> dict:
-    img, txt = f["image_emb"], f["text_emb"]  # (B, D), unit norm
+    img, txt = f["image"], f["text"]  # (B, D), unit norm
     b = img.shape[0]
     logits = (scale * img @ txt.T).tolist()
     clip = sum(_ce(logits[i], i) + _ce([r[i] for r in logits], i) for i in range(b)) / (2 * b)
@@ -93,18 +93,18 @@ def naive_total(f: dict, scale: float, weighting: str, aux: bool, dedup: bool) -
         offset.append(len(descs))
         for r in range(mask.shape[1]):
             if mask[i, r]:
-                descs.append(f["desc_emb"][i, r])
+                descs.append(f["descriptions"][i, r])
                 texts.append(tuple(f["region_text"][i, r].tolist()))
     for i, pairs in enumerate(matches):
         for q, t in pairs:
-            rows.append((f["region_emb"][i, q], offset[i] + t))
+            rows.append((f["regions"][i, q], offset[i] + t))
     word_terms = []
     for reg, tgt in rows:
         cols = [j for j in range(len(descs)) if j == tgt or not (dedup and texts[j] == texts[tgt])]
         lg = [scale * float(reg @ descs[j]) for j in cols]
         word_terms.append(_ce(lg, cols.index(tgt)))
     word = sum(word_terms) / len(word_terms)
-    return {"total": clip + box + word, "global_loss": clip, "box_l1_loss": l1,
+    return {"total": clip + box + word, "clip_loss": clip, "box_l1_loss": l1,
             "box_giou_loss": giou, "region_loss": word, "aux": (aux_l1, aux_giou)}  # fmt: skip
 
 
@@ -141,7 +141,7 @@ def test_total_loss_matches_released_loop(batch_and_model, weighting, aux, dedup
     assert f["region_mask"].sum() >= 6 and not f["region_mask"][2].any()
     out = m.loss_from_features(f)
     ref = naive_total({k: v.detach() for k, v in f.items()}, 12.0, weighting, aux, dedup)
-    for k in ("global_loss", "box_l1_loss", "box_giou_loss", "region_loss"):
+    for k in ("clip_loss", "box_l1_loss", "box_giou_loss", "region_loss"):
         assert out.losses[k].item() == pytest.approx(ref[k], rel=1e-9, abs=1e-12), k
     if aux:
         got = (out.losses["aux_box_l1_loss"].item(), out.losses["aux_box_giou_loss"].item())

@@ -22,7 +22,9 @@ import pytest
 import torch
 
 from finegrain.data.loader import build_train_loader
+from finegrain.heads.logit_scale import LogitScale
 from finegrain.methods.base import Method, build_method
+from finegrain.methods.vocab import FEATURES, LOSS_TERMS, TOWERS
 from finegrain.recipes.base import get_recipe
 from finegrain.registry import METHODS, RECIPES
 
@@ -73,6 +75,19 @@ def test_forward_gives_finite_named_losses(built) -> None:
     for name, value in out.losses.items():
         assert name.endswith("_loss"), f"loss term '{name}' must be named '*_loss'"
         assert torch.isfinite(torch.as_tensor(value)).all(), (name, value)
+
+
+def test_names_follow_the_vocabulary(built) -> None:
+    """Towers ``image``/``text``, features and loss terms named from ``methods.vocab``,
+    logged terms detached (``MethodOutput``), one ``LogitScale`` as ``temperature``."""
+    method, batch, _ = built
+    assert all(isinstance(getattr(method, t), torch.nn.Module) for t in TOWERS)
+    feats = method.features(batch)
+    assert set(feats) <= set(FEATURES), sorted(set(feats) - set(FEATURES))
+    out = method.loss_from_features(feats)
+    assert out.loss.requires_grad and set(out.losses) <= set(LOSS_TERMS), sorted(out.losses)
+    assert not any(v.requires_grad for v in out.losses.values())
+    assert isinstance(method.temperature, LogitScale)
 
 
 def test_features_have_the_batch_as_leading_dim(built) -> None:

@@ -64,9 +64,9 @@ def test_grain_decoder_norms_and_queries_decayed_only_under_released() -> None:
     decay, no_decay = groups_by_name(method, "released")
     for n in ("decoder.query_embed", "decoder.layers.0.norm1.weight", "decoder.norm.weight"):
         assert n in decay, n
-    assert "decoder.layers.0.norm1.bias" in no_decay and "visual.ln_post.weight" in no_decay
+    assert "decoder.layers.0.norm1.bias" in no_decay and "image.ln_post.weight" in no_decay
     decay_x, no_decay_x = groups_by_name(method, "extended")
-    for n in ("decoder.query_embed", "decoder.norm.weight", "visual.positional_embedding"):
+    for n in ("decoder.query_embed", "decoder.norm.weight", "image.positional_embedding"):
         assert n in no_decay_x, n
     assert "decoder.proj.weight" in decay_x
 

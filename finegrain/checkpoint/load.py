@@ -52,5 +52,6 @@ def load_run(
         ) from None
     cfg = load_yaml(RunConfig, config_file)
     method = build_method(cfg.method)
-    load_into(method, load_weights(path), str(path), strict=strict)
+    weights = method.migrate_state_dict(load_weights(path))  # keys renamed since it was written
+    load_into(method, weights, str(path), strict=strict)
     return LoadedRun(method.to(device).eval(), cfg, path)

@@ -24,6 +24,10 @@ Counts that are not features (matched boxes, skipped samples) go in ``MethodOutp
 ``stats/<name>`` and summary.json's ``"stats"``.
 Evaluation calls ``encode_image``, ``encode_text``, ``tokenize``, and where a method supports
 them ``score_features`` (text-conditioned scoring) and ``dense_features`` (segmentation).
+
+Names (towers ``image``/``text``, features, loss terms), the L2 helper and checkpoint key
+migrations are the vocabulary of ``finegrain.methods.vocab``; ``migrate_state_dict`` maps the
+keys of checkpoints written before a rename (``key_renames``) and runs on every load.
 """
 
 from __future__ import annotations
@@ -34,12 +38,13 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from finegrain.config import Checked
 from finegrain.data.config import DataConfig
 from finegrain.data.transforms import SampleTransform, eval_transform, train_transform
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
+from finegrain.heads.logit_scale import LogitScale
+from finegrain.methods.vocab import rename_prefixes
 from finegrain.outputs import MethodOutput
 from finegrain.registry import METHODS
 
@@ -54,6 +59,8 @@ class MethodConfig(Checked):
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     embed_dim: int = 128
+    init_logit_scale: float = 1 / 0.07  # t at init (the parameter is s = ln t)
+    max_logit_scale: float = 100.0  # clamp t <= this after each step (0 = no clamp)
 
 
 NO_DECAY_RULES = ("released", "extended")
@@ -98,10 +105,28 @@ class Method(nn.Module):
     ``loss_from_features``; everything else has a sensible default."""
 
     Config: type[MethodConfig] = MethodConfig
+    # (old prefix, new prefix) of state-dict keys renamed since checkpoints were written
+    key_renames: tuple[tuple[str, str], ...] = ()
+    temperature: LogitScale | None = None  # the one logit scale (and bias), ``make_temperature``
 
     def __init__(self, cfg: MethodConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.register_load_state_dict_pre_hook(_migrate_keys)
+
+    def make_temperature(self, bias_init: float | None = None) -> LogitScale:
+        """``self.temperature``: t initialised to ``cfg.init_logit_scale``, clamped to
+        ``cfg.max_logit_scale`` after every applied step; parameters ``logit_scale`` (s = ln t)
+        and, with ``bias_init``, ``logit_bias`` on the method itself."""
+        c = self.cfg
+        self.temperature = LogitScale(c.init_logit_scale, c.max_logit_scale, bias_init=bias_init)
+        return self.temperature.install(self)
+
+    def migrate_state_dict(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Keys (and layouts) of checkpoints written by earlier versions -> today's: the
+        ``key_renames`` prefixes moved. Loaders call it before checking keys; ``load_state_dict``
+        applies it too (a pre-hook). Methods with layout changes override and call super."""
+        return rename_prefixes(state, self.key_renames)
 
     # ---- training -------------------------------------------------------------------
     def features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -136,7 +161,9 @@ class Method(nn.Module):
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Hook for EMA teachers, centre updates, clamping. Called after every *applied*
         optimizer step (``step`` is 1-based, ``total_steps`` is ``train.steps``); never after
-        a step skipped for a non-finite loss."""
+        a step skipped for a non-finite loss. Default: clamp the logit scale."""
+        if self.temperature is not None:
+            self.temperature.clamp_()
 
     # ---- teachers and auxiliary modules ---------------------------------------------
     def frozen_modules(self) -> dict[str, nn.Module]:
@@ -196,7 +223,8 @@ class Method(nn.Module):
 
     # ---- inference ------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        raise NotImplementedError
+        """(N, L) token ids from the text tower's tokenizer."""
+        return self.text.tokenizer(texts)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         raise NotImplementedError
@@ -242,5 +270,9 @@ def build_method(cfg: MethodConfig) -> Method:
     return METHODS.get(cfg.name)(cfg)
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x, dim=-1)
+def _migrate_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook: ``migrate_state_dict`` on this method's keys, in place."""
+    if not isinstance(module, Method):
+        return
+    own = {k[len(prefix) :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)}
+    state_dict.update({prefix + k: v for k, v in module.migrate_state_dict(own).items()})

@@ -30,14 +30,14 @@ import torch
 
 from finegrain.data.collate import ContrastiveCollate
 from finegrain.encoders.base import build_image_tower, build_text_tower
-from finegrain.heads.logit_scale import LogitScale
 from finegrain.heads.projection import Projection
 from finegrain.losses.contrastive import (
     clip_loss,
     multi_positive_sigmoid_loss,
     siglip_loss,
 )
-from finegrain.methods.base import Method, MethodConfig, normalize
+from finegrain.methods.base import Method, MethodConfig
+from finegrain.methods.vocab import l2
 from finegrain.outputs import MethodOutput
 from finegrain.registry import METHODS
 
@@ -46,8 +46,6 @@ from finegrain.registry import METHODS
 class CLIPConfig(MethodConfig):
     name: str = "clip"
     projection: Literal["linear", "none"] = "linear"  # none: towers' width must equal embed_dim
-    init_logit_scale: float = 1 / 0.07  # t at init (the parameter is s = ln t)
-    max_logit_scale: float = 100.0  # clamp t <= this after each step (0 = no clamp)
     local_loss: bool = True  # each rank: its rows vs all columns (O(B N) memory)
     gather: bool = True  # negatives from all ranks (gathered with gradient)
 
@@ -83,27 +81,22 @@ class DualEncoder(Method):
         # open_clip towers keep their pretrained projections: start from them when they fit
         self.image_proj.init_from(getattr(self.image, "pretrained_proj", None))
         self.text_proj.init_from(getattr(self.text, "pretrained_proj", None))
-        self.temperature = LogitScale(
-            cfg.init_logit_scale, cfg.max_logit_scale, bias_init=self._bias_init(cfg)
-        ).install(self)  # parameters self.logit_scale (s = ln t) and self.logit_bias
+        self.make_temperature(self._bias_init(cfg))  # self.logit_scale (s = ln t), logit_bias
 
     @staticmethod
     def _bias_init(cfg: CLIPConfig | SigLIPConfig) -> float | None:
         return None
 
     # ---- encoders -------------------------------------------------------------------
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        return self.text.tokenizer(texts)
-
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         x = self.image_proj(self.image(images).pooled)  # (B, E)
-        return _l2(x) if normalize else x
+        return l2(x) if normalize else x
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         lead = tokens.shape[:-1]  # (B,) or (B, K)
         x = self.text_proj(self.text(tokens.reshape(-1, tokens.shape[-1])).pooled)  # (B*K, E)
         x = x.reshape(*lead, -1)
-        return _l2(x) if normalize else x
+        return l2(x) if normalize else x
 
     def dense_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, E, h, w): patch tokens through the image projection (not normalised).
@@ -112,10 +105,7 @@ class DualEncoder(Method):
         al. 2022 use the value path of the last block; we use the final patch tokens): the
         patches were never trained to align with text, so expect coarse segmentation."""
         out = self.image(images)
-        tokens = self.image_proj(out.tokens)  # (B, N, E)
-        b, _, e = tokens.shape
-        h, w = out.grid_hw
-        return tokens.transpose(1, 2).reshape(b, e, h, w)
+        return out.token_map(self.image_proj(out.tokens))  # (B, N, E) -> (B, E, h, w)
 
     # ---- training -------------------------------------------------------------------
     def make_collate(self, train: bool = True) -> ContrastiveCollate:
@@ -131,21 +121,14 @@ class DualEncoder(Method):
             ids = batch[key]
             h = batch["text_prefix"].reshape(-1, *batch["text_prefix"].shape[-2:])
             pooled = self.text.trainable_suffix(h, ids.reshape(-1, ids.shape[-1])).pooled
-            text = _l2(self.text_proj(pooled).reshape(*ids.shape[:-1], -1))  # (B[, K], E)
+            text = l2(self.text_proj(pooled).reshape(*ids.shape[:-1], -1))  # (B[, K], E)
         else:
             text = self.encode_text(batch[key])  # (B, E) or (B, K, E)
         if "image_prefix" in batch:  # cached frozen bottom of the image tower
-            image = _l2(self.image_proj(self.image.trainable_suffix(batch["image_prefix"]).pooled))
+            image = l2(self.image_proj(self.image.trainable_suffix(batch["image_prefix"]).pooled))
         else:
             image = self.encode_image(batch["image"])
         return {"image": image, "text": text}
-
-    def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        self.temperature.clamp_()
-
-
-def _l2(x: torch.Tensor) -> torch.Tensor:
-    return normalize(x)
 
 
 @METHODS.register("clip")
@@ -159,7 +142,7 @@ class CLIP(DualEncoder):
         loss = clip_loss(feats["image"], feats["text"], self.temperature.scale(),
                          local_loss=c.local_loss, gather=c.gather)  # fmt: skip
         metrics = self.temperature.metrics()
-        return MethodOutput(loss=loss, losses={"clip_loss": loss.detach()}, metrics=metrics)
+        return MethodOutput(loss=loss, losses={"clip_loss": loss}, metrics=metrics)
 
 
 @METHODS.register("siglip")
@@ -186,4 +169,4 @@ class SigLIP(DualEncoder):
         else:
             loss = siglip_loss(image, text, scale, bias, exchange=ex)
         metrics = self.temperature.metrics()
-        return MethodOutput(loss=loss, losses={"siglip_loss": loss.detach()}, metrics=metrics)
+        return MethodOutput(loss=loss, losses={"siglip_loss": loss}, metrics=metrics)

@@ -52,8 +52,8 @@ from finegrain.data.collate import ContrastiveCollate, caption_candidates
 from finegrain.data.schema import sample_rng
 from finegrain.encoders.base import num_kept
 from finegrain.heads.pooling import max_pool
-from finegrain.methods.base import normalize
 from finegrain.methods.clip import CLIP, CLIPConfig
+from finegrain.methods.vocab import l2
 from finegrain.registry import METHODS
 
 CLS_CHOICES = ("exclude", "train")
@@ -180,7 +180,7 @@ class CLIPpy(CLIP):
         """Inference embedding: max over all projected patch tokens, and the CLS token with
         ``classify_cls`` (the replication's zero-shot classification)."""
         x = self._pooled_image(images, None, with_cls=self.cfg.classify_cls)
-        return _l2(x) if normalize else x
+        return l2(x) if normalize else x
 
     def dense_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, E, h, w): the projected patch tokens, the space the max pooling draws from.
@@ -200,8 +200,4 @@ class CLIPpy(CLIP):
             raise ValueError(f"method 'clippy' needs batch['text']; got keys {sorted(batch)}")
         keep = batch.get("keep") if self.training else None
         image = self._pooled_image(batch["image"], keep, with_cls=self.cfg.cls_token == "train")
-        return {"image": _l2(image), "text": self.encode_text(batch["text"])}
-
-
-def _l2(x: torch.Tensor) -> torch.Tensor:
-    return normalize(x)
+        return {"image": l2(image), "text": self.encode_text(batch["text"])}

@@ -59,7 +59,6 @@ from finegrain.data.transforms import MultiViewTransform, ViewAugment, eval_tran
 from finegrain.encoders.base import build_image_tower, build_text_tower
 from finegrain.heads.ema import ema_update_, make_teacher
 from finegrain.heads.ibot import IBOTHead
-from finegrain.heads.logit_scale import LogitScale
 from finegrain.heads.pixel_decoder import MAEDecoder, PixelHead
 from finegrain.heads.projection import Projection
 from finegrain.heads.token_removal import (
@@ -79,7 +78,8 @@ from finegrain.losses.distillation import (
     teacher_temperature,
 )
 from finegrain.losses.reconstruction import masked_mse, norm_pix_target, patchify
-from finegrain.methods.base import Method, MethodConfig, normalize
+from finegrain.methods.base import Method, MethodConfig
+from finegrain.methods.vocab import l2
 from finegrain.outputs import MethodOutput
 from finegrain.registry import METHODS
 
@@ -90,8 +90,6 @@ TEXT_BLOCK_KEYS = ("transformer.", "blocks.", "encoder.layer.", "layers.")
 class DetailCLIPConfig(MethodConfig):
     name: str = "detailclip"
     projection: Literal["linear", "none"] = "linear"
-    init_logit_scale: float = 1 / 0.07  # t at init (the parameter is s = ln t)
-    max_logit_scale: float = 100.0  # clamp t <= this after each step (0 = no clamp)
     local_loss: bool = True
     gather: bool = True
     # two views (released train_transform, applied twice)
@@ -192,7 +190,7 @@ class DetailCLIP(Method):
         self.image_proj = Projection(width, cfg.embed_dim, cfg.projection, where="image tower")
         self.text_proj = Projection(self.text.width, cfg.embed_dim, cfg.projection,
                                     where="text tower")  # fmt: skip
-        self.temperature = LogitScale(cfg.init_logit_scale, cfg.max_logit_scale).install(self)
+        self.make_temperature()
         self.decoder = MAEDecoder(width, cfg.decoder_depth, cfg.decoder_heads)
         self.pixel_head = PixelHead(width, self.patch)
         self.ibot_head = IBOTHead(width, cfg.ibot_out_dim, cfg.ibot_hidden_dim,
@@ -241,26 +239,21 @@ class DetailCLIP(Method):
             return self.teacher[part]
         return getattr(self, part)
 
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        return self.text.tokenizer(texts)
-
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         x = self._model("image_proj")(self._model("image")(images).pooled)  # (B, E)
-        return _l2(x) if normalize else x
+        return l2(x) if normalize else x
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         lead = tokens.shape[:-1]
         x = self._model("text")(tokens.reshape(-1, tokens.shape[-1])).pooled
         x = self._model("text_proj")(x).reshape(*lead, -1)  # (..., E)
-        return _l2(x) if normalize else x
+        return l2(x) if normalize else x
 
     def dense_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, E, h, w): final patch tokens through the image projection (the features the
         iBOT patch loss and the decoder shape; zero-shot and linear-probe segmentation)."""
         out = self._model("image")(images)
-        tokens = self._model("image_proj")(out.tokens)  # (B, N, E)
-        b, _, e = tokens.shape
-        return tokens.transpose(1, 2).reshape(b, e, *out.grid_hw)
+        return out.token_map(self._model("image_proj")(out.tokens))  # (B, E, h, w)
 
     def probe_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) features of the linear probe: the backbone's final patch tokens
@@ -268,9 +261,7 @@ class DetailCLIP(Method):
         or ``dense_features`` (``"projected"``, C = embed dim)."""
         if self.cfg.probe_features == "projected":
             return self.dense_features(images)
-        out = self._model("image")(images)
-        b, _, d = out.tokens.shape
-        return out.tokens.transpose(1, 2).reshape(b, d, *out.grid_hw)
+        return self._model("image")(images).token_map()
 
     # ---- training -----------------------------------------------------------------------
     @torch.no_grad()
@@ -309,7 +300,7 @@ class DetailCLIP(Method):
         if self.cfg.norm_pix_loss:
             target = norm_pix_target(target)
         feats = {
-            "image": _l2(self.image_proj(out.pooled)),  # (BV, E)
+            "image": l2(self.image_proj(out.pooled)),  # (BV, E)
             "s_cls": self.ibot_head(out.pooled),  # (BV, K)
             "s_patch": self.ibot_head(dec),  # (BV, R, K)
             "t_cls": t_logits[:, 0],  # (BV, K)
@@ -354,15 +345,14 @@ class DetailCLIP(Method):
                    "teacher_patch_temp": tau_patch}  # fmt: skip
         b, v, r = feats["pixels"].shape[:3]
         stats = {"removed_tokens": float(b * v * r)}  # over both views of the batch
-        return MethodOutput(loss=loss, losses={k: x.detach() for k, x in losses.items()},
-                            metrics=metrics, stats=stats)  # fmt: skip
+        return MethodOutput(loss=loss, losses=losses, metrics=metrics, stats=stats)
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Clamp, centres, EMA teacher. ``step`` applied updates so far: the next iteration is
         the released iteration ``it = step``, whose teacher is m[it] t + (1 - m[it]) theta_it."""
         c = self.cfg
-        self.temperature.clamp_()
+        super().after_optimizer_step(step, total_steps)  # the logit-scale clamp
         if self._pending is not None:
             self.center_cls.copy_(ema_center(self.center_cls, self._pending[0], c.center_momentum))
             self.center_patch.copy_(ema_center(self.center_patch, self._pending[1],
@@ -395,7 +385,3 @@ def _text_shared(name: str) -> bool:
 
 def _none(name: str) -> bool:
     return False
-
-
-def _l2(x: torch.Tensor) -> torch.Tensor:
-    return normalize(x)

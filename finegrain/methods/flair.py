@@ -61,7 +61,6 @@ from finegrain.data.captions import sample_subcaptions, split_sentences
 from finegrain.data.collate import add_stats
 from finegrain.data.schema import sample_rng
 from finegrain.encoders.base import build_image_tower, build_text_tower
-from finegrain.heads.logit_scale import LogitScale
 from finegrain.heads.pooling import TextConditionedPooling
 from finegrain.heads.projection import Projection
 from finegrain.losses.distributed import world_info
@@ -70,7 +69,7 @@ from finegrain.losses.flair import (
     text_conditioned_sigmoid_loss,
 )
 from finegrain.methods.base import Method, MethodConfig
-from finegrain.methods.base import normalize as l2_normalize
+from finegrain.methods.vocab import l2
 from finegrain.outputs import MethodOutput
 from finegrain.registry import METHODS
 
@@ -107,13 +106,11 @@ class FLAIRConfig(MethodConfig):
     add_mps_loss: bool = True  # total = (tcs + mps) / 2; False: tcs only
     loss_normalization: Literal["released", "per_image"] = "released"
     exchange: Literal["gather", "ring"] = "gather"  # texts of other ranks, with gradient
-    init_logit_scale: float = 1 / 0.07  # t at init (the parameter is s = ln t)
     init_logit_bias: float = -10.0  # b at construction (released: -10)
     # "prior": the first training forward sets b to the log-odds of a positive pair at the
     # (joined) batch size B, -ln(B - 1) (see prior_logit_bias); "fixed": b stays at
     # init_logit_bias as released (fit for B ~ 1k-32k; at B = 32 it collapses the embeddings)
     logit_bias_init: Literal["prior", "fixed"] = "prior"
-    max_logit_scale: float = 100.0  # clamp t <= this after each step (0 = no clamp)
     score_max_elements: int = 2**25  # pooled entries per chunk in score_features
 
 
@@ -258,9 +255,7 @@ class FLAIR(Method):
         self.image_proj = Projection(iw, d, weight=w_img)  # shared: CLS and patches
         self.text_proj = Projection(tw, d, weight=w_txt)
         self.pooling = TextConditionedPooling(d, heads=cfg.pool_heads, zero_slot=cfg.zero_slot)
-        self.temperature = LogitScale(
-            cfg.init_logit_scale, cfg.max_logit_scale, bias_init=cfg.init_logit_bias
-        ).install(self)  # parameters self.logit_scale (s = ln t) and self.logit_bias
+        self.make_temperature(cfg.init_logit_bias)  # self.logit_scale (s = ln t), logit_bias
         # set b to the batch's prior once, at the first training forward; a loaded state
         # dict (resume, released weights) already carries its own b
         self.bias_pending = cfg.logit_bias_init == "prior"
@@ -285,16 +280,13 @@ class FLAIR(Method):
     def _text(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.text_proj(self.text(tokens).pooled)  # (T, D)
 
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        return self.text.tokenizer(texts)
-
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         g = self._image(images)[0]
-        return l2_normalize(g) if normalize else g
+        return l2(g) if normalize else g
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         t = self._text(tokens)
-        return l2_normalize(t) if normalize else t
+        return l2(t) if normalize else t
 
     # ---- training -------------------------------------------------------------------
     def make_collate(self, train: bool = True) -> FLAIRCollate:
@@ -337,16 +329,13 @@ class FLAIR(Method):
         loss = tcs
         if c.add_mps_loss:
             mps = flair_multi_positive_loss(
-                l2_normalize(feats["image"]), l2_normalize(feats["texts"]), scale, bias,
+                l2(feats["image"]), l2(feats["texts"]), scale, bias,
                 exchange="ring" if c.exchange == "ring" else "gather",
                 normalization=c.loss_normalization,
             )  # fmt: skip
             losses["mps_loss"] = mps
             loss = (tcs + mps) / 2
         return MethodOutput(loss=loss, losses=losses, metrics=self.temperature.metrics())
-
-    def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        self.temperature.clamp_()  # released train.py: clamp_(0, ln 100)
 
     # ---- inference ------------------------------------------------------------------
     def image_features_for_scoring(self, images: torch.Tensor) -> torch.Tensor:
@@ -364,8 +353,8 @@ class FLAIR(Method):
 
     def dense_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, D, h, w) projected patch tokens (joint text-embedding space)."""
-        _, tokens, (h, w) = self._image(images)
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+        out = self.image(images)
+        return out.token_map(self.image_proj(out.tokens))
 
     @torch.no_grad()
     def attention_maps(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -58,12 +58,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
 from finegrain.data.collate import add_stats, stack_images
 from finegrain.data.schema import sample_rng
 from finegrain.encoders.base import build_image_tower, build_text_tower
-from finegrain.heads.logit_scale import LogitScale
 from finegrain.heads.projection import Projection
 from finegrain.heads.region_decoder import RegionDecoder
 from finegrain.losses.contrastive import clip_loss
@@ -76,7 +74,8 @@ from finegrain.losses.matching import (
     num_boxes_over_ranks,
 )
 from finegrain.losses.region import region_description_loss
-from finegrain.methods.base import Method, MethodConfig, normalize
+from finegrain.methods.base import Method, MethodConfig
+from finegrain.methods.vocab import l2
 from finegrain.outputs import MethodOutput
 from finegrain.registry import METHODS
 
@@ -109,8 +108,7 @@ class GRAINConfig(MethodConfig):
     region_symmetric: bool = False
     region_gather: bool = False
     caption: Literal["random", "alt", "mllm"] = "random"  # random: --is_gala
-    init_logit_scale: float = 1 / 0.07  # t at init (the parameter is s = ln t)
-    max_logit_scale: float = 100.0  # clamp t <= this (released code: s <= 4.6052 = ln 100)
+    # init_logit_scale 1/0.07, max_logit_scale 100 (released code: s <= 4.6052 = ln 100)
 
 
 def loss_weights(cfg: GRAINConfig) -> tuple[float, float, float, float]:
@@ -208,16 +206,17 @@ class GRAIN(Method):
     """Global + region-query contrastive pretraining with box supervision (see module doc)."""
 
     Config = GRAINConfig
+    key_renames = (("visual.", "image."),)  # the image tower was ``visual`` before the vocabulary
     # the released eval averages normalised prompt embeddings without renormalising the mean
     zeroshot_class_vectors = "mean"
 
     def __init__(self, cfg: GRAINConfig) -> None:
         super().__init__(cfg)
         self.weights = loss_weights(cfg)
-        self.visual = build_image_tower(cfg.image)
+        self.image = build_image_tower(cfg.image)
         self.text = build_text_tower(cfg.text)
         self.decoder = RegionDecoder(
-            self.visual.width, cfg.decoder_width, cfg.decoder_depth, cfg.decoder_heads,
+            self.image.width, cfg.decoder_width, cfg.decoder_depth, cfg.decoder_heads,
             cfg.num_region_queries, cfg.decoder_ffn_dim, cfg.decoder_dropout, cfg.box_mlp_layers,
         )  # fmt: skip
         w, tw, d = cfg.decoder_width, self.text.width, cfg.embed_dim
@@ -225,26 +224,34 @@ class GRAIN(Method):
         self.image_proj = Projection(w, d, weight=(torch.randn(w, d) * w**-0.5).t())
         self.region_proj = Projection(w, d, weight=(torch.randn(w, d) * w**-0.5).t())
         self.text_proj = Projection(tw, d, weight=(torch.randn(tw, d) * tw**-0.5).t())
-        self.temperature = LogitScale(cfg.init_logit_scale, cfg.max_logit_scale).install(self)
-        self._register_load_state_dict_pre_hook(_matrix_projection_keys)
+        self.make_temperature()
+
+    def migrate_state_dict(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Also checkpoints from before ``Projection``: ``image_proj`` etc. were (width, D)
+        matrices ``x @ P``."""
+        state = super().migrate_state_dict(state)
+        for name in ("image_proj", "region_proj", "text_proj"):
+            if name in state and name + ".weight" not in state:
+                state[name + ".weight"] = state.pop(name).t()
+        return state
 
     # ---- encoders ---------------------------------------------------------------------
     def _decode(self, images: torch.Tensor, return_all: bool = False) -> dict[str, torch.Tensor]:
-        out = self.visual(images)
+        out = self.image(images)
         tokens = torch.cat([out.pooled.unsqueeze(1), out.tokens], dim=1)  # (B, 1+N, C)
         return self.decoder(tokens, return_all=return_all)
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         x = self.text_proj(self.text(tokens).pooled)  # (B, D)
-        return F.normalize(x, dim=-1) if normalize else x
+        return l2(x) if normalize else x
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         x = self.image_proj(self._decode(images)["global"])  # (B, D)
-        return F.normalize(x, dim=-1) if normalize else x
+        return l2(x) if normalize else x
 
     def region_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """(B, Q, D) normalised region-query embeddings."""
-        return normalize(self.region_proj(self._decode(images)["regions"]))
+        return l2(self.region_proj(self._decode(images)["regions"]))
 
     def predict_boxes(self, images: torch.Tensor) -> torch.Tensor:
         """(B, Q, 4) final-layer boxes as normalised xyxy."""
@@ -252,23 +259,15 @@ class GRAIN(Method):
 
     def dense_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, D, h, w): patch tokens through the decoder's memory projection and image_proj."""
-        out = self.visual(images)
+        out = self.image(images)
         mem = self.decoder.memory_norm(self.decoder.proj(out.tokens))  # (B, N, W)
-        x = normalize(self.image_proj(mem))  # (B, N, D)
-        h, w = out.grid_hw
-        return x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
-
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        return self.text.tokenizer(texts)
+        return out.token_map(l2(self.image_proj(mem)))  # (B, N, D) -> (B, D, h, w)
 
     def make_collate(self, train: bool = True) -> GRAINCollate:
         mode = self.cfg.caption if train else "alt"
         return GRAINCollate(
             self.text.tokenizer, self.cfg.num_region_queries, mode, int(self.text.pad_id)
         )
-
-    def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        self.temperature.clamp_()
 
     def no_decay(self, name: str, p: torch.Tensor, rule: str) -> bool:
         """Released rule (grain-clip ``utils/train_utils.optim_policy``): the CLIP backbone
@@ -289,11 +288,11 @@ class GRAIN(Method):
         if mask.any():  # only real descriptions go through the text tower
             desc[mask] = self.encode_text(rt[mask]).to(desc.dtype)
         return {
-            "image_emb": normalize(self.image_proj(dec["global"])),  # (B, D)
-            "text_emb": self.encode_text(batch["text"]),  # (B, D)
-            "region_emb": normalize(self.region_proj(dec["regions"])),  # (B, Q, D)
+            "image": l2(self.image_proj(dec["global"])),  # (B, D)
+            "text": self.encode_text(batch["text"]),  # (B, D)
+            "regions": l2(self.region_proj(dec["regions"])),  # (B, Q, D)
             "pred_boxes": dec["boxes"].transpose(0, 1),  # (B, L, Q, 4) cxcywh
-            "desc_emb": desc,  # (B, R, D)
+            "descriptions": desc,  # (B, R, D)
             "boxes": batch["boxes"].to(dec["boxes"].dtype),  # (B, R, 4) cxcywh
             "region_mask": mask,
             "region_text": rt,
@@ -314,7 +313,7 @@ class GRAIN(Method):
         cfg, f = self.cfg, feats
         w_g, w_l1, w_giou, w_rd = self.weights
         scale = self.temperature.scale()
-        g = clip_loss(f["image_emb"], f["text_emb"], scale, local_loss=True, gather=True)
+        g = clip_loss(f["image"], f["text"], scale, local_loss=True, gather=True)
         mask = f["region_mask"]
         n_local = mask.sum().float()
         n_boxes = (
@@ -323,19 +322,19 @@ class GRAIN(Method):
             else n_local.clamp(min=1)
         )
         l1, giou, (bi, qi, ti), iou = self._box_terms(f["pred_boxes"][:, -1], f, n_boxes)
-        b, r, d = f["desc_emb"].shape
-        slot_regions = torch.zeros_like(f["desc_emb"])  # (B, R, D) region matched to each slot
-        slot_regions[bi, ti] = f["region_emb"][bi, qi].to(slot_regions.dtype)
+        b, r, d = f["descriptions"].shape
+        slot_regions = torch.zeros_like(f["descriptions"])  # (B, R, D) region matched to a slot
+        slot_regions[bi, ti] = f["regions"][bi, qi].to(slot_regions.dtype)
         matched = torch.zeros_like(mask)
         matched[bi, ti] = True
         rd = region_description_loss(
-            slot_regions.reshape(b * r, d), f["desc_emb"].reshape(b * r, d), matched.reshape(-1),
+            slot_regions.reshape(b * r, d), f["descriptions"].reshape(b * r, d), matched.reshape(-1),
             mask.reshape(-1), scale, f["region_text"].reshape(b * r, -1),
             dedup=cfg.region_dedup, symmetric=cfg.region_symmetric, gather=cfg.region_gather,
         )  # fmt: skip
         # keep the region projection in the graph (DDP) even for a batch without regions
-        rd = rd + 0.0 * f["region_emb"].sum()
-        losses = {"global_loss": g, "box_l1_loss": l1, "box_giou_loss": giou, "region_loss": rd}
+        rd = rd + 0.0 * f["regions"].sum()
+        losses = {"clip_loss": g, "box_l1_loss": l1, "box_giou_loss": giou, "region_loss": rd}
         total = w_g * g + w_l1 * l1 + w_giou * giou + w_rd * rd
         if cfg.aux_loss and f["pred_boxes"].shape[1] > 1:
             aux = [
@@ -351,11 +350,3 @@ class GRAIN(Method):
         }
         stats = {"target_boxes": float(n_local), "matched_boxes": float(bi.numel())}
         return MethodOutput(loss=total, losses=losses, metrics=metrics, stats=stats)
-
-
-def _matrix_projection_keys(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """Checkpoints from before ``Projection``: ``image_proj`` etc. were (width, D) matrices."""
-    for name in ("image_proj", "region_proj", "text_proj"):
-        old = state_dict.get(prefix + name)
-        if old is not None and prefix + name + ".weight" not in state_dict:
-            state_dict[prefix + name + ".weight"] = state_dict.pop(prefix + name).t()

@@ -42,6 +42,7 @@ def load_run_state(
 ) -> ResumePoint:
     """Load weights, scaler, this rank's data position and RNG state from ``resume_dir``."""
     weights, state = ckpt.load_state(resume_dir)
+    weights = method.migrate_state_dict(weights)  # keys renamed since it was written
     check_compatible(method, weights, str(resume_dir))
     method.load_state_dict(weights)
     scaler.load_state_dict(state["scaler"])
