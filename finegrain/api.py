@@ -217,7 +217,9 @@ class FinegrainModel:
             )
         x = self.images(image)
         emb = self.method.region_embeddings(x)  # (B, Q, E)
-        boxes = self.method.predict_boxes(x) if hasattr(self.method, "predict_boxes") else None
+        boxes = (
+            self.method.predict_boxes(x) if "predict_boxes" in self.method.capabilities() else None
+        )
         out = []
         for b in range(x.shape[0]):
             item: dict[str, Any] = {"embeddings": emb[b]}

@@ -49,7 +49,7 @@ def collect(ctx: Any, key: str, data: Any, art: dict, figs: dict[str, Any]) -> N
 def _attention(ctx: Any, data: Any, figs: dict[str, Any]) -> None:
     """(image, sentence) maps for 3 images x one sentence of each: methods with their own
     ``attention_maps`` (FLAIR's text-conditioned pooling) only."""
-    if not hasattr(ctx.method, "attention_maps"):
+    if "attention_maps" not in ctx.method.capabilities():
         return
     first = [data.text_to_image.index(i) for i in range(3)]
     images, texts = data.images[:3], [data.texts[j] for j in first]

@@ -83,16 +83,17 @@ def task_specs() -> list[TaskSpec]:
     return specs
 
 
-def capability(method: Any, needs: str) -> bool:
-    from finegrain.methods.base import Method
+# a task spec's ``needs`` -> the method capability (``Method.capabilities()``) it names
+NEEDS = {
+    "conditioned": "score_features",
+    "dense": "dense_features",
+    "regions": "region_embeddings",
+    "boxes": "predict_boxes",
+}
 
-    return {
-        "": True,
-        "conditioned": method.has_conditioned_score,
-        "dense": type(method).dense_features is not Method.dense_features,
-        "regions": method.has_regions,
-        "boxes": callable(getattr(method, "predict_boxes", None)),
-    }[needs]
+
+def capability(method: Any, needs: str) -> bool:
+    return not needs or NEEDS[needs] in method.capabilities()
 
 
 def _task_config(spec: TaskSpec, num: int, num_train: int | None = None) -> EvalTaskConfig:

@@ -68,7 +68,7 @@ def _cached_tower(tower: torch.nn.Module) -> bool:
 
 def check_cacheable(cfg: DataConfig, method: torch.nn.Module) -> bool:
     """One-line ValueErrors for what the cache cannot do; returns whether text is cached."""
-    name = getattr(getattr(method, "cfg", None), "name", type(method).__name__)
+    name = method.cfg.name
     if cfg.source not in SOURCES:
         raise ValueError(f"data.feature_cache needs a map-style source ({', '.join(SOURCES)}), "
                          f"got data.source='{cfg.source}'")  # fmt: skip
@@ -77,7 +77,7 @@ def check_cacheable(cfg: DataConfig, method: torch.nn.Module) -> bool:
     if cfg.hflip:
         raise ValueError("data.feature_cache with data.hflip is not supported (a flip changes "
                          "the caption's left/right); set data.hflip=false")  # fmt: skip
-    if not getattr(method, "supports_feature_cache", False):
+    if "feature_cache" not in method.capabilities():
         raise ValueError(f"method '{name}' does not read cached tower features "
                          "(data.feature_cache); methods that do: clip, siglip")  # fmt: skip
     if not _cached_tower(method.image):
@@ -335,5 +335,5 @@ def build_cached_loader(cfg: DataConfig, method: Any, *, rank: int = 0, world_si
         barrier()
     loader.broken = {int(r): v for r, v in image.meta["broken"].items()}
     loader.collate = CachedCollate(image, text, tokens, listing["candidates"], listing["labels"],
-                                   cfg.cache_crops, getattr(method, "num_captions", 1))  # fmt: skip
+                                   cfg.cache_crops, method.num_captions)  # fmt: skip
     return loader

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from finegrain.data.config import DataConfig
 from finegrain.data.transforms import BoxTransform
 from finegrain.eval.containers import ImageItem, load_image
-from finegrain.methods.base import Method
+from finegrain.methods.base import CAPABILITIES, Method
 
 
 def eval_transform(image_size: int, mean: tuple, std: tuple, crop: bool = True) -> Callable:
@@ -75,7 +75,8 @@ def image_batches(
 
 def _tower_tokenizer(method: Method) -> Any:
     """The text tower's tokenizer when it has a ``context_length`` (all finegrain towers)."""
-    tok = getattr(getattr(method, "text", None), "tokenizer", None)
+    tower = method.towers().get("text")
+    tok = None if tower is None else getattr(tower, "tokenizer", None)
     return tok if hasattr(tok, "context_length") else None
 
 
@@ -220,12 +221,9 @@ def chunked_scores(
 # ---- capability checks -----------------------------------------------------------------------
 def require(method: Method, capability: str, task: str) -> None:
     """ValueError naming method and task when the method lacks what the task needs."""
-    ok = {
-        "score_features": method.has_conditioned_score,
-        "dense_features": type(method).dense_features is not Method.dense_features,
-        "region_embeddings": method.has_regions,
-    }[capability]
-    if not ok:
+    if capability not in CAPABILITIES:
+        raise KeyError(f"unknown capability '{capability}'; valid: {', '.join(CAPABILITIES)}")
+    if capability not in method.capabilities():
         raise ValueError(
             f"method '{method.cfg.name}' ({type(method).__name__}) has no {capability}, "
             f"which task '{task}' needs"

@@ -51,7 +51,7 @@ def _features(ctx: EvalContext, data: SegmentationData, batch_size: int) -> torc
     for batch in image_batches(ctx, data.images, batch_size, "linear probe", crop=False):
         # a method may probe other features than its text-aligned dense ones (DetailCLIP:
         # the backbone's tokens, as the dense protocols of iBOT / DetailCLIP)
-        dense = getattr(ctx.method, "probe_features", ctx.method.dense_features)(batch)
+        dense = ctx.method.probe_features(batch)
         assert dense.dim() == 4, f"dense_features must be (B, D, h, w), got {tuple(dense.shape)}"
         feats.append(dense.float().cpu())
     return torch.cat(feats)  # (N, D, h, w)

@@ -44,26 +44,13 @@ def token_lengths(tokenizer: Any, texts: list[str]) -> list[int]:
 
 
 def _text_tower(method: nn.Module) -> nn.Module:
-    tower = getattr(method, "text", None)
-    if not isinstance(tower, nn.Module) or not hasattr(tower, "context_length"):
+    tower = method.towers().get("text")
+    if tower is None or not hasattr(tower, "context_length"):
         raise ValueError(
             f"method '{method.cfg.name}' has no text tower at .text with a context_length; "
             "truncate='stretch' cannot apply (use truncate='model')"
         )
     return tower
-
-
-def _swap_text(method: nn.Module, tower: nn.Module) -> dict[str, nn.Module]:
-    """Put ``tower`` in place of the method's text tower(s); returns what to restore."""
-    old = {"text": method.text}
-    method.text = tower
-    teacher = getattr(method, "teacher", None)  # e.g. DetailCLIP evaluated through its teacher
-    if isinstance(teacher, nn.ModuleDict) and "text" in teacher:
-        old["teacher.text"] = teacher["text"]
-        teacher["text"] = stretch_positions(
-            teacher["text"], tower.context_length, tower.stretch_mode, tower.stretch_keep
-        )
-    return old
 
 
 @contextmanager
@@ -72,7 +59,7 @@ def text_policy(ctx: EvalContext, cfg: Any, texts: list[str]) -> Iterator[tuple[
     Yields (context_length to pass to ``encode_texts``, protocol fields)."""
     m = ctx.method
     policy = getattr(cfg, "truncate", "model")
-    tower = _text_tower(m) if policy == "stretch" else getattr(m, "text", None)
+    tower = _text_tower(m) if policy == "stretch" else m.towers().get("text")
     native = int(getattr(tower, "context_length", 0) or 0)
     if policy == "model":
         length = cfg.context_length or native
@@ -99,13 +86,15 @@ def text_policy(ctx: EvalContext, cfg: Any, texts: list[str]) -> Iterator[tuple[
         "stretch": {"mode": mode, "from": native, **({"keep": keep} if mode == "longclip" else {})},
         "truncated_texts": _count(stretched.tokenizer, texts, target),
     }
-    old = _swap_text(m, stretched)
+    # the method's text tower(s): the student's is ``stretched``, others (an EMA teacher's,
+    # e.g. DetailCLIP evaluated through it) are stretched the same way
+    restore = m.replace_text_towers(
+        lambda t: stretched if t is tower else stretch_positions(t, target, mode, keep)
+    )
     try:
         yield target, info
     finally:
-        m.text = old["text"]
-        if "teacher.text" in old:
-            m.teacher["text"] = old["teacher.text"]
+        restore()
 
 
 def _count(tokenizer: Any, texts: list[str], length: int) -> int:

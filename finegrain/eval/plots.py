@@ -17,7 +17,6 @@ import torch.nn.functional as F  # noqa: E402
 
 from finegrain.eval.common import EvalContext, eval_transform, tokenize  # noqa: E402
 from finegrain.eval.containers import ImageItem, load_image  # noqa: E402
-from finegrain.methods.base import Method  # noqa: E402
 
 
 def _show(ax: Any, img: Any, title: str = "") -> None:
@@ -99,9 +98,9 @@ def attention_maps(
     tf = eval_transform(ctx.image_size, ctx.mean, ctx.std)
     batch = torch.stack([tf(load_image(im)) for im in images]).to(ctx.device)
     tokens = tokenize(ctx, texts).to(ctx.device)
-    if hasattr(m, "attention_maps"):
+    if "attention_maps" in m.capabilities():
         return m.attention_maps(batch, tokens).float().cpu()
-    if type(m).dense_features is Method.dense_features:
+    if "dense_features" not in m.capabilities():
         return None
     dense = F.normalize(m.dense_features(batch).float(), dim=1)  # (Ni, D, h, w)
     txt = F.normalize(m.encode_text(tokens).float(), dim=-1)  # (Nt, D)

@@ -89,7 +89,8 @@ def data_counts(data: Any, cfg: Any = None) -> dict[str, Any]:
 
 
 def _context(method: Any, cfg: Any) -> dict[str, Any]:
-    tok = getattr(getattr(method, "text", None), "tokenizer", None)
+    tower = method.towers().get("text")
+    tok = getattr(tower, "tokenizer", None)
     native = int(getattr(tok, "context_length", 0) or 0)
     asked = int(getattr(cfg, "context_length", 0) or 0)
     length = asked or native

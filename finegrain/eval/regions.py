@@ -289,7 +289,7 @@ def _check(cfg: RegionTaskConfig, ctx: EvalContext) -> None:
         require(m, "dense_features", task)
     if cfg.mode == "regions":
         require(m, "region_embeddings", task)
-        if cfg.region_scoring == "iou" and not callable(getattr(m, "predict_boxes", None)):
+        if cfg.region_scoring == "iou" and "predict_boxes" not in m.capabilities():
             raise ValueError(
                 f"method '{m.cfg.name}' has no predict_boxes, which region_scoring=iou needs; "
                 "use region_scoring=released"

@@ -140,19 +140,11 @@ def seg_metrics(conf: torch.Tensor, ignore_background: bool) -> dict[str, float]
 
 
 def dense_tower(method: nn.Module, variant: str) -> nn.Module:
-    """The image tower whose last block makes the method's dense features (``image``,
-    ``visual``, or the teacher's when a method evaluates through it); one-line error else."""
-    custom = getattr(method, "dense_tower", None)
-    if callable(custom):
-        return custom()
-    teacher = getattr(method, "teacher", None)
-    if getattr(method.cfg, "eval_model", "") == "teacher" and isinstance(teacher, nn.ModuleDict):
-        if "image" in teacher:
-            return teacher["image"]
-    for name in ("image", "visual"):
-        tower = getattr(method, name, None)
-        if isinstance(tower, nn.Module):
-            return tower
+    """The image tower whose last block makes the method's dense features (``eval_towers()``:
+    the teacher's when a method evaluates through it); one-line error else."""
+    tower = method.eval_towers().get("image")
+    if tower is not None:
+        return tower
     raise ValueError(
         f"method '{method.cfg.name}' has no image tower whose last block makes its dense "
         f"features; dense_variant='{variant}' does not apply (use dense_variant='raw')"

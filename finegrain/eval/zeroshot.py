@@ -146,7 +146,7 @@ def renormalize_classes(cfg: ZeroShotTaskConfig, method: object) -> bool:
     """Whether the class vector is renormalised (``class_vectors``, module docstring)."""
     if cfg.class_vectors != "auto":
         return cfg.class_vectors == "renormalized"
-    mean = bool(cfg.descriptions) or getattr(method, "zeroshot_class_vectors", "") == "mean"
+    mean = bool(cfg.descriptions) or method.zeroshot_class_vectors == "mean"
     return not mean
 
 

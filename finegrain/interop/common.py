@@ -64,10 +64,10 @@ def projection_weight(module: nn.Module | torch.Tensor | None) -> torch.Tensor |
 
 
 def image_tower(method: nn.Module) -> nn.Module:
-    for name in ("image", "visual"):
-        if isinstance(getattr(method, name, None), nn.Module):
-            return getattr(method, name)
-    raise ValueError(f"method {type(method).__name__} has no image tower ('image'/'visual')")
+    tower = method.towers().get("image")
+    if tower is None:
+        raise ValueError(f"method {type(method).__name__} has no image tower")
+    return tower
 
 
 def tower_prefix(method: nn.Module, tower: nn.Module) -> str:

@@ -76,7 +76,7 @@ def export_towers(method: nn.Module, out: Path) -> Path:
     extra: dict[str, torch.Tensor] = {}
     for name in ("image_proj", "text_proj"):
         try:
-            w = projection_weight(getattr(method, name, None))
+            w = projection_weight(method.towers().get(name))
         except ValueError:
             w = None
         if w is not None:

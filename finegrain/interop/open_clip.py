@@ -191,8 +191,8 @@ def from_finegrain(
     """(OpenCLIP model config, OpenCLIP state dict) of a finegrain dual encoder."""
     vis_sd, vis_cfg = _tower_state(image_tower(method), "image")
     txt_sd, txt_cfg = _tower_state(method.text, "text")
-    w_img = projection_weight(getattr(method, "image_proj", None))
-    w_txt = projection_weight(getattr(method, "text_proj", None))
+    w_img = projection_weight(method.towers().get("image_proj"))
+    w_txt = projection_weight(method.towers().get("text_proj"))
     if w_img is None or w_txt is None:
         raise ValueError("open_clip export needs linear image and text projections")
     sd = {f"visual.{k}": v for k, v in vis_sd.items()}

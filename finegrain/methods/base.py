@@ -22,8 +22,12 @@ The trainer only ever calls:
 Counts that are not features (matched boxes, skipped samples) go in ``MethodOutput.stats``
 (loss side) or the collate's ``batch["stats"]`` (data side); both reach TensorBoard as
 ``stats/<name>`` and summary.json's ``"stats"``.
-Evaluation calls ``encode_image``, ``encode_text``, ``tokenize``, and where a method supports
-them ``score_features`` (text-conditioned scoring) and ``dense_features`` (segmentation).
+Evaluation, the benchmark, interop and the API call ``encode_image``, ``encode_text``,
+``tokenize``, ``towers()`` / ``eval_towers()`` (the modules they read), and the optional hooks
+``OPTIONAL_HOOKS`` (``score_features``, ``dense_features``, ``region_embeddings``,
+``predict_boxes``, ``attention_maps``) where ``capabilities()``, the one place that computes
+them, lists them; all are declared here, and nothing outside ``methods/`` probes a method's
+attributes (``tests/test_method_capabilities.py``).
 
 Names (towers ``image``/``text``, features, loss terms), the L2 helper and checkpoint key
 migrations are the vocabulary of ``finegrain.methods.vocab``; ``migrate_state_dict`` maps the
@@ -44,7 +48,7 @@ from finegrain.data.config import DataConfig
 from finegrain.data.transforms import SampleTransform, eval_transform, train_transform
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
 from finegrain.heads.logit_scale import LogitScale
-from finegrain.methods.vocab import rename_prefixes
+from finegrain.methods.vocab import TOWERS, rename_prefixes
 from finegrain.outputs import MethodOutput
 from finegrain.registry import METHODS
 
@@ -62,6 +66,16 @@ class MethodConfig(Checked):
     init_logit_scale: float = 1 / 0.07  # t at init (the parameter is s = ln t)
     max_logit_scale: float = 100.0  # clamp t <= this after each step (0 = no clamp)
 
+
+# the optional hooks a method may implement; ``Method.capabilities()`` names those it does
+OPTIONAL_HOOKS = (
+    "score_features",  # text-conditioned scoring (FLAIR)
+    "dense_features",  # (B, D, h, w) segmentation features
+    "region_embeddings",  # region queries (GRAIN)
+    "predict_boxes",
+    "attention_maps",
+)
+CAPABILITIES = (*OPTIONAL_HOOKS, "feature_cache")
 
 NO_DECAY_RULES = ("released", "extended")
 
@@ -245,7 +259,7 @@ class Method(nn.Module):
 
     @property
     def has_conditioned_score(self) -> bool:
-        return type(self).score_features is not Method.score_features
+        return "score_features" in self.capabilities()
 
     def score(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """(Ni, Nt) similarity of every image with every text."""
@@ -263,7 +277,58 @@ class Method(nn.Module):
 
     @property
     def has_regions(self) -> bool:
-        return type(self).region_embeddings is not Method.region_embeddings
+        return "region_embeddings" in self.capabilities()
+
+    def predict_boxes(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, Q, 4) boxes as normalised xyxy, one per region query (GRAIN)."""
+        raise NotImplementedError(f"method '{self.cfg.name}' has no predict_boxes")
+
+    def attention_maps(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(Ni, Nt, h, w) where the method's own text-conditioned pooling looks (figures)."""
+        raise NotImplementedError(f"method '{self.cfg.name}' has no attention_maps")
+
+    def probe_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) features the linear probe reads (default: ``dense_features``)."""
+        return self.dense_features(images)
+
+    # ---- the declared contract: what evaluation, the benchmark, interop and the API use ----
+    supports_feature_cache: bool = False  # features() reads image_prefix / text_prefix
+    num_captions: int = 1  # K > 1: the collate gives ``texts`` (B, K, L) (the feature cache)
+    # zero-shot class vector from prompt embeddings: "renormalized" (OpenCLIP) or "mean"
+    # (GRAIN's released eval: the mean of normalised prompt embeddings, not renormalised)
+    zeroshot_class_vectors: str = "renormalized"
+
+    def capabilities(self) -> frozenset[str]:
+        """What this method can do beyond encoding, the ONE place it is computed: the names of
+        the optional hooks it implements (``CAPABILITIES``), and ``feature_cache``."""
+        own = {n for n in OPTIONAL_HOOKS if getattr(type(self), n) is not getattr(Method, n)}
+        return frozenset(own | ({"feature_cache"} if self.supports_feature_cache else set()))
+
+    def towers(self) -> dict[str, nn.Module]:
+        """The trained towers ``image`` / ``text`` and, where the method has them, the
+        projections ``image_proj`` / ``text_proj`` (interop and export read these)."""
+        parts = {}
+        for name in (*TOWERS, "image_proj", "text_proj"):
+            module = getattr(self, name, None)
+            if isinstance(module, nn.Module):
+                parts[name] = module
+        return parts
+
+    def eval_towers(self) -> dict[str, nn.Module]:
+        """``towers()`` as evaluation runs them (a method evaluated through an EMA teacher
+        returns the teacher's); dense variants and long-text stretching act on these."""
+        return self.towers()
+
+    def replace_text_towers(self, make: Callable[[nn.Module], nn.Module]) -> Callable[[], None]:
+        """Put ``make(tower)`` in place of every text tower evaluation may run (long-text
+        position stretching); returns the function that puts the originals back."""
+        old = self.text
+        self.text = make(old)
+
+        def restore() -> None:
+            self.text = old
+
+        return restore
 
 
 def build_method(cfg: MethodConfig) -> Method:

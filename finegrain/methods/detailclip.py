@@ -47,6 +47,7 @@ the outputs agree).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -234,6 +235,24 @@ class DetailCLIP(Method):
         return p.ndim < 2 or "bias" in name
 
     # ---- encoders -----------------------------------------------------------------------
+    def eval_towers(self) -> dict[str, nn.Module]:
+        """The student's towers and projections, the teacher's with ``eval_model="teacher"``."""
+        return {name: self._model(name) for name in self.towers()}
+
+    def replace_text_towers(self, make: Callable[[nn.Module], nn.Module]) -> Callable[[], None]:
+        """The student's text tower and the teacher's (when it keeps one)."""
+        restore_student = super().replace_text_towers(make)
+        if "text" not in self.teacher:
+            return restore_student
+        old = self.teacher["text"]
+        self.teacher["text"] = make(old)
+
+        def restore() -> None:
+            restore_student()
+            self.teacher["text"] = old
+
+        return restore
+
     def _model(self, part: str) -> nn.Module:
         if self.cfg.eval_model == "teacher" and part in self.teacher:
             return self.teacher[part]

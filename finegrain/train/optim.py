@@ -43,7 +43,7 @@ def cosine_lr(step: int, *, base_lr: float, warmup: int, total: int, min_lr: flo
 def build_optimizer(method: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the method's parameter groups; empty groups are dropped, and so are the
     parameters of ``method.frozen_modules()`` (teachers), even if ``param_groups`` lists them."""
-    frozen = method.frozen_parameter_ids() if hasattr(method, "frozen_parameter_ids") else set()
+    frozen = method.frozen_parameter_ids()
     groups: list[dict[str, Any]] = []
     for g in method.param_groups(cfg.weight_decay, no_decay=cfg.no_decay):
         params = [p for p in g["params"] if id(p) not in frozen]
