@@ -77,6 +77,7 @@ METHODS: Registry = Registry(
         "finegrain.methods.flair",
         "finegrain.methods.grain",
         "finegrain.methods.detailclip",
+        "finegrain.methods.composed",
     ),
 )
 IMAGE_TOWERS: Registry = Registry("image tower", ("finegrain.encoders",))

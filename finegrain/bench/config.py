@@ -81,7 +81,8 @@ def methods_to_run(requested: str | None) -> list[str]:
     an unknown name raises one line naming the valid ones."""
     valid = METHODS.names()
     if not requested:  # finegrain's own methods (not ones a test or a plugin registered)
-        return [n for n in valid if METHODS.get(n).__module__.startswith("finegrain.")]
+        return [n for n in valid if METHODS.get(n).__module__.startswith("finegrain.")
+                and METHODS.get(n).in_default_benchmark]  # fmt: skip
     names = [n.strip() for n in requested.split(",") if n.strip()]
     for n in names:
         if n not in valid:

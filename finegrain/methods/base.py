@@ -48,6 +48,7 @@ from finegrain.data.config import DataConfig
 from finegrain.data.transforms import SampleTransform, eval_transform, train_transform
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
 from finegrain.heads.logit_scale import LogitScale
+from finegrain.methods.objectives import Objectives
 from finegrain.methods.vocab import TOWERS, rename_prefixes
 from finegrain.outputs import MethodOutput
 from finegrain.registry import METHODS
@@ -122,6 +123,7 @@ class Method(nn.Module):
     # (old prefix, new prefix) of state-dict keys renamed since checkpoints were written
     key_renames: tuple[tuple[str, str], ...] = ()
     temperature: LogitScale | None = None  # the one logit scale (and bias), ``make_temperature``
+    objectives: Objectives | None = None  # the weighted objectives ``loss_from_features`` sums
 
     def __init__(self, cfg: MethodConfig) -> None:
         super().__init__()
@@ -147,7 +149,10 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def loss_from_features(self, feats: dict[str, torch.Tensor]) -> MethodOutput:
-        raise NotImplementedError
+        """The weighted sum of ``self.objectives`` (``finegrain.methods.objectives``)."""
+        if self.objectives is None:
+            raise NotImplementedError(f"method '{self.cfg.name}' sets no objectives")
+        return self.objectives(self, feats)
 
     def forward(self, batch: dict[str, Any]) -> MethodOutput:
         return self.loss_from_features(self.features(batch))
@@ -293,6 +298,7 @@ class Method(nn.Module):
 
     # ---- the declared contract: what evaluation, the benchmark, interop and the API use ----
     supports_feature_cache: bool = False  # features() reads image_prefix / text_prefix
+    in_default_benchmark: bool = True  # False: ``finegrain demo`` runs it only via --methods
     num_captions: int = 1  # K > 1: the collate gives ``texts`` (B, K, L) (the feature cache)
     # zero-shot class vector from prompt embeddings: "renormalized" (OpenCLIP) or "mean"
     # (GRAIN's released eval: the mean of normalised prompt embeddings, not renormalised)

@@ -31,14 +31,9 @@ import torch
 from finegrain.data.collate import ContrastiveCollate
 from finegrain.encoders.base import build_image_tower, build_text_tower
 from finegrain.heads.projection import Projection
-from finegrain.losses.contrastive import (
-    clip_loss,
-    multi_positive_sigmoid_loss,
-    siglip_loss,
-)
 from finegrain.methods.base import Method, MethodConfig
+from finegrain.methods.objectives import ClipObjective, Objectives, SigmoidObjective
 from finegrain.methods.vocab import l2
-from finegrain.outputs import MethodOutput
 from finegrain.registry import METHODS
 
 
@@ -137,12 +132,9 @@ class CLIP(DualEncoder):
 
     Config = CLIPConfig
 
-    def loss_from_features(self, feats: dict[str, torch.Tensor]) -> MethodOutput:
-        c = self.cfg
-        loss = clip_loss(feats["image"], feats["text"], self.temperature.scale(),
-                         local_loss=c.local_loss, gather=c.gather)  # fmt: skip
-        metrics = self.temperature.metrics()
-        return MethodOutput(loss=loss, losses={"clip_loss": loss}, metrics=metrics)
+    def __init__(self, cfg: CLIPConfig) -> None:
+        super().__init__(cfg)
+        self.objectives = Objectives([(ClipObjective(cfg.local_loss, cfg.gather), {})])
 
 
 @METHODS.register("siglip")
@@ -156,17 +148,8 @@ class SigLIP(DualEncoder):
             raise ValueError(f"num_captions must be >= 1, got {cfg.num_captions}")
         super().__init__(cfg)
         self.num_captions = cfg.num_captions
+        self.objectives = Objectives([(SigmoidObjective(cfg.exchange), {})])
 
     @staticmethod
     def _bias_init(cfg: CLIPConfig | SigLIPConfig) -> float | None:
         return cfg.init_logit_bias
-
-    def loss_from_features(self, feats: dict[str, torch.Tensor]) -> MethodOutput:
-        image, text = feats["image"], feats["text"]
-        scale, bias, ex = self.temperature.scale(), self.temperature.bias(), self.cfg.exchange
-        if text.dim() == 3:  # (B, K, E): K positives per image
-            loss = multi_positive_sigmoid_loss(image, text, scale, bias, exchange=ex)
-        else:
-            loss = siglip_loss(image, text, scale, bias, exchange=ex)
-        metrics = self.temperature.metrics()
-        return MethodOutput(loss=loss, losses={"siglip_loss": loss}, metrics=metrics)

@@ -69,17 +69,20 @@ from finegrain.heads.token_removal import (
     random_keep,
     removed_from_keep,
 )
-from finegrain.losses.contrastive import clip_loss
 from finegrain.losses.distillation import (
     batch_center,
-    dino_cls_loss,
     ema_center,
     ema_momentum,
-    ibot_patch_loss,
     teacher_temperature,
 )
-from finegrain.losses.reconstruction import masked_mse, norm_pix_target, patchify
+from finegrain.losses.reconstruction import norm_pix_target, patchify
 from finegrain.methods.base import Method, MethodConfig
+from finegrain.methods.objectives import (
+    ClipObjective,
+    DistillationObjective,
+    Objectives,
+    ReconstructionObjective,
+)
 from finegrain.methods.vocab import l2
 from finegrain.outputs import MethodOutput
 from finegrain.registry import METHODS
@@ -206,6 +209,7 @@ class DetailCLIP(Method):
         self.register_buffer("center_patch", torch.zeros(k))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # applied steps so far
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.objectives = detailclip_objectives(cfg)
 
     # ---- method hooks -----------------------------------------------------------------
     def frozen_modules(self) -> dict[str, nn.Module]:
@@ -343,28 +347,11 @@ class DetailCLIP(Method):
                                     **kw))  # fmt: skip
 
     def loss_from_features(self, feats: dict[str, torch.Tensor]) -> MethodOutput:
-        c = self.cfg
-        tau_cls, tau_patch = self.temperatures()
-        scale, img, text = self.temperature.scale(), feats["image"], feats["text"]
-        clip = sum(clip_loss(img[:, i], text, scale, local_loss=c.local_loss, gather=c.gather)
-                   for i in range(img.shape[1])) / img.shape[1]  # fmt: skip
-        cls = dino_cls_loss(
-            feats["s_cls"], feats["t_cls"], self.center_cls, c.student_temp, tau_cls
-        )
-        patch = ibot_patch_loss(feats["s_patch"], feats["t_patch"], self.center_patch,
-                                c.student_temp, tau_patch)  # fmt: skip
-        recon = masked_mse(feats["pixels"], feats["pixel_target"])
-        loss = (c.clip_weight * clip + c.ibot_patch_weight * patch + c.ibot_cls_weight * cls
-                + c.recon_weight * recon)  # fmt: skip
+        """``detailclip_objectives``; in training also the batch centres for the next step."""
+        out = super().loss_from_features(feats)
         if self.training:  # applied in after_optimizer_step, once per applied step
             self._pending = (batch_center(feats["t_cls"]), batch_center(feats["t_patch_mean"]))
-        losses = {"clip_loss": clip, "ibot_patch_loss": patch, "ibot_cls_loss": cls,
-                  "recon_loss": recon}  # fmt: skip
-        metrics = {**self.temperature.metrics(), "teacher_temp": tau_cls,
-                   "teacher_patch_temp": tau_patch}  # fmt: skip
-        b, v, r = feats["pixels"].shape[:3]
-        stats = {"removed_tokens": float(b * v * r)}  # over both views of the batch
-        return MethodOutput(loss=loss, losses=losses, metrics=metrics, stats=stats)
+        return out
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
@@ -404,3 +391,13 @@ def _text_shared(name: str) -> bool:
 
 def _none(name: str) -> bool:
     return False
+
+
+def detailclip_objectives(cfg: DetailCLIPConfig) -> Objectives:
+    """w_clip * CLIP (mean over views) + w_patch * iBOT patch + w_cls * DINO CLS + w_rec * recon."""
+    return Objectives([
+        (ClipObjective(cfg.local_loss, cfg.gather), {"clip_loss": cfg.clip_weight}),
+        (DistillationObjective(cfg.student_temp),
+         {"ibot_patch_loss": cfg.ibot_patch_weight, "ibot_cls_loss": cfg.ibot_cls_weight}),
+        (ReconstructionObjective(), {"recon_loss": cfg.recon_weight}),
+    ])  # fmt: skip

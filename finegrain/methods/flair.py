@@ -64,11 +64,12 @@ from finegrain.encoders.base import build_image_tower, build_text_tower
 from finegrain.heads.pooling import TextConditionedPooling
 from finegrain.heads.projection import Projection
 from finegrain.losses.distributed import world_info
-from finegrain.losses.flair import (
-    flair_multi_positive_loss,
-    text_conditioned_sigmoid_loss,
-)
 from finegrain.methods.base import Method, MethodConfig
+from finegrain.methods.objectives import (
+    MultiPositiveObjective,
+    Objectives,
+    TextConditionedObjective,
+)
 from finegrain.methods.vocab import l2
 from finegrain.outputs import MethodOutput
 from finegrain.registry import METHODS
@@ -260,6 +261,7 @@ class FLAIR(Method):
         # dict (resume, released weights) already carries its own b
         self.bias_pending = cfg.logit_bias_init == "prior"
         self.register_load_state_dict_pre_hook(_bias_loaded)
+        self.objectives = flair_objectives(cfg)
 
     @torch.no_grad()
     def init_bias_from_batch(self, batch_size: int) -> None:
@@ -317,25 +319,10 @@ class FLAIR(Method):
         }
 
     def loss_from_features(self, feats: dict[str, torch.Tensor]) -> MethodOutput:
-        c = self.cfg
+        """``(L_tcs + L_mps) / 2`` (``flair_objectives``), b set to the prior first."""
         if self.training and self.bias_pending:  # the joined batch (all ranks, micro-batches)
             self.init_bias_from_batch(feats["texts"].shape[0] * world_info()[1])
-        scale, bias = self.temperature.scale(), self.temperature.bias()
-        tcs = text_conditioned_sigmoid_loss(
-            self.pooling, feats["image_tokens"], feats["texts"], scale, bias,
-            pair_seed=feats["pair_seed"], exchange=c.exchange, normalization=c.loss_normalization,
-        )  # fmt: skip
-        losses = {"tcs_loss": tcs}
-        loss = tcs
-        if c.add_mps_loss:
-            mps = flair_multi_positive_loss(
-                l2(feats["image"]), l2(feats["texts"]), scale, bias,
-                exchange="ring" if c.exchange == "ring" else "gather",
-                normalization=c.loss_normalization,
-            )  # fmt: skip
-            losses["mps_loss"] = mps
-            loss = (tcs + mps) / 2
-        return MethodOutput(loss=loss, losses=losses, metrics=self.temperature.metrics())
+        return super().loss_from_features(feats)
 
     # ---- inference ------------------------------------------------------------------
     def image_features_for_scoring(self, images: torch.Tensor) -> torch.Tensor:
@@ -366,6 +353,15 @@ class FLAIR(Method):
         q = text.unsqueeze(0).expand(patches.shape[0], *text.shape)  # (Ni, Nt, D)
         att = self.pooling.attention_weights(q, patches)[..., : h * w]  # (Ni, Nt, N)
         return att.reshape(att.shape[0], att.shape[1], h, w)
+
+
+def flair_objectives(cfg: FLAIRConfig) -> Objectives:
+    """L_tcs, and with ``add_mps_loss`` L_mps, each weighted 1/2 (the released mean)."""
+    kw = {"exchange": cfg.exchange, "normalization": cfg.loss_normalization}
+    if not cfg.add_mps_loss:
+        return Objectives([(TextConditionedObjective(**kw), {})])
+    return Objectives([(TextConditionedObjective(**kw), {"tcs_loss": 0.5}),
+                       (MultiPositiveObjective(**kw), {"mps_loss": 0.5})])  # fmt: skip
 
 
 def _bias_loaded(module: nn.Module, *args: Any) -> None:

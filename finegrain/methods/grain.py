@@ -64,19 +64,10 @@ from finegrain.data.schema import sample_rng
 from finegrain.encoders.base import build_image_tower, build_text_tower
 from finegrain.heads.projection import Projection
 from finegrain.heads.region_decoder import RegionDecoder
-from finegrain.losses.contrastive import clip_loss
-from finegrain.losses.matching import (
-    box_cxcywh_to_xyxy,
-    box_losses,
-    box_xyxy_to_cxcywh,
-    elementwise_giou,
-    hungarian_match,
-    num_boxes_over_ranks,
-)
-from finegrain.losses.region import region_description_loss
+from finegrain.losses.matching import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from finegrain.methods.base import Method, MethodConfig
+from finegrain.methods.objectives import ClipObjective, Objectives, RegionObjective
 from finegrain.methods.vocab import l2
-from finegrain.outputs import MethodOutput
 from finegrain.registry import METHODS
 
 WEIGHTINGS = {"released": (1.0, 1.5, 1.5, 1.0), "paper": (1.0, 1.0, 1.0, 1.0)}
@@ -225,6 +216,7 @@ class GRAIN(Method):
         self.region_proj = Projection(w, d, weight=(torch.randn(w, d) * w**-0.5).t())
         self.text_proj = Projection(tw, d, weight=(torch.randn(tw, d) * tw**-0.5).t())
         self.make_temperature()
+        self.objectives = grain_objectives(cfg)
 
     def migrate_state_dict(self, state: dict[str, Any]) -> dict[str, Any]:
         """Also checkpoints from before ``Projection``: ``image_proj`` etc. were (width, D)
@@ -298,55 +290,15 @@ class GRAIN(Method):
             "region_text": rt,
         }
 
-    def _box_terms(self, pred: torch.Tensor, f: dict[str, torch.Tensor], n_boxes: torch.Tensor):
-        """Match one decoder layer's boxes (B, Q, 4) and return (l1, giou, match, iou)."""
-        cfg = self.cfg
-        match = hungarian_match(pred, f["boxes"], f["region_mask"], cfg.cost_l1, cfg.cost_giou)
-        bi, qi, ti = match
-        src, tgt = pred[bi, qi], f["boxes"][bi, ti]  # (M, 4)
-        l1, giou = box_losses(src, tgt, n_boxes)
-        with torch.no_grad():
-            iou = elementwise_giou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))[0]
-        return l1, giou, match, iou
 
-    def loss_from_features(self, feats: dict[str, torch.Tensor]) -> MethodOutput:
-        cfg, f = self.cfg, feats
-        w_g, w_l1, w_giou, w_rd = self.weights
-        scale = self.temperature.scale()
-        g = clip_loss(f["image"], f["text"], scale, local_loss=True, gather=True)
-        mask = f["region_mask"]
-        n_local = mask.sum().float()
-        n_boxes = (
-            num_boxes_over_ranks(n_local, mask.device)
-            if cfg.num_boxes_over_ranks
-            else n_local.clamp(min=1)
-        )
-        l1, giou, (bi, qi, ti), iou = self._box_terms(f["pred_boxes"][:, -1], f, n_boxes)
-        b, r, d = f["descriptions"].shape
-        slot_regions = torch.zeros_like(f["descriptions"])  # (B, R, D) region matched to a slot
-        slot_regions[bi, ti] = f["regions"][bi, qi].to(slot_regions.dtype)
-        matched = torch.zeros_like(mask)
-        matched[bi, ti] = True
-        rd = region_description_loss(
-            slot_regions.reshape(b * r, d), f["descriptions"].reshape(b * r, d), matched.reshape(-1),
-            mask.reshape(-1), scale, f["region_text"].reshape(b * r, -1),
-            dedup=cfg.region_dedup, symmetric=cfg.region_symmetric, gather=cfg.region_gather,
-        )  # fmt: skip
-        # keep the region projection in the graph (DDP) even for a batch without regions
-        rd = rd + 0.0 * f["regions"].sum()
-        losses = {"clip_loss": g, "box_l1_loss": l1, "box_giou_loss": giou, "region_loss": rd}
-        total = w_g * g + w_l1 * l1 + w_giou * giou + w_rd * rd
-        if cfg.aux_loss and f["pred_boxes"].shape[1] > 1:
-            aux = [
-                self._box_terms(f["pred_boxes"][:, i], f, n_boxes)
-                for i in range(f["pred_boxes"].shape[1] - 1)
-            ]
-            losses["aux_box_l1_loss"] = sum(a[0] for a in aux)
-            losses["aux_box_giou_loss"] = sum(a[1] for a in aux)
-            total = total + w_l1 * losses["aux_box_l1_loss"] + w_giou * losses["aux_box_giou_loss"]
-        metrics = {
-            "logit_scale": scale.detach(),
-            "matched_iou": iou.mean() if iou.numel() else torch.zeros(()),
-        }
-        stats = {"target_boxes": float(n_local), "matched_boxes": float(bi.numel())}
-        return MethodOutput(loss=total, losses=losses, metrics=metrics, stats=stats)
+def grain_objectives(cfg: GRAINConfig) -> Objectives:
+    """Global InfoNCE, then the region objective (boxes, descriptions), weighted by
+    ``cfg.weighting``; the auxiliary box terms share the final layer's box weights."""
+    w_g, w_l1, w_giou, w_rd = loss_weights(cfg)
+    region = RegionObjective(cfg.cost_l1, cfg.cost_giou, aux=cfg.aux_loss,
+                             over_ranks=cfg.num_boxes_over_ranks, dedup=cfg.region_dedup,
+                             symmetric=cfg.region_symmetric, gather=cfg.region_gather)  # fmt: skip
+    weights = {"box_l1_loss": w_l1, "box_giou_loss": w_giou, "region_loss": w_rd,
+               "aux_box_l1_loss": w_l1, "aux_box_giou_loss": w_giou}  # fmt: skip
+    return Objectives([(ClipObjective(local_loss=True, gather=True), {"clip_loss": w_g}),
+                       (region, weights)])  # fmt: skip
