@@ -8,6 +8,8 @@ fine-grained, long), zero-shot segmentation, reports.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import time
 from pathlib import Path
 
@@ -30,7 +32,6 @@ from finegrain.eval.config import (
     task_config_class,
 )
 from finegrain.eval.datasets import load_task_data
-from finegrain.eval.grouping import evaluate_grouping
 from finegrain.eval.hardneg import evaluate_hardneg
 from finegrain.eval.linear_probe import evaluate_linear_probe
 from finegrain.eval.protocol import protocol_card
@@ -38,6 +39,7 @@ from finegrain.eval.regions import evaluate_regions
 from finegrain.eval.report import markdown_table, write_report
 from finegrain.eval.retrieval import evaluate_retrieval
 from finegrain.eval.segmentation import evaluate_segmentation
+from finegrain.eval.task import EvalTask, register_task, task_object
 from finegrain.eval.zeroshot import evaluate_zeroshot
 from finegrain.methods.base import Method
 from finegrain.registry import EVAL_TASKS
@@ -45,14 +47,26 @@ from finegrain.registry import EVAL_TASKS
 EVAL_TASKS.add("zeroshot", evaluate_zeroshot)
 EVAL_TASKS.add("retrieval", evaluate_retrieval)
 EVAL_TASKS.add("segmentation", evaluate_segmentation)
-EVAL_TASKS.add("grouping", evaluate_grouping)
 EVAL_TASKS.add("linear_probe", evaluate_linear_probe)
 EVAL_TASKS.add("region", evaluate_regions)
 EVAL_TASKS.add("hardneg", evaluate_hardneg)
 EVAL_TASKS.add("compositional", evaluate_compositional)
 
+
+def import_task_modules() -> list[str]:
+    """Import every module of ``finegrain/eval/tasks/`` (each registers its task object)."""
+    package = importlib.import_module("finegrain.eval.tasks")
+    names = [f"finegrain.eval.tasks.{m.name}" for m in pkgutil.iter_modules(package.__path__)]
+    for name in names:
+        importlib.import_module(name)
+    return names
+
+
+import_task_modules()
+
 __all__ = [
     "EvalConfig",
+    "EvalTask",
     "EvalTaskConfig",
     "GroupingTaskConfig",
     "LinearProbeTaskConfig",
@@ -60,6 +74,7 @@ __all__ = [
     "SegmentationTaskConfig",
     "ZeroShotTaskConfig",
     "markdown_table",
+    "register_task",
     "run_tasks",
     "task_prefix",
     "write_report",
@@ -96,6 +111,7 @@ def task_prefix(cfg: EvalTaskConfig) -> str:
         b if (b := getattr(cfg, "dense_block", "released")) != "released" else "",
         f"sigma{g:g}" if (g := getattr(cfg, "gaussian_std", 5.0)) != 5.0 else "",
         r if (r := getattr(cfg, "region", "auto")) != "auto" else "",
+        *(task.modifiers(cfg) if (task := task_object(cfg.task)) else []),
     ]
     variant = "+".join(m for m in mods if m)
     return "/".join(p for p in (cfg.task, cfg.dataset, variant) if p)

@@ -24,11 +24,11 @@ from finegrain.eval.containers import (
     SegmentationData,
 )
 from finegrain.eval.flair_files import FLAIR_VARIANTS, load_flair_retrieval
-from finegrain.eval.grouping import load_grouping_data
 from finegrain.eval.hardneg_data import SYNTHETIC_VARIANTS as HARDNEG_VARIANTS
 from finegrain.eval.hardneg_data import load_hardneg_data
 from finegrain.eval.region_data import SYNTHETIC_REGION_VARIANTS, load_region_data
 from finegrain.eval.seg_formats import load_ade20k, load_coco_stuff
+from finegrain.eval.task import task_object
 from finegrain.eval.templates import load_classnames
 from finegrain.registry import suggest
 
@@ -163,8 +163,8 @@ def _check_dataset(cfg: EvalTaskConfig, formats_: dict[str, Any]) -> None:
 
 def load_task_data(cfg: EvalTaskConfig, image_size: int = 64) -> Any:
     """Load the dataset a task config names; raises a ValueError naming valid choices."""
-    if cfg.task == "grouping":
-        return load_grouping_data(cfg, image_size)
+    if (task := task_object(cfg.task)) is not None:  # a task object loads its own data
+        return task.load(cfg, image_size)
     if cfg.task == "linear_probe":  # two splits (train the head / measure), own config kind
         return load_probe_data(cfg, image_size)
     if cfg.task == "region":  # boxes per image: synthetic scenes, COCO / LVIS instance JSON

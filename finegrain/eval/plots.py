@@ -17,6 +17,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from finegrain.eval.common import EvalContext, eval_transform, tokenize  # noqa: E402
 from finegrain.eval.containers import ImageItem, load_image  # noqa: E402
+from finegrain.eval.task import task_object  # noqa: E402
 
 
 def _show(ax: Any, img: Any, title: str = "") -> None:
@@ -139,6 +140,8 @@ def save_task_plots(
     paths: list[Path] = []
     if num <= 0:
         return paths
+    if (obj := task_object(task)) is not None:  # a task object draws its own figures
+        return obj.plots(ctx, data, art, out_dir, num)
     if task == "segmentation":
         imgs = [data.images[i] for i in art["indices"]]
         paths += save_segmentation_overlays(
