@@ -20,7 +20,6 @@ from finegrain.config import from_dict, validate_config
 from finegrain.data.config import DataConfig
 from finegrain.errors import one_line
 from finegrain.eval.common import EvalContext
-from finegrain.eval.compositional import evaluate_compositional
 from finegrain.eval.config import (
     EvalConfig,
     EvalTaskConfig,
@@ -32,10 +31,7 @@ from finegrain.eval.config import (
     task_config_class,
 )
 from finegrain.eval.datasets import load_task_data
-from finegrain.eval.hardneg import evaluate_hardneg
-from finegrain.eval.linear_probe import evaluate_linear_probe
 from finegrain.eval.protocol import protocol_card
-from finegrain.eval.regions import evaluate_regions
 from finegrain.eval.report import markdown_table, write_report
 from finegrain.eval.retrieval import evaluate_retrieval
 from finegrain.eval.segmentation import evaluate_segmentation
@@ -47,10 +43,6 @@ from finegrain.registry import EVAL_TASKS
 EVAL_TASKS.add("zeroshot", evaluate_zeroshot)
 EVAL_TASKS.add("retrieval", evaluate_retrieval)
 EVAL_TASKS.add("segmentation", evaluate_segmentation)
-EVAL_TASKS.add("linear_probe", evaluate_linear_probe)
-EVAL_TASKS.add("region", evaluate_regions)
-EVAL_TASKS.add("hardneg", evaluate_hardneg)
-EVAL_TASKS.add("compositional", evaluate_compositional)
 
 
 def import_task_modules() -> list[str]:

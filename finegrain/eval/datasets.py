@@ -16,7 +16,6 @@ from finegrain.config import finegrain_home
 from finegrain.data.synthetic_sets import eval_split
 from finegrain.eval import formats
 from finegrain.eval.compositional_data import SYNTHETIC_VARIANTS as COMPOSITIONAL_VARIANTS
-from finegrain.eval.compositional_data import load_compositional_data
 from finegrain.eval.config import EvalTaskConfig, ZeroShotTaskConfig
 from finegrain.eval.containers import (
     ClassificationData,
@@ -25,8 +24,7 @@ from finegrain.eval.containers import (
 )
 from finegrain.eval.flair_files import FLAIR_VARIANTS, load_flair_retrieval
 from finegrain.eval.hardneg_data import SYNTHETIC_VARIANTS as HARDNEG_VARIANTS
-from finegrain.eval.hardneg_data import load_hardneg_data
-from finegrain.eval.region_data import SYNTHETIC_REGION_VARIANTS, load_region_data
+from finegrain.eval.region_data import SYNTHETIC_REGION_VARIANTS
 from finegrain.eval.seg_formats import load_ade20k, load_coco_stuff
 from finegrain.eval.task import task_object
 from finegrain.eval.templates import load_classnames
@@ -165,14 +163,6 @@ def load_task_data(cfg: EvalTaskConfig, image_size: int = 64) -> Any:
     """Load the dataset a task config names; raises a ValueError naming valid choices."""
     if (task := task_object(cfg.task)) is not None:  # a task object loads its own data
         return task.load(cfg, image_size)
-    if cfg.task == "linear_probe":  # two splits (train the head / measure), own config kind
-        return load_probe_data(cfg, image_size)
-    if cfg.task == "region":  # boxes per image: synthetic scenes, COCO / LVIS instance JSON
-        return load_region_data(cfg, image_size)
-    if cfg.task == "hardneg":  # boxes with hard-negative descriptions (own loaders)
-        return load_hardneg_data(cfg, image_size)
-    if cfg.task == "compositional":  # captions vs negatives, 2x2 groups (own loaders)
-        return load_compositional_data(cfg, image_size)
     if cfg.dataset == "synthetic":
         return _synthetic(cfg, image_size)
     path, root = _default_path(cfg), cfg.image_root
