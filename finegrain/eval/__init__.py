@@ -33,16 +33,9 @@ from finegrain.eval.config import (
 from finegrain.eval.datasets import load_task_data
 from finegrain.eval.protocol import protocol_card
 from finegrain.eval.report import markdown_table, write_report
-from finegrain.eval.retrieval import evaluate_retrieval
-from finegrain.eval.segmentation import evaluate_segmentation
 from finegrain.eval.task import EvalTask, register_task, task_object
-from finegrain.eval.zeroshot import evaluate_zeroshot
 from finegrain.methods.base import Method
 from finegrain.registry import EVAL_TASKS
-
-EVAL_TASKS.add("zeroshot", evaluate_zeroshot)
-EVAL_TASKS.add("retrieval", evaluate_retrieval)
-EVAL_TASKS.add("segmentation", evaluate_segmentation)
 
 
 def import_task_modules() -> list[str]:

@@ -161,31 +161,44 @@ def _check_dataset(cfg: EvalTaskConfig, formats_: dict[str, Any]) -> None:
 
 def load_task_data(cfg: EvalTaskConfig, image_size: int = 64) -> Any:
     """Load the dataset a task config names; raises a ValueError naming valid choices."""
-    if (task := task_object(cfg.task)) is not None:  # a task object loads its own data
+    if (task := task_object(cfg.task)) is not None:  # every task object loads its own data
         return task.load(cfg, image_size)
-    if cfg.dataset == "synthetic":
-        return _synthetic(cfg, image_size)
-    path, root = _default_path(cfg), cfg.image_root
-    if cfg.task == "retrieval":
-        _check_dataset(cfg, RETRIEVAL_FORMATS)
-        if cfg.variant in FLAIR_VARIANTS:  # FLAIR's own evaluation files, as released
-            data = load_flair_retrieval(cfg.dataset, path, root, cfg.variant, cfg.limit)
-        else:
-            data = RETRIEVAL_FORMATS[cfg.dataset](path, root, cfg)
-        return formats.limit_retrieval(data, cfg.limit) if cfg.dataset != "sharegpt4v" else data
-    if cfg.task == "zeroshot":
-        _check_dataset(cfg, CLASSIFICATION_FORMATS)
-        return _classification(cfg, path, root)
-    if cfg.task == "segmentation":
-        _check_dataset(cfg, SEGMENTATION_FORMATS)
-        load = {"voc": formats.load_voc, "coco_stuff": load_coco_stuff, "ade20k": load_ade20k}
-        images, masks, names = load[cfg.dataset](path, cfg.split)
-        if cfg.classnames:
-            names = load_classnames(cfg.classnames)
-        return SegmentationData(_limit(images, cfg.limit), _limit(masks, cfg.limit), names)
     raise ValueError(
         f"unknown task '{cfg.task}'; valid choices: zeroshot, retrieval, segmentation, grouping, linear_probe"
     )
+
+
+def load_retrieval_data(cfg: EvalTaskConfig, image_size: int = 64) -> Any:
+    """Images and texts of a retrieval task: synthetic scenes, a dataset's files or FLAIR's."""
+    if cfg.dataset == "synthetic":
+        return _synthetic(cfg, image_size)
+    path, root = _default_path(cfg), cfg.image_root
+    _check_dataset(cfg, RETRIEVAL_FORMATS)
+    if cfg.variant in FLAIR_VARIANTS:  # FLAIR's own evaluation files, as released
+        data = load_flair_retrieval(cfg.dataset, path, root, cfg.variant, cfg.limit)
+    else:
+        data = RETRIEVAL_FORMATS[cfg.dataset](path, root, cfg)
+    return formats.limit_retrieval(data, cfg.limit) if cfg.dataset != "sharegpt4v" else data
+
+
+def load_classification_data(cfg: EvalTaskConfig, image_size: int = 64) -> Any:
+    """Images and class names of a zero-shot classification task."""
+    if cfg.dataset == "synthetic":
+        return _synthetic(cfg, image_size)
+    _check_dataset(cfg, CLASSIFICATION_FORMATS)
+    return _classification(cfg, _default_path(cfg), cfg.image_root)
+
+
+def load_segmentation_data(cfg: EvalTaskConfig, image_size: int = 64) -> Any:
+    """Images, masks and class names of a zero-shot segmentation task."""
+    if cfg.dataset == "synthetic":
+        return _synthetic(cfg, image_size)
+    _check_dataset(cfg, SEGMENTATION_FORMATS)
+    load = {"voc": formats.load_voc, "coco_stuff": load_coco_stuff, "ade20k": load_ade20k}
+    images, masks, names = load[cfg.dataset](_default_path(cfg), cfg.split)
+    if cfg.classnames:
+        names = load_classnames(cfg.classnames)
+    return SegmentationData(_limit(images, cfg.limit), _limit(masks, cfg.limit), names)
 
 
 # ---- linear-probe segmentation: a training and a measuring split ---------------------------

@@ -136,34 +136,24 @@ def save_attention_maps(
 def save_task_plots(
     ctx: EvalContext, task: str, data: Any, art: dict, out_dir: Path, num: int
 ) -> list[Path]:
-    """The figures of one task under ``out_dir``."""
-    paths: list[Path] = []
-    if num <= 0:
-        return paths
-    if (obj := task_object(task)) is not None:  # a task object draws its own figures
-        return obj.plots(ctx, data, art, out_dir, num)
-    if task == "segmentation":
-        imgs = [data.images[i] for i in art["indices"]]
-        paths += save_segmentation_overlays(
-            imgs, art["preds"], art["masks"], data.classnames, out_dir / "overlays"
-        )
-    elif task == "retrieval":
-        paths.append(
-            save_retrieval_grid(
-                data.images,
-                data.texts,
-                art["scores"],
-                data.text_to_image,
-                out_dir / "retrieval_examples.png",
-                num,
-            )
-        )
-        firsts = [data.text_to_image.index(i) for i in range(min(num, len(data.images)))]
-        att = save_attention_maps(
-            ctx,
-            data.images[: len(firsts)],
-            [data.texts[j] for j in firsts],
-            out_dir / "attention_maps.png",
-        )
-        paths += [att] if att else []
-    return paths
+    """The figures of one task under ``out_dir`` (drawn by its task object)."""
+    obj = task_object(task)
+    return [] if num <= 0 or obj is None else obj.plots(ctx, data, art, out_dir, num)
+
+
+def segmentation_plots(ctx: EvalContext, data: Any, art: dict, out_dir: Path, num: int) -> list:
+    """Overlays of predicted and true masks (the segmentation task's figures)."""
+    imgs = [data.images[i] for i in art["indices"]]
+    return save_segmentation_overlays(
+        imgs, art["preds"], art["masks"], data.classnames, out_dir / "overlays"
+    )
+
+
+def retrieval_plots(ctx: EvalContext, data: Any, art: dict, out_dir: Path, num: int) -> list:
+    """A grid of retrieved images and, where the method has them, attention maps."""
+    grid = save_retrieval_grid(data.images, data.texts, art["scores"], data.text_to_image,
+                               out_dir / "retrieval_examples.png", num)  # fmt: skip
+    firsts = [data.text_to_image.index(i) for i in range(min(num, len(data.images)))]
+    att = save_attention_maps(ctx, data.images[: len(firsts)], [data.texts[j] for j in firsts],
+                              out_dir / "attention_maps.png")  # fmt: skip
+    return [grid] + ([att] if att else [])

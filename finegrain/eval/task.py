@@ -3,11 +3,9 @@ values, plots and name modifiers, registered once by ``register_task``.
 
 A task file in ``finegrain/eval/tasks/`` (imported when the task registry is first read) or
 a plugin's module defines one ``EvalTask`` subclass and calls ``register_task``; ``run_tasks``,
-``load_task_data``, ``task_prefix`` and ``save_task_plots`` ask the object. grouping,
-linear_probe, region, hardneg and compositional (``eval/tasks/``) are in this layout (their
-name modifiers still in ``task_prefix``, so result names are unchanged); zeroshot, retrieval
-and segmentation still use the older one (a function in ``EVAL_TASKS``, branches in
-``eval/datasets.py`` / ``eval/plots.py``), moved over one at a time.
+``load_task_data``, ``task_prefix`` and ``save_task_plots`` ask the object. The eight built-in
+tasks live in ``eval/tasks/``; their name modifiers still sit in ``task_prefix`` in one shared
+order (moving them would change result names that reports and claims key on).
 docs/ADDING_A_TASK.md is the checklist.
 """
 
