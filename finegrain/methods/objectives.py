@@ -188,7 +188,9 @@ class RegionObjective(Objective):
         )
         self.dedup, self.symmetric, self.gather = dedup, symmetric, gather
 
-    def box_terms(self, pred: torch.Tensor, f: dict[str, torch.Tensor], n_boxes: torch.Tensor):
+    def box_terms(
+        self, pred: torch.Tensor, f: dict[str, torch.Tensor], n_boxes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple, torch.Tensor]:
         """Match one decoder layer's boxes (B, Q, 4): (l1, giou, match, iou)."""
         match = hungarian_match(pred, f["boxes"], f["region_mask"], self.cost_l1, self.cost_giou)
         bi, qi, ti = match
