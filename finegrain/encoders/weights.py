@@ -47,32 +47,50 @@ def _torch_load(path: Path) -> object:
         ) from None
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A flat state dict from a ``.safetensors`` file or a torch checkpoint.
-
-    Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``) and DDP's ``module.`` prefix
-    are removed. Never unpickles arbitrary objects (``weights_only=True``).
-    """
+def read_weights(path: str | Path) -> object:
+    """The object a ``.safetensors`` file or torch checkpoint holds, read safely (no code runs:
+    safetensors, ``torch.load(weights_only=True)`` or a TorchScript archive's tensors)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        sd = load_file(str(path), device="cpu")
-    else:
-        sd = _torch_load(path)
-    for key in WRAPPER_KEYS:
+        return load_file(str(path), device="cpu")
+    return _torch_load(path)
+
+
+def flat_state_dict(
+    obj: object, source: str | Path, wrapper: str | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint object (``read_weights``) as a flat state dict: the first of
+    ``WRAPPER_KEYS`` it holds is unwrapped, or ``wrapper`` where given (GRAIN's files hold a
+    ``state_dict`` next to the ``backbone_state_dict``), and DDP's ``module.`` prefix removed."""
+    sd = obj
+    if wrapper is not None:
+        if not (isinstance(sd, dict) and isinstance(sd.get(wrapper), dict)):
+            keys = sorted(sd)[:8] if isinstance(sd, dict) else type(sd).__name__
+            raise ValueError(f"{source} has no '{wrapper}' state dict (top level: {keys})")
+        sd = sd[wrapper]
+    for key in WRAPPER_KEYS if wrapper is None else ():
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
     if not isinstance(sd, dict):
-        raise ValueError(f"{path} does not hold a state dict (got {type(sd).__name__})")
+        raise ValueError(f"{source} does not hold a state dict (got {type(sd).__name__})")
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
     tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     if sd and not tensors:
-        raise ValueError(f"{path} holds no tensors at the top level (keys {sorted(sd)[:5]})")
+        raise ValueError(f"{source} holds no tensors at the top level (keys {sorted(sd)[:5]})")
     return tensors
+
+
+def load_state_dict_file(path: str | Path, wrapper: str | None = None) -> dict[str, torch.Tensor]:
+    """A flat state dict from a ``.safetensors`` file or a torch checkpoint (``read_weights``
+    then ``flat_state_dict``): common wrappers (``{"state_dict": ...}``, ``{"model": ...}``) and
+    DDP's ``module.`` prefix are removed. Never unpickles arbitrary objects."""
+    path = Path(path).expanduser()
+    return flat_state_dict(read_weights(path), path, wrapper)
 
 
 @dataclass

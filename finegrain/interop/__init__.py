@@ -14,6 +14,8 @@ A *spec* names what to load:
   released towers (``finegrain.interop.detailclip``);
 - ``clippy:[ST5_DIR=]FILE``: the CLIPpy replication's OpenCLIP checkpoint (timm DINO trunk +
   Sentence-T5 with its ``2_Dense``) -> ``clippy`` (``finegrain.interop.clippy``);
+- ``grain:FILE``: a GRAIN training checkpoint (grain-clip ``train.py``: region decoder +
+  CLIP towers) -> ``grain`` (``finegrain.interop.grain``);
 - anything else without a prefix: a finegrain run directory, checkpoint directory or
   ``model.safetensors`` file, or a folder holding one run (``finegrain demo``'s output folder
   or ``OUT/runs/<method>``: ``finegrain.checkpoint.run_dirs.resolve_run``).
@@ -38,6 +40,7 @@ SPEC_PREFIXES = {
     "flair": "finegrain.interop.flair",
     "detailclip": "finegrain.interop.detailclip",
     "clippy": "finegrain.interop.clippy",
+    "grain": "finegrain.interop.grain",
 }
 SPEC_HINT = "open_clip:MODEL=FILE, hf:DIR or flair:[MODEL=]FILE"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)

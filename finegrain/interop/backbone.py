@@ -6,13 +6,10 @@ and the mmsegmentation notes)."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from finegrain.encoders.export import export_image_backbone
-from finegrain.errors import one_line
+from finegrain.errors import run_subcommand
 from finegrain.interop import load_spec
-
-USER_ERROR = 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,14 +18,12 @@ def main(argv: list[str] | None = None) -> int:
                                 description="export the image backbone as a timm ViT state dict")  # fmt: skip
     p.add_argument("checkpoint", help="run dir, checkpoint dir, .safetensors file or a spec")
     p.add_argument("out", help="output .pth file")
-    args = p.parse_args(argv)
-    try:
-        method, _, _ = load_spec(args.checkpoint)
-        out = export_image_backbone(method, args.out)
-    except (ValueError, FileNotFoundError) as e:
-        msg = one_line(e)
-        print(f"finegrain backbone export: error: {msg}", file=sys.stderr)
-        return USER_ERROR
+    return run_subcommand("finegrain backbone export", p, _run, argv)
+
+
+def _run(args: argparse.Namespace) -> int:
+    method, _, _ = load_spec(args.checkpoint)
+    out = export_image_backbone(method, args.out)
     print(f"wrote {args.out}: {len(out['state_dict'])} tensors, timm kwargs {out['timm_kwargs']}")
     return 0
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from finegrain.checkpoint.run_dirs import resolve_run
-from finegrain.errors import one_line
+from finegrain.errors import run_subcommand
 from finegrain.interop import load_spec
 from finegrain.interop.common import image_tower, projection_weight, read_scale_bias
 from finegrain.interop.hf import export as hf_export
@@ -38,7 +38,6 @@ from finegrain.interop.open_clip import _tower_state
 from finegrain.interop.open_clip import export as oc_export
 
 FORMATS = ("open_clip", "hf", "towers")
-USER_ERROR = 2
 
 
 def tower_export(tower: nn.Module, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -149,18 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """Entry point of ``finegrain export``; returns the exit code (2 for user mistakes)."""
-    args = build_parser().parse_args(argv)
-    try:
-        base = Path(args.run)
-        out = (
-            Path(args.out)
-            if args.out
-            else (resolve_run(base) if base.is_dir() else base.parent) / "export" / args.format
-        )
-        export(args.run, args.format, out)
-    except (ValueError, FileNotFoundError) as e:
-        msg = one_line(e)
-        print(f"finegrain export: error: {msg}", file=sys.stderr)
-        return USER_ERROR
+    return run_subcommand("finegrain export", build_parser(), _run, argv)
+
+
+def _run(args: argparse.Namespace) -> int:
+    base = Path(args.run)
+    out = (
+        Path(args.out)
+        if args.out
+        else (resolve_run(base) if base.is_dir() else base.parent) / "export" / args.format
+    )
+    export(args.run, args.format, out)
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -19,6 +19,12 @@ Locked-tower feature caching (``data.feature_cache``): a batch may carry ``image
 image tower's ``frozen_prefix`` output) instead of ``image``, and ``text_prefix`` next to the
 token ids; ``features`` then runs only the towers' ``trainable_suffix`` (the same code as the
 uncached forward).
+
+Remaining differences from the reference code (OpenCLIP's ``ClipLoss`` and training loop for
+CLIP, big_vision's sigmoid loss for SigLIP; the losses are tested against naive references from
+the papers in ``tests/test_contrastive.py``): none in the losses, the scale/bias, their
+initialisation or the clamp; ``clip_vitb16`` / ``siglip_vitb16`` train in bf16 where
+OpenCLIP's default is fp16 AMP (``train.precision=fp16``).
 """
 
 from __future__ import annotations

@@ -39,8 +39,9 @@ image.patch_bias=true image.init=timm``; CLIP's layout is the option) and the te
 CLIP's with QuickGELU (``text.activation=quick_gelu``). The linear probe reads the backbone's
 768-d patch tokens (``probe_features="projected"``: the 512-d projected ones).
 
-Remaining differences from the released code (no option): the warm-up starts at
-``lr / warmup_steps`` (released 1e-6); bf16 instead of fp16 AMP; the student's kept tokens
+Remaining differences from the released code: bf16 instead of fp16 AMP
+(``train.precision=fp16``); without an option: the warm-up starts at ``lr / warmup_steps``
+(released 1e-6); the student's kept tokens
 stay in raster order (released: ``argsort`` order; the blocks are permutation-equivariant, so
 the outputs agree).
 """

@@ -35,6 +35,9 @@ row). ``add_mps_loss=False`` gives the TCS-only ablation (released ``--add-mps-l
 joined batch size, -ln(B - 1), instead of the released -10 (``"fixed"``, kept by
 ``flair_vitb16``): at the small batches and short runs of CPU training, b = -10 cannot move in
 time and FLAIR's embeddings collapse to a constant-logit saddle (docs/flair_scenes.md).
+Without an option: the hash-chosen negative caption and the cross-rank pairing above (same
+expectation, different draws); ``flair_vitb16`` trains in bf16 (``train.precision=fp16``:
+fp16 AMP, OpenCLIP's ``amp``).
 
 Scoring: ``score_features`` pools every image with every text (one attention call per image
 chunk) and returns the cosine with that text; ``dense_features`` returns the projected patch

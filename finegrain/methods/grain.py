@@ -43,6 +43,13 @@ paper is an option (``GRAINConfig``):
   probability 1/2 (the code's ``--is_gala``), drawn from the sample's ``"caption"`` stream
   (``sample_rng``).
 
+Remaining differences from the released code: bf16 in ``grain_vitb16`` (released: fp16 AMP,
+``train.precision=fp16``); without an option: the warm-up starts at ``lr / warmup_steps``
+(released ``--lr-start`` 1e-6), the ViT blocks start from CLIP's init and the text MLP
+biases from 0 (released: PyTorch's defaults; initialisation only), and ``finegrain eval`` resizes and
+centre-crops where the released eval squashes (the same on square images). Released
+checkpoints load as ``grain:FILE`` (``finegrain.interop.grain``).
+
 Bad input handled in the collate and counted in ``batch["stats"]`` (logged as ``stats/<name>``,
 totals in summary.json): zero-area boxes are dropped (``dropped_boxes``); images with more than ``Q`` regions keep the ``Q`` highest-scoring ones
 (``truncated_regions``; the released loader does the same top-k by detector score); images
