@@ -10,7 +10,7 @@ its ``train.py`` writes and its ``evaluate.py --resume`` reads. Layout:
 =============================================  ===============================================
 released key                                   finegrain ``grain`` key
 =============================================  ===============================================
-backbone ``visual.*`` (timm ViT, qk_norm)      ``visual.*`` (native ``vit``: ``qk_norm``,
+backbone ``visual.*`` (timm ViT, qk_norm)      ``image.*`` (native ``vit``: ``qk_norm``,
                                                ``ln_pre=False, norm_eps=1e-6, patch_bias``)
 backbone text (``token_embedding``, ...)       ``text.*`` (native ``transformer``, QuickGELU)
 backbone ``text_projection`` (W, E)            ``text_proj.weight`` (E, W), transposed
@@ -95,7 +95,7 @@ def to_finegrain(
 ) -> dict[str, torch.Tensor]:
     """Both released state dicts (``module.`` stripped) in ``grain``'s keys."""
     check(backbone, decoder)
-    out = {f"visual.{k}": v for k, v in timm_vit_to_native(backbone, "visual.").items()}
+    out = {f"image.{k}": v for k, v in timm_vit_to_native(backbone, "visual.").items()}
     out.update(text_keys(backbone, "transformer."))
     out["text_proj.weight"] = backbone["text_projection"].t().contiguous()
     out["logit_scale"] = backbone["logit_scale"].reshape(())
