@@ -50,7 +50,6 @@ files (finegrain's sentence splitter) is the other variant, not comparable with 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -110,22 +109,11 @@ class FLAIRConfig(MethodConfig):
     init_logit_scale: float = 1 / 0.07  # t at init (the parameter is s = ln t)
     init_logit_bias: float = -10.0  # b at construction (released: -10)
     # "prior": the first training forward sets b to the log-odds of a positive pair at the
-    # (joined) batch size B, -ln(B - 1) (see prior_logit_bias); "fixed": b stays at
+    # (joined) batch size B, -ln(B - 1) (heads.logit_scale.prior_logit_bias); "fixed": b stays at
     # init_logit_bias as released (fit for B ~ 1k-32k; at B = 32 it collapses the embeddings)
     logit_bias_init: Literal["prior", "fixed"] = "prior"
     max_logit_scale: float = 100.0  # clamp t <= this after each step (0 = no clamp)
     score_max_elements: int = 2**25  # pooled entries per chunk in score_features
-
-
-def prior_logit_bias(batch_size: int) -> float:
-    """The log-odds of a positive pair in L^mps at batch ``B``: ln((1/B) / (1 - 1/B)) = -ln(B - 1).
-
-    SigLIP's b = -10 (Zhai et al. 2023, Sec. 3.2) puts the initial logits near the prior of its
-    32k batch; FLAIR's release keeps -10. At the small batches of a CPU run (B = 32: prior
-    -3.4) the bias cannot travel that far in a few hundred AdamW steps (|db| <= lr per step),
-    so the embeddings emulate it instead: all images and texts collapse into one cone where
-    every cosine is the same, the constant-logit saddle (docs/flair_scenes.md). 0 for B <= 2."""
-    return -math.log(max(batch_size - 1, 1))
 
 
 def _check_config(cfg: FLAIRConfig) -> None:
@@ -258,20 +246,12 @@ class FLAIR(Method):
         self.image_proj = Projection(iw, d, weight=w_img)  # shared: CLS and patches
         self.text_proj = Projection(tw, d, weight=w_txt)
         self.pooling = TextConditionedPooling(d, heads=cfg.pool_heads, zero_slot=cfg.zero_slot)
+        # parameters self.logit_scale (s = ln t) and self.logit_bias; with "prior", b is set to
+        # the first training batch's prior once (a loaded state dict keeps its own b)
         self.temperature = LogitScale(
-            cfg.init_logit_scale, cfg.max_logit_scale, bias_init=cfg.init_logit_bias
-        ).install(self)  # parameters self.logit_scale (s = ln t) and self.logit_bias
-        # set b to the batch's prior once, at the first training forward; a loaded state
-        # dict (resume, released weights) already carries its own b
-        self.bias_pending = cfg.logit_bias_init == "prior"
-        self.register_load_state_dict_pre_hook(_bias_loaded)
-
-    @torch.no_grad()
-    def init_bias_from_batch(self, batch_size: int) -> None:
-        """``logit_bias_init="prior"``: b <- ``prior_logit_bias(batch_size)``, once."""
-        if self.bias_pending:
-            self.logit_bias.fill_(prior_logit_bias(batch_size))
-            self.bias_pending = False
+            cfg.init_logit_scale, cfg.max_logit_scale, bias_init=cfg.init_logit_bias,
+            bias_prior=cfg.logit_bias_init == "prior",
+        ).install(self)  # fmt: skip
 
     # ---- towers + projections -------------------------------------------------------
     def _image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
@@ -326,8 +306,8 @@ class FLAIR(Method):
 
     def loss_from_features(self, feats: dict[str, torch.Tensor]) -> MethodOutput:
         c = self.cfg
-        if self.training and self.bias_pending:  # the joined batch (all ranks, micro-batches)
-            self.init_bias_from_batch(feats["texts"].shape[0] * world_info()[1])
+        # the joined batch (all ranks, micro-batches); sets b once with logit_bias_init="prior"
+        self.temperature.init_bias_from_batch(feats["texts"].shape[0] * world_info()[1])
         scale, bias = self.temperature.scale(), self.temperature.bias()
         tcs = text_conditioned_sigmoid_loss(
             self.pooling, feats["image_tokens"], feats["texts"], scale, bias,
@@ -377,8 +357,3 @@ class FLAIR(Method):
         q = text.unsqueeze(0).expand(patches.shape[0], *text.shape)  # (Ni, Nt, D)
         att = self.pooling.attention_weights(q, patches)[..., : h * w]  # (Ni, Nt, N)
         return att.reshape(att.shape[0], att.shape[1], h, w)
-
-
-def _bias_loaded(module: nn.Module, *args: Any) -> None:
-    """``load_state_dict`` pre-hook: the loaded b is kept (no prior re-initialisation)."""
-    module.bias_pending = False
