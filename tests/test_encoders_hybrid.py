@@ -124,3 +124,27 @@ def test_a_recipe_takes_the_hybrid_tower_by_override(one_thread):
     method = build_method(cfg.method)
     assert isinstance(method.image, HybridTower)
     assert method.image(torch.zeros(2, 3, 128, 128)).grid_hw == (8, 8)
+
+
+def test_boxes_crop_the_cached_feature_map(one_thread):
+    """``boxes``: the tower on each image's box cut out of its bottom feature map (a random
+    resized crop in token space), computed from the cache; no box = the whole map."""
+    from finegrain.data.crop_boxes import crop_resize
+
+    tower = _tower().eval()
+    x = _images(3, seed=5)
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.25, 0.0, 0.75, 0.5], [0.1, 0.3, 0.9, 0.8]])
+    with shared_bottom_cache() as cache:
+        tower(x)
+        got = tower(x, boxes=boxes)
+        assert (cache.misses, cache.hits) == (3, 3)  # the bottom ran once per image
+    maps = crop_resize(tower.conv1.bottom.compute(x), boxes, (4, 4))
+    tokens = tower.conv1.proj(maps).flatten(2).transpose(1, 2)  # (3, 16, D)
+    ref = tower.embed(x)  # CLS + whole-map tokens + positions
+    pos = tower.positional_embedding.reshape(-1, tokens.shape[-1])[1:]  # (16, D)
+    ref = torch.cat([ref[:, :1], tokens + pos], 1)
+    want = tower.ln_post(tower.transformer(tower.ln_pre(ref)))
+    torch.testing.assert_close(got.tokens, want[:, 1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.tokens[0], tower(x[:1]).tokens[0], rtol=1e-5, atol=1e-5)
+    assert tower.conv1.boxes is None  # reset after the call
+    assert not torch.allclose(got.tokens[1], tower(x[1:2]).tokens[0], atol=1e-3)

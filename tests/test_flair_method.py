@@ -13,8 +13,9 @@ import torch.nn.functional as F
 import finegrain.encoders  # noqa: F401  (registers the towers)
 from finegrain.config import ConfigError, from_dict
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
+from finegrain.heads.logit_scale import prior_logit_bias
 from finegrain.methods.base import MethodConfig, build_method
-from finegrain.methods.flair import FLAIR, FLAIRConfig, caption_pool, prior_logit_bias
+from finegrain.methods.flair import FLAIR, FLAIRConfig, caption_pool
 from finegrain.registry import METHODS
 
 K = 3

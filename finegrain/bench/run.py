@@ -35,10 +35,12 @@ from finegrain.encoders.hybrid import shared_bottom_cache
 
 # CPU seconds (one thread) per training step of 64 scenes at 128 px on the hybrid tower with
 # its bottom cached, measured 2026-12-07 on the 2-core development machine (tests/stepcost in
-# the README): DetailCLIP runs its two augmented views through the bottom every step (random
-# crops cannot be cached). Unknown methods use the slowest. Wall = CPU / TWO_CORES.
+# the README). DetailCLIP cuts its two views from the cached bottom (``views="tokens"``,
+# bench.config.CACHED_VIEWS): 1.53 s where CLIP took 0.55 s on the same (loaded) machine,
+# scaled to CLIP's quiet 0.49 (pixel views, which run the bottom on every crop: 3.1).
+# Unknown methods use the slowest. Wall = CPU / TWO_CORES.
 REF_STEP_CPU_S = {"clip": 0.49, "siglip": 0.49, "flair": 0.62, "grain": 0.64, "clippy": 0.51,
-                  "detailclip": 3.1}  # fmt: skip
+                  "detailclip": 1.36}  # fmt: skip
 SCENE_CPU_S = 0.024  # render one 128 px scene + run the frozen bottom on it (once per run)
 EVAL_CPU_S = 0.04  # per evaluation image, every task but the probe, one method (bottom cached)
 PROBE_CPU_S = 0.28  # per linear-probe training scene (30 epochs of its 1 x 1 conv head)

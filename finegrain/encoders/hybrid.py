@@ -31,10 +31,12 @@ import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
 
+from finegrain.data.crop_boxes import crop_resize
 from finegrain.encoders.base import ImageTowerConfig, patch_grid
 from finegrain.encoders.conv_fused import conv_bn, mbconv_forward
 from finegrain.encoders.efficientnet import (
@@ -43,6 +45,7 @@ from finegrain.encoders.efficientnet import (
     package_weights_path,
 )
 from finegrain.encoders.vit import VisionTransformer
+from finegrain.outputs import VisionOutput
 from finegrain.registry import IMAGE_TOWERS
 
 STRIDES = (8, 16, 32)
@@ -133,32 +136,55 @@ class Lite0Bottom(nn.Module):
             return self.compute(images)
         cache = _ACTIVE[-1]
         keys = [(self.identity, _image_key(im)) for im in images]
-        miss = [i for i, k in enumerate(keys) if k not in cache.rows]
+        first: dict[tuple[str, bytes], int] = {}  # an image repeated in the batch runs once
+        for i, k in enumerate(keys):
+            if k not in cache.rows and k not in first:
+                first[k] = i
+        miss = list(first.values())
         fresh = self.compute(images[miss]) if miss else None
-        rows: list[torch.Tensor | None] = [cache.rows.get(k) for k in keys]
         for j, i in enumerate(miss):
-            rows[i] = fresh[j]
             if cache.bytes < cache.max_bytes:
                 cache.rows[keys[i]] = fresh[j].to("cpu").clone()
                 cache.bytes += fresh[j].numel() * fresh[j].element_size()
+        new = {keys[i]: fresh[j] for j, i in enumerate(miss)}
+        rows = [new[k] if k in new else cache.rows[k] for k in keys]
         cache.hits, cache.misses = cache.hits + len(keys) - len(miss), cache.misses + len(miss)
-        return torch.stack([r.to(images.device) for r in rows])  # type: ignore[union-attr]
+        return torch.stack([r.to(images.device) for r in rows])
 
 
 class HybridStem(nn.Module):
-    """The frozen bottom, then a trainable 1 x 1 linear embedding of its feature map."""
+    """The frozen bottom, then a trainable 1 x 1 linear embedding of its feature map; with
+    ``boxes`` set (``HybridTower.forward(..., boxes=)``), each image's box is first cut out of
+    its (cached) feature map and resized back to the grid (``crop_resize``)."""
 
     def __init__(self, bottom: Lite0Bottom, width: int) -> None:
         super().__init__()
         self.bottom = bottom
         self.proj = nn.Conv2d(bottom.channels, width, 1)
+        self.boxes: torch.Tensor | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.bottom(images).to(self.proj.weight.dtype))  # (B, D, h, w)
+        maps = self.bottom(images)  # (B, C, h, w)
+        if self.boxes is not None:
+            maps = crop_resize(maps, self.boxes, tuple(maps.shape[-2:]))
+        return self.proj(maps.to(self.proj.weight.dtype))  # (B, D, h, w)
 
 
 class HybridTower(VisionTransformer):
     """Native ViT over the tokens of a frozen EfficientNet-Lite0 bottom (see module doc)."""
+
+    crops_bottom = True  # forward(images, boxes=...) crops the bottom's feature map
+
+    def forward(self, images: torch.Tensor, *, boxes: torch.Tensor | None = None,
+                **kw: Any) -> VisionOutput:  # fmt: skip
+        """The native tower's forward; ``boxes`` (B, 4) in [0, 1]: the tokens of each image's
+        box, cut from the bottom's feature map (cached: no pixel crop runs the bottom again)
+        and resized to the full grid, i.e. a random resized crop in token space."""
+        self.conv1.boxes = boxes
+        try:
+            return super().forward(images, **kw)
+        finally:
+            self.conv1.boxes = None
 
     def __init__(self, cfg: ImageTowerConfig) -> None:
         bottom = Lite0Bottom(cfg.pretrained, cfg.patch_size, cfg.image_size)

@@ -8,7 +8,14 @@ Sec. 3.2), also used by FLAIR. Every setting is given in the unit of ``t``:
 - ``max_scale``: after every optimizer step ``s`` is clamped to ``[0, ln max_scale]``, i.e.
   ``1 <= t <= max_scale`` (CLIP, FLAIR, GRAIN's released code: 100); ``0`` disables the clamp
   (big_vision's SigLIP);
-- ``learnable=False`` keeps ``t`` (and ``b``) fixed: they are then buffers, still checkpointed.
+- ``learnable=False`` keeps ``t`` (and ``b``) fixed: they are then buffers, still checkpointed;
+- ``bias_prior=True``: the first training batch sets ``b`` to its prior log-odds
+  ``prior_logit_bias(B) = -ln(B - 1)`` (``init_bias_from_batch``), once; a loaded state dict
+  keeps its own ``b``. SigLIP's b = -10 (Zhai et al. 2023, Sec. 3.2) is that prior at its 32k
+  batch (-ln 32767 = -10.4); at the batches of a CPU run (B = 64: -4.1) b = -10 cannot move
+  there in a few hundred AdamW steps (|db| <= lr per step) and the embeddings collapse into a
+  constant-logit saddle instead (docs/flair_scenes.md). Used by SigLIP and FLAIR
+  (``method.logit_bias_init``).
 
 The parameters live on the module that owns the loss, as ``logit_scale`` (= s) and
 ``logit_bias``, so that every method's checkpoint names them the same way (and checkpoints
@@ -24,6 +31,12 @@ import torch
 import torch.nn as nn
 
 
+def prior_logit_bias(batch_size: int) -> float:
+    """The log-odds of a positive pair among ``B`` candidates: ln((1/B) / (1 - 1/B)) = -ln(B - 1);
+    0 for B <= 2."""
+    return -math.log(max(batch_size - 1, 1))
+
+
 class LogitScale:
     """``t = exp(s)`` and optional ``b``; see the module docstring for units."""
 
@@ -33,6 +46,7 @@ class LogitScale:
         max_scale: float = 0.0,
         learnable: bool = True,
         bias_init: float | None = None,
+        bias_prior: bool = False,
     ) -> None:
         if not init_scale > 0:
             raise ValueError(f"init logit scale must be a temperature t > 0, got {init_scale}")
@@ -43,7 +57,9 @@ class LogitScale:
         if max_scale > 0 and init_scale > max_scale:
             raise ValueError(f"init logit scale {init_scale} exceeds the max {max_scale}")
         self.init_scale, self.max_scale = float(init_scale), float(max_scale)
-        self.learnable, self.bias_init = learnable, bias_init
+        if bias_prior and bias_init is None:
+            raise ValueError("bias_prior needs a logit bias (pass bias_init=...)")
+        self.learnable, self.bias_init, self.bias_prior = learnable, bias_init, bias_prior
         # a plain reference (deepcopy/pickle of the owner keep the cycle consistent)
         self._owner: nn.Module | None = None
 
@@ -59,8 +75,21 @@ class LogitScale:
                 owner.register_parameter(name, nn.Parameter(tensor))
             else:
                 owner.register_buffer(name, tensor)
+        # b <- the first training batch's prior once; a loaded state dict keeps its own b
+        owner.bias_pending = self.bias_prior
+        if self.bias_prior:
+            owner.register_load_state_dict_pre_hook(_bias_loaded)
         self._owner = owner
         return self
+
+    @torch.no_grad()
+    def init_bias_from_batch(self, batch_size: int) -> None:
+        """With ``bias_prior``: b <- ``prior_logit_bias(batch_size)`` at the first call in
+        training mode (pass the joined batch: all ranks and micro-batches); else nothing."""
+        owner = self.owner
+        if owner.training and getattr(owner, "bias_pending", False):
+            owner.logit_bias.fill_(prior_logit_bias(batch_size))
+            owner.bias_pending = False
 
     @property
     def owner(self) -> nn.Module:
@@ -90,3 +119,8 @@ class LogitScale:
         if self.bias_init is not None:
             out["logit_bias"] = self.bias().detach()
         return out
+
+
+def _bias_loaded(module: nn.Module, *args: object) -> None:
+    """``load_state_dict`` pre-hook: the loaded b is kept (no prior re-initialisation)."""
+    module.bias_pending = False

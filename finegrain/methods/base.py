@@ -48,6 +48,7 @@ from finegrain.data.config import DataConfig
 from finegrain.data.transforms import SampleTransform, eval_transform, train_transform
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
 from finegrain.heads.logit_scale import LogitScale
+from finegrain.losses.distributed import world_info
 from finegrain.methods.objectives import Objectives
 from finegrain.methods.vocab import TOWERS, rename_prefixes
 from finegrain.outputs import MethodOutput
@@ -130,12 +131,17 @@ class Method(nn.Module):
         self.cfg = cfg
         self.register_load_state_dict_pre_hook(_migrate_keys)
 
-    def make_temperature(self, bias_init: float | None = None) -> LogitScale:
+    def make_temperature(
+        self, bias_init: float | None = None, bias_prior: bool = False
+    ) -> LogitScale:
         """``self.temperature``: t initialised to ``cfg.init_logit_scale``, clamped to
         ``cfg.max_logit_scale`` after every applied step; parameters ``logit_scale`` (s = ln t)
-        and, with ``bias_init``, ``logit_bias`` on the method itself."""
+        and, with ``bias_init``, ``logit_bias`` on the method itself. ``bias_prior``: the first
+        training forward sets b to the joined batch's prior (``prior_logit_bias``), once."""
         c = self.cfg
-        self.temperature = LogitScale(c.init_logit_scale, c.max_logit_scale, bias_init=bias_init)
+        self.temperature = LogitScale(
+            c.init_logit_scale, c.max_logit_scale, bias_init=bias_init, bias_prior=bias_prior
+        )
         return self.temperature.install(self)
 
     def migrate_state_dict(self, state: dict[str, Any]) -> dict[str, Any]:
@@ -152,6 +158,8 @@ class Method(nn.Module):
         """The weighted sum of ``self.objectives`` (``finegrain.methods.objectives``)."""
         if self.objectives is None:
             raise NotImplementedError(f"method '{self.cfg.name}' sets no objectives")
+        if self.temperature is not None and "image" in feats:  # b's prior: the joined batch
+            self.temperature.init_bias_from_batch(feats["image"].shape[0] * world_info()[1])
         return self.objectives(self, feats)
 
     def forward(self, batch: dict[str, Any]) -> MethodOutput:

@@ -6,8 +6,13 @@ projection into ``embed_dim``, L2-normalised. They differ only in the loss:
 - ``clip``: symmetric softmax InfoNCE (CLIP Fig. 3), learnable logit scale ``t = exp(s)``
   (``finegrain.heads.logit_scale``), initialised to t = 1/0.07 and clamped to t <= 100 after
   every optimizer step (CLIP Sec. 2.5). Across ranks: local loss with gather-with-grad by default.
-- ``siglip``: pairwise sigmoid loss (SigLIP Eq. 1), learnable ``t`` (init 10) and bias ``b``
-  (init -10, SigLIP Sec. 3.2), no clamp; ring exchange across ranks as big_vision.
+- ``siglip``: pairwise sigmoid loss (SigLIP Eq. 1), learnable ``t`` (init 10) and bias ``b``,
+  no clamp; ring exchange across ranks as big_vision. ``b`` starts at -10 (SigLIP Sec. 3.2,
+  ``logit_bias_init="fixed"``, kept by ``siglip_vitb16``); the paper chose -10 as the prior
+  log-odds of a positive pair at its 32k batch (-ln 32767 = -10.4), so by default
+  (``"prior"``) the first training batch sets b to that prior at its own size, -ln(B - 1)
+  (``finegrain.heads.logit_scale``): at B = 64, b = -10 cannot reach -4.1 in a short run and
+  the embeddings stall at a constant-logit saddle (docs/flair_scenes.md, FLAIR's same fix).
   With ``num_captions > 1`` the batch carries K captions per image (``texts`` (B, K, L)) and
   the multi-positive sigmoid loss treats all K as positives.
 
@@ -56,7 +61,10 @@ class SigLIPConfig(MethodConfig):
     name: str = "siglip"
     projection: Literal["linear", "none"] = "linear"
     init_logit_scale: float = 10.0  # t at init
-    init_logit_bias: float = -10.0
+    init_logit_bias: float = -10.0  # b at construction (SigLIP Sec. 3.2)
+    # "prior": the first training forward sets b to -ln(B - 1) at the joined batch size B;
+    # "fixed": b starts at init_logit_bias as released (siglip_vitb16)
+    logit_bias_init: Literal["prior", "fixed"] = "prior"
     max_logit_scale: float = 0.0  # big_vision does not clamp; > 0 clamps t <= this
     num_captions: int = 1  # K > 1: multi-positive sigmoid loss over `texts` (B, K, L)
     exchange: Literal["ring", "gather"] = "ring"  # ring: big_vision chunked
@@ -82,11 +90,12 @@ class DualEncoder(Method):
         # open_clip towers keep their pretrained projections: start from them when they fit
         self.image_proj.init_from(getattr(self.image, "pretrained_proj", None))
         self.text_proj.init_from(getattr(self.text, "pretrained_proj", None))
-        self.make_temperature(self._bias_init(cfg))  # self.logit_scale (s = ln t), logit_bias
+        self.make_temperature(*self._bias_init(cfg))  # self.logit_scale (s = ln t), logit_bias
 
     @staticmethod
-    def _bias_init(cfg: CLIPConfig | SigLIPConfig) -> float | None:
-        return None
+    def _bias_init(cfg: CLIPConfig | SigLIPConfig) -> tuple[float | None, bool]:
+        """(b at construction or None for no bias, whether the first batch sets b's prior)."""
+        return None, False
 
     # ---- encoders -------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -157,5 +166,5 @@ class SigLIP(DualEncoder):
         self.objectives = Objectives([(SigmoidObjective(cfg.exchange), {})])
 
     @staticmethod
-    def _bias_init(cfg: CLIPConfig | SigLIPConfig) -> float | None:
-        return cfg.init_logit_bias
+    def _bias_init(cfg: CLIPConfig | SigLIPConfig) -> tuple[float | None, bool]:
+        return cfg.init_logit_bias, cfg.logit_bias_init == "prior"

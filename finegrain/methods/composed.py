@@ -30,12 +30,11 @@ from finegrain.heads.pooling import TextConditionedPooling, max_pool
 from finegrain.heads.projection import Projection
 from finegrain.heads.region_decoder import RegionDecoder
 from finegrain.heads.token_removal import removed_from_keep
-from finegrain.losses.distributed import world_info
 from finegrain.losses.matching import box_cxcywh_to_xyxy
 from finegrain.losses.reconstruction import norm_pix_target, patchify
 from finegrain.methods.base import Method, MethodConfig
 from finegrain.methods.clippy import sample_keep, tower_patch_size
-from finegrain.methods.flair import FLAIRCollate, caption_pool, prior_logit_bias
+from finegrain.methods.flair import FLAIRCollate, caption_pool
 from finegrain.methods.grain import WEIGHTINGS, GRAINCollate
 from finegrain.methods.objectives import (
     ClipObjective,
@@ -48,7 +47,6 @@ from finegrain.methods.objectives import (
     TextConditionedObjective,
 )
 from finegrain.methods.vocab import l2
-from finegrain.outputs import MethodOutput
 from finegrain.registry import METHODS
 
 OBJECTIVES = ("clip", "siglip", "tcs", "mps", "regions", "recon")
@@ -171,9 +169,7 @@ class ComposedMethod(Method):
             self.region_proj = Projection(w, e)
         self.num_patches = self._recon_heads(cfg) if self.recon else 0
         bias = cfg.init_logit_bias if used & set(SIGMOID) else None
-        self.make_temperature(bias)
-        self.bias_pending = bias is not None and cfg.logit_bias_init == "prior"
-        self.register_load_state_dict_pre_hook(_bias_loaded)
+        self.make_temperature(bias, bias_prior=bias is not None and cfg.logit_bias_init == "prior")
         self.objectives = composed_objectives(cfg)
 
     def _recon_heads(self, cfg: ComposedConfig) -> int:
@@ -293,21 +289,10 @@ class ComposedMethod(Method):
             target = norm_pix_target(target)
         return {"pixels": self.pixel_head(dec), "pixel_target": target}
 
-    def loss_from_features(self, feats: dict[str, torch.Tensor]) -> MethodOutput:
-        if self.training and self.bias_pending:  # FLAIR's prior, at the joined batch size
-            with torch.no_grad():
-                self.logit_bias.fill_(prior_logit_bias(feats["image"].shape[0] * world_info()[1]))
-            self.bias_pending = False
-        return super().loss_from_features(feats)
-
 
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x (B, N, D), idx (B, R) -> (B, R, D)."""
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
-
-
-def _bias_loaded(module: torch.nn.Module, *args: Any) -> None:
-    module.bias_pending = False  # a loaded state dict carries its own b
 
 
 @dataclass

@@ -33,6 +33,14 @@ Where the released code differs from the paper text (code is the default, the pa
 - the CLS loss pairs the teacher of one view with the student of the other (DINO), the patch
   loss stays within a view (iBOT), as the released ``iBOTLoss`` with two global crops.
 
+Views (an option, not in the released code): ``views="tokens"`` cuts each view's random resized
+crop (same scale range) out of the frozen bottom's feature map of the un-augmented image
+(``finegrain.data.crop_boxes``; the hybrid tower's ``boxes``, so a cached bottom serves every
+view) and the pixel target out of the image by the same box, with no photometric
+augmentation; ``finegrain demo`` uses it on its shared hybrid tower (bench.config.CACHED_VIEWS),
+where pixel views re-ran the bottom on every crop (3.1 vs 1.5 CPU s per step of 64) and the
+model did not learn in 200 steps. ``"pixels"`` (default) is the released pipeline.
+
 Towers (``detailclip_vitb16``): the released image tower is timm's ViT-B/16 (no pre-block
 LayerNorm, eps 1e-6, patch bias, timm's init: ``image.ln_pre=false image.norm_eps=1e-6
 image.patch_bias=true image.init=timm``; CLIP's layout is the option) and the text tower OpenAI
@@ -57,6 +65,7 @@ import torch.nn as nn
 
 from finegrain.data.collate import ContrastiveCollate
 from finegrain.data.config import DataConfig
+from finegrain.data.crop_boxes import crop_resize, sample_crop_boxes
 from finegrain.data.transforms import MultiViewTransform, ViewAugment, eval_transform
 from finegrain.encoders.base import build_image_tower, build_text_tower
 from finegrain.heads.ema import ema_update_, make_teacher
@@ -99,6 +108,12 @@ class DetailCLIPConfig(MethodConfig):
     gather: bool = True
     # two views (released train_transform, applied twice)
     num_views: int = 2
+    # "pixels": views cropped and augmented in the data pipeline, each run through the whole
+    # image tower (released); "tokens": the method cuts each view's random resized crop out of
+    # the image's frozen-bottom feature map (hybrid tower: cached, so the bottom runs once per
+    # image; other towers: the crop of the pixels) and the pixel target out of the image, no
+    # photometric augmentation (a cached feature map cannot be colour-jittered)
+    views: Literal["pixels", "tokens"] = "pixels"
     crop_scale: tuple[float, float] = (0.14, 1.0)
     hflip: bool = False
     jitter_prob: float = 0.8
@@ -217,7 +232,7 @@ class DetailCLIP(Method):
         return {"teacher": self.teacher}
 
     def make_transform(self, data_cfg: DataConfig, train: bool = True) -> Any:
-        if not train:
+        if not train or self.cfg.views == "tokens":  # tokens: views cut in ``features``
             return super().make_transform(data_cfg, train)
         c = self.cfg
         view = ViewAugment(size=data_cfg.image_size, crop_scale=tuple(c.crop_scale), hflip=c.hflip,
@@ -289,10 +304,10 @@ class DetailCLIP(Method):
 
     # ---- training -----------------------------------------------------------------------
     @torch.no_grad()
-    def _teacher(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    def _teacher(self, views: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """Full views (BV, 3, H, W) -> (keep (BV, M), teacher iBOT logits (BV, 1 + N, K), grid)."""
         t = self.teacher
-        out = t["image"](views, return_attention=self.cfg.removal == "attention")
+        out = t["image"](views, return_attention=self.cfg.removal == "attention", **kw)
         logits = t["ibot_head"](torch.cat([out.pooled[:, None], out.tokens], dim=1))
         c = self.cfg
         if c.removal == "attention":
@@ -303,24 +318,42 @@ class DetailCLIP(Method):
                                count=c.keep_count)  # fmt: skip
         return keep, logits, out.grid_hw
 
-    def features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Training batches carry ``views`` (B, V, 3, H, W) from ``make_transform``; in eval mode
-        (validation loss) a batch without views uses its ``image`` as every view."""
+    def _views(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(tower input (BV, 3, H, W), pixels of the views (BV, 3, H, W), tower kwargs), V."""
+        v = self.cfg.num_views
+        if self.cfg.views == "tokens" and self.training and "image" in batch:
+            images = batch["image"].repeat_interleave(v, 0)  # (BV, 3, H, W), sample-major
+            boxes = sample_crop_boxes(images.shape[0], tuple(self.cfg.crop_scale))
+            pixels = crop_resize(images, boxes, tuple(images.shape[-2:]))
+            if getattr(self.image, "crops_bottom", False):  # crop the cached feature map
+                return images, pixels, {"boxes": boxes}
+            return pixels, pixels, {}
         views = batch.get("views")
         if views is None and not self.training and "image" in batch:
-            views = batch["image"][:, None].expand(-1, self.cfg.num_views, -1, -1, -1)
-        if views is None or "text" not in batch:
+            views = batch["image"][:, None].expand(-1, v, -1, -1, -1)
+        if views is None:
             raise ValueError("detailclip needs batch['views'] (B, V, 3, H, W) from its "
                              f"make_transform and batch['text']; got keys {sorted(batch)}")  # fmt: skip
-        b, v = views.shape[:2]
         flat = views.flatten(0, 1)  # (BV, 3, H, W), sample-major
-        keep, t_logits, grid = self._teacher(flat)
+        return flat, flat, {}
+
+    def features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Training batches carry ``views`` (B, V, 3, H, W) from ``make_transform`` (or, with
+        ``views="tokens"``, ``image``: the views are cut here); in eval mode (validation loss) a
+        batch without views uses its ``image`` as every view."""
+        if "text" not in batch:
+            raise ValueError("detailclip needs batch['views'] (B, V, 3, H, W) from its "
+                             f"make_transform and batch['text']; got keys {sorted(batch)}")  # fmt: skip
+        flat, pixels, kw = self._views(batch)
+        v = self.cfg.num_views
+        b = flat.shape[0] // v
+        keep, t_logits, grid = self._teacher(flat, **kw)
         n = grid[0] * grid[1]
         removed = removed_from_keep(keep, n)  # (BV, R)
-        out = self.image(flat, keep=keep)  # tokens (BV, M, D)
+        out = self.image(flat, keep=keep, **kw)  # tokens (BV, M, D)
         enc = torch.cat([out.pooled[:, None], out.tokens], dim=1)  # (BV, 1 + M, D)
         dec = _gather(self.decoder(enc, keep, grid)[:, 1:], removed)  # (BV, R, D)
-        target = _gather(patchify(flat, self.patch), removed)  # (BV, R, p*p*3)
+        target = _gather(patchify(pixels, self.patch), removed)  # (BV, R, p*p*3)
         if self.cfg.norm_pix_loss:
             target = norm_pix_target(target)
         feats = {

@@ -53,7 +53,6 @@ files (finegrain's sentence splitter) is the other variant, not comparable with 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -66,7 +65,6 @@ from finegrain.data.schema import sample_rng
 from finegrain.encoders.base import build_image_tower, build_text_tower
 from finegrain.heads.pooling import TextConditionedPooling
 from finegrain.heads.projection import Projection
-from finegrain.losses.distributed import world_info
 from finegrain.methods.base import Method, MethodConfig
 from finegrain.methods.objectives import (
     MultiPositiveObjective,
@@ -74,7 +72,6 @@ from finegrain.methods.objectives import (
     TextConditionedObjective,
 )
 from finegrain.methods.vocab import l2
-from finegrain.outputs import MethodOutput
 from finegrain.registry import METHODS
 
 CaptionSource = Literal["auto", "sentences", "long_caption", "captions", "caption"]
@@ -112,21 +109,10 @@ class FLAIRConfig(MethodConfig):
     exchange: Literal["gather", "ring"] = "gather"  # texts of other ranks, with gradient
     init_logit_bias: float = -10.0  # b at construction (released: -10)
     # "prior": the first training forward sets b to the log-odds of a positive pair at the
-    # (joined) batch size B, -ln(B - 1) (see prior_logit_bias); "fixed": b stays at
+    # (joined) batch size B, -ln(B - 1) (heads.logit_scale.prior_logit_bias); "fixed": b stays at
     # init_logit_bias as released (fit for B ~ 1k-32k; at B = 32 it collapses the embeddings)
     logit_bias_init: Literal["prior", "fixed"] = "prior"
     score_max_elements: int = 2**25  # pooled entries per chunk in score_features
-
-
-def prior_logit_bias(batch_size: int) -> float:
-    """The log-odds of a positive pair in L^mps at batch ``B``: ln((1/B) / (1 - 1/B)) = -ln(B - 1).
-
-    SigLIP's b = -10 (Zhai et al. 2023, Sec. 3.2) puts the initial logits near the prior of its
-    32k batch; FLAIR's release keeps -10. At the small batches of a CPU run (B = 32: prior
-    -3.4) the bias cannot travel that far in a few hundred AdamW steps (|db| <= lr per step),
-    so the embeddings emulate it instead: all images and texts collapse into one cone where
-    every cosine is the same, the constant-logit saddle (docs/flair_scenes.md). 0 for B <= 2."""
-    return -math.log(max(batch_size - 1, 1))
 
 
 def _check_config(cfg: FLAIRConfig) -> None:
@@ -259,19 +245,10 @@ class FLAIR(Method):
         self.image_proj = Projection(iw, d, weight=w_img)  # shared: CLS and patches
         self.text_proj = Projection(tw, d, weight=w_txt)
         self.pooling = TextConditionedPooling(d, heads=cfg.pool_heads, zero_slot=cfg.zero_slot)
-        self.make_temperature(cfg.init_logit_bias)  # self.logit_scale (s = ln t), logit_bias
-        # set b to the batch's prior once, at the first training forward; a loaded state
-        # dict (resume, released weights) already carries its own b
-        self.bias_pending = cfg.logit_bias_init == "prior"
-        self.register_load_state_dict_pre_hook(_bias_loaded)
+        # parameters self.logit_scale (s = ln t) and self.logit_bias; with "prior", b is set to
+        # the first training batch's prior once (a loaded state dict keeps its own b)
+        self.make_temperature(cfg.init_logit_bias, bias_prior=cfg.logit_bias_init == "prior")
         self.objectives = flair_objectives(cfg)
-
-    @torch.no_grad()
-    def init_bias_from_batch(self, batch_size: int) -> None:
-        """``logit_bias_init="prior"``: b <- ``prior_logit_bias(batch_size)``, once."""
-        if self.bias_pending:
-            self.logit_bias.fill_(prior_logit_bias(batch_size))
-            self.bias_pending = False
 
     # ---- towers + projections -------------------------------------------------------
     def _image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
@@ -321,12 +298,6 @@ class FLAIR(Method):
             "pair_seed": seed.to(image.device),
         }
 
-    def loss_from_features(self, feats: dict[str, torch.Tensor]) -> MethodOutput:
-        """``(L_tcs + L_mps) / 2`` (``flair_objectives``), b set to the prior first."""
-        if self.training and self.bias_pending:  # the joined batch (all ranks, micro-batches)
-            self.init_bias_from_batch(feats["texts"].shape[0] * world_info()[1])
-        return super().loss_from_features(feats)
-
     # ---- inference ------------------------------------------------------------------
     def image_features_for_scoring(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1 + N, D): row 0 the global embedding, rows 1.. the projected patch tokens."""
@@ -365,8 +336,3 @@ def flair_objectives(cfg: FLAIRConfig) -> Objectives:
         return Objectives([(TextConditionedObjective(**kw), {})])
     return Objectives([(TextConditionedObjective(**kw), {"tcs_loss": 0.5}),
                        (MultiPositiveObjective(**kw), {"mps_loss": 0.5})])  # fmt: skip
-
-
-def _bias_loaded(module: nn.Module, *args: Any) -> None:
-    """``load_state_dict`` pre-hook: the loaded b is kept (no prior re-initialisation)."""
-    module.bias_pending = False

@@ -107,8 +107,11 @@ def clip_vitb16() -> RunConfig:
 
 @recipe("siglip_vitb16")
 def siglip_vitb16() -> RunConfig:
-    """SigLIP ViT-B/16 (open_clip sizes), 224 px, bf16, on webdataset shards (pass data.train=)."""
-    return _vitb16("siglip")
+    """SigLIP ViT-B/16 (open_clip sizes), 224 px, bf16, on webdataset shards (pass data.train=);
+    b starts at the released -10 (the prior of the paper's 32k batch)."""
+    cfg = _vitb16("siglip")
+    cfg.method.logit_bias_init = "fixed"
+    return cfg
 
 
 @recipe("clip_smoke")
@@ -119,8 +122,11 @@ def clip_smoke() -> RunConfig:
 
 @recipe("siglip_smoke")
 def siglip_smoke() -> RunConfig:
-    """Smoke twin of siglip_vitb16: tiny ViT at 64 px + tiny text transformer, synthetic, 20 steps."""
-    return _smoke("siglip")
+    """Smoke twin of siglip_vitb16: tiny ViT at 64 px + tiny text transformer, synthetic, 20 steps;
+    b starts at the prior of its small batch, -ln(B - 1) (``logit_bias_init="prior"``)."""
+    cfg = _smoke("siglip")
+    cfg.method.logit_bias_init = "prior"
+    return cfg
 
 
 @recipe("demo")
