@@ -219,3 +219,19 @@ def test_interval_pools_seeds_and_images():
     assert c["half_width"] == 0.5 and c["verdict"] == "inconclusive"
     one = {m: r[:1] for m, r in runs.items()}  # one seed: images only, as before
     assert check_claim(claim, one, draws=400)["half_width"] == 0.0
+
+
+def test_region_level_tasks_are_sized_by_region_images():
+    """The region-level tasks (several crops per image) take ``region_images`` at most; the
+    spurious split and the other tasks take ``eval_images`` (the worst group needs them)."""
+    from finegrain.bench.config import FULL, QUICK, Budget
+    from finegrain.bench.tasks import images_for
+
+    specs = {s.key: s for s in task_specs()}
+    for key in ("regions/crop", "regions/queries", "hardneg/regions+conditioned",
+                "compositional/pairs"):  # fmt: skip
+        assert images_for(specs[key], Budget()) == Budget().region_images < Budget().eval_images
+        assert images_for(specs[key], FULL) == FULL.region_images
+        assert images_for(specs[key], QUICK) == QUICK.eval_images  # never above eval_images
+    for key in ("spurious", "shape/names", "segmentation/zeroshot"):
+        assert images_for(specs[key], FULL) == FULL.eval_images

@@ -53,6 +53,9 @@ class Budget:
     # training scenes that are spurious-correlation scenes (background tone predicts the class
     # in 95% of them; finegrain.data.synthetic_spurious): the same for every method
     spurious_share: float = 0.125
+    # images of each region-level task (regions/*, hardneg/*, compositional/*; at most
+    # eval_images): ~2.5 boxes per image, each box cropped and encoded per method
+    region_images: int = 256
     device: str = "cpu"
 
     @property

@@ -67,6 +67,7 @@ class TaskSpec:
     fields: dict[str, Any]
     needs: str = ""  # "" | conditioned | dense | regions | boxes
     headline: tuple[str, ...] = ("acc1",)
+    region_level: bool = False  # sized by the budget's region_images (images_for)
 
 
 @dataclass
@@ -109,14 +110,22 @@ def task_specs() -> list[TaskSpec]:
                           headline=("acc1", "worst_group_acc")))  # fmt: skip
     for mode, needs in (("crop", ""), ("roialign", "dense"), ("queries", "regions")):
         fields = {"variant": "shape", "mode": "regions" if mode == "queries" else mode}
-        specs.append(TaskSpec(f"regions/{mode}", "region", fields, needs))
+        specs.append(TaskSpec(f"regions/{mode}", "region", fields, needs, region_level=True))
     for task, variant, head in (("hardneg", "regions", "acc1"), ("compositional", "pairs", "acc")):
         for scoring in ("global", "conditioned"):
             twin = "+conditioned" if scoring == "conditioned" else ""
             specs.append(TaskSpec(f"{task}/{variant}{twin}", task,
                                   {"variant": variant, "scoring": scoring},
-                                  "conditioned" if twin else "", (head,)))  # fmt: skip
+                                  "conditioned" if twin else "", (head,), True))  # fmt: skip
     return specs
+
+
+def images_for(spec: TaskSpec, budget: Any) -> int:
+    """Evaluation images of a task under ``budget``: ``eval_images``, or for the region-level
+    tasks (several boxes per image, each cropped and encoded) ``region_images`` at most."""
+    if spec.region_level:
+        return min(budget.region_images, budget.eval_images)
+    return budget.eval_images
 
 
 def capability(method: Any, needs: str) -> bool:
