@@ -57,6 +57,12 @@ class Budget:
     train_scenes: int = 2048
     eval_images: int = 512  # per evaluation task (power: see the claims' half-widths)
     probe_train: int = 64  # the linear probe's training scenes (30 epochs each)
+    # training scenes that are spurious-correlation scenes (background tone predicts the class
+    # in 95% of them; finegrain.data.synthetic_spurious): the same for every method
+    spurious_share: float = 0.125
+    # images of each region-level task (regions/*, hardneg/*, compositional/*; at most
+    # eval_images): ~2.5 boxes per image, each box cropped and encoded per method
+    region_images: int = 256
     device: str = "cpu"
 
     @property
@@ -162,7 +168,8 @@ def run_config(name: str, b: Budget, seed: int, shared_image: bool = True) -> An
     cfg.name, cfg.seed = f"demo_{name}", seed
     cfg.data = DataConfig(source="synthetic", batch_size=b.batch_size, image_size=b.image_size,
                           augment="none", mean=IMAGENET_MEAN, std=IMAGENET_STD, num_workers=0,
-                          synthetic=SyntheticConfig(num_samples=b.train_scenes, seed=seed))  # fmt: skip
+                          synthetic=SyntheticConfig(num_samples=b.train_scenes, seed=seed,
+                                                    spurious_share=b.spurious_share))  # fmt: skip
     cfg.train = dataclasses.replace(
         cfg.train, steps=b.steps, lr=b.lr, min_lr=0.0, warmup_steps=b.warmup_steps,
         weight_decay=b.weight_decay, device=b.device, checkpoint_every=0, log_every=max(1, b.steps // 4),

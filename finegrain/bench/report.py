@@ -112,7 +112,7 @@ def headline_table(
                 str(card.get("n_images", "-")),
                 "-" if chance is None else _fmt(metric, chance),
             ]
-            if any(c not in ("-", "n/a") for c in cells):
+            if any(c != "-" and not (c.startswith("n/a") and "failed" not in c) for c in cells):
                 rows.append([f"{spec.key} {_short(metric)}", *proto, *cells])
     return ["task (metric, %)", "N", "chance", *methods], rows
 
@@ -147,6 +147,32 @@ def claims_markdown(claims: list[dict[str, Any]]) -> str:
                      f"{margin} | {c['seeds_held']}/{c['seeds']} |")  # fmt: skip
     notes = [f"- {c['claim']}: {c['note']}" for c in claims if c.get("note") and "diff" in c]
     return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+
+
+def sources_markdown(claims: list[dict[str, Any]]) -> str:
+    """'Claims and where they come from': each claim row, its paper and where the paper makes
+    it (or what this run uses as a proxy), and the region-level task without a claim."""
+    lines = [f"- **{c['claim']}** ({c['paper']}): {c.get('source') or 'see the paper'}."
+             for c in claims]  # fmt: skip
+    lines.append(
+        "- Compositional pairs (`compositional/pairs`) and the region tasks of the other methods "
+        "are reported without a claim row: none of the four papers reports a compositional "
+        "(SugarCrepe- or Winoground-style) result, and a claim a paper does not make is not "
+        "tested here."
+    )
+    return "\n".join(lines) + "\n"
+
+
+SPURIOUS_NOTE = (
+    "Spurious-correlation scenes (`spurious`, a Waterbirds in miniature, "
+    "`finegrain.data.synthetic_spurious`): a share of every method's training scenes "
+    "(`spurious_share` of the budget) shows a circle or a square alone on a sandy or sea-blue "
+    "background, the class's own tone in 95% of them; the test split balances the four "
+    "class x tone groups. `spurious worst_group_acc` is the accuracy of the group a method does "
+    "worst on (its chance: the expected minimum over the groups of a random scorer); "
+    "`spurious top-1` the average. A method that reads the background instead of the shape "
+    "drops on the groups where the two disagree.\n"
+)
 
 
 def median_half_width(claims: list[dict[str, Any]]) -> float | None:
@@ -237,19 +263,26 @@ def render_markdown(d: dict[str, Any], table: tuple[list[str], list[list[str]]],
         "## Claims of the papers\n",
         power_line(d["claims"]),
         "Each row: the method minus CLIP on the same evaluation images, in percentage points; "
-        "95% interval from a paired bootstrap over the images (1000 draws); half-width = half its "
+        "95% interval from a paired bootstrap over the images (1000 draws; with several seeds each "
+        "draw also resamples the seeds, so the interval pools images and seeds); half-width = half its "
         "length (about the smallest difference this run can detect). Each claim's smallest effect "
         "of interest m: `held` = the whole interval above m; `equivalent` = inside (-m, m); "
         "`did not hold` = the whole interval below 0 (and not inside (-m, m)); `inconclusive` = "
         "anything else (e.g. above 0 but not above m); `tie (identical per-image values)` = both "
         "methods gave the same value on every image. Exact values are in results.json.\n",
         claims_markdown(d["claims"]),
+        "## Claims and where they come from\n",
+        sources_markdown(d["claims"]),
         "## Results (mean over seeds; n/a = the method cannot do the task)\n",
         "\n".join(results) + "\n",
         f"{b['eval_images']} held-out scenes per task (seeds disjoint from training); N = images "
         "scored, chance = a uniform random scorer's expected value (finegrain.eval.protocol). "
         "`+conditioned` = text-conditioned scoring. Every metric of every task is in "
-        "results.json, with the protocol card of each task (`protocol`).\n",
+        "results.json, with the protocol card of each task (`protocol`). Region-level rows "
+        "(`regions/*`, `hardneg/*`, `compositional/*`) score every box or caption pair of the "
+        "images, N counts images; n/a = the method lacks what the task reads (dense features, "
+        "region queries, text-conditioned scores).\n",
+        SPURIOUS_NOTE,
         "## Time per method\n",
         timing_markdown(d["timing"]),
         f"Data pipeline (scene generation, transforms, tokenisation) share of training time: at "

@@ -29,7 +29,7 @@ from finegrain.bench.config import (
     methods_to_run,
     run_config,
 )
-from finegrain.bench.tasks import TaskResult, run_boxes, run_suite_task, task_specs
+from finegrain.bench.tasks import TaskResult, images_for, run_boxes, run_suite_task, task_specs
 from finegrain.data.synthetic_sets import memo_scenes
 from finegrain.encoders.hybrid import shared_bottom_cache
 
@@ -42,9 +42,16 @@ from finegrain.encoders.hybrid import shared_bottom_cache
 REF_STEP_CPU_S = {"clip": 0.49, "siglip": 0.49, "flair": 0.62, "grain": 0.64, "clippy": 0.51,
                   "detailclip": 1.36}  # fmt: skip
 SCENE_CPU_S = 0.024  # render one 128 px scene + run the frozen bottom on it (once per run)
-EVAL_CPU_S = 0.04  # per evaluation image, every task but the probe, one method (bottom cached)
+# per evaluation image, every task but the probe and the region-level ones, one method (bottom
+# cached); the spurious split adds 0.004 (1.8 CPU s at 512 images, CLIP, 2026-12-07)
+EVAL_CPU_S = 0.044
 PROBE_CPU_S = 0.28  # per linear-probe training scene (30 epochs of its 1 x 1 conv head)
-EVAL_SPLITS = 8  # distinct evaluation scene sets (rendered and cached once per run)
+EVAL_SPLITS = 9  # distinct evaluation scene sets (rendered and cached once per run)
+# the region-level tasks (box crops, RoIAlign, hard negatives, caption pairs) on their
+# ``region_images`` (tasks.images_for), measured 2026-12-07 (CLIP, 512 images, one thread):
+# 16.4 CPU s per method with caches warm, 31.5 s once to render and cache their scenes and crops
+REGION_CPU_S = 0.032  # per image, one method
+REGION_SPLITS = 2.6  # scene sets' worth of one-off rendering + bottom
 TWO_CORES = 1.6  # speed-up of 2 torch threads on 2 cores over one thread
 REPORT_FILES = ("report.md", "results.json")
 
@@ -109,8 +116,10 @@ def estimate_s(methods: list[str], b: Budget, seeds: int) -> float:
     slow = max(REF_STEP_CPU_S.values())
     train = sum(REF_STEP_CPU_S.get(m, slow) for m in methods) * b.steps * scale
     pixels = (b.image_size / 128) ** 2
-    scenes = (seeds * b.train_scenes + EVAL_SPLITS * b.eval_images) * SCENE_CPU_S * pixels
-    per_method = b.eval_images * EVAL_CPU_S + b.probe_train * PROBE_CPU_S
+    regions = min(b.region_images, b.eval_images)
+    scenes = (seeds * b.train_scenes + EVAL_SPLITS * b.eval_images + REGION_SPLITS * regions
+              ) * SCENE_CPU_S * pixels  # fmt: skip
+    per_method = b.eval_images * EVAL_CPU_S + regions * REGION_CPU_S + b.probe_train * PROBE_CPU_S
     evals = seeds * len(methods) * (per_method * pixels + 4)  # + build / save
     return (seeds * train + scenes + evals) / TWO_CORES
 
@@ -221,7 +230,7 @@ def evaluate(method: Any, cfg: Any, opts: Options, run: MethodRun, figures: bool
             res, art = run_boxes(ctx, opts.budget.eval_images)
             data = None
         else:
-            res, data, art = run_suite_task(ctx, spec, opts.budget.eval_images,
+            res, data, art = run_suite_task(ctx, spec, images_for(spec, opts.budget),
                                             opts.budget.probe_train)  # fmt: skip
         run.results[spec.key] = res
         if figures and not res.na:

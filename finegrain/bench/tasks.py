@@ -10,7 +10,18 @@ Task keys (``<task>/<setting>``) and their headline metric:
 - ``segmentation/zeroshot``: mIoU (object classes); ``segmentation/linear_probe`` and
   ``grouping`` when those evaluation tasks are registered;
 - ``boxes``: for methods that predict boxes, Hungarian-matched IoU and recall@0.5 against the
-  scenes' ground-truth object boxes.
+  scenes' ground-truth object boxes;
+- ``spurious``: zero-shot top-1 over the two classes of the spurious-correlation scenes
+  (``finegrain.data.synthetic_spurious``; balanced class x background groups) and the
+  worst-group accuracy ``worst_group_acc`` (``finegrain.bench.spurious``);
+- region level (``finegrain.eval.regions``, ``hardneg``, ``compositional``), per box or pair
+  with the image it comes from (the bootstrap resamples images): ``regions/crop`` (every method:
+  the box cropped and encoded), ``regions/roialign`` (methods with dense features: the box
+  pooled from the whole image's feature map), ``regions/queries`` (methods with region queries
+  and boxes, GRAIN: the query whose box matches), top-1 shape of each ground-truth box;
+  ``hardneg/regions``: a box's true description vs the same with attributes changed (top-1);
+  ``compositional/pairs``: a two-object caption vs attribute/object/relation swaps
+  (``acc`` = mean over kinds, per-pair ``acc_<kind>``); ``+conditioned`` twins as above.
 A task a method cannot do is "n/a" (its capability is checked before running).
 """
 
@@ -32,6 +43,20 @@ from finegrain.eval.segmentation import seg_metrics
 from finegrain.registry import EVAL_TASK_CONFIGS, EVAL_TASKS
 
 NA = "n/a"
+# why a method cannot do a task, by what the task needs (shown in the report's cells)
+CANNOT = {
+    "conditioned": "no text-conditioned scoring",
+    "dense": "no dense features",
+    "regions": "no region queries",
+    "boxes": "predicts no boxes",
+}
+
+
+def cannot(needs: str) -> str:
+    """'n/a (<why>)' for a method that lacks what a task needs."""
+    return f"{NA} ({CANNOT[needs]})"
+
+
 CORE_TASKS = ("zeroshot", "retrieval", "segmentation")  # errors there are bugs: raised
 
 
@@ -42,6 +67,7 @@ class TaskSpec:
     fields: dict[str, Any]
     needs: str = ""  # "" | conditioned | dense | regions | boxes
     headline: tuple[str, ...] = ("acc1",)
+    region_level: bool = False  # sized by the budget's region_images (images_for)
 
 
 @dataclass
@@ -80,7 +106,26 @@ def task_specs() -> list[TaskSpec]:
     specs.append(TaskSpec("segmentation/linear_probe", probe or "linear_probe", {}, "", ("miou",)))
     specs.append(TaskSpec("grouping", _registered("grouping") or "grouping", {}, "", ("jaccard",)))
     specs.append(TaskSpec("boxes", "", {}, "boxes", ("matched_iou", "recall@0.5")))
+    specs.append(TaskSpec("spurious", "zeroshot", {"variant": "spurious"},
+                          headline=("acc1", "worst_group_acc")))  # fmt: skip
+    for mode, needs in (("crop", ""), ("roialign", "dense"), ("queries", "regions")):
+        fields = {"variant": "shape", "mode": "regions" if mode == "queries" else mode}
+        specs.append(TaskSpec(f"regions/{mode}", "region", fields, needs, region_level=True))
+    for task, variant, head in (("hardneg", "regions", "acc1"), ("compositional", "pairs", "acc")):
+        for scoring in ("global", "conditioned"):
+            twin = "+conditioned" if scoring == "conditioned" else ""
+            specs.append(TaskSpec(f"{task}/{variant}{twin}", task,
+                                  {"variant": variant, "scoring": scoring},
+                                  "conditioned" if twin else "", (head,), True))  # fmt: skip
     return specs
+
+
+def images_for(spec: TaskSpec, budget: Any) -> int:
+    """Evaluation images of a task under ``budget``: ``eval_images``, or for the region-level
+    tasks (several boxes per image, each cropped and encoded) ``region_images`` at most."""
+    if spec.region_level:
+        return min(budget.region_images, budget.eval_images)
+    return budget.eval_images
 
 
 # a task spec's ``needs`` -> the method capability (``Method.capabilities()``) it names
@@ -125,6 +170,8 @@ def per_image_values(task: str, data: Any, art: dict, metrics: dict) -> dict[str
             "image_retrieval_recall@1": ((t2i == 1).double(), owner),
             "text_retrieval_recall@1": ((i2t == 1).double(), torch.arange(len(i2t))),
         }
+    if task in PER_ITEM:
+        return PER_ITEM[task](art)
     out: dict[str, Any] = {}
     if "confusions" in art:  # mIoU with or without background: whichever the task reported
         conf = torch.as_tensor(art["confusions"])
@@ -139,13 +186,48 @@ def per_image_values(task: str, data: Any, art: dict, metrics: dict) -> dict[str
     return out
 
 
+def _region_items(art: dict) -> dict[str, Any]:
+    """Region classification: each ground-truth box right or not, with its image."""
+    right = (art["top"][:, 0] == art["labels"]).double()
+    return {"acc1": (right, art["image_index"].long())}
+
+
+def _hardneg_items(art: dict) -> dict[str, Any]:
+    """Attribute hard negatives: each box's positive strictly above all its negatives (ties are
+    errors, as ``finegrain.eval.hardneg``), with its image."""
+    right = [float(bool((s[1:] < s[0]).all())) for s in art["scores"]]
+    owner = [it.image for it in art["items"]]
+    return {"acc1": (torch.tensor(right, dtype=torch.float64), torch.tensor(owner))}
+
+
+def _compositional_items(art: dict) -> dict[str, Any]:
+    """Caption-vs-negative pairs: each pair right (caption strictly above) or not, per kind
+    (``acc_<kind>``), with its image; none when items were dropped (scores not aligned)."""
+    items = art["items"]
+    flat = art["pair_scores"]
+    n_item = sum(1 + len(it.negatives) for it in items)
+    if n_item + 4 * len(art.get("groups", [])) != len(flat):
+        return {}
+    out: dict[str, list] = {}
+    for it, s in zip(items, flat[:n_item].split([1 + len(it.negatives) for it in items])):
+        for kind, neg in zip(it.kinds, s[1:]):
+            vals, owner = out.setdefault(f"acc_{kind}", ([], []))
+            vals.append(float(s[0] > neg))
+            owner.append(it.image)
+    return {k: (torch.tensor(v, dtype=torch.float64), torch.tensor(o)) for k, (v, o) in out.items()}
+
+
+PER_ITEM = {"region": _region_items, "hardneg": _hardneg_items,
+            "compositional": _compositional_items}  # fmt: skip
+
+
 def run_suite_task(ctx: EvalContext, spec: TaskSpec, num: int, num_train: int | None = None
                    ) -> tuple[TaskResult, Any, dict]:  # fmt: skip
     """One registered evaluation task; returns the result, its data and its artefacts."""
     if spec.task not in EVAL_TASKS or spec.task not in EVAL_TASK_CONFIGS:
         return TaskResult(na=f"{NA} (task not available)"), None, {}
     if not capability(ctx.method, spec.needs):
-        return TaskResult(na=NA), None, {}
+        return TaskResult(na=cannot(spec.needs)), None, {}
     t0 = time.perf_counter()
     try:
         cfg = _task_config(spec, num, num_train)
@@ -160,6 +242,12 @@ def run_suite_task(ctx: EvalContext, spec: TaskSpec, num: int, num_train: int | 
     res = TaskResult({k: float(v) for k, v in metrics.items()},
                      per_image_values(spec.task, data, art, metrics), seconds=time.perf_counter() - t0,
                      protocol=protocol_card(ctx, cfg, data, art))  # fmt: skip
+    if spec.key == "spurious":  # the groups of the split the task just scored (memoised)
+        from finegrain.bench.spurious import add_group_metrics
+        from finegrain.data.synthetic_sets import eval_split
+
+        d = eval_split("spurious", num, image_size=ctx.image_size)
+        add_group_metrics(res, d["groups"], d["group_names"])
     return res, data, art
 
 
@@ -190,7 +278,7 @@ def match_boxes(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 def run_boxes(ctx: EvalContext, num: int) -> tuple[TaskResult, dict]:
     """Box quality of ``method.predict_boxes`` on the segmentation split's scenes."""
     if not capability(ctx.method, "boxes"):
-        return TaskResult(na=NA), {}
+        return TaskResult(na=cannot("boxes")), {}
     t0 = time.perf_counter()
     d = box_split(num, ctx.image_size)
     preds = torch.cat([ctx.method.predict_boxes(b).float().cpu()

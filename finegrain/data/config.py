@@ -20,6 +20,10 @@ class SyntheticConfig(Checked):
     box_jitter: float = 0.0  # imitate detector noise on region boxes (fraction of box size)
     drop_region_prob: float = 0.0  # imitate missed detections
     novel_object_prob: float = 0.1  # chance an object is a novel shape (described, never named)
+    # share of training scenes that are spurious-correlation scenes (finegrain.data.
+    # synthetic_spurious): one object of a spurious class whose background tone predicts it
+    spurious_share: float = 0.0
+    spurious_correlation: float = 0.95  # in those scenes, P(background tone = the class's tone)
 
 
 @dataclass

@@ -207,7 +207,8 @@ def synthesize(
     fmt: str = "jpg",
 ) -> list[str]:
     """Synthetic training scenes ``0..num-1`` (the same as ``SyntheticScenes``) -> shards."""
-    from finegrain.data.synthetic import generate_scene, scene_record, train_scene_seed
+    from finegrain.data.synthetic import scene_record
+    from finegrain.data.synthetic_spurious import training_scene
 
     if num < 1:
         raise ValueError(f"--num must be >= 1, got {num}")
@@ -215,7 +216,7 @@ def synthesize(
 
     def samples() -> Iterator[dict]:
         for i in range(num):
-            scene = generate_scene(train_scene_seed(cfg.seed, i), image_size, cfg=cfg)
+            scene = training_scene(cfg, i, image_size)
             yield {
                 "key": f"{i:09d}",
                 "image": encode_image(scene["image"], fmt),

@@ -132,10 +132,11 @@ def _sample_shape(rng: np.random.Generator, cfg: SyntheticConfig, novel: bool) -
     return SHAPES[int(rng.integers(len(SHAPES)))]
 
 
-def _render_objects(rng, cfg, image_size, n, novel, forced) -> tuple[np.ndarray, list, np.ndarray]:
+def _render_objects(rng, cfg, image_size, n, novel, forced, tone_override=None):
     kind = BACKGROUND_KINDS[int(rng.integers(len(BACKGROUND_KINDS)))]
     tones = list(BACKGROUND_TONES)
-    tone = tones[int(rng.integers(len(tones)))]
+    tone = tones[int(rng.integers(len(tones)))]  # drawn even when overridden: same stream after
+    tone = tone_override or tone
     canvas = background(kind, tone, image_size, rng)  # (S, S, 3)
     inst = np.zeros((image_size, image_size), dtype=np.int32)
     objects, taken = [], []
@@ -251,12 +252,15 @@ def generate_scene(
     novel: bool = False,
     num_objects: int | None = None,
     objects: list[dict] | None = None,
+    background_tone: str | None = None,
 ) -> dict[str, Any]:
     """Render one scene, deterministic in ``seed``.
 
     novel: every object is a novel shape and text *names* it (evaluation only; training scenes
         describe novel shapes by appearance). objects: optional per-object attribute overrides
         (``{"shape": ..., "color": ..., "pattern": ..., "size": ...}``) used by eval splits.
+    background_tone: force the background's tone (a ``BACKGROUND_TONES`` or ``SPURIOUS_TONES``
+        name; the spurious-correlation scenes), else one drawn at random.
     """
     cfg = cfg or SyntheticConfig()
     if image_size < 16:
@@ -265,7 +269,9 @@ def generate_scene(
         raise ValueError("need 1 <= synthetic.min_objects <= synthetic.max_objects")
     rng = np.random.default_rng(seed)
     n = num_objects or int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
-    canvas, objs, inst, (kind, tone) = _render_objects(rng, cfg, image_size, n, novel, objects)
+    canvas, objs, inst, (kind, tone) = _render_objects(
+        rng, cfg, image_size, n, novel, objects, background_tone
+    )
     bg_sentence = f"The background is a {tone} {kind} texture."
     sentences = [_sentence(rng, o) for o in objs] + [bg_sentence]
     semantic = np.zeros_like(inst)

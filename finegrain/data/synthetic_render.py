@@ -44,6 +44,12 @@ BACKGROUND_TONES: dict[str, tuple[int, int, int]] = {
     "lavender": (220, 210, 236),
 }
 BACKGROUND_KINDS = ("noisy", "cloudy", "gradient", "grainy")
+# Saturated tones used only by the spurious-correlation scenes (finegrain.data.synthetic_spurious),
+# Waterbirds' land and water backgrounds in miniature; never drawn for the other scenes.
+SPURIOUS_TONES: dict[str, tuple[int, int, int]] = {
+    "sandy": (196, 160, 92),
+    "sea blue": (52, 110, 176),
+}
 
 
 def _regular_polygon(n: int, rotation: float) -> list[tuple[float, float]]:
@@ -166,7 +172,7 @@ def pattern_fill(pattern: str, rgb: np.ndarray, h: int, w: int, size: int) -> np
 
 def background(kind: str, tone: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """(size, size, 3) float32 textured background in ``tone``."""
-    base = np.array(BACKGROUND_TONES[tone], dtype=np.float32)
+    base = np.array({**BACKGROUND_TONES, **SPURIOUS_TONES}[tone], dtype=np.float32)
     if kind == "noisy":
         tex = rng.normal(0.0, 10.0, (size, size, 1))
     elif kind == "cloudy":  # low-frequency noise: a coarse grid upsampled bilinearly

@@ -30,8 +30,8 @@ from finegrain.data.synthetic import (
     join_phrases,
     object_phrase,
     scene_record,
-    train_scene_seed,
 )
+from finegrain.data.synthetic_spurious import spurious_split, training_scene
 from finegrain.data.transforms import BoxTransform
 
 EVAL_KINDS = (
@@ -44,6 +44,7 @@ EVAL_KINDS = (
     "long",
     "segmentation",
     "regions",
+    "spurious",
 )
 
 
@@ -106,7 +107,7 @@ class SyntheticScenes(Dataset):
     def scene(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(f"scene {index} out of range for {len(self)} scenes")
-        return generate_scene(train_scene_seed(self.cfg.seed, index), self.image_size, cfg=self.cfg)
+        return training_scene(self.cfg, index, self.image_size)
 
     def raw(self, index: int) -> dict[str, Any]:
         """Undecoded form used by the loader: key, PIL image, JSON record, semantic mask."""
@@ -252,7 +253,9 @@ def eval_split(kind: str, num: int, seed: int = 10_000, image_size: int = 64) ->
     image, the objects' normalised xyxy boxes), classnames, color_masks (HxW, v =
     color_classnames[v - 1]: objects labelled by colour), color_classnames; ``regions`` ->
     images, boxes (per image, pixel xyxy), shapes / colors (per image, per object class
-    indices), instance_masks, classnames (shapes), color_classnames, descriptions.
+    indices), instance_masks, classnames (shapes), color_classnames, descriptions;
+    ``spurious`` -> images, labels, tones, groups (class x background tone, balanced),
+    classnames, group_names, descriptions (``finegrain.data.synthetic_spurious``).
     """
     if kind not in EVAL_KINDS:
         raise ValueError(
@@ -272,6 +275,8 @@ def _eval_split(kind: str, num: int, seed: int, image_size: int) -> dict[str, An
         return _segmentation(num, seed, image_size)
     if kind == "regions":
         return _region_scenes(num, seed, image_size)
+    if kind == "spurious":
+        return spurious_split(num, lambda i: _eval_seed("spurious", seed, i), image_size)
     return _texts(kind, num, seed, image_size)
 
 

@@ -32,7 +32,7 @@ from finegrain.registry import suggest
 
 # ---- the built-in synthetic scenes --------------------------------------------------------
 SYNTHETIC_KINDS = {
-    "zeroshot": ("shape", "color_shape", "pattern_shape", "novel"),
+    "zeroshot": ("shape", "color_shape", "pattern_shape", "novel", "spurious"),
     "retrieval": ("retrieval", "sentences", "long"),
     "segmentation": ("segmentation", "color"),  # objects labelled by shape | by colour
     "region": SYNTHETIC_REGION_VARIANTS,  # finegrain.eval.region_data
