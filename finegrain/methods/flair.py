@@ -105,6 +105,7 @@ class FLAIRConfig(MethodConfig):
     pool_heads: int = 8
     zero_slot: bool = True  # the add_zero_attn "attend to nothing" key/value
     add_mps_loss: bool = True  # total = (tcs + mps) / 2; False: tcs only
+    add_tcs_loss: bool = True  # False: mps only (an ablation; not a released switch)
     loss_normalization: Literal["released", "per_image"] = "released"
     exchange: Literal["gather", "ring"] = "gather"  # texts of other ranks, with gradient
     init_logit_scale: float = 1 / 0.07  # t at init (the parameter is s = ln t)
@@ -129,6 +130,9 @@ def prior_logit_bias(batch_size: int) -> float:
 
 
 def _check_config(cfg: FLAIRConfig) -> None:
+    if not (cfg.add_tcs_loss or cfg.add_mps_loss):
+        raise ValueError("method.add_tcs_loss and method.add_mps_loss are both false: no loss "
+                         "to train; keep at least one")  # fmt: skip
     if cfg.num_subcaptions < 1 or cfg.max_sentences < 1:
         raise ValueError(
             f"method.num_subcaptions and method.max_sentences must be >= 1, got "
@@ -335,6 +339,8 @@ class FLAIR(Method):
         )  # fmt: skip
         losses = {"tcs_loss": tcs}
         loss = tcs
+        if not c.add_tcs_loss:  # the MPS-only ablation: TCS logged, not trained
+            losses, loss = {}, None
         if c.add_mps_loss:
             mps = flair_multi_positive_loss(
                 l2_normalize(feats["image"]), l2_normalize(feats["texts"]), scale, bias,
@@ -342,7 +348,7 @@ class FLAIR(Method):
                 normalization=c.loss_normalization,
             )  # fmt: skip
             losses["mps_loss"] = mps
-            loss = (tcs + mps) / 2
+            loss = mps if loss is None else (tcs + mps) / 2
         return MethodOutput(loss=loss, losses=losses, metrics=self.temperature.metrics())
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
