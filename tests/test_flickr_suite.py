@@ -165,3 +165,16 @@ def test_publish_merges_the_ablation_with_paired_differences(quick_suite, tmp_pa
     lean = json.loads((tmp_path / "docs" / "results.json").read_text())
     assert not any(k.endswith("_per_item") for r in lean["results"] for k in r)
     assert (tmp_path / "docs" / "retrieval_clip.png").is_file()
+
+
+def test_an_interrupted_training_stops_the_suite(flickr8k_dir, tmp_path, monkeypatch, one_thread):
+    """SIGTERM ends the trainer gracefully ('interrupted'); the suite must then stop instead of
+    evaluating the half-trained model and starting the next method."""
+    from finegrain.train.trainer import Trainer
+
+    rows = flickr.read_rows(flickr8k_dir)
+    manifest = flickr.manifest_for(flickr8k_dir, rows, flickr.QUICK, tmp_path)
+    cfg = flickr.run_config("clip", flickr.QUICK, flickr8k_dir, manifest)
+    monkeypatch.setattr(Trainer, "fit", lambda self: {"status": "interrupted", "step": 1})
+    with pytest.raises(SystemExit, match="interrupted at step 1; the suite stops"):
+        flickr.train_method(cfg, tmp_path / "run")

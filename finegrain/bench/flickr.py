@@ -239,6 +239,9 @@ def train_method(cfg: Any, run_dir: Path) -> tuple[Any, dict[str, float]]:
     trainer = Trainer(cfg, method=method, loader=loader, output_dir=str(run_dir))
     t1, c1 = time.perf_counter(), time.process_time()
     summary = trainer.fit()
+    if summary.get("status") != "completed":  # SIGTERM / SIGINT: stop the suite, not only the run
+        raise SystemExit(f"{cfg.name}: training {summary.get('status')} at step "
+                         f"{summary.get('step')}; the suite stops (run folder: {run_dir})")  # fmt: skip
     train_s, cpu_s = time.perf_counter() - t1, time.process_time() - c1
     return trainer.method, {"train_s": train_s, "train_cpu_s": cpu_s,
                             "data_wait_s": loader.wait_s, "steps": float(summary["step"])}  # fmt: skip
