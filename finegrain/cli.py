@@ -81,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     tier.add_argument("--full", action="store_true",
                       help="the full tier: 3 seeds, a larger budget (<= 60 min on 2 CPU cores)")  # fmt: skip
     d.add_argument("--overwrite", action="store_true", help="replace a report in --out")
+    d.add_argument("--suite", choices=("scenes", "flickr8k"), default="scenes",
+                   help="scenes (default): the built-in scenes; flickr8k: real photographs "
+                   "(needs --data), finegrain.bench.flickr")  # fmt: skip
+    d.add_argument("--data", help="--suite flickr8k: the folder holding captions.jsonl + images/")
+    d.add_argument("--ablation", action="store_true",
+                   help="--suite flickr8k: FLAIR's ablation variants instead of the methods")  # fmt: skip
     for name, (_, help_) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)
     return p
@@ -163,6 +169,16 @@ def cmd_recipes(_: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from finegrain.bench.run import options_from_args, run_benchmark
 
+    if args.suite == "flickr8k":
+        from finegrain.bench import flickr
+
+        if args.full or args.seeds not in (None, 1):
+            raise ValueError("--suite flickr8k trains one seed per method (no --full / --seeds)")
+        flickr.run_suite(flickr.options_from_args(args, args.argv), ablation=args.ablation)
+        return 0
+    if args.data or args.ablation:
+        raise ValueError("--data and --ablation are for --suite flickr8k (the scenes suite "
+                         "renders its own data)")  # fmt: skip
     run_benchmark(options_from_args(args, args.argv))
     return 0
 

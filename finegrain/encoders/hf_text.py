@@ -12,7 +12,8 @@ Split point (BERT-like encoders: ``embeddings`` + ``encoder.layer``): with ``tra
 k >= 0`` ``frozen_prefix(ids)`` is the embeddings and the first ``n - k`` layers, (B, L, D)
 hidden states; ``trainable_suffix(h, ids)`` runs the last k layers and the pooling, with the
 same padding mask (from ``ids``), built by ``additive_mask`` from public pieces (equal to the
-model's own forward: ``tests/test_hf_text_split.py``). ``lock_frozen`` keeps the prefix in eval mode (no dropout).
+model's own forward: ``tests/test_hf_text_split.py``). ``lock_frozen`` keeps the prefix in eval mode (no dropout);
+a locked prefix run inside ``finegrain.encoders.prefix_cache.shared_text_cache()`` is computed once per caption.
 Other encoders (T5) run whole and have no split point.
 """
 
@@ -28,6 +29,7 @@ import torch.nn as nn
 
 from finegrain.compat import dependency_guard
 from finegrain.data.tokenizers import HFTokenizer
+from finegrain.encoders import prefix_cache
 from finegrain.encoders.base import TextTowerConfig, lock_prefix
 from finegrain.encoders.text_transformer import pool_tokens
 from finegrain.encoders.vit import freeze_except_last
@@ -142,6 +144,7 @@ class HFTextTower(nn.Module):
         self.split = n - cfg.trainable_blocks if cfg.trainable_blocks >= 0 else -1
         self.lock_frozen = cfg.lock_frozen
         self.splittable = hasattr(self.model, "embeddings") and hasattr(self.model, "encoder")
+        self.prefix_identity: str | None = None  # hash of the locked prefix (shared text cache)
 
     def prefix_modules(self) -> list[nn.Module]:
         """The frozen bottom's modules: embeddings + the frozen layers (empty when all train)."""
@@ -203,6 +206,13 @@ class HFTextTower(nn.Module):
     def forward(self, ids: torch.Tensor) -> TextOutput:
         if not self.splittable or self.split < 0:
             return self.trainable_suffix(ids, ids)
+        if self.lock_frozen and prefix_cache.active():  # finegrain.encoders.prefix_cache
+            if self.prefix_identity is None:
+                self.prefix_identity = prefix_cache.modules_identity(self.prefix_modules())
+            h = prefix_cache.cached_prefix(
+                self.prefix_identity, ids, self._mask(ids), self.frozen_prefix
+            )
+            return self.trainable_suffix(h, ids)
         return self.trainable_suffix(self.frozen_prefix(ids), ids)
 
 

@@ -105,6 +105,7 @@ class FLAIRConfig(MethodConfig):
     pool_heads: int = 8
     zero_slot: bool = True  # the add_zero_attn "attend to nothing" key/value
     add_mps_loss: bool = True  # total = (tcs + mps) / 2; False: tcs only
+    add_tcs_loss: bool = True  # False: mps only (an ablation; not a released switch)
     loss_normalization: Literal["released", "per_image"] = "released"
     exchange: Literal["gather", "ring"] = "gather"  # texts of other ranks, with gradient
     init_logit_bias: float = -10.0  # b at construction (released: -10)
@@ -116,6 +117,9 @@ class FLAIRConfig(MethodConfig):
 
 
 def _check_config(cfg: FLAIRConfig) -> None:
+    if not (cfg.add_tcs_loss or cfg.add_mps_loss):
+        raise ValueError("method.add_tcs_loss and method.add_mps_loss are both false: no loss "
+                         "to train; keep at least one")  # fmt: skip
     if cfg.num_subcaptions < 1 or cfg.max_sentences < 1:
         raise ValueError(
             f"method.num_subcaptions and method.max_sentences must be >= 1, got "
@@ -332,6 +336,8 @@ class FLAIR(Method):
 def flair_objectives(cfg: FLAIRConfig) -> Objectives:
     """L_tcs, and with ``add_mps_loss`` L_mps, each weighted 1/2 (the released mean)."""
     kw = {"exchange": cfg.exchange, "normalization": cfg.loss_normalization}
+    if not cfg.add_tcs_loss:  # the MPS-only ablation (not a released switch)
+        return Objectives([(MultiPositiveObjective(**kw), {})])
     if not cfg.add_mps_loss:
         return Objectives([(TextConditionedObjective(**kw), {})])
     return Objectives([(TextConditionedObjective(**kw), {"tcs_loss": 0.5}),
