@@ -11,14 +11,17 @@ from finegrain.data.synthetic_sets import SyntheticScenes, eval_split, memo_scen
 
 
 def _count_renders(monkeypatch) -> list[int]:
+    """Count scene renders where ``synthetic_sets`` calls them: training scenes go through
+    ``training_scene`` (ordinary or spurious), eval splits through ``generate_scene``."""
     calls = [0]
-    real = synthetic_sets.generate_scene
+    for name in ("generate_scene", "training_scene"):
+        real = getattr(synthetic_sets, name)
 
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
+        def counting(*args, _real=real, **kwargs):
+            calls[0] += 1
+            return _real(*args, **kwargs)
 
-    monkeypatch.setattr(synthetic_sets, "generate_scene", counting)
+        monkeypatch.setattr(synthetic_sets, name, counting)
     return calls
 
 
