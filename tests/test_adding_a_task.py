@@ -16,6 +16,7 @@ import torch
 
 import finegrain.eval as ev
 import finegrain.eval.tasks
+from finegrain.bench.tasks import per_image_values
 from finegrain.config import ConfigError
 from finegrain.eval import EvalTask, register_task, run_tasks
 from finegrain.eval.common import encode_images, encode_texts
@@ -59,8 +60,9 @@ class ToyMatch(EvalTask):
     def modifiers(self, cfg: ToyMatchConfig) -> list[str]:
         return [f"offset{cfg.offset}"] if cfg.offset != 1 else []
 
-    def per_image(self, data: Any, art: dict, metrics: dict) -> dict[str, Any]:
-        return {"acc": art["won"]}
+    def per_image_values(self, data: Any, art: dict, metrics: dict) -> dict[str, Any]:
+        won = torch.tensor(art["won"], dtype=torch.float64)
+        return {"acc": (won, torch.arange(len(won)))}  # (value, image of each value)
 
     def plots(self, ctx: Any, data: Any, art: dict, out_dir: Path, num: int) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -93,7 +95,8 @@ def test_the_checklist_gives_a_task_that_runs(tmp_path: Path) -> None:
                                                    for i in range(6)])).double()  # fmt: skip
     naive = [float(ims[i] @ caps[i] > ims[i] @ caps[(i + 1) % 6]) for i in range(6)]
     assert [int(w) for w in won] == naive and res[f"{NAME}/synthetic/acc"] == sum(naive) / 6
-    assert task.per_image(data, {"won": naive}, {})["acc"] == naive
+    values, owner = per_image_values(NAME, data, {"won": naive}, {})["acc"]  # the benchmark's
+    assert values.tolist() == naive and owner.tolist() == list(range(6))
 
 
 def _tensors(data: Any, cfg: Any) -> list[torch.Tensor]:
@@ -138,5 +141,5 @@ def test_the_page_points_to_what_exists() -> None:
             assert (root / path).exists(), path
     for name in ("EvalTask", "register_task", "run_tasks", "task_prefix"):
         assert name in text and hasattr(ev, name), name
-    for name in ("load", "evaluate", "modifiers", "per_image", "plots"):
+    for name in ("load", "evaluate", "modifiers", "per_image_values", "plots"):
         assert f"`{name}(" in text and hasattr(EvalTask, name), name

@@ -5,11 +5,16 @@ object (issue #28 item 3). The order of modifiers within a name is part of the n
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from dataclasses import dataclass
+
 import pytest
 
 from finegrain.eval import task_prefix
-from finegrain.eval.config import EvalTaskConfig
+from finegrain.eval.config import EvalTaskConfig, task_kind
 from finegrain.eval.task import EvalTask, task_object
+from finegrain.registry import EVAL_TASKS
 
 NAMES = [
     ({"task": "zeroshot"}, "zeroshot/synthetic"),
@@ -67,6 +72,43 @@ NAMES = [
 @pytest.mark.parametrize(("fields", "expected"), NAMES, ids=[n for _, n in NAMES])
 def test_result_names_do_not_change(fields: dict, expected: str) -> None:
     assert task_prefix(EvalTaskConfig(**fields)) == expected
+
+
+def test_no_task_specific_field_is_read_in_task_prefix() -> None:
+    """task_prefix reads the fields every config has; the rest comes from the task object."""
+    import inspect
+
+    source = inspect.getsource(task_prefix)
+    assert "getattr" not in source
+    common = {f.name for f in dataclasses.fields(EvalTaskConfig)}
+    assert set(re.findall(r"cfg\.(\w+)", source)) <= common
+
+
+def test_a_task_places_its_own_modifiers_around_the_context_length(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    task = task_object("linear_probe")
+    monkeypatch.setattr(task, "leading_modifiers", lambda cfg: ["lead", ""])
+    monkeypatch.setattr(task, "modifiers", lambda cfg: ["", f"ep{cfg.epochs}"])
+    cfg = EvalTaskConfig(task="linear_probe", variant="v", context_length=8, epochs=3)
+    assert task_prefix(cfg) == "linear_probe/synthetic/v+lead+ctx8+ep3"
+
+
+@dataclass
+class PlainConfig(EvalTaskConfig):
+    task: str = "doc_plain_function"
+    scoring: str = "conditioned"
+
+
+def test_a_task_registered_as_a_function_gets_the_common_modifiers() -> None:
+    """The older layout (a plain function in EVAL_TASKS): no task object, so only the variant
+    and context length name it, whatever fields its config has."""
+    if PlainConfig.task not in EVAL_TASKS.names():
+        task_kind(PlainConfig.task)(PlainConfig)
+        EVAL_TASKS.add(PlainConfig.task, lambda ctx, cfg, data: ({}, {}))
+    cfg = EvalTaskConfig(task=PlainConfig.task, variant="v", context_length=8)
+    assert task_object(cfg.task) is None and cfg.scoring == "conditioned"
+    assert task_prefix(cfg) == "doc_plain_function/synthetic/v+ctx8"
 
 
 def test_every_built_in_kind_is_pinned() -> None:

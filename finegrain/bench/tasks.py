@@ -39,7 +39,7 @@ from finegrain.eval.common import EvalContext, image_batches
 from finegrain.eval.config import EvalTaskConfig, task_config_class
 from finegrain.eval.datasets import load_task_data
 from finegrain.eval.protocol import protocol_card
-from finegrain.eval.segmentation import seg_metrics
+from finegrain.eval.task import generic_per_image_values, task_object
 from finegrain.registry import EVAL_TASK_CONFIGS, EVAL_TASKS
 
 NA = "n/a"
@@ -154,71 +154,14 @@ def _task_config(spec: TaskSpec, num: int, num_train: int | None = None) -> Eval
 
 
 def per_image_values(task: str, data: Any, art: dict, metrics: dict) -> dict[str, Any]:
-    """Per-image results of one task, for the bootstrap over evaluation images:
-    ``{metric: (values (M,), image index of each value (M,))}`` for means, and
-    ``{"confusions": (N, C, C)}`` for confusion-matrix metrics (mIoU). Tasks of other
-    modules provide ``art["per_image"] = {metric: (N,)}`` or ``art["per_item"] = {metric:
-    (values, image index of each)}`` (e.g. grouping's Jaccard per instance), or
-    ``art["confusions"]``; without them a claim on the task has no interval."""
-    if task == "zeroshot":
-        correct = (art["logits"].argmax(1) == art["labels"]).double()
-        return {"acc1": (correct, torch.arange(len(correct)))}
-    if task == "retrieval":
-        owner = torch.tensor(data.text_to_image)
-        t2i, i2t = art["t2i_ranks"], art["i2t_ranks"]
-        return {
-            "image_retrieval_recall@1": ((t2i == 1).double(), owner),
-            "text_retrieval_recall@1": ((i2t == 1).double(), torch.arange(len(i2t))),
-        }
-    if task in PER_ITEM:
-        return PER_ITEM[task](art)
-    out: dict[str, Any] = {}
-    if "confusions" in art:  # mIoU with or without background: whichever the task reported
-        conf = torch.as_tensor(art["confusions"])
-        out["confusions"] = conf
-        no_bg = seg_metrics(conf.sum(0), ignore_background=True)["miou"]
-        out["ignore_background"] = abs(no_bg - metrics.get("miou", no_bg)) < 1e-9
-    for k, v in art.get("per_image", {}).items():  # {metric: (N,) one value per image}
-        v = torch.as_tensor(v).double()
-        out[k] = (v, torch.arange(len(v)))
-    for k, (v, owner) in art.get("per_item", {}).items():  # {metric: (values, image of each)}
-        out[k] = (torch.as_tensor(v).double(), torch.as_tensor(owner).long())
-    return out
-
-
-def _region_items(art: dict) -> dict[str, Any]:
-    """Region classification: each ground-truth box right or not, with its image."""
-    right = (art["top"][:, 0] == art["labels"]).double()
-    return {"acc1": (right, art["image_index"].long())}
-
-
-def _hardneg_items(art: dict) -> dict[str, Any]:
-    """Attribute hard negatives: each box's positive strictly above all its negatives (ties are
-    errors, as ``finegrain.eval.hardneg``), with its image."""
-    right = [float(bool((s[1:] < s[0]).all())) for s in art["scores"]]
-    owner = [it.image for it in art["items"]]
-    return {"acc1": (torch.tensor(right, dtype=torch.float64), torch.tensor(owner))}
-
-
-def _compositional_items(art: dict) -> dict[str, Any]:
-    """Caption-vs-negative pairs: each pair right (caption strictly above) or not, per kind
-    (``acc_<kind>``), with its image; none when items were dropped (scores not aligned)."""
-    items = art["items"]
-    flat = art["pair_scores"]
-    n_item = sum(1 + len(it.negatives) for it in items)
-    if n_item + 4 * len(art.get("groups", [])) != len(flat):
-        return {}
-    out: dict[str, list] = {}
-    for it, s in zip(items, flat[:n_item].split([1 + len(it.negatives) for it in items])):
-        for kind, neg in zip(it.kinds, s[1:]):
-            vals, owner = out.setdefault(f"acc_{kind}", ([], []))
-            vals.append(float(s[0] > neg))
-            owner.append(it.image)
-    return {k: (torch.tensor(v, dtype=torch.float64), torch.tensor(o)) for k, (v, o) in out.items()}
-
-
-PER_ITEM = {"region": _region_items, "hardneg": _hardneg_items,
-            "compositional": _compositional_items}  # fmt: skip
+    """Per-image results of one task for the bootstrap over evaluation images, from its task
+    object (``EvalTask.per_image_values``: ``{metric: (values (M,), image of each (M,))}``,
+    ``{"confusions": (N, C, C)}`` for mIoU); a task registered as a plain function gets the
+    generic reading of ``art["per_image"]``, ``art["per_item"]`` and ``art["confusions"]``."""
+    obj = task_object(task)
+    if obj is None:
+        return generic_per_image_values(art, metrics)
+    return obj.per_image_values(data, art, metrics)
 
 
 def run_suite_task(ctx: EvalContext, spec: TaskSpec, num: int, num_train: int | None = None

@@ -71,32 +71,18 @@ TASK_ERRORS = (ValueError, FileNotFoundError, OSError)
 
 
 def task_prefix(cfg: EvalTaskConfig) -> str:
-    """``task/dataset[/variant]``; non-default scoring, descriptions, fusion, background
-    prompts and inference size join the variant with '+', so several settings of one dataset
-    never collide. Task kinds without a field use its default."""
+    """``task/dataset[/variant]``: the variant joins with '+' the task object's
+    ``leading_modifiers``, the context length and its ``modifiers`` (non-default scoring,
+    descriptions, fusion, inference size...), so several settings of one dataset never
+    collide. A task registered as a plain function has the common ones only."""
     if cfg.name:
         return cfg.name
-    scoring = getattr(cfg, "scoring", "global")  # fields only some task kinds have
-    alpha = getattr(cfg, "fusion_alpha", 1.0)
+    task = task_object(cfg.task)
     mods = [
         cfg.variant,
-        scoring if scoring != "global" else "",
-        f"k{cfg.rerank_k}" if scoring == "rerank" else "",
-        "desc" if getattr(cfg, "descriptions", "") else "",
-        f"alpha{alpha:g}" if alpha < 1 else "",
+        *(task.leading_modifiers(cfg) if task else []),
         f"ctx{cfg.context_length}" if cfg.context_length else "",
-        "bg" if getattr(cfg, "background", "") else "",
-        f"{cfg.image_size}px" if getattr(cfg, "image_size", 0) else "",
-        getattr(cfg, "mode", ""),  # region tasks: crop | roialign | regions
-        "released" if getattr(cfg, "region_scoring", "iou") != "iou" else "",
-        f"margin{cfg.margin:g}" if getattr(cfg, "margin", 0) else "",
-        "stretch" if getattr(cfg, "truncate", "model") == "stretch" else "",
-        v if (v := getattr(cfg, "dense_variant", "raw")) != "raw" else "",
-        f"slide{cfg.slide_size}" if getattr(cfg, "slide_size", 0) else "",
-        b if (b := getattr(cfg, "dense_block", "released")) != "released" else "",
-        f"sigma{g:g}" if (g := getattr(cfg, "gaussian_std", 5.0)) != 5.0 else "",
-        r if (r := getattr(cfg, "region", "auto")) != "auto" else "",
-        *(task.modifiers(cfg) if (task := task_object(cfg.task)) else []),
+        *(task.modifiers(cfg) if task else []),
     ]
     variant = "+".join(m for m in mods if m)
     return "/".join(p for p in (cfg.task, cfg.dataset, variant) if p)

@@ -3,10 +3,12 @@ values, plots and name modifiers, registered once by ``register_task``.
 
 A task file in ``finegrain/eval/tasks/`` (imported when the task registry is first read) or
 a plugin's module defines one ``EvalTask`` subclass and calls ``register_task``; ``run_tasks``,
-``load_task_data``, ``task_prefix`` and ``save_task_plots`` ask the object. The eight built-in
-tasks live in ``eval/tasks/``; their name modifiers still sit in ``task_prefix`` in one shared
-order (moving them would change result names that reports and claims key on).
-docs/ADDING_A_TASK.md is the checklist.
+``load_task_data``, ``task_prefix``, ``save_task_plots`` and the benchmark's bootstrap
+(``finegrain.bench.tasks``) ask the object. The eight built-in tasks live in ``eval/tasks/``.
+A result name is ``task/dataset/variant+leading+ctx<N>+modifiers``: ``leading_modifiers`` come
+before the context length only because the built-in tasks' scoring and description settings
+were named there first (result names are keys reports and claims read; tests/
+test_eval_task_names.py pins them). docs/ADDING_A_TASK.md is the checklist.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from finegrain.eval.config import EvalTaskConfig
+from finegrain.eval.segmentation import seg_metrics
 from finegrain.registry import EVAL_TASK_CONFIGS, EVAL_TASKS
 
 
@@ -35,12 +40,23 @@ class EvalTask:
         raise NotImplementedError
 
     def modifiers(self, cfg: EvalTaskConfig) -> list[str]:
-        """Non-default settings that join the result name's variant (``task_prefix``)."""
+        """Non-default settings that join the result name's variant after the context length
+        (``task_prefix``); empty strings are dropped."""
         return []
 
-    def per_image(self, data: Any, art: dict, metrics: dict) -> dict[str, Any]:
-        """Per-image values of each metric (the benchmark's bootstrap); {} when none."""
-        return {}
+    def leading_modifiers(self, cfg: EvalTaskConfig) -> list[str]:
+        """Non-default settings that join the variant before the context length (the built-in
+        tasks' scoring and descriptions, kept where their names had them); a new task uses
+        ``modifiers``."""
+        return []
+
+    def per_image_values(self, data: Any, art: dict, metrics: dict) -> dict[str, Any]:
+        """Per-image values of each metric for the benchmark's bootstrap over evaluation images
+        (``finegrain.bench.tasks``): ``{metric: (values (M,), image index of each (M,))}`` for
+        means, ``{"confusions": (N, C, C)}`` for confusion-matrix metrics (mIoU). The default
+        reads ``art["per_image"] = {metric: (N,)}``, ``art["per_item"] = {metric: (values,
+        image of each)}`` and ``art["confusions"]``; without them a claim has no interval."""
+        return generic_per_image_values(art, metrics)
 
     def plots(self, ctx: Any, data: Any, art: dict, out_dir: Path, num: int) -> list[Path]:
         """The task's figures under ``out_dir`` (at most ``num`` examples)."""
@@ -48,6 +64,23 @@ class EvalTask:
 
     def __call__(self, ctx: Any, cfg: EvalTaskConfig, data: Any) -> tuple[dict, dict]:
         return self.evaluate(ctx, cfg, data)
+
+
+def generic_per_image_values(art: dict, metrics: dict) -> dict[str, Any]:
+    """``EvalTask.per_image_values`` from the artefacts' ``confusions``, ``per_image`` and
+    ``per_item`` (also for tasks registered as plain functions)."""
+    out: dict[str, Any] = {}
+    if "confusions" in art:  # mIoU with or without background: whichever the task reported
+        conf = torch.as_tensor(art["confusions"])
+        out["confusions"] = conf
+        no_bg = seg_metrics(conf.sum(0), ignore_background=True)["miou"]
+        out["ignore_background"] = abs(no_bg - metrics.get("miou", no_bg)) < 1e-9
+    for k, v in art.get("per_image", {}).items():  # {metric: (N,) one value per image}
+        v = torch.as_tensor(v).double()
+        out[k] = (v, torch.arange(len(v)))
+    for k, (v, owner) in art.get("per_item", {}).items():  # {metric: (values, image of each)}
+        out[k] = (torch.as_tensor(v).double(), torch.as_tensor(owner).long())
+    return out
 
 
 def register_task(task: EvalTask) -> EvalTask:

@@ -1,6 +1,6 @@
 """Bottom-up grouping (CLIPpy, Ranasinghe et al. 2023) as a task object: data from
 ``finegrain.eval.grouping.load_grouping_data``, per-instance Jaccard from ``evaluate_grouping``;
-no figures, no name modifiers beyond the common ones."""
+its inference size as a name modifier; no figures."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ class GroupingTask(EvalTask):
 
     def evaluate(self, ctx: Any, cfg: GroupingTaskConfig, data: Any) -> tuple[dict, dict]:
         return evaluate_grouping(ctx, cfg, data)
+
+    def modifiers(self, cfg: GroupingTaskConfig) -> list[str]:
+        return [f"{cfg.image_size}px" if cfg.image_size else ""]
 
 
 register_task(GroupingTask())

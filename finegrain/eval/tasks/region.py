@@ -20,5 +20,21 @@ class RegionTask(EvalTask):
     def evaluate(self, ctx: Any, cfg: RegionTaskConfig, data: Any) -> tuple[dict, dict]:
         return evaluate_regions(ctx, cfg, data)
 
+    def leading_modifiers(self, cfg: RegionTaskConfig) -> list[str]:
+        return ["desc" if cfg.descriptions else ""]
+
+    def modifiers(self, cfg: RegionTaskConfig) -> list[str]:
+        return [
+            f"{cfg.image_size}px" if cfg.image_size else "",
+            cfg.mode,  # always named: crop | roialign | regions
+            "released" if cfg.region_scoring != "iou" else "",
+            f"margin{cfg.margin:g}" if cfg.margin else "",
+        ]
+
+    def per_image_values(self, data: Any, art: dict, metrics: dict) -> dict[str, Any]:
+        """Each ground-truth box right (top-1) or not, with its image."""
+        right = (art["top"][:, 0] == art["labels"]).double()
+        return {"acc1": (right, art["image_index"].long())}
+
 
 register_task(RegionTask())

@@ -27,5 +27,15 @@ class SegmentationTask(EvalTask):
 
         return segmentation_plots(ctx, data, art, out_dir, num)
 
+    def modifiers(self, cfg: SegmentationTaskConfig) -> list[str]:
+        return [
+            "bg" if cfg.background else "",
+            f"{cfg.image_size}px" if cfg.image_size else "",
+            cfg.dense_variant if cfg.dense_variant != "raw" else "",
+            f"slide{cfg.slide_size}" if cfg.slide_size else "",
+            cfg.dense_block if cfg.dense_block != "released" else "",
+            f"sigma{cfg.gaussian_std:g}" if cfg.gaussian_std != 5.0 else "",
+        ]
+
 
 register_task(SegmentationTask())
