@@ -141,5 +141,5 @@ def test_the_page_points_to_what_exists() -> None:
             assert (root / path).exists(), path
     for name in ("EvalTask", "register_task", "run_tasks", "task_prefix"):
         assert name in text and hasattr(ev, name), name
-    for name in ("load", "evaluate", "modifiers", "per_image_values", "plots"):
+    for name in ("load", "evaluate", "modifiers", "leading_modifiers", "per_image_values", "plots"):
         assert f"`{name}(" in text and hasattr(EvalTask, name), name
