@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--device", help="cpu (default) | cuda")
     d.add_argument("--out", help="output folder (default $FINEGRAIN_HOME/demo/<time>)")
     d.add_argument("--seeds", type=int, help="train each method with N seeds (default 1; --full 3)")
+    d.add_argument("--jobs", type=int,
+                   help="method runs at once on CPU, each one torch thread (default: one per "
+                   "core, at most one per run; 1 on cuda); numbers do not depend on it")  # fmt: skip
     tier = d.add_mutually_exclusive_group()
     tier.add_argument("--quick", action="store_true", help="a 1-minute smoke of the same pipeline")
     tier.add_argument("--full", action="store_true",

@@ -193,6 +193,13 @@ def power_line(claims: list[dict[str, Any]]) -> str:
             "and the `--full` tier narrow it).\n")  # fmt: skip
 
 
+def _threads_line(d: dict[str, Any], mach: dict[str, Any]) -> str:
+    jobs = d.get("jobs", 1)
+    if d.get("budget", {}).get("device", "cpu") != "cpu":
+        return f"{mach['torch_threads']} torch threads"
+    return f"{jobs} job{'s' if jobs > 1 else ''} x 1 torch thread"
+
+
 def _cache_line(c: dict[str, Any] | None) -> str:
     if not c:
         return "not used"
@@ -256,10 +263,10 @@ def render_markdown(d: dict[str, Any], table: tuple[list[str], list[list[str]]],
     parts = [
         "# finegrain demo: every method on the built-in scenes\n",
         f"Command: `{d['command']}`  \nDate: {d['date']}  \nWall time: {d['wall_s'] / 60:.1f} min  \n"
-        f"Machine: {mach['cpu']}, {mach['cores']} cores ({mach['torch_threads']} torch threads), "
+        f"Machine: {mach['cpu']}, {mach['cores']} cores ({_threads_line(d, mach)}), "
         f"load average {mach.get('load_average_at_end', '?')} at the end  \n"
         "Versions: " + ", ".join(f"{k} {v}" for k, v in d["versions"].items()) + "  \n"
-        f"CPU time: {d.get('cpu_s', 0) / 60:.1f} min (this process, all threads)\n",
+        f"CPU time: {d.get('cpu_s', 0) / 60:.1f} min (all processes and threads)\n",
         "## Claims of the papers\n",
         power_line(d["claims"]),
         "Each row: the method minus CLIP on the same evaluation images, in percentage points; "
@@ -287,8 +294,9 @@ def render_markdown(d: dict[str, Any], table: tuple[list[str], list[list[str]]],
         timing_markdown(d["timing"]),
         f"Data pipeline (scene generation, transforms, tokenisation) share of training time: at "
         f"most {100 * worst:.1f}% ({share_note} the 15% budget): the time each step waited for "
-        "its batch, measured around the loader (scenes are made by one loader worker in "
-        "parallel with the step).\n",
+        "its batch, measured around the loader (scenes are rendered once and kept; with one job "
+        "a loader worker makes the batches in parallel with the step, with several each job "
+        "makes its own between steps).\n",
         "## Shared budget (identical for every method, never tuned on the evaluation splits)\n",
         "| "
         + " | ".join(b)
@@ -299,7 +307,8 @@ def render_markdown(d: dict[str, Any], table: tuple[list[str], list[list[str]]],
         + " |\n",
         "Image tower: the hybrid tower (`image.name=hybrid`): the ImageNet-pretrained "
         "EfficientNet-Lite0 shipped on PyPI up to output stride `patch_size`, frozen, its output "
-        "computed once per scene for all methods (shared bottom cache: "
+        "computed once per scene for all methods (training scenes in the parent, inherited by "
+        "every job; evaluation scenes once per job; shared bottom cache: "
         f"{_cache_line(d.get('bottom_cache'))}), then a small transformer with a class token "
         "trained over its feature-map tokens (`image_width`, `image_depth`, `image_heads`); the "
         "timing table names the tower each method used. Text tower: a tiny transformer from "

@@ -4,12 +4,20 @@ evaluate each on every task, check the papers' claims, write report.md, results.
     finegrain demo                       # all methods, default budget (<= 10 min, 2 CPU cores)
     finegrain demo --quick               # a 1-minute smoke of the same pipeline (the tests)
     finegrain demo --methods clip,flair --steps 2000 --image-size 128 --device cuda --seeds 3
+
+On CPU the method runs (method x seed) go to ``--jobs`` forked worker processes (default: one
+per CPU core, at most one per run), each with one torch thread, so a run's numbers never depend
+on the core count or on ``--jobs``: the parent renders the training scenes and fills the shared
+bottom cache first, and every worker inherits both.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import multiprocessing
+import os
+import resource
 import shutil
 import sys
 import time
@@ -31,28 +39,22 @@ from finegrain.bench.config import (
 )
 from finegrain.bench.tasks import TaskResult, images_for, run_boxes, run_suite_task, task_specs
 from finegrain.data.synthetic_sets import memo_scenes
-from finegrain.encoders.hybrid import shared_bottom_cache
+from finegrain.encoders.hybrid import BottomCache, shared_bottom_cache
 
 # CPU seconds (one thread) per training step of 64 scenes at 128 px on the hybrid tower with
-# its bottom cached, measured 2026-12-07 on the 2-core development machine (tests/stepcost in
-# the README). DetailCLIP cuts its two views from the cached bottom (``views="tokens"``,
-# bench.config.CACHED_VIEWS): 1.53 s where CLIP took 0.55 s on the same (loaded) machine,
-# scaled to CLIP's quiet 0.49 (pixel views, which run the bottom on every crop: 3.1).
-# Unknown methods use the slowest. Wall = CPU / TWO_CORES.
-REF_STEP_CPU_S = {"clip": 0.49, "siglip": 0.49, "flair": 0.62, "grain": 0.64, "clippy": 0.51,
-                  "detailclip": 1.36}  # fmt: skip
-SCENE_CPU_S = 0.024  # render one 128 px scene + run the frozen bottom on it (once per run)
+# its bottom cached, measured 2026-12-07 on the quiet 2-core development machine (AMD EPYC) in
+# the default run (300 steps, 2 jobs of one thread). DetailCLIP cuts its two views from the
+# cached bottom (``views="tokens"``, bench.config.CACHED_VIEWS). Unknown methods use the slowest.
+REF_STEP_CPU_S = {"clip": 0.28, "siglip": 0.27, "flair": 0.41, "grain": 0.35, "clippy": 0.28,
+                  "detailclip": 0.77}  # fmt: skip
+SCENE_CPU_S = 0.006  # render one 128 px scene + run the frozen bottom on it (once per process)
 # per evaluation image, every task but the probe and the region-level ones, one method (bottom
-# cached); the spurious split adds 0.004 (1.8 CPU s at 512 images, CLIP, 2026-12-07)
-EVAL_CPU_S = 0.044
-PROBE_CPU_S = 0.28  # per linear-probe training scene (30 epochs of its 1 x 1 conv head)
-EVAL_SPLITS = 9  # distinct evaluation scene sets (rendered and cached once per run)
-# the region-level tasks (box crops, RoIAlign, hard negatives, caption pairs) on their
-# ``region_images`` (tasks.images_for), measured 2026-12-07 (CLIP, 512 images, one thread):
-# 16.4 CPU s per method with caches warm, 31.5 s once to render and cache their scenes and crops
-REGION_CPU_S = 0.032  # per image, one method
+# cached; same run): evaluation took 12-14 CPU s per method at 256 / 128 / 64 images
+EVAL_CPU_S = 0.03
+PROBE_CPU_S = 0.1  # per linear-probe training scene (30 epochs of its 1 x 1 conv head)
+EVAL_SPLITS = 9  # distinct evaluation scene sets (rendered and cached once per worker)
+REGION_CPU_S = 0.02  # the region-level tasks (box crops, RoIAlign, ...) per image, one method
 REGION_SPLITS = 2.6  # scene sets' worth of one-off rendering + bottom
-TWO_CORES = 1.6  # speed-up of 2 torch threads on 2 cores over one thread
 REPORT_FILES = ("report.md", "results.json")
 
 
@@ -67,6 +69,7 @@ class Options:
     command: str = "finegrain demo"
     workers: int = 1
     warmed: set[int] = field(default_factory=set)  # seeds whose training scenes are cached
+    jobs: int = 1  # method runs at once (forked workers, one torch thread each on CPU)
 
 
 @dataclass
@@ -110,18 +113,28 @@ def check_output(out: Path, overwrite: bool) -> None:
                          "to replace it or choose another folder")  # fmt: skip
 
 
-def estimate_s(methods: list[str], b: Budget, seeds: int) -> float:
-    """Rough wall seconds on 2 quiet CPU cores from measured per-step CPU times."""
+def _step_cpu_s(name: str) -> float:
+    return REF_STEP_CPU_S.get(name, max(REF_STEP_CPU_S.values()))
+
+
+def estimate_s(methods: list[str], b: Budget, seeds: int, jobs: int = 2) -> float:
+    """Rough wall seconds on 2 quiet CPU cores from measured one-thread CPU times: the training
+    scenes and their bottom once (parent), then the runs on ``jobs`` workers (longest first;
+    each worker renders and caches the evaluation scenes once)."""
     scale = (b.batch_size / 64) * (b.image_size / 128) ** 2
-    slow = max(REF_STEP_CPU_S.values())
-    train = sum(REF_STEP_CPU_S.get(m, slow) for m in methods) * b.steps * scale
     pixels = (b.image_size / 128) ** 2
     regions = min(b.region_images, b.eval_images)
-    scenes = (seeds * b.train_scenes + EVAL_SPLITS * b.eval_images + REGION_SPLITS * regions
-              ) * SCENE_CPU_S * pixels  # fmt: skip
-    per_method = b.eval_images * EVAL_CPU_S + regions * REGION_CPU_S + b.probe_train * PROBE_CPU_S
-    evals = seeds * len(methods) * (per_method * pixels + 4)  # + build / save
-    return (seeds * train + scenes + evals) / TWO_CORES
+    warm = seeds * b.train_scenes * SCENE_CPU_S * pixels
+    eval_scenes = (EVAL_SPLITS * b.eval_images + REGION_SPLITS * regions) * SCENE_CPU_S * pixels
+    per_eval = (b.eval_images * EVAL_CPU_S + regions * REGION_CPU_S
+                + b.probe_train * PROBE_CPU_S) * pixels + 4  # + build / save  # fmt: skip
+    costs = sorted((_step_cpu_s(m) * b.steps * scale + per_eval for m in methods for _ in
+                    range(seeds)), reverse=True)  # fmt: skip
+    lanes = [0.0] * max(1, min(jobs, len(costs)))
+    for c in costs:  # longest processing time first, each to the least loaded worker
+        lanes[lanes.index(min(lanes))] += c
+    cores = min(jobs, 2)  # the estimate is for 2 cores
+    return warm + eval_scenes + max(lanes) * len(lanes) / cores
 
 
 def _accepts(method: Any, cfg: Any) -> bool:
@@ -191,7 +204,9 @@ def train_one(name: str, opts: Options, seed: int, run_dir: Path) -> tuple[Any, 
 
     t0 = time.perf_counter()
     cfg, method = build(name, opts.budget, seed)
-    cfg.data.num_workers = opts.workers
+    cfg.data.num_workers = opts.workers if opts.jobs == 1 else 0  # a worker renders nothing new
+    if opts.jobs > 1:  # workers' bars and logs would interleave: the parent counts the runs
+        cfg.train.progress, cfg.train.log_every = False, cfg.train.steps
     warm = warm_bottom_cache(cfg, method) if seed not in opts.warmed else {}
     if warm:
         opts.warmed.add(seed)
@@ -239,36 +254,136 @@ def evaluate(method: Any, cfg: Any, opts: Options, run: MethodRun, figures: bool
     run.timing["eval_cpu_s"] = time.process_time() - c0
 
 
+def _one_run(name: str, seed: int, opts: Options) -> tuple[MethodRun, dict[str, float]]:
+    """Train and evaluate one method x seed (in the parent, or in a forked worker); returns the
+    run and the process's bottom-cache statistics."""
+    if opts.budget.device == "cpu":
+        torch.set_num_threads(1)
+    run_dir = opts.out / "runs" / name / f"seed{seed}"
+    cfg, method, run = train_one(name, opts, seed, run_dir)
+    if opts.jobs == 1:
+        print(f"  {name} (seed {seed}): trained in {run.timing['train_s']:.0f} s "
+              f"({run.timing['train_cpu_s']:.0f} CPU s); evaluating", file=sys.stderr)  # fmt: skip
+    evaluate(method, cfg, opts, run, figures=seed == 0)
+    run.timing["pid"] = float(os.getpid())
+    cache = _active_cache()
+    return run, (cache.stats() if cache is not None else {})
+
+
+def _active_cache() -> BottomCache | None:
+    from finegrain.encoders.hybrid import active_bottom_cache
+
+    return active_bottom_cache()
+
+
+def fork_available() -> bool:
+    """Parallel runs fork (workers inherit the parent's scene memo and bottom cache); Linux
+    only: elsewhere forking a process that holds threads is not safe, and runs go one by one."""
+    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+
+
+def default_jobs(device: str, runs: int) -> int:
+    """One worker per usable CPU core, at most one per run; 1 on a GPU or without fork."""
+    if device != "cpu" or not fork_available():
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, runs))
+
+
+def _runs_in_parallel(opts: Options, order: list[tuple[str, int]]
+                      ) -> list[tuple[MethodRun, dict[str, float]]]:  # fmt: skip
+    """The runs on ``opts.jobs`` forked workers, longest first; the parent counts them."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    done = []
+    with ProcessPoolExecutor(opts.jobs, mp_context=multiprocessing.get_context("fork")) as ex:
+        futures = {ex.submit(_one_run, name, seed, opts): (name, seed) for name, seed in order}
+        bar = tqdm(total=len(futures), desc=f"method runs ({opts.jobs} jobs)", file=sys.stderr)
+        try:
+            for f in as_completed(futures):
+                run, stats = f.result()
+                t = run.timing
+                bar.write(f"  {run.method} (seed {run.seed}): trained in {t['train_s']:.0f} s "
+                          f"({t['train_cpu_s']:.0f} CPU s), evaluated in {t['eval_s']:.0f} s",
+                          file=sys.stderr)  # fmt: skip
+                bar.update()
+                done.append((run, stats))
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        finally:
+            bar.close()
+    return done
+
+
+def _cache_stats(parent: dict[str, float], workers: dict[float, dict[str, float]]
+                 ) -> dict[str, float]:  # fmt: skip
+    """The parent's bottom cache plus what each worker added to its inherited copy."""
+    out = dict(parent)
+    for w in workers.values():
+        for k in ("images", "mib", "hits", "misses"):
+            out[k] = out.get(k, 0) + w.get(k, 0) - parent.get(k, 0)
+    return out
+
+
 def run_benchmark(opts: Options) -> Path:
     """Train and evaluate everything, then write the report; returns the report's path."""
     from finegrain.bench.report import write_outputs
 
     check_budget(opts.budget)
     check_output(opts.out, opts.overwrite)
+    if opts.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {opts.jobs}")
+    if opts.jobs > 1 and (opts.budget.device != "cpu" or not fork_available()):
+        opts = dataclasses.replace(opts, jobs=1)  # CUDA cannot be forked; no fork here
     if opts.overwrite and (opts.out / "runs").is_dir():
         shutil.rmtree(opts.out / "runs")  # this benchmark's own previous training runs
     opts.out.mkdir(parents=True, exist_ok=True)
-    est = estimate_s(opts.methods, opts.budget, opts.seeds)
+    est = estimate_s(opts.methods, opts.budget, opts.seeds, opts.jobs)
     b = opts.budget
     print(f"finegrain demo: {len(opts.methods)} methods ({', '.join(opts.methods)}) x "
           f"{opts.seeds} seed(s), {b.steps} steps of {b.batch_size} at {b.image_size} px on "
-          f"{b.device}; estimated {est / 60:.1f} min on 2 CPU cores", file=sys.stderr)  # fmt: skip
+          f"{b.device}, {opts.jobs} job(s); estimated {est / 60:.1f} min on 2 CPU cores",
+          file=sys.stderr)  # fmt: skip
     start, cpu0 = time.perf_counter(), time.process_time()
-    runs: list[MethodRun] = []
-    with shared_bottom_cache() as cache, memo_scenes():
-        for seed in range(opts.seeds):
-            for name in opts.methods:
-                run_dir = opts.out / "runs" / name / f"seed{seed}"
-                cfg, method, run = train_one(name, opts, seed, run_dir)
-                print(f"  {name} (seed {seed}): trained in {run.timing['train_s']:.0f} s "
-                      f"({run.timing['train_cpu_s']:.0f} CPU s); evaluating", file=sys.stderr)  # fmt: skip
-                evaluate(method, cfg, opts, run, figures=seed == 0)
-                runs.append(run)
-                del method
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
-    report = write_outputs(
-        opts, runs, wall, {"cpu_s": round(cpu, 2), "bottom_cache": cache.stats()}
-    )
+    child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    threads = torch.get_num_threads()
+    # longest first (a long run started last would leave the other workers idle at the end)
+    order = sorted(((n, s) for s in range(opts.seeds) for n in opts.methods),
+                   key=lambda r: -_step_cpu_s(r[0]) if opts.jobs > 1 else 0)  # fmt: skip
+    try:
+        if b.device == "cpu":
+            torch.set_num_threads(1)  # every run on one thread: numbers independent of --jobs
+        with shared_bottom_cache() as cache, memo_scenes():
+            warm: dict[str, float] = {}
+            if opts.jobs > 1:  # the workers inherit the scenes and the cache
+                for seed in range(opts.seeds):
+                    cfg, method = build(opts.methods[0], b, seed)
+                    for k, v in warm_bottom_cache(cfg, method).items():
+                        warm[k] = warm.get(k, 0.0) + v
+                    opts.warmed.add(seed)
+                parent_stats = cache.stats()
+                done = _runs_in_parallel(opts, order)
+                last = {r.timing["pid"]: st for r, st in done}
+                stats = _cache_stats(parent_stats, last)
+            else:
+                done = [_one_run(n, s, opts) for n, s in order]
+                stats = cache.stats()
+    finally:
+        torch.set_num_threads(threads)
+    rank = {(n, s): i for i, (n, s) in enumerate((n, s) for s in range(opts.seeds)
+                                                  for n in opts.methods)}  # fmt: skip
+    runs = sorted((r for r, _ in done), key=lambda r: rank[(r.method, r.seed)])
+    for r in runs:
+        r.timing.pop("pid", None)
+    wall = time.perf_counter() - start
+    child = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (time.process_time() - cpu0 + child.ru_utime + child.ru_stime - child0.ru_utime
+           - child0.ru_stime)  # fmt: skip
+    extra = {"cpu_s": round(cpu, 2), "bottom_cache": stats, "jobs": opts.jobs,
+             "parent_cache_s": round(warm.get("cache_s", 0.0), 2) if opts.jobs > 1 else 0.0}  # fmt: skip
+    report = write_outputs(opts, runs, wall, extra)
     print(f"finegrain demo: done in {wall / 60:.1f} min; report: {report}", file=sys.stderr)
     print(report)
     return report
@@ -291,5 +406,9 @@ def options_from_args(args: Any, argv: list[str]) -> Options:
         from finegrain.config import finegrain_home
 
         out = finegrain_home() / "demo" / time.strftime("%Y%m%d-%H%M%S")
-    return Options(methods_to_run(args.methods), budget, seeds, out, args.overwrite,
-                   args.quick, "finegrain " + " ".join(argv))  # fmt: skip
+    methods = methods_to_run(args.methods)
+    jobs = getattr(args, "jobs", None)
+    if jobs is None:
+        jobs = default_jobs(budget.device, len(methods) * seeds)
+    return Options(methods, budget, seeds, out, args.overwrite, args.quick,
+                   "finegrain " + " ".join(argv), jobs=jobs)  # fmt: skip

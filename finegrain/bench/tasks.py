@@ -7,7 +7,10 @@ Task keys (``<task>/<setting>``) and their headline metric:
   description-aware protocol, given to every method alike);
 - ``retrieval/caption|sentences|long``: text-to-image and image-to-text R@1, global scoring,
   plus ``+conditioned`` twins for methods with text-conditioned scoring;
-- ``segmentation/zeroshot``: mIoU (object classes); ``segmentation/linear_probe`` and
+- ``segmentation/zeroshot``: mIoU (object classes) of the raw patch tokens;
+  ``segmentation/zeroshot+maskclip`` the same through the MaskCLIP readout of the tower's last
+  block (``finegrain.encoders.dense``; methods whose image tower makes their dense features);
+  ``segmentation/linear_probe`` and
   ``grouping`` when those evaluation tasks are registered;
 - ``boxes``: for methods that predict boxes, Hungarian-matched IoU and recall@0.5 against the
   scenes' ground-truth object boxes;
@@ -102,6 +105,10 @@ def task_specs() -> list[TaskSpec]:
         specs.append(TaskSpec(f"retrieval/{key}+conditioned", "retrieval",
                               {"variant": variant, "scoring": "conditioned"}, "conditioned", r_head))  # fmt: skip
     specs.append(TaskSpec("segmentation/zeroshot", "segmentation", {}, "dense", ("miou",)))
+    # the training-free dense readout of CLIP-style towers (MaskCLIP, Zhou et al. 2022: the last
+    # block's value path, no attention pooling), beside the raw patch tokens the claims compare
+    specs.append(TaskSpec("segmentation/zeroshot+maskclip", "segmentation",
+                          {"dense_variant": "maskclip"}, "dense", ("miou",)))  # fmt: skip
     probe = _registered("linear_probe", "linear_probe_segmentation", "segmentation_probe", "probe")
     specs.append(TaskSpec("segmentation/linear_probe", probe or "linear_probe", {}, "", ("miou",)))
     specs.append(TaskSpec("grouping", _registered("grouping") or "grouping", {}, "", ("jaccard",)))

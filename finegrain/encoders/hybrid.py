@@ -80,6 +80,11 @@ def shared_bottom_cache(max_gib: float = 2.0) -> Iterator[BottomCache]:
         _ACTIVE.remove(cache)
 
 
+def active_bottom_cache() -> BottomCache | None:
+    """The innermost ``shared_bottom_cache`` in use, or None."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
 def _image_key(image: torch.Tensor) -> bytes:
     data = image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
     return hashlib.blake2b(data, digest_size=20).digest() + repr(tuple(image.shape)).encode()
