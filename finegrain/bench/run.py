@@ -39,7 +39,7 @@ from finegrain.bench.config import (
 )
 from finegrain.bench.tasks import TaskResult, images_for, run_boxes, run_suite_task, task_specs
 from finegrain.data.synthetic_sets import memo_scenes
-from finegrain.encoders.hybrid import BottomCache, shared_bottom_cache
+from finegrain.encoders.hybrid import active_bottom_cache, shared_bottom_cache
 
 # CPU seconds (one thread) per training step of 64 scenes at 128 px on the hybrid tower with
 # its bottom cached, measured 2026-12-07 on the quiet 2-core development machine (AMD EPYC) in
@@ -254,60 +254,61 @@ def evaluate(method: Any, cfg: Any, opts: Options, run: MethodRun, figures: bool
     run.timing["eval_cpu_s"] = time.process_time() - c0
 
 
-def _one_run(name: str, seed: int, opts: Options) -> tuple[MethodRun, dict[str, float]]:
-    """Train and evaluate one method x seed (in the parent, or in a forked worker); returns the
-    run and the process's bottom-cache statistics."""
-    if opts.budget.device == "cpu":
-        torch.set_num_threads(1)
+def _one_run(name: str, seed: int, opts: Options) -> MethodRun:
+    """Train and evaluate one method x seed."""
     run_dir = opts.out / "runs" / name / f"seed{seed}"
     cfg, method, run = train_one(name, opts, seed, run_dir)
     if opts.jobs == 1:
         print(f"  {name} (seed {seed}): trained in {run.timing['train_s']:.0f} s "
               f"({run.timing['train_cpu_s']:.0f} CPU s); evaluating", file=sys.stderr)  # fmt: skip
     evaluate(method, cfg, opts, run, figures=seed == 0)
-    run.timing["pid"] = float(os.getpid())
-    cache = _active_cache()
-    return run, (cache.stats() if cache is not None else {})
+    return run
 
 
-def _active_cache() -> BottomCache | None:
-    from finegrain.encoders.hybrid import active_bottom_cache
+def _worker_run(name: str, seed: int, opts: Options) -> tuple[MethodRun, int, dict[str, float]]:
+    """``_one_run`` in a forked worker: the run, the worker's pid and its bottom-cache
+    statistics so far (the parent adds up what each worker cached)."""
+    if opts.budget.device == "cpu":
+        torch.set_num_threads(1)
+    run = _one_run(name, seed, opts)
+    cache = active_bottom_cache()
+    return run, os.getpid(), (cache.stats() if cache is not None else {})
 
-    return active_bottom_cache()
 
-
-def fork_available() -> bool:
-    """Parallel runs fork (workers inherit the parent's scene memo and bottom cache); Linux
-    only: elsewhere forking a process that holds threads is not safe, and runs go one by one."""
-    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+def fork_available(device: str = "cpu") -> bool:
+    """Parallel runs fork (workers inherit the parent's scene memo and bottom cache): on CPU
+    (CUDA cannot be forked) and on Linux only (elsewhere forking a process that holds threads
+    is not safe); otherwise runs go one by one."""
+    return (device == "cpu" and sys.platform.startswith("linux")
+            and "fork" in multiprocessing.get_all_start_methods())  # fmt: skip
 
 
 def default_jobs(device: str, runs: int) -> int:
     """One worker per usable CPU core, at most one per run; 1 on a GPU or without fork."""
-    if device != "cpu" or not fork_available():
+    if not fork_available(device):
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, min(cores or 1, runs))
 
 
 def _runs_in_parallel(opts: Options, order: list[tuple[str, int]]
-                      ) -> list[tuple[MethodRun, dict[str, float]]]:  # fmt: skip
+                      ) -> list[tuple[MethodRun, int, dict[str, float]]]:  # fmt: skip
     """The runs on ``opts.jobs`` forked workers, longest first; the parent counts them."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     done = []
     with ProcessPoolExecutor(opts.jobs, mp_context=multiprocessing.get_context("fork")) as ex:
-        futures = {ex.submit(_one_run, name, seed, opts): (name, seed) for name, seed in order}
+        futures = [ex.submit(_worker_run, name, seed, opts) for name, seed in order]
         bar = tqdm(total=len(futures), desc=f"method runs ({opts.jobs} jobs)", file=sys.stderr)
         try:
             for f in as_completed(futures):
-                run, stats = f.result()
+                run, pid, stats = f.result()
                 t = run.timing
                 bar.write(f"  {run.method} (seed {run.seed}): trained in {t['train_s']:.0f} s "
                           f"({t['train_cpu_s']:.0f} CPU s), evaluated in {t['eval_s']:.0f} s",
                           file=sys.stderr)  # fmt: skip
                 bar.update()
-                done.append((run, stats))
+                done.append((run, pid, stats))
         except BaseException:
             for f in futures:
                 f.cancel()
@@ -317,7 +318,7 @@ def _runs_in_parallel(opts: Options, order: list[tuple[str, int]]
     return done
 
 
-def _cache_stats(parent: dict[str, float], workers: dict[float, dict[str, float]]
+def _cache_stats(parent: dict[str, float], workers: dict[int, dict[str, float]]
                  ) -> dict[str, float]:  # fmt: skip
     """The parent's bottom cache plus what each worker added to its inherited copy."""
     out = dict(parent)
@@ -335,8 +336,8 @@ def run_benchmark(opts: Options) -> Path:
     check_output(opts.out, opts.overwrite)
     if opts.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {opts.jobs}")
-    if opts.jobs > 1 and (opts.budget.device != "cpu" or not fork_available()):
-        opts = dataclasses.replace(opts, jobs=1)  # CUDA cannot be forked; no fork here
+    if opts.jobs > 1 and not fork_available(opts.budget.device):
+        opts = dataclasses.replace(opts, jobs=1)
     if opts.overwrite and (opts.out / "runs").is_dir():
         shutil.rmtree(opts.out / "runs")  # this benchmark's own previous training runs
     opts.out.mkdir(parents=True, exist_ok=True)
@@ -356,33 +357,30 @@ def run_benchmark(opts: Options) -> Path:
         if b.device == "cpu":
             torch.set_num_threads(1)  # every run on one thread: numbers independent of --jobs
         with shared_bottom_cache() as cache, memo_scenes():
-            warm: dict[str, float] = {}
+            parent_cache_s = 0.0
             if opts.jobs > 1:  # the workers inherit the scenes and the cache
                 for seed in range(opts.seeds):
                     cfg, method = build(opts.methods[0], b, seed)
-                    for k, v in warm_bottom_cache(cfg, method).items():
-                        warm[k] = warm.get(k, 0.0) + v
+                    parent_cache_s += warm_bottom_cache(cfg, method).get("cache_s", 0.0)
                     opts.warmed.add(seed)
                 parent_stats = cache.stats()
                 done = _runs_in_parallel(opts, order)
-                last = {r.timing["pid"]: st for r, st in done}
-                stats = _cache_stats(parent_stats, last)
+                runs = [r for r, _, _ in done]
+                stats = _cache_stats(parent_stats, {pid: st for _, pid, st in done})
             else:
-                done = [_one_run(n, s, opts) for n, s in order]
+                runs = [_one_run(n, s, opts) for n, s in order]
                 stats = cache.stats()
     finally:
         torch.set_num_threads(threads)
     rank = {(n, s): i for i, (n, s) in enumerate((n, s) for s in range(opts.seeds)
                                                   for n in opts.methods)}  # fmt: skip
-    runs = sorted((r for r, _ in done), key=lambda r: rank[(r.method, r.seed)])
-    for r in runs:
-        r.timing.pop("pid", None)
+    runs.sort(key=lambda r: rank[(r.method, r.seed)])
     wall = time.perf_counter() - start
     child = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (time.process_time() - cpu0 + child.ru_utime + child.ru_stime - child0.ru_utime
            - child0.ru_stime)  # fmt: skip
     extra = {"cpu_s": round(cpu, 2), "bottom_cache": stats, "jobs": opts.jobs,
-             "parent_cache_s": round(warm.get("cache_s", 0.0), 2) if opts.jobs > 1 else 0.0}  # fmt: skip
+             "parent_cache_s": round(parent_cache_s, 2)}  # fmt: skip
     report = write_outputs(opts, runs, wall, extra)
     print(f"finegrain demo: done in {wall / 60:.1f} min; report: {report}", file=sys.stderr)
     print(report)

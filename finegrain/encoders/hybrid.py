@@ -137,9 +137,9 @@ class Lite0Bottom(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, C, H / stride, W / stride), through the shared cache if any."""
-        if not _ACTIVE:
+        cache = active_bottom_cache()
+        if cache is None:
             return self.compute(images)
-        cache = _ACTIVE[-1]
         keys = [(self.identity, _image_key(im)) for im in images]
         first: dict[tuple[str, bytes], int] = {}  # an image repeated in the batch runs once
         for i, k in enumerate(keys):
