@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
                        "one budget on the built-in scenes (CPU, <= 10 min), evaluated on every "
                        "task; writes report.md, results.json and PNG figures.")  # fmt: skip
     d.add_argument("--methods", help="comma-separated subset (default: every registered method)")
-    d.add_argument("--steps", type=int, help="training steps per method (default 200)")
+    d.add_argument("--steps", type=int,
+                   help="training steps per method (default 300; --full 600; flickr8k 300)")  # fmt: skip
     d.add_argument("--image-size", type=int, help="pixels, a multiple of 16, >= 64 (default 128)")
     d.add_argument("--device", help="cpu (default) | cuda")
     d.add_argument("--out", help="output folder (default $FINEGRAIN_HOME/demo/<time>)")
@@ -83,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     tier.add_argument("--quick", action="store_true", help="a 1-minute smoke of the same pipeline")
     tier.add_argument("--full", action="store_true",
                       help="the full tier: 3 seeds, a larger budget (<= 60 min on 2 CPU cores)")  # fmt: skip
+    d.add_argument("--budget", action="append", metavar="KEY=VALUE",
+                   help="set any field of the tier's shared budget (repeatable), e.g. "
+                   "--budget train_scenes=4096; --suite flickr8k: --budget text_trainable=2; "
+                   "the report records the whole budget")  # fmt: skip
     d.add_argument("--overwrite", action="store_true", help="replace a report in --out")
     d.add_argument("--suite", choices=("scenes", "flickr8k"), default="scenes",
                    help="scenes (default): the built-in scenes; flickr8k: real photographs "

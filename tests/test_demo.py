@@ -371,6 +371,31 @@ def test_tiers_full_and_quick_and_seeds():
     assert FULL.steps >= Budget().steps  # the full tier never learns less than the default
 
 
+def test_budget_option_sets_any_field_and_names_the_valid_keys(tmp_path):
+    """``--budget key=value`` (repeatable) sets any field of the tier's budget, typed as the
+    field; an unknown key or a bad value is one line naming what is valid."""
+    from finegrain.bench import flickr
+    from finegrain.bench.config import FULL
+    from finegrain.bench.run import options_from_args
+
+    parser = cli._parser()
+    argv = ["demo", "--full", "--budget", "train_scenes=512", "--budget", "lr=0.001",
+            "--steps", "40"]  # fmt: skip
+    got = options_from_args(parser.parse_args(argv), argv).budget
+    assert (got.train_scenes, got.lr, got.steps) == (512, 0.001, 40)
+    assert got.eval_images == FULL.eval_images and isinstance(got.lr, float)
+    for bad, match in (("bogus=1", "key one of .*train_scenes"), ("steps", "expected key=value"),
+                       ("steps=many", "steps takes a int, got 'many'")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            options_from_args(parser.parse_args(["demo", "--budget", bad]), [])
+    (tmp_path / "captions.jsonl").write_text("{}\n")
+    argv = ["demo", "--suite", "flickr8k", "--data", str(tmp_path), "--budget",
+            "bottom_trainable=3", "--budget", "text-trainable=2"]  # fmt: skip
+    b = flickr.options_from_args(parser.parse_args(argv), argv).budget
+    assert (b.bottom_trainable, b.text_trainable, b.steps) == (3, 2, flickr.FlickrBudget().steps)
+    assert flickr.towers(b)[0].bottom_trainable == 3
+
+
 def test_default_run_of_six_methods_fits_ten_minutes():
     """Issue 26: the default run (six methods, one seed, 300 steps of 64) fits 10 minutes on 2
     CPU cores by the estimate from measured one-thread costs (two jobs; measured end to end:

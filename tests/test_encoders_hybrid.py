@@ -148,3 +148,43 @@ def test_boxes_crop_the_cached_feature_map(one_thread):
     torch.testing.assert_close(got.tokens[0], tower(x[:1]).tokens[0], rtol=1e-5, atol=1e-5)
     assert tower.conv1.boxes is None  # reset after the call
     assert not torch.allclose(got.tokens[1], tower(x[1:2]).tokens[0], atol=1e-3)
+
+
+def test_bottom_trainable_tunes_lite0s_last_blocks_on_the_cached_rest(one_thread):
+    """``bottom_trainable = 3``: the bottom's last 3 MBConv blocks and Lite0's head conv train
+    from ImageNet weights (at init: Lite0's own 1280-channel feature map), on the cached output
+    of the frozen blocks before them; their BatchNorms train (batch statistics), as when a
+    convnet is fine-tuned."""
+    from finegrain.encoders.efficientnet import EfficientNetLite0Tower
+
+    x = _images(3, seed=5)
+    tower = _tower(patch=32, bottom_trainable=3).eval()
+    stem = tower.conv1
+    assert len(stem.bottom.blocks) == 13 and len(stem.tune.blocks) == 3
+    assert stem.proj.in_channels == 1280
+    ref = EfficientNetLite0Tower(ImageTowerConfig(name="efficientnet_lite0", pretrained="package",
+                                                  image_size=64, trainable_blocks=-1)).eval()  # fmt: skip
+    want = ref(x).tokens  # (B, 4, 1280): the whole pretrained network's last feature map
+    with torch.no_grad():
+        got = stem.tune(stem.bottom.compute(x)).flatten(2).transpose(1, 2)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    frozen = _tower(patch=32)
+    assert stem.bottom.identity != frozen.conv1.bottom.identity  # another prefix, another key
+    tower.train()
+    assert stem.tune.training and not stem.bottom.training
+    opt = torch.optim.SGD([p for p in tower.parameters() if p.requires_grad], lr=0.1)
+    with shared_bottom_cache() as cache:
+        before = tower(x).pooled
+        before.square().sum().backward()
+        assert all(p.grad is None for p in stem.bottom.parameters())
+        assert stem.tune.blocks[0]._expand_conv.weight.grad.abs().sum() > 0
+        assert stem.tune.head_bn.weight.grad is not None
+        opt.step()
+        after = tower(x).pooled  # the bottom's rows are reused, the tuned blocks changed
+        assert (cache.misses, cache.hits) == (3, 3)
+        assert not torch.allclose(before, after)
+    for bad in (-1, 16):
+        with pytest.raises(ValueError, match=r"bottom_trainable must be in \[0, 15\]"):
+            _tower(patch=32, bottom_trainable=bad)
+    with pytest.raises(ValueError, match="applies to the 'hybrid' tower only"):
+        build_image_tower(ImageTowerConfig(name="vit", bottom_trainable=2))

@@ -69,6 +69,7 @@ class FlickrBudget:
     image_width: int = 256
     image_depth: int = 2
     image_heads: int = 4
+    bottom_trainable: int = 0  # Lite0's last MBConv blocks (+ its head conv) that train
     text_trainable: int = 0  # MiniLM's top blocks that train (0: its projection only)
     context_length: int = 32  # captions: 14 MiniLM tokens at the median, 36 at most
     flair_k: int = 4  # FLAIR's sub-captions per image
@@ -135,7 +136,7 @@ def manifest_for(root: Path, rows: list[dict[str, Any]], b: FlickrBudget, out: P
 def towers(b: FlickrBudget) -> tuple[ImageTowerConfig, TextTowerConfig]:
     image = ImageTowerConfig(name="hybrid", pretrained="package", image_size=b.image_size,
                              patch_size=b.patch_size, width=b.image_width, depth=b.image_depth,
-                             heads=b.image_heads)  # fmt: skip
+                             heads=b.image_heads, bottom_trainable=b.bottom_trainable)  # fmt: skip
     text = TextTowerConfig(name="minilm", context_length=b.context_length,
                            trainable_blocks=b.text_trainable, lock_frozen=True)  # fmt: skip
     return image, text
@@ -368,12 +369,11 @@ def run_suite(opts: SuiteOptions, ablation: bool = False) -> Path:
 
 def options_from_args(args: Any, argv: list[str]) -> SuiteOptions:
     """Options from the parsed ``finegrain demo --suite flickr8k`` arguments."""
-    from finegrain.bench.config import methods_to_run
+    from finegrain.bench.config import budget_with, methods_to_run
 
     base = QUICK if args.quick else FlickrBudget()
-    changes = {k: v for k, v in (("steps", args.steps), ("image_size", args.image_size),
-                                 ("device", args.device)) if v is not None}  # fmt: skip
-    budget = dataclasses.replace(base, **changes)
+    changes = {"steps": args.steps, "image_size": args.image_size, "device": args.device}
+    budget = budget_with(base, changes, getattr(args, "budget", None))
     if budget.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {budget.steps}")
     grid = 2 * budget.patch_size

@@ -33,6 +33,7 @@ from finegrain.bench.config import (
     FULL_SEEDS,
     QUICK,
     Budget,
+    budget_with,
     check_budget,
     methods_to_run,
     run_config,
@@ -390,9 +391,8 @@ def run_benchmark(opts: Options) -> Path:
 def options_from_args(args: Any, argv: list[str]) -> Options:
     """Options from the parsed ``finegrain demo`` arguments (see ``finegrain.cli``)."""
     base = QUICK if args.quick else FULL if getattr(args, "full", False) else Budget()
-    changes = {k: v for k, v in (("steps", args.steps), ("image_size", args.image_size),
-                                 ("device", args.device)) if v is not None}  # fmt: skip
-    budget = dataclasses.replace(base, **changes)
+    changes = {"steps": args.steps, "image_size": args.image_size, "device": args.device}
+    budget = budget_with(base, changes, getattr(args, "budget", None))
     seeds = (
         args.seeds if args.seeds is not None else FULL_SEEDS if getattr(args, "full", False) else 1
     )

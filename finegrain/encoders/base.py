@@ -57,6 +57,10 @@ class ImageTowerConfig(Checked):
     # no dropout / stochastic depth): a fixed function of the input, as LiT's locked tower;
     # needed by data.feature_cache (frozen_prefix / trainable_suffix)
     lock_frozen: bool = False
+    # ``hybrid`` only: the last n MBConv blocks of its pretrained convolutional bottom (and, at
+    # output stride 32, Lite0's 1280-channel head conv) train from their ImageNet weights, on
+    # the cached output of the blocks before them (BatchNorm statistics stay ImageNet's)
+    bottom_trainable: int = 0
     # native ``vit`` layout options (defaults: OpenAI CLIP's layout). GRAIN's released timm
     # ViT: qk_norm=True, norm_eps=1e-6, ln_pre=False, patch_bias=True. ``timm`` towers take
     # qk_norm (passed to timm.create_model); their other options come with the architecture.
@@ -91,6 +95,9 @@ class TextTowerConfig(Checked):
 
 
 def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
+    if cfg.bottom_trainable and cfg.name != "hybrid":
+        raise ValueError(f"image tower '{cfg.name}': bottom_trainable applies to the 'hybrid' "
+                         "tower only (use trainable_blocks)")  # fmt: skip
     return IMAGE_TOWERS.get(cfg.name)(cfg)
 
 

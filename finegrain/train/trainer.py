@@ -355,7 +355,12 @@ def train(
     ``overwrite``), ``latest`` / a path (verified, falling back to the newest valid
     checkpoint), or ``auto`` (resume when a checkpoint exists, else start)."""
     try:
-        return Trainer(cfg, resume=resume, output_dir=output_dir, overwrite=overwrite).fit()
+        summary = Trainer(cfg, resume=resume, output_dir=output_dir, overwrite=overwrite).fit()
+        # every rank done with its collectives before any tears the group down: a rank that
+        # exited while its peer's gloo threads were still finishing FSDP's last collective once
+        # aborted at exit ("terminate called without an active exception", torch 2.14.1 CPU)
+        dist_utils.barrier()
+        return summary
     except RuntimeError as e:
         explained = guard.explain_distributed_error(e, cfg.train.timeout_s)
         if explained is not None:
