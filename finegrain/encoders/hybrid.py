@@ -180,8 +180,9 @@ class Lite0Tune(nn.Module):
     steps of 128, 128 px; docs/flickr8k/levers.md): in the hybrid, tuning these blocks lowers
     T2I R@1 (3 blocks 6.4, 1 block 6.1, against 10.1 locked; 7.5 with the transformer bypassed),
     while the same 3 blocks in the plain Lite0 tower give 11.0, though both compute the same
-    function (checked in train mode): the cause is outside this module and not yet found, so
-    the option stays off in every recipe and benchmark."""
+    function (checked in train mode), and with the hybrid's global embedding made exactly the
+    Lite0 tower's it is still 7.0: the cause is outside this module (the data path, not yet
+    found), so the option stays off in every recipe and benchmark."""
 
     def __init__(self, blocks: list[nn.Module], head: tuple[nn.Module, nn.Module] | None,
                  rates: list[float]) -> None:  # fmt: skip
