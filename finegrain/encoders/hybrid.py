@@ -177,12 +177,8 @@ class Lite0Tune(nn.Module):
     their ImageNet weights, fine-tuned as the package trains them: BatchNorms on batch
     statistics in training (updating the running ones, which evaluation uses) and the
     package's drop-connect schedule. Measured on Flickr8k at the suite's budget (CLIP, 300
-    steps of 128, 128 px; docs/flickr8k/levers.md): in the hybrid, tuning these blocks lowers
-    T2I R@1 (3 blocks 6.4, 1 block 6.1, against 10.1 locked; 7.5 with the transformer bypassed),
-    while the same 3 blocks in the plain Lite0 tower give 11.0, though both compute the same
-    function (checked in train mode), and with the hybrid's global embedding made exactly the
-    Lite0 tower's it is still 7.0: the cause is outside this module (the data path, not yet
-    found), so the option stays off in every recipe and benchmark."""
+    steps of 128; docs/flickr8k/levers.md): 3 tuned blocks give T2I R@1 9.9 at 128 px (10.1
+    locked) and 13.8 at 192 px (12.8 locked); off by default in every recipe and benchmark."""
 
     def __init__(self, blocks: list[nn.Module], head: tuple[nn.Module, nn.Module] | None,
                  rates: list[float]) -> None:  # fmt: skip
