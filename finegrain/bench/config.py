@@ -99,7 +99,7 @@ def budget_with(base: Any, changes: dict[str, Any], pairs: list[str] | None = No
     """``base`` (a frozen budget dataclass) with the CLI's named options ``changes`` (None =
     not given) and ``--budget key=value`` ``pairs`` applied; an unknown key or a value of the
     wrong type raises one line naming the valid keys."""
-    fields = {f.name: f for f in dataclasses.fields(base)}
+    fields = {f.name for f in dataclasses.fields(base)}
     named = {k: v for k, v in changes.items() if v is not None}
     for pair in pairs or []:
         key, sep, raw = pair.partition("=")

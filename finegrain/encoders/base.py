@@ -59,7 +59,8 @@ class ImageTowerConfig(Checked):
     lock_frozen: bool = False
     # ``hybrid`` only: the last n MBConv blocks of its pretrained convolutional bottom (and, at
     # output stride 32, Lite0's 1280-channel head conv) train from their ImageNet weights, on
-    # the cached output of the blocks before them (BatchNorm statistics stay ImageNet's)
+    # the cached output of the blocks before them (BatchNorms on batch statistics, as in
+    # fine-tuning a convnet)
     bottom_trainable: int = 0
     # native ``vit`` layout options (defaults: OpenAI CLIP's layout). GRAIN's released timm
     # ViT: qk_norm=True, norm_eps=1e-6, ln_pre=False, patch_bias=True. ``timm`` towers take

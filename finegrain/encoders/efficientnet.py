@@ -75,6 +75,13 @@ def build_lite0_network(image_size: int = 224) -> nn.Module:
     return EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
 
 
+def drop_connect_rates(net: nn.Module, start: int, stop: int) -> list[float]:
+    """The package's drop-connect (stochastic depth) rate of MBConv blocks ``[start, stop)``:
+    ``drop_connect_rate * index / number of blocks`` (0 when the network has none)."""
+    base, n = net._global_params.drop_connect_rate or 0.0, len(net._blocks)
+    return [base * float(i) / n for i in range(start, stop)]
+
+
 def load_lite0_weights(net: nn.Module, path: str | Path) -> None:
     """Strict load (every key matched, or a ValueError naming the differences)."""
     from finegrain.encoders.weights import load_into, load_state_dict_file
@@ -119,9 +126,7 @@ class EfficientNetLite0Tower(nn.Module):
 
     def _blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """MBConv blocks [start, stop) with the package's drop-connect rate schedule."""
-        base, n = self.net._global_params.drop_connect_rate, len(self.net._blocks)
-        for idx in range(start, stop):
-            rate = base * float(idx) / n if base else base
+        for idx, rate in zip(range(start, stop), drop_connect_rates(self.net, start, stop)):
             x = mbconv_forward(self.net._blocks[idx], x, rate)
         return x
 

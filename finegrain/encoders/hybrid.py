@@ -41,6 +41,7 @@ from finegrain.encoders.base import ImageTowerConfig, patch_grid
 from finegrain.encoders.conv_fused import conv_bn, mbconv_forward
 from finegrain.encoders.efficientnet import (
     build_lite0_network,
+    drop_connect_rates,
     load_lite0_weights,
     package_weights_path,
 )
@@ -124,8 +125,7 @@ class Lite0Bottom(nn.Module):
         # the trainable rest, a plain tuple (not a submodule: the bottom's hash and the caches
         # cover the frozen part only); HybridStem turns it into its Lite0Tune
         head = (net._conv_head, net._bn1) if last == len(blocks) - 1 else None
-        base, n = net._global_params.drop_connect_rate or 0.0, len(blocks)
-        rates = [base * i / n for i in range(split, last + 1)]  # the package's schedule
+        rates = drop_connect_rates(net, split, last + 1)
         self.rest = (blocks[split : last + 1], head, rates) if trainable else None
         self.requires_grad_(False)
         self.eval()
