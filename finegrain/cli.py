@@ -142,15 +142,19 @@ def cmd_train(args: argparse.Namespace) -> int:
             print((Path(tmp) / "c.yaml").read_text(), end="")
         return 0
     check_paths(cfg)
+    from finegrain.train.distributed import end_worker
     from finegrain.train.trainer import train
 
     summary = train(cfg, resume=args.resume, output_dir=args.output_dir,
                     overwrite=args.overwrite)  # fmt: skip
     if summary.get("status") == "interrupted":
-        return _interrupted(summary)
-    if summary.get("metrics"):
-        _print_results(summary["metrics"])
-    return 0
+        code = _interrupted(summary)
+    else:
+        if summary.get("metrics"):
+            _print_results(summary["metrics"])
+        code = 0
+    end_worker(code)  # a torchrun worker leaves here, skipping a teardown that can abort
+    return code
 
 
 def _interrupted(summary: dict[str, Any]) -> int:

@@ -68,6 +68,8 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
             dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
 
         join_within(timeout.total_seconds() + JOIN_GRACE_S, join, rank)
+        global _JOINED
+        _JOINED = True
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
@@ -128,6 +130,34 @@ def attempt_store(timeout: timedelta) -> dist.Store | None:
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     client = dist.TCPStore(host, port, is_master=False, timeout=timeout)
     return dist.PrefixStore(f"finegrain/attempt_{attempt}", client)
+
+
+_JOINED = False  # this process set up a process group (see ``end_worker``)
+
+
+def end_worker(code: int) -> None:
+    """End a torchrun worker that set up a process group with ``code``, skipping the
+    interpreter's teardown; a no-op (returns) in a process that never joined one.
+
+    Under FSDP2 ``destroy_process_group`` leaves gloo's worker threads running (torch 2.14.1:
+    DTensor's caches keep the device mesh, and with it the group, alive), so they were still
+    there at interpreter finalization, where gloo releasing tensors that hold Python objects
+    can abort the process ("terminate called without an active exception", SIGABRT; twice in
+    about a dozen CI runs, each time a 2-rank FSDP job that had finished and written
+    everything; pytorch/pytorch#179291 describes the mechanism). Every result is on disk by then, so the
+    worker flushes its streams and logs and leaves with ``os._exit``: no finalization, no
+    abort, and torchrun sees the real exit code."""
+    if not _JOINED:
+        return
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def cleanup() -> None:

@@ -125,6 +125,21 @@ def test_setup_hang_past_the_timeout_ends_the_rank_in_one_line():
     assert time.perf_counter() - start < 120
 
 
+def test_a_worker_that_joined_a_group_ends_with_its_code_and_flushed_output():
+    """``end_worker`` (torchrun workers skip interpreter teardown, where gloo's threads can
+    abort the process) keeps the exit code and everything printed, and is a no-op in a
+    process that never joined a group (a plain ``finegrain train``)."""
+    code = ("import sys; import finegrain.train.distributed as d; d.end_worker(5); "
+            "print('no group: returned'); d._JOINED = True; print('buffered', end=''); "
+            "sys.stderr.write('err'); d.end_worker(3); print('not reached')")  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert res.returncode == 3, res.stderr[-3000:]
+    assert res.stdout == "no group: returned\nbuffered"
+    assert res.stderr.endswith("err")
+
+
 def test_killed_rank_restarts_from_last_checkpoint_same_result(tmp_path, faults):
     run = tmp_path / "run"  # the uninterrupted reference runs at the same time (own port, dir)
     ref_run = _start(tmp_path / "ref", "none")
