@@ -218,8 +218,19 @@ def test_efficientnet_rejects_token_keep():
     image = ImageTowerConfig(name="efficientnet_lite0", image_size=64)
     with pytest.raises(ValueError, match="does not support keep="):
         _tiny(image=image, token_keep=0.5)
-    with pytest.raises(ValueError, match="need an image tower with a CLS token"):
+    with pytest.raises(ValueError, match="need an image tower whose pooled output is a CLS"):
         _tiny(image=image, cls_token="train")
+
+
+def test_cls_token_train_needs_the_cls_readout():
+    """A native ViT that pools with pool_type=avg has no CLS output to add to CLIPPy's pool."""
+    from finegrain.encoders.base import ImageTowerConfig
+
+    image = ImageTowerConfig(name="vit", image_size=32, patch_size=8, width=32, depth=1, heads=2)
+    _tiny(image=image, cls_token="train")  # the CLS readout: accepted
+    avg = dataclasses.replace(image, pool_type="avg")
+    with pytest.raises(ValueError, match="pool_type=avg"):
+        _tiny(image=avg, cls_token="train")
 
 
 class _Crash:

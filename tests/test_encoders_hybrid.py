@@ -188,3 +188,33 @@ def test_bottom_trainable_tunes_lite0s_last_blocks_on_the_cached_rest(one_thread
             _tower(patch=32, bottom_trainable=bad)
     with pytest.raises(ValueError, match="applies to the 'hybrid' tower only"):
         build_image_tower(ImageTowerConfig(name="vit", bottom_trainable=2))
+
+
+def test_zero_init_residual_and_avg_pool_start_from_the_bottoms_features(one_thread):
+    """``zero_init_residual``: every block starts as the identity, so with ``pool_type=avg`` the
+    global embedding starts as the mean over the grid of ln_post(ln_pre(projected bottom
+    features + positions)); the zeroed projections still get gradients and move."""
+    tower = _tower(zero_init_residual=True, pool_type="avg").eval()
+    x = _images(3)
+    out = tower(x)
+    with torch.no_grad():
+        emb = tower.ln_pre(tower.embed(x))
+        want = tower.ln_post(emb)
+    assert torch.allclose(out.tokens, want[:, 1:], atol=1e-5)
+    assert torch.allclose(out.pooled, out.tokens.mean(1), atol=1e-6)
+    blk = tower.transformer.blocks[0]
+    assert blk.attn.proj.weight.abs().max() == 0 and blk.mlp[2].weight.abs().max() == 0
+    tower.train()
+    tower(x).pooled.square().sum().backward()
+    assert blk.attn.proj.weight.grad.abs().max() > 0 and blk.mlp[2].weight.grad.abs().max() > 0
+    default = _tower()  # CLIP's init and the CLS readout stay the default
+    assert default.transformer.blocks[0].attn.proj.weight.abs().max() > 0
+    d = default.eval()(x)
+    assert not torch.allclose(d.pooled, d.tokens.mean(1), atol=1e-3)
+
+
+def test_readout_options_are_refused_on_towers_without_them():
+    with pytest.raises(ValueError, match="pool_type applies to the native towers only"):
+        build_image_tower(ImageTowerConfig(name="efficientnet_lite0", pool_type="avg"))
+    with pytest.raises(ValueError, match="zero_init_residual applies"):
+        build_image_tower(ImageTowerConfig(name="timm", zero_init_residual=True))

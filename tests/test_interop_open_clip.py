@@ -75,13 +75,16 @@ def test_unknown_prefix_and_unsafe_pickle(tmp_path):
     assert "weights_only=False" not in str(e.value)
 
 
-@pytest.mark.parametrize("recipe", ["clip_smoke", "siglip_smoke"])
-def test_export_open_clip_reloads_in_open_clip(tmp_path, recipe):
+@pytest.mark.parametrize(
+    "recipe,overrides",
+    [("clip_smoke", []), ("siglip_smoke", []), ("clip_smoke", ["method.image.pool_type=avg"])],
+)
+def test_export_open_clip_reloads_in_open_clip(tmp_path, recipe, overrides):
     import open_clip
 
     from finegrain.interop.export import main
 
-    run = make_run(tmp_path / recipe, recipe)
+    run = make_run(tmp_path / recipe, recipe, overrides)  # avg: OpenCLIP's pool_type='avg'
     out = tmp_path / "oc"
     assert main([str(run), "--format", "open_clip", "--out", str(out)]) == 0
     ours, cfg = load_method_spec(str(run))

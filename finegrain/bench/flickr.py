@@ -42,14 +42,13 @@ from typing import Any
 
 import torch
 
+from finegrain.bench.config import CACHED_VIEWS, IMAGENET_MEAN, IMAGENET_STD
 from finegrain.bench.run import MethodRun, TimedLoader, _accepts, check_output
 from finegrain.bench.tasks import NA, TaskResult, per_image_values
 from finegrain.data.config import DataConfig
 from finegrain.encoders.base import ImageTowerConfig, TextTowerConfig
 from finegrain.eval.config import EvalConfig, RetrievalTaskConfig
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MANIFEST = "captions.jsonl"
 SUITE_METHODS = ("clip", "flair", "siglip", "clippy", "detailclip", "grain")  # run order
 REGION_METHODS = ("grain",)  # train on region descriptions with boxes
@@ -70,6 +69,8 @@ class FlickrBudget:
     image_depth: int = 2
     image_heads: int = 4
     bottom_trainable: int = 0  # Lite0's last MBConv blocks (+ its head conv) that train
+    image_pool: str = "tok"  # the hybrid's readout: tok (CLS) | avg (mean of its tokens)
+    zero_init_residual: bool = False  # the top's blocks start as the identity (see towers)
     text_trainable: int = 0  # MiniLM's top blocks that train (0: its projection only)
     context_length: int = 32  # captions: 14 MiniLM tokens at the median, 36 at most
     flair_k: int = 4  # FLAIR's sub-captions per image
@@ -136,10 +137,27 @@ def manifest_for(root: Path, rows: list[dict[str, Any]], b: FlickrBudget, out: P
 def towers(b: FlickrBudget) -> tuple[ImageTowerConfig, TextTowerConfig]:
     image = ImageTowerConfig(name="hybrid", pretrained="package", image_size=b.image_size,
                              patch_size=b.patch_size, width=b.image_width, depth=b.image_depth,
-                             heads=b.image_heads, bottom_trainable=b.bottom_trainable)  # fmt: skip
+                             heads=b.image_heads, bottom_trainable=b.bottom_trainable,
+                             pool_type=b.image_pool,
+                             zero_init_residual=b.zero_init_residual)  # fmt: skip
     text = TextTowerConfig(name="minilm", context_length=b.context_length,
                            trainable_blocks=b.text_trainable, lock_frozen=True)  # fmt: skip
     return image, text
+
+
+def tower_description(b: FlickrBudget) -> str:
+    """The image tower of the report's timing table, in words."""
+    tuned = f", Lite0's last {b.bottom_trainable} blocks tuned" if b.bottom_trainable else ""
+    top = ", blocks zero-initialised" if b.zero_init_residual else ""
+    readout = "mean of the tokens" if b.image_pool == "avg" else "CLS"
+    return (f"hybrid (Lite0 to stride {b.patch_size}{tuned} + {b.image_depth}-block transformer, "
+            f"width {b.image_width}{top}; readout {readout})")  # fmt: skip
+
+
+def text_description(b: FlickrBudget) -> str:
+    if b.text_trainable:
+        return f"MiniLM-L6 (last {b.text_trainable} blocks tuned)"
+    return "MiniLM-L6 (locked; projection trains)"
 
 
 def method_overrides(name: str, m: Any, b: FlickrBudget) -> dict[str, Any]:
@@ -154,6 +172,8 @@ def method_overrides(name: str, m: Any, b: FlickrBudget) -> dict[str, Any]:
         return {"num_subcaptions": b.flair_k, "max_sentences": b.flair_max_captions,
                 "caption_source": "captions", "caption_fields": [], "pool_heads": heads,
                 "logit_bias_init": "prior"}  # fmt: skip
+    if "views" in fields:  # DetailCLIP: views cut from the cached bottom, as in the scenes suite
+        return {"views": CACHED_VIEWS}
     return {}
 
 
@@ -315,8 +335,7 @@ def _one(name: str, label: str, cfg: Any, opts: SuiteOptions, extra: dict) -> Me
     method, run.timing = train_method(cfg, run_dir)
     cfg.eval = tasks
     save_yaml(cfg, run_dir / CONFIG_FILE)  # `finegrain eval --checkpoint` runs the test
-    run.towers = {"image": f"hybrid (Lite0 to stride {b.patch_size} + {b.image_depth}-block "
-                  f"transformer, width {b.image_width})", "text": "minilm"}  # fmt: skip
+    run.towers = {"image": tower_description(b), "text": text_description(b)}
     print(f"  {label}: trained in {run.timing['train_s']:.0f} s "
           f"({run.timing['train_cpu_s']:.0f} CPU s); evaluating", file=sys.stderr)  # fmt: skip
     evaluate_method(method, cfg, opts.data, b, run)

@@ -74,6 +74,17 @@ class ImageTowerConfig(Checked):
     # block weights) | timm (timm's ViT default: truncated normal std 0.02 for linear weights,
     # CLS token and position embedding, zero biases, PyTorch's default patch conv)
     init: Literal["clip", "timm"] = "clip"
+    # native ``vit`` / ``hybrid`` readout: tok (the CLS token, CLIP) | avg (the mean of the patch
+    # tokens after ln_post: OpenCLIP's pool_type='avg', final_ln_after_pool=False)
+    pool_type: Literal["tok", "avg"] = "tok"
+    # native ``vit`` / ``hybrid``: every block's attention and MLP output projections start at
+    # zero, so each block starts as the identity (SkipInit, De & Smith 2020; torchvision ResNet's
+    # zero_init_residual). On the hybrid with pool_type=avg the tower then starts as the mean of
+    # its pretrained bottom's projected features, and the top learns what to add to them
+    zero_init_residual: bool = False
+
+
+NATIVE_VIT_TOWERS = ("vit", "hybrid")
 
 
 @dataclass
@@ -99,6 +110,11 @@ def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
     if cfg.bottom_trainable and cfg.name != "hybrid":
         raise ValueError(f"image tower '{cfg.name}': bottom_trainable applies to the 'hybrid' "
                          "tower only (use trainable_blocks)")  # fmt: skip
+    odd = [k for k, v in (("pool_type", cfg.pool_type != "tok"),
+                          ("zero_init_residual", cfg.zero_init_residual)) if v]  # fmt: skip
+    if odd and cfg.name not in NATIVE_VIT_TOWERS:
+        raise ValueError(f"image tower '{cfg.name}': {', '.join(odd)} applies to the native "
+                         f"towers only ({', '.join(NATIVE_VIT_TOWERS)})")  # fmt: skip
     return IMAGE_TOWERS.get(cfg.name)(cfg)
 
 

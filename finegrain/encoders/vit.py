@@ -194,6 +194,17 @@ def resample_pos_embed(pos: torch.Tensor, grid: tuple[int, int], prefix: int = 1
     return torch.cat([pos[:, :prefix], patch], dim=1)
 
 
+def zero_residual_branches_(blocks: nn.ModuleList) -> None:
+    """Zero every block's attention and MLP output projections (weights and biases): each
+    pre-norm block ``x + f(x)`` then starts as the identity (``zero_init_residual``)."""
+    with torch.no_grad():
+        for blk in blocks:
+            for lin in (blk.attn.proj, blk.mlp[2]):
+                nn.init.zeros_(lin.weight)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+
+
 def timm_init_(tower: nn.Module) -> None:
     """timm's default ViT initialisation (``VisionTransformer.init_weights(mode="")``, as the
     timm ViTs of DetailCLIP's and GRAIN's released code): truncated normal (std 0.02, cut at
@@ -253,6 +264,12 @@ class VisionTransformer(nn.Module):
             timm_init_(self)
         elif cfg.init != "clip":
             raise ValueError(f"unknown image.init '{cfg.init}'; valid choices: clip, timm")
+        if cfg.zero_init_residual:
+            zero_residual_branches_(self.transformer.blocks)
+        if cfg.pool_type not in ("tok", "avg"):
+            raise ValueError(f"unknown image.pool_type '{cfg.pool_type}'; valid choices: tok, avg")
+        self.pool_type = cfg.pool_type
+        self.has_cls = cfg.pool_type == "tok"  # ``pooled`` is the CLS token (CLIPpy's cls_token)
         freeze_except_last(self, self.transformer.blocks, cfg.trainable_blocks, [self.ln_post])
         if self.mask_token is not None and cfg.trainable_blocks != 0:
             self.mask_token.requires_grad_(True)  # a new input embedding: trains with the tower
@@ -317,9 +334,8 @@ class VisionTransformer(nn.Module):
         else:
             x = self.transformer(x)
         x = self.ln_post(x)  # (B, 1 + N_out, D)
-        return VisionOutput(
-            pooled=x[:, 0], tokens=x[:, 1:], grid_hw=grid, keep=keep, attention=attn
-        )
+        pooled = x[:, 1:].mean(1) if self.pool_type == "avg" else x[:, 0]
+        return VisionOutput(pooled=pooled, tokens=x[:, 1:], grid_hw=grid, keep=keep, attention=attn)
 
 
 def _block_cls_attention(blk: Block, x: torch.Tensor) -> torch.Tensor:

@@ -169,7 +169,7 @@ def _tower_state(tower: nn.Module, kind: str) -> tuple[dict[str, torch.Tensor], 
         heads = blk[0].attn.heads if len(blk) else 1
         patch = tower.patch_size[0] if isinstance(tower.patch_size, tuple) else tower.patch_size
         return sd, {"width": tower.width, "layers": len(blk), "patch_size": int(patch),
-                    "head_width": tower.width // heads,
+                    "head_width": tower.width // heads, "pool_type": tower.pool_type,
                     "mlp_ratio": blk[0].mlp[0].out_features / tower.width if len(blk) else 4.0}  # fmt: skip
     if name == "TextTransformer" and kind == "text":
         if not isinstance(tower.tokenizer, ClipTokenizer) or tower.pooling != "eot":

@@ -153,9 +153,9 @@ class CLIPpy(CLIP):
         super().__init__(cfg)
         if (cfg.cls_token == "train" or cfg.classify_cls) and not tower_has_cls(self.image):
             raise ValueError(
-                f"cls_token='train' / classify_cls=True need an image tower with a CLS token; "
-                f"image tower '{cfg.image.name}' has none (use cls_token='exclude', "
-                "classify_cls=False)"
+                f"cls_token='train' / classify_cls=True need an image tower whose pooled output "
+                f"is a CLS token; image tower '{cfg.image.name}' has none (or pools with "
+                "pool_type=avg; use cls_token='exclude', classify_cls=False)"
             )
         self.patch_size = tower_patch_size(self.image)
         if cfg.token_keep < 1.0 and self.patch_size is None:
