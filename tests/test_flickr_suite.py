@@ -178,3 +178,36 @@ def test_an_interrupted_training_stops_the_suite(flickr8k_dir, tmp_path, monkeyp
     monkeypatch.setattr(Trainer, "fit", lambda self: {"status": "interrupted", "step": 1})
     with pytest.raises(SystemExit, match="interrupted at step 1; the suite stops"):
         flickr.train_method(cfg, tmp_path / "run")
+
+
+def test_tiers_and_budget_overrides(tmp_path):
+    """--full tunes Lite0's and MiniLM's last blocks on top of the default's towers; --budget
+    and the named options apply on top of the tier; --seeds is refused (one seed per method)."""
+    import argparse
+
+    from finegrain.cli import main
+
+    data = tmp_path / "flickr8k"
+    data.mkdir()
+    (data / "captions.jsonl").write_text("")
+
+    def opts(**kw):
+        base = dict(quick=False, full=False, steps=None, image_size=None, device=None,
+                    budget=None, methods=None, out=str(tmp_path / "o"), data=str(data),
+                    overwrite=False)  # fmt: skip
+        return flickr.options_from_args(argparse.Namespace(**{**base, **kw}), []).budget
+
+    default, full = opts(), opts(full=True)
+    assert (default.image_size, default.image_pool, default.zero_init_residual) == (
+        192,
+        "avg",
+        True,
+    )
+    assert (default.bottom_trainable, default.text_trainable) == (0, 0)
+    assert full == dataclasses.replace(default, bottom_trainable=3, text_trainable=2)
+    assert opts(full=True, steps=7, budget=["text_trainable=1"]).steps == 7
+    assert opts(full=True, budget=["text_trainable=1"]).text_trainable == 1
+    assert "hybrid (Lite0 to stride 32, Lite0's last 3 blocks tuned" in flickr.tower_description(
+        full
+    )
+    assert main(["demo", "--suite", "flickr8k", "--data", str(data), "--seeds", "2"]) == 2
