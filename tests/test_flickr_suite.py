@@ -165,6 +165,10 @@ def test_publish_merges_the_ablation_with_paired_differences(quick_suite, tmp_pa
     lean = json.loads((tmp_path / "docs" / "results.json").read_text())
     assert not any(k.endswith("_per_item") for r in lean["results"] for k in r)
     assert (tmp_path / "docs" / "retrieval_clip.png").is_file()
+    other = {**suite["budget"], "image_size": 128}  # an ablation of another budget: refused
+    (abl / "results.json").write_text(json.dumps({**suite, "budget": other, "results": rows}))
+    with pytest.raises(ValueError, match="another budget .*image_size: 128 vs 64"):
+        publish(quick_suite, abl, tmp_path / "docs2")
 
 
 def test_an_interrupted_training_stops_the_suite(flickr8k_dir, tmp_path, monkeypatch, one_thread):
@@ -211,3 +215,7 @@ def test_tiers_and_budget_overrides(tmp_path):
         full
     )
     assert main(["demo", "--suite", "flickr8k", "--data", str(data), "--seeds", "2"]) == 2
+    cfg = flickr.run_config("detailclip", full, data, data / "captions.jsonl")
+    assert cfg.method.views == "tokens", "DetailCLIP's views are cut from the cached bottom"
+    assert (cfg.method.image.pool_type, cfg.method.image.zero_init_residual) == ("avg", True)
+    assert (cfg.method.image.bottom_trainable, cfg.method.text.trainable_blocks) == (3, 2)

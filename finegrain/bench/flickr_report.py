@@ -291,6 +291,12 @@ def publish(suite_dir: Path, ablation_dir: Path | None, out: Path) -> Path:
                                  for r in suite["results"]]}  # fmt: skip
     if ablation_dir is not None and (ablation_dir / "results.json").is_file():
         abl = json.loads((ablation_dir / "results.json").read_text())
+        a, b = abl.get("budget", {}), suite.get("budget", {})
+        odd = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if odd:  # its paired differences are against the suite's FLAIR: same budget only
+            raise ValueError(f"{ablation_dir} was trained on another budget than {suite_dir} "
+                             f"({', '.join(f'{k}: {a.get(k)} vs {b.get(k)}' for k in odd)}); "
+                             "run the ablation with the suite's options")  # fmt: skip
         md += (
             "\n## FLAIR ablation (same budget, towers and caches; `--ablation`)\n\n"
             f"Command: `{abl['command']}`; {abl['date']}.\n\n" + ablation_markdown(suite, abl)

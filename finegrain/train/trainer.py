@@ -356,9 +356,9 @@ def train(
     checkpoint), or ``auto`` (resume when a checkpoint exists, else start)."""
     try:
         summary = Trainer(cfg, resume=resume, output_dir=output_dir, overwrite=overwrite).fit()
-        # every rank done with its collectives before any tears the group down: a rank that
-        # exited while its peer's gloo threads were still finishing FSDP's last collective once
-        # aborted at exit ("terminate called without an active exception", torch 2.14.1 CPU)
+        # every rank done with its collectives before any tears the group down (the abort
+        # seen at a finished FSDP rank's exit came from interpreter teardown instead: see
+        # distributed.end_worker, which the CLI's torchrun workers leave through)
         dist_utils.barrier()
         return summary
     except RuntimeError as e:
