@@ -266,13 +266,15 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"unknown image.init '{cfg.init}'; valid choices: clip, timm")
         if cfg.zero_init_residual:
             zero_residual_branches_(self.transformer.blocks)
-        if cfg.pool_type not in ("tok", "avg"):
-            raise ValueError(f"unknown image.pool_type '{cfg.pool_type}'; valid choices: tok, avg")
-        self.pool_type = cfg.pool_type
-        self.has_cls = cfg.pool_type == "tok"  # ``pooled`` is the CLS token (CLIPpy's cls_token)
+        self.pool_type = cfg.pool_type  # a Literal field: ImageTowerConfig rejects other values
         freeze_except_last(self, self.transformer.blocks, cfg.trainable_blocks, [self.ln_post])
         if self.mask_token is not None and cfg.trainable_blocks != 0:
             self.mask_token.requires_grad_(True)  # a new input embedding: trains with the tower
+
+    @property
+    def has_cls(self) -> bool:
+        """Whether ``pooled`` is the CLS token (CLIPpy's ``cls_token``)."""
+        return self.pool_type == "tok"
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
