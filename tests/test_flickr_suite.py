@@ -18,6 +18,8 @@ from finegrain.encoders.base import TextTowerConfig
 from finegrain.encoders.prefix_cache import shared_text_cache
 from finegrain.registry import TEXT_TOWERS
 
+from helpers.numerics import assert_close_scaled
+
 
 @pytest.fixture(scope="module")
 def quick_suite(tmp_path_factory, one_thread_module) -> Path:
@@ -219,3 +221,54 @@ def test_tiers_and_budget_overrides(tmp_path):
     assert cfg.method.views == "tokens", "DetailCLIP's views are cut from the cached bottom"
     assert (cfg.method.image.pool_type, cfg.method.image.zero_init_residual) == ("avg", True)
     assert (cfg.method.image.bottom_trainable, cfg.method.text.trainable_blocks) == (3, 2)
+
+
+def test_precision_auto_follows_the_hardware(monkeypatch, tmp_path):
+    """auto trains in bf16 only where the hardware computes it natively (CPU flags AVX512-BF16 /
+    AMX-BF16); explicit values pass through; anything else is one line naming the choices."""
+    from finegrain.bench.flickr import native_bf16, resolve_precision
+
+    real_read = Path.read_text
+
+    def cpuinfo(flags: str):
+        def read(self, *a, **kw):
+            if str(self) == "/proc/cpuinfo":
+                return f"processor : 0\nflags : fpu sse2 avx2 {flags}\n"
+            return real_read(self, *a, **kw)
+
+        return read
+
+    monkeypatch.setattr(Path, "read_text", cpuinfo("avx512f avx512_bf16"))
+    assert native_bf16("cpu") and resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(Path, "read_text", cpuinfo("amx_bf16 amx_tile"))
+    assert resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(Path, "read_text", cpuinfo("avx512f avx512bw"))
+    assert not native_bf16("cpu") and resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16" and resolve_precision("fp32", "cpu") == "fp32"
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16; got 'fp8'"):
+        resolve_precision("fp8", "cpu")
+    assert flickr.FlickrBudget().precision == "auto" and flickr.QUICK.precision == "bf16"
+
+
+def test_depthwise_conv_backward_under_autocast():
+    """Lite0's stride-1 depthwise convs (their own backward) train under bf16 autocast: the
+    backward runs in the forward's dtype and returns gradients in the parameters' dtypes, close
+    to the fp32 ones."""
+    from finegrain.encoders.conv_fused import _DepthwiseConv
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 6, 6, generator=g, requires_grad=True)
+    w = torch.randn(8, 1, 5, 5, generator=g, requires_grad=True)
+    b = torch.randn(8, generator=g, requires_grad=True)
+    grads = []
+    for autocast in (False, True):
+        for t in (x, w, b):
+            t.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = _DepthwiseConv.apply(x, w, b, (2, 2))
+        assert y.dtype == (torch.bfloat16 if autocast else torch.float32)
+        y.float().square().sum().backward()
+        grads.append([t.grad.clone() for t in (x, w, b)])
+    for ref, low in zip(*grads):
+        assert low.dtype == torch.float32
+        assert_close_scaled(low, ref, rtol=5e-2, atol_rel=5e-2)

@@ -82,6 +82,11 @@ class FlickrBudget:
     eval_images: int = 0  # test images (0 = all 1,000)
     workers: int = 1
     device: str = "cpu"
+    # training autocast: auto = bf16 where the hardware computes it natively (a CPU with
+    # AVX512-BF16 or AMX, a CUDA GPU with bf16), else fp32; the report records what ran.
+    # Measured on a 2-core AMD EPYC (AVX512-BF16), --full CLIP: 1.77x the fp32 steps/s.
+    # Evaluation always runs in fp32.
+    precision: str = "auto"
 
     @property
     def warmup_steps(self) -> int:
@@ -100,7 +105,32 @@ FULL = FlickrBudget(bottom_trainable=3, text_trainable=2)
 # ``--quick``: the whole pipeline on 32 training and 16 test images at 64 px, 3 steps (the tests)
 QUICK = FlickrBudget(steps=3, batch_size=8, image_size=64, embed_dim=32, image_width=32,
                      image_depth=1, image_heads=2, context_length=16, flair_k=2, train_limit=32,
-                     eval_images=16, workers=0)  # fmt: skip
+                     eval_images=16, workers=0, precision="bf16")  # fmt: skip
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA GPU that supports it, or a CPU whose
+    flags (Linux ``/proc/cpuinfo``) include AVX512-BF16 or AMX-BF16. Elsewhere bf16 is
+    emulated and slower than fp32."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """The budget's ``precision`` as the trainer takes it (``auto`` decided for ``device``)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got '{precision}'")
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
 
 
 def check_data(data: str | Path) -> Path:
@@ -209,7 +239,8 @@ def run_config(name: str, b: FlickrBudget, root: Path, manifest: Path, seed: int
     cfg.train = TrainConfig(steps=b.steps, lr=b.lr, min_lr=0.0, warmup_steps=b.warmup_steps,
                             weight_decay=b.weight_decay, grad_clip=1.0, device=b.device,
                             checkpoint_every=0, log_every=max(1, b.steps // 5), eval_every=0,
-                            progress=True, precision="fp32")  # fmt: skip
+                            progress=True,
+                            precision=resolve_precision(b.precision, b.device))  # fmt: skip
     tasks = [test_task(root, b)]
     cfg.eval = EvalConfig(tasks=tasks)
     return cfg
@@ -356,7 +387,10 @@ def run_suite(opts: SuiteOptions, ablation: bool = False) -> Path:
     from finegrain.encoders.hybrid import shared_bottom_cache
     from finegrain.encoders.prefix_cache import shared_text_cache
 
-    b, opts.data = opts.budget, check_data(opts.data)
+    b = dataclasses.replace(
+        opts.budget, precision=resolve_precision(opts.budget.precision, opts.budget.device)
+    )
+    opts.budget, opts.data = b, check_data(opts.data)
     check_output(opts.out, opts.overwrite)
     opts.out.mkdir(parents=True, exist_ok=True)
     rows = read_rows(opts.data)
@@ -402,6 +436,7 @@ def options_from_args(args: Any, argv: list[str]) -> SuiteOptions:
     budget = budget_with(base, changes, getattr(args, "budget", None))
     if budget.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {budget.steps}")
+    resolve_precision(budget.precision, budget.device)  # a bad value fails before any work
     grid = 2 * budget.patch_size
     if budget.image_size % grid:
         raise ValueError(f"--image-size {budget.image_size} is not a multiple of {grid} (an "

@@ -213,20 +213,25 @@ class _DepthwiseConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, padding):  # noqa: ANN001, ANN205
         ctx.save_for_backward(x, weight)
         ctx.padding = padding
-        return F.conv2d(x, weight, bias, 1, padding, 1, weight.shape[0])
+        out = F.conv2d(x, weight, bias, 1, padding, 1, weight.shape[0])
+        ctx.dtype = out.dtype  # under autocast the conv ran in bf16/fp16: so does the backward
+        return out
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
         x, weight = ctx.saved_tensors
+        dtype = ctx.dtype  # backward runs outside autocast: cast as the forward's conv did
+        xc, wc, grad = x.to(dtype), weight.to(dtype), grad.to(dtype)
         (ph, pw), (kh, kw) = ctx.padding, weight.shape[2:]
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            flipped = weight.flip(2, 3)
+            flipped = wc.flip(2, 3)
             gx = F.conv2d(grad, flipped, None, 1, (kh - 1 - ph, kw - 1 - pw), 1, weight.shape[0])
+            gx = gx.to(x.dtype)
         if ctx.needs_input_grad[1]:
-            gw = _depthwise_weight_grad(x, grad, weight, ctx.padding)
+            gw = _depthwise_weight_grad(xc, grad, wc, ctx.padding).to(weight.dtype)
         if ctx.needs_input_grad[2]:
-            gb = grad.sum((0, 2, 3))
+            gb = grad.sum((0, 2, 3)).to(weight.dtype)
         return gx, gw, gb, None
 
 

@@ -117,6 +117,12 @@ def _layers(model: nn.Module) -> Any:
     raise ValueError(f"cannot find the layers of {type(model).__name__} for trainable_blocks")
 
 
+#: the trained layers run on rows grouped by length, in at most this many groups of at least
+#: ``MIN_BUCKET_ROWS`` rows each (``HFTextTower._bucketed_layers``)
+LENGTH_BUCKETS = 4
+MIN_BUCKET_ROWS = 32
+
+
 class HFTextTower(nn.Module):
     """A Hugging Face encoder returning ``TextOutput``; padding is masked in attention."""
 
@@ -145,6 +151,7 @@ class HFTextTower(nn.Module):
         self.lock_frozen = cfg.lock_frozen
         self.splittable = hasattr(self.model, "embeddings") and hasattr(self.model, "encoder")
         self.prefix_identity: str | None = None  # hash of the locked prefix (shared text cache)
+        self.length_buckets = LENGTH_BUCKETS  # 1: every row padded to the batch's longest
 
     def prefix_modules(self) -> list[nn.Module]:
         """The frozen bottom's modules: embeddings + the frozen layers (empty when all train)."""
@@ -193,8 +200,32 @@ class HFTextTower(nn.Module):
         else:
             if self.split < 0:
                 h = self.model.embeddings(input_ids=ids)  # (B, L, D)
-            x = self._layers_from(h, mask, max(self.split, 0), len(_layers(self.model)))
+            x = self._bucketed_layers(h, mask, max(self.split, 0), len(_layers(self.model)))
+        x = x * mask[..., None].to(x.dtype)  # padding: zeros (no real token attends to it)
         return TextOutput(pooled=pool_tokens(x, mask, self.pooling), tokens=x, mask=mask)
+
+    def _bucketed_layers(
+        self, h: torch.Tensor, mask: torch.Tensor, start: int, stop: int
+    ) -> torch.Tensor:
+        """``_layers_from`` on the real tokens only, near enough: the rows sorted by length
+        (their last real token), cut into ``length_buckets`` chunks, each run trimmed to its
+        longest row. A real token attends only to real tokens (the padding mask), so its output
+        is the same (up to rounding); what trimming drops is padding (zeroed by the caller).
+        Captions are short and skewed (Flickr8k: 14 MiniLM tokens at the median of a 32-token
+        context), so the trained layers see about half the tokens."""
+        if start >= stop:
+            return h
+        b, length = mask.shape
+        pos = torch.arange(1, length + 1, device=mask.device)
+        ends = (mask.to(pos.dtype) * pos).amax(1)  # (B,) one past each row's last real token
+        order = torch.argsort(ends, stable=True)
+        chunks = max(1, min(self.length_buckets, b // MIN_BUCKET_ROWS))
+        outs = []
+        for idx in torch.tensor_split(order, chunks):
+            n = int(ends[idx].max())
+            y = self._layers_from(h[idx, :n], mask[idx, :n], start, stop)  # (b_c, n, D)
+            outs.append(torch.nn.functional.pad(y, (0, 0, 0, length - n)))
+        return torch.cat(outs)[torch.argsort(order)]  # back to the batch's order
 
     def _need_split(self) -> None:
         if not self.splittable:
