@@ -91,49 +91,56 @@ def _image_key(image: torch.Tensor) -> bytes:
     return hashlib.blake2b(data, digest_size=20).digest() + repr(tuple(image.shape)).encode()
 
 
-class Lite0Bottom(nn.Module):
-    """EfficientNet-Lite0's stem and blocks up to output stride ``stride``, frozen, eval mode;
-    with ``trainable = n > 0`` the last n of those blocks (and, at stride 32, the 1280-channel
-    head conv) are left out, in ``self.rest``, for :class:`Lite0Tune`, which trains them."""
+def lite0_split(pretrained: str, stride: int, image_size: int = 224,
+                trainable: int = 0) -> tuple[Lite0Bottom, Lite0Tune | None]:  # fmt: skip
+    """EfficientNet-Lite0 cut at output stride ``stride``: the frozen bottom (stem and blocks;
+    cached, hashed) and, with ``trainable = n > 0``, a :class:`Lite0Tune` of the last n of those
+    blocks (and, at stride 32, the 1280-channel head conv) that trains; None otherwise."""
+    if stride not in STRIDES:
+        raise ValueError(f"image tower 'hybrid': patch_size must be one of {STRIDES} (the "
+                         f"bottom's output strides), got {stride}")  # fmt: skip
+    net = build_lite0_network(image_size)  # its 'SAME' paddings are set for this size
+    if pretrained:
+        load_lite0_weights(net, package_weights_path() if pretrained == "package" else pretrained)
+    net.eval()  # BatchNorm running statistics, never updated (the probe below included)
+    blocks = list(net._blocks)
+    with torch.no_grad():  # the last block whose output has the requested stride
+        x = conv_bn(torch.zeros(1, 3, 64, 64).contiguous(memory_format=torch.channels_last),
+                    net._conv_stem, net._bn0, act=True)  # fmt: skip
+        last = -1
+        for i, blk in enumerate(blocks):
+            x = mbconv_forward(blk, x, 0.0)
+            if 64 // x.shape[-1] == stride:
+                last = i
+    if not 0 <= trainable <= last:
+        raise ValueError(f"image tower 'hybrid': bottom_trainable must be in [0, {last}] at "
+                         f"patch_size {stride}, got {trainable}")  # fmt: skip
+    split = last + 1 - trainable
+    bottom = Lite0Bottom(
+        net, split, f"lite0/{stride}/{image_size}" + (f"/{split}" * bool(trainable))
+    )
+    if not trainable:
+        return bottom, None
+    head = (net._conv_head, net._bn1) if last == len(blocks) - 1 else None
+    return bottom, Lite0Tune(
+        blocks[split : last + 1], head, drop_connect_rates(net, split, last + 1)
+    )
 
-    def __init__(self, pretrained: str, stride: int, image_size: int = 224,
-                 trainable: int = 0) -> None:  # fmt: skip
+
+class Lite0Bottom(nn.Module):
+    """EfficientNet-Lite0's stem and first ``split`` blocks, frozen, eval mode (built by
+    :func:`lite0_split`); ``identity`` hashes its name and weights (the caches' key)."""
+
+    def __init__(self, net: nn.Module, split: int, name: str) -> None:
         super().__init__()
-        if stride not in STRIDES:
-            raise ValueError(f"image tower 'hybrid': patch_size must be one of {STRIDES} (the "
-                             f"bottom's output strides), got {stride}")  # fmt: skip
-        net = build_lite0_network(image_size)  # its 'SAME' paddings are set for this size
-        if pretrained:
-            load_lite0_weights(
-                net, package_weights_path() if pretrained == "package" else pretrained
-            )
-        net.eval()  # BatchNorm running statistics, never updated (the probe below included)
         self.stem, self.bn0 = net._conv_stem, net._bn0
-        blocks = list(net._blocks)
-        with torch.no_grad():  # the last block whose output has the requested stride
-            x, size, last = self._stem(torch.zeros(1, 3, 64, 64)), 64, -1
-            for i, blk in enumerate(blocks):
-                x = mbconv_forward(blk, x, 0.0)
-                if size // x.shape[-1] == stride:
-                    last, channels = i, x.shape[1]
-        if not 0 <= trainable <= last:
-            raise ValueError(f"image tower 'hybrid': bottom_trainable must be in [0, {last}] at "
-                             f"patch_size {stride}, got {trainable}")  # fmt: skip
-        split = last + 1 - trainable
-        self.blocks = nn.ModuleList(blocks[:split])
-        self.channels = int(channels if trainable == 0 else blocks[split - 1]._bn2.num_features)
-        # the trainable rest, a plain tuple (not a submodule: the bottom's hash and the caches
-        # cover the frozen part only); HybridStem turns it into its Lite0Tune
-        head = (net._conv_head, net._bn1) if last == len(blocks) - 1 else None
-        rates = drop_connect_rates(net, split, last + 1)
-        self.rest = (blocks[split : last + 1], head, rates) if trainable else None
+        self.blocks = nn.ModuleList(list(net._blocks)[:split])
+        self.channels = int(self.blocks[-1]._bn2.num_features)
         self.requires_grad_(False)
         self.eval()
-        h = hashlib.sha256(
-            f"lite0/{stride}/{image_size}".encode() + (b"/%d" % split if trainable else b"")
-        )
-        for name, t in self.state_dict().items():
-            h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
+        h = hashlib.sha256(name.encode())
+        for key, t in self.state_dict().items():
+            h.update(key.encode() + t.detach().cpu().contiguous().numpy().tobytes())
         self.identity = h.hexdigest()
 
     def train(self, mode: bool = True) -> Lite0Bottom:
@@ -204,11 +211,9 @@ class HybridStem(nn.Module):
     (``HybridTower.forward(..., boxes=)``), each image's box is first cut out of its (cached)
     frozen feature map and resized back to the grid (``crop_resize``)."""
 
-    def __init__(self, bottom: Lite0Bottom, width: int) -> None:
+    def __init__(self, bottom: Lite0Bottom, tune: Lite0Tune | None, width: int) -> None:
         super().__init__()
-        self.bottom = bottom
-        self.tune = Lite0Tune(*bottom.rest) if bottom.rest is not None else None
-        bottom.rest = None
+        self.bottom, self.tune = bottom, tune
         channels = self.tune.channels if self.tune is not None else bottom.channels
         self.proj = nn.Conv2d(channels, width, 1)
         self.boxes: torch.Tensor | None = None
@@ -239,10 +244,10 @@ class HybridTower(VisionTransformer):
             self.conv1.boxes = None
 
     def __init__(self, cfg: ImageTowerConfig) -> None:
-        bottom = Lite0Bottom(cfg.pretrained, cfg.patch_size, cfg.image_size,
-                             cfg.bottom_trainable)  # fmt: skip
+        bottom, tune = lite0_split(cfg.pretrained, cfg.patch_size, cfg.image_size,
+                                   cfg.bottom_trainable)  # fmt: skip
         super().__init__(_top_config(cfg))
-        self.conv1 = HybridStem(bottom, cfg.width)
+        self.conv1 = HybridStem(bottom, tune, cfg.width)
         self.conv1.proj.requires_grad_(cfg.trainable_blocks < 0)  # trains with the whole top
         self.lock_frozen = True
 
