@@ -36,7 +36,8 @@ def _subset(manifest: Path, n_train: int, out: Path) -> Path:
     train = [r for r in rows if r.get("split") == "train"]
     keep = (train[:n_train] if n_train else train) + [r for r in rows if r.get("split") != "train"]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "images").symlink_to(manifest.parent / "images")
+    # absolute: a relative target (FINEGRAIN_DATA=../shared/data) would resolve from ``out``
+    (out / "images").symlink_to(manifest.resolve().parent / "images")
     path = out / "captions.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in keep))
     return path
