@@ -385,9 +385,14 @@ def test_budget_option_sets_any_field_and_names_the_valid_keys(tmp_path):
     assert (got.train_scenes, got.lr, got.steps) == (512, 0.001, 40)
     assert got.eval_images == FULL.eval_images and isinstance(got.lr, float)
     for bad, match in (("bogus=1", "key one of .*train_scenes"), ("steps", "expected key=value"),
-                       ("steps=many", "steps takes a int, got 'many'")):  # fmt: skip
+                       ("steps=many", "steps takes a int, got 'many'"),
+                       ("precision=fp8", "precision must be one of auto, fp32, bf16")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             options_from_args(parser.parse_args(["demo", "--budget", bad]), [])
+    argv = ["demo", "--budget", "precision=bf16"]
+    assert options_from_args(parser.parse_args(argv), argv).budget.precision == "bf16"
+    argv = ["demo", "--budget", "precision=auto"]  # decided before the run, so reported
+    assert options_from_args(parser.parse_args(argv), argv).budget.precision in ("fp32", "bf16")
     (tmp_path / "captions.jsonl").write_text("{}\n")
     argv = ["demo", "--suite", "flickr8k", "--data", str(tmp_path), "--budget",
             "bottom_trainable=3", "--budget", "text-trainable=2"]  # fmt: skip

@@ -226,7 +226,7 @@ def test_tiers_and_budget_overrides(tmp_path):
 def test_precision_auto_follows_the_hardware(monkeypatch, tmp_path):
     """auto trains in bf16 only where the hardware computes it natively (CPU flags AVX512-BF16 /
     AMX-BF16); explicit values pass through; anything else is one line naming the choices."""
-    from finegrain.bench.flickr import native_bf16, resolve_precision
+    from finegrain.bench.config import Budget, native_bf16, resolve_precision
 
     real_read = Path.read_text
 
@@ -248,6 +248,7 @@ def test_precision_auto_follows_the_hardware(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16; got 'fp8'"):
         resolve_precision("fp8", "cpu")
     assert flickr.FlickrBudget().precision == "auto" and flickr.QUICK.precision == "bf16"
+    assert Budget().precision == "fp32"  # the scenes suite: its committed reports ran in fp32
 
 
 def test_depthwise_conv_backward_under_autocast():

@@ -42,7 +42,12 @@ from typing import Any
 
 import torch
 
-from finegrain.bench.config import CACHED_VIEWS, IMAGENET_MEAN, IMAGENET_STD
+from finegrain.bench.config import (
+    CACHED_VIEWS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    resolve_precision,
+)
 from finegrain.bench.run import MethodRun, TimedLoader, _accepts, check_output
 from finegrain.bench.tasks import NA, TaskResult, per_image_values
 from finegrain.data.config import DataConfig
@@ -106,31 +111,6 @@ FULL = FlickrBudget(bottom_trainable=3, text_trainable=2)
 QUICK = FlickrBudget(steps=3, batch_size=8, image_size=64, embed_dim=32, image_width=32,
                      image_depth=1, image_heads=2, context_length=16, flair_k=2, train_limit=32,
                      eval_images=16, workers=0, precision="bf16")  # fmt: skip
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def native_bf16(device: str) -> bool:
-    """Whether ``device`` computes bf16 natively: a CUDA GPU that supports it, or a CPU whose
-    flags (Linux ``/proc/cpuinfo``) include AVX512-BF16 or AMX-BF16. Elsewhere bf16 is
-    emulated and slower than fp32."""
-    if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    """The budget's ``precision`` as the trainer takes it (``auto`` decided for ``device``)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got '{precision}'")
-    if precision != "auto":
-        return precision
-    return "bf16" if native_bf16(device) else "fp32"
 
 
 def check_data(data: str | Path) -> Path:

@@ -36,6 +36,7 @@ from finegrain.bench.config import (
     budget_with,
     check_budget,
     methods_to_run,
+    resolve_precision,
     run_config,
 )
 from finegrain.bench.tasks import TaskResult, images_for, run_boxes, run_suite_task, task_specs
@@ -393,6 +394,10 @@ def options_from_args(args: Any, argv: list[str]) -> Options:
     base = QUICK if args.quick else FULL if getattr(args, "full", False) else Budget()
     changes = {"steps": args.steps, "image_size": args.image_size, "device": args.device}
     budget = budget_with(base, changes, getattr(args, "budget", None))
+    # auto decided here, so the report records what ran; a bad value fails before any work
+    budget = dataclasses.replace(
+        budget, precision=resolve_precision(budget.precision, budget.device)
+    )
     seeds = (
         args.seeds if args.seeds is not None else FULL_SEEDS if getattr(args, "full", False) else 1
     )
