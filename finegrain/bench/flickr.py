@@ -367,10 +367,7 @@ def run_suite(opts: SuiteOptions, ablation: bool = False) -> Path:
     from finegrain.encoders.hybrid import shared_bottom_cache
     from finegrain.encoders.prefix_cache import shared_text_cache
 
-    b = dataclasses.replace(
-        opts.budget, precision=resolve_precision(opts.budget.precision, opts.budget.device)
-    )
-    opts.budget, opts.data = b, check_data(opts.data)
+    b, opts.data = opts.budget, check_data(opts.data)
     check_output(opts.out, opts.overwrite)
     opts.out.mkdir(parents=True, exist_ok=True)
     rows = read_rows(opts.data)
@@ -416,7 +413,10 @@ def options_from_args(args: Any, argv: list[str]) -> SuiteOptions:
     budget = budget_with(base, changes, getattr(args, "budget", None))
     if budget.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {budget.steps}")
-    resolve_precision(budget.precision, budget.device)  # a bad value fails before any work
+    # auto decided here, so the report records what ran; a bad value fails before any work
+    budget = dataclasses.replace(
+        budget, precision=resolve_precision(budget.precision, budget.device)
+    )
     grid = 2 * budget.patch_size
     if budget.image_size % grid:
         raise ValueError(f"--image-size {budget.image_size} is not a multiple of {grid} (an "

@@ -91,6 +91,11 @@ def _image_key(image: torch.Tensor) -> bytes:
     return hashlib.blake2b(data, digest_size=20).digest() + repr(tuple(image.shape)).encode()
 
 
+def _stem(images: torch.Tensor, conv: nn.Module, bn: nn.Module) -> torch.Tensor:
+    """Lite0's stem conv + BatchNorm + ReLU6 on channels-last images."""
+    return conv_bn(images.contiguous(memory_format=torch.channels_last), conv, bn, act=True)
+
+
 def lite0_split(pretrained: str, stride: int, image_size: int = 224,
                 trainable: int = 0) -> tuple[Lite0Bottom, Lite0Tune | None]:  # fmt: skip
     """EfficientNet-Lite0 cut at output stride ``stride``: the frozen bottom (stem and blocks;
@@ -105,9 +110,7 @@ def lite0_split(pretrained: str, stride: int, image_size: int = 224,
     net.eval()  # BatchNorm running statistics, never updated (the probe below included)
     blocks = list(net._blocks)
     with torch.no_grad():  # the last block whose output has the requested stride
-        x = conv_bn(torch.zeros(1, 3, 64, 64).contiguous(memory_format=torch.channels_last),
-                    net._conv_stem, net._bn0, act=True)  # fmt: skip
-        last = -1
+        x, last = _stem(torch.zeros(1, 3, 64, 64), net._conv_stem, net._bn0), -1
         for i, blk in enumerate(blocks):
             x = mbconv_forward(blk, x, 0.0)
             if 64 // x.shape[-1] == stride:
@@ -117,7 +120,7 @@ def lite0_split(pretrained: str, stride: int, image_size: int = 224,
                          f"patch_size {stride}, got {trainable}")  # fmt: skip
     split = last + 1 - trainable
     bottom = Lite0Bottom(
-        net, split, f"lite0/{stride}/{image_size}" + (f"/{split}" * bool(trainable))
+        net, split, f"lite0/{stride}/{image_size}" + (f"/{split}" if trainable else "")
     )
     if not trainable:
         return bottom, None
@@ -146,13 +149,9 @@ class Lite0Bottom(nn.Module):
     def train(self, mode: bool = True) -> Lite0Bottom:
         return super().train(False)  # locked: always eval (BatchNorm running statistics)
 
-    def _stem(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.contiguous(memory_format=torch.channels_last)
-        return conv_bn(x, self.stem, self.bn0, act=True)
-
     @torch.no_grad()
     def compute(self, images: torch.Tensor) -> torch.Tensor:
-        x = self._stem(images)
+        x = _stem(images, self.stem, self.bn0)
         for blk in self.blocks:
             x = mbconv_forward(blk, x, 0.0)
         return x.contiguous()  # (B, C, h, w) NCHW
