@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--device", help="cpu (default) | cuda")
     d.add_argument("--out", help="output folder (default $FINEGRAIN_HOME/demo/<time>)")
     d.add_argument("--seeds", type=int, help="train each method with N seeds (default 1; --full 3)")
+    d.add_argument("--seed-start", type=int, default=0,
+                   help="first seed (default 0): seeds K .. K+N-1, to train more seeds "
+                   "elsewhere and pool them with --merge")  # fmt: skip
+    d.add_argument("--merge", nargs="+", metavar="DIR",
+                   help="write one report (into --out) from the runs of these report folders "
+                   "(the same budget, distinct seeds); trains nothing")  # fmt: skip
     d.add_argument("--jobs", type=int,
                    help="method runs at once on CPU, each one torch thread (default: one per "
                    "core, at most one per run; 1 on cuda); numbers do not depend on it")  # fmt: skip
@@ -187,13 +193,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.suite == "flickr8k":
         from finegrain.bench import flickr
 
-        if args.seeds not in (None, 1):
-            raise ValueError("--suite flickr8k trains one seed per method (no --seeds)")
+        if args.seeds not in (None, 1) or args.seed_start or args.merge:
+            raise ValueError("--suite flickr8k trains one seed per method (no --seeds, "
+                             "--seed-start or --merge)")  # fmt: skip
         flickr.run_suite(flickr.options_from_args(args, args.argv), ablation=args.ablation)
         return 0
     if args.data or args.ablation:
         raise ValueError("--data and --ablation are for --suite flickr8k (the scenes suite "
                          "renders its own data)")  # fmt: skip
+    if args.merge:
+        from pathlib import Path
+
+        from finegrain.bench.merge import merge_reports
+
+        given = [f"--{k.replace('_', '-')}" for k in ("methods", "steps", "image_size", "device",
+                 "seeds", "jobs", "budget") if getattr(args, k) is not None]  # fmt: skip
+        given += [f"--{k}" for k in ("quick", "full") if getattr(args, k)]
+        if given or args.seed_start:
+            raise ValueError(f"--merge trains nothing: it takes report folders and --out, not "
+                             f"{', '.join(given or ['--seed-start'])}")  # fmt: skip
+        if not args.out:
+            raise ValueError("--merge needs --out (the merged report's folder)")
+        report = merge_reports([Path(f).expanduser() for f in args.merge],
+                               Path(args.out).expanduser(), args.overwrite,
+                               "finegrain " + " ".join(args.argv))  # fmt: skip
+        print(report)
+        return 0
     run_benchmark(options_from_args(args, args.argv))
     return 0
 

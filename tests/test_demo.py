@@ -124,12 +124,53 @@ def test_refuses_a_folder_with_another_report(quick, capsys):
         (["--seeds", "0"], "--seeds must be >= 1"),
         (["--device", "tpu"], "--device must be cpu or cuda"),
         (["--jobs", "0"], "--jobs must be >= 1"),
+        (["--seed-start", "-1"], "--seed-start must be >= 0"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, pattern):
     assert cli.main(["demo", "--quick", "--out", str(tmp_path / "o"), *argv]) == 2
     assert pattern in _err_line(capsys)
     assert not (tmp_path / "o" / "report.md").exists()
+
+
+def test_seeds_trained_apart_merge_into_the_report_of_one_run(tmp_path, capsys):
+    """Seeds trained in separate runs (``--seed-start``) and pooled with ``--merge`` give the
+    report one ``--seeds 2`` run gives: the same per-seed numbers and the same claims
+    (intervals included); bad merges are one line each."""
+    base = ["demo", "--quick", "--methods", "clip,clippy", "--jobs", "1"]
+    a, b, both = tmp_path / "a", tmp_path / "b", tmp_path / "both"
+    assert cli.main([*base, "--out", str(a)]) == 0
+    assert cli.main([*base, "--seed-start", "1", "--out", str(b)]) == 0
+    assert cli.main([*base, "--seeds", "2", "--out", str(both)]) == 0
+    merged = tmp_path / "merged"
+    assert cli.main(["demo", "--merge", str(b), str(a), "--out", str(merged)]) == 0
+    m, d = (json.loads((p / "results.json").read_text()) for p in (merged, both))
+    assert m["seed_list"] == d["seed_list"] == [0, 1] and m["seeds"] == 2
+    assert m["per_seed"] == d["per_seed"] and m["metrics"] == d["metrics"]
+    assert m["claims"] == d["claims"]
+    assert [(t["method"], t["seed"]) for t in m["timing"]] == [
+        (t["method"], t["seed"]) for t in d["timing"]]  # fmt: skip
+    assert "segmentation.png" in m["figures"] and (merged / "segmentation.png").is_file()
+    assert "Merged from 2 runs" in (merged / "report.md").read_text()
+    capsys.readouterr()
+    bad = [
+        (["--merge", str(a), str(a), "--out", str(tmp_path / "x")], "clip seed 0 is also in"),
+        (["--merge", str(a), str(tmp_path / "none"), "--out", str(tmp_path / "x")],
+         "no results.json"),
+        (["--merge", str(a), str(b)], "--merge needs --out"),
+        (["--merge", str(a), str(b), "--seeds", "2", "--out", str(tmp_path / "x")],
+         "--merge trains nothing"),
+    ]  # fmt: skip
+    other = tmp_path / "other"
+    assert cli.main([*base, "--seed-start", "2", "--steps", "3", "--out", str(other)]) == 0
+    capsys.readouterr()
+    bad.append((["--merge", str(a), str(other), "--out", str(tmp_path / "x")], "differs"))
+    for argv, pattern in bad:
+        assert cli.main(["demo", *argv]) == 2, argv
+        assert pattern in _err_line(capsys), argv
+    (b / "runs" / "clip" / "seed1" / "results.pt").unlink()
+    assert cli.main(["demo", "--merge", str(a), str(b), "--out", str(tmp_path / "y")]) == 2
+    assert "results.pt is missing" in _err_line(capsys)
 
 
 # ---- claims logic on synthetic per-image results --------------------------------------------
@@ -265,6 +306,31 @@ def test_verdict_cases_and_table_digits():
     assert "| +0.05 | [+0.01, +1.23] | 0.61 | 1.00 (convention: 1 point) |" in row
 
 
+def test_claim_rows_show_chance_and_flag_rows_near_it():
+    """Each claim row carries its task's chance level (from CLIP's protocol card); a row where
+    both methods score under NEAR_CHANCE x chance says so under the table, whatever its
+    verdict."""
+    from finegrain.bench.claims import NEAR_CHANCE
+    from finegrain.bench.report import claims_markdown
+
+    owner = torch.arange(400)
+    claim = Claim("flair", "hardneg/regions", "acc1", "FLAIR > CLIP (test)", "p")
+
+    def res(hits: int, chance: float) -> TaskResult:
+        x = (torch.arange(400) < hits).double()
+        return TaskResult({"acc1": hits / 400}, {"acc1": (x, owner)},
+                          protocol={"chance": {"acc1": chance}})  # fmt: skip
+
+    low = check_claim(claim, {"flair": [{"hardneg/regions": res(24, 0.06)}],
+                              "clip": [{"hardneg/regions": res(20, 0.06)}]}, draws=200)  # fmt: skip
+    assert low["chance"] == 0.06 and f"{NEAR_CHANCE:g}x chance" in low["note"]
+    row = claims_markdown([low])
+    assert "| 6.00 | 5.00 | 6.0 | +1.00 |" in row and "within 1.5x chance (6.0)" in row
+    high = check_claim(claim, {"flair": [{"hardneg/regions": res(200, 0.06)}],
+                               "clip": [{"hardneg/regions": res(120, 0.06)}]}, draws=200)  # fmt: skip
+    assert high["chance"] == 0.06 and "note" not in high
+
+
 def test_not_run_and_unavailable_tasks():
     runs = _runs([1], [0])
     assert (
@@ -350,6 +416,22 @@ def test_augmented_views_come_from_the_shared_cache():
     assert run_config("detailclip", QUICK, 0).method.views == "tokens"
     assert run_config("detailclip", QUICK, 0, shared_image=False).method.views == "pixels"
     assert not hasattr(run_config("clip", QUICK, 0).method, "views")
+
+
+def test_data_seed_shares_the_training_scenes_across_seeds():
+    """By default training seed s renders its own scenes (scene seed s); ``data_seed >= 0``
+    trains every seed on one scene set and varies only initialisation and batch order. The
+    parent caches each distinct scene set once, and the estimate counts them once."""
+    import dataclasses
+
+    from finegrain.bench.config import QUICK, run_config
+    from finegrain.bench.run import estimate_s
+
+    assert [run_config("clip", QUICK, s).data.synthetic.seed for s in (0, 1, 2)] == [0, 1, 2]
+    shared = dataclasses.replace(QUICK, data_seed=7)
+    a, b = run_config("clip", shared, 0), run_config("clip", shared, 1)
+    assert (a.seed, b.seed) == (0, 1) and a.data.synthetic.seed == b.data.synthetic.seed == 7
+    assert estimate_s(["clip"], shared, 3) < estimate_s(["clip"], QUICK, 3)  # 1 set, not 3
 
 
 def test_tiers_full_and_quick_and_seeds():

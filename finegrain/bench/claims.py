@@ -43,6 +43,9 @@ from finegrain.bench.spurious import WORST, worst_group_accuracy
 from finegrain.eval.segmentation import seg_metrics
 
 BASELINE = "clip"
+# a claim row whose two methods both score under this multiple of the task's chance level is
+# flagged: at or near chance a difference says nothing about the skill the claim names
+NEAR_CHANCE = 1.5
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,13 @@ def check_claim(
                diff=sum(diffs) / len(diffs), seeds=len(diffs),
                seeds_held=sum(d > claim.margin for d in diffs),
                seed_std=_std(diffs) if len(diffs) > 1 else None)  # fmt: skip
+    chance = pairs[0][1].protocol.get("chance", {}).get(claim.metric)
+    if chance is not None:
+        out["chance"] = chance
+        if max(out["value"], out["baseline"]) < NEAR_CHANCE * chance:
+            out["note"] = (f"both methods within {NEAR_CHANCE:g}x chance ({100 * chance:.1f}): "
+                           "neither has learned this skill at this budget, so the row cannot "
+                           "show a difference in it")  # fmt: skip
     need = {WORST: ("acc1", "groups")}.get(claim.metric, (claim.metric,))
     have = all(all(k in m.per_image for k in need) or "confusions" in m.per_image
                for pair in pairs for m in pair)  # fmt: skip

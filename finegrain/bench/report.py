@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finegrain.bench.claims import check_claims
+from finegrain.bench.claims import NEAR_CHANCE, check_claims
 from finegrain.bench.tasks import task_specs
 from finegrain.eval.report import FRACTIONS
 
@@ -129,21 +129,24 @@ def _pct(v: float | None, digits: int = 2) -> str:
 def claims_markdown(claims: list[dict[str, Any]]) -> str:
     """The claims table, in points with two decimals (a verdict is never read off a rounded
     number: it is taken on exact values, which results.json keeps)."""
-    lines = ["| claim | verdict | method | CLIP | difference (points) | 95% CI (paired bootstrap) "
-             "| half-width | smallest effect of interest | seeds above it |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| claim | verdict | method | CLIP | chance | difference (points) "
+             "| 95% CI (paired bootstrap) | half-width | smallest effect of interest "
+             "| seeds above it |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for c in claims:
         margin = f"{100 * c['margin']:.2f} ({c['margin_source']})" if "margin" in c else "-"
         if "diff" not in c:
             lines.append(
-                f"| {c['claim']} | **{c['verdict']}** | - | - | - | - | - | {margin} | - |"
+                f"| {c['claim']} | **{c['verdict']}** | - | - | - | - | - | - | {margin} | - |"
             )
             continue
         ci = "-" if c["ci_low"] is None else f"[{_pct(c['ci_low'])}, {_pct(c['ci_high'])}]"
         half = "-" if c.get("half_width") is None else f"{100 * c['half_width']:.2f}"
         spread = "" if c["seed_std"] is None else f" (± {100 * c['seed_std']:.2f} over seeds)"
+        chance = "-" if c.get("chance") is None else f"{100 * c['chance']:.1f}"
         lines.append(f"| {c['claim']} | **{c['verdict']}** | {100 * c['value']:.2f} | "
-                     f"{100 * c['baseline']:.2f} | {_pct(c['diff'])}{spread} | {ci} | {half} | "
+                     f"{100 * c['baseline']:.2f} | {chance} | {_pct(c['diff'])}{spread} | {ci} | "
+                     f"{half} | "
                      f"{margin} | {c['seeds_held']}/{c['seeds']} |")  # fmt: skip
     notes = [f"- {c['claim']}: {c['note']}" for c in claims if c.get("note") and "diff" in c]
     return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
@@ -200,6 +203,18 @@ def _threads_line(d: dict[str, Any], mach: dict[str, Any]) -> str:
     return f"{jobs} job{'s' if jobs > 1 else ''} x 1 torch thread"
 
 
+def _seeds_line(b: dict[str, Any], seeds: int) -> str:
+    """How the training seeds differ (``data_seed``: one scene set, or one per seed)."""
+    data_seed = b.get("data_seed", -1)
+    if data_seed < 0:
+        return ("Training seed s renders its own training scenes (scene seed s) and seeds the "
+                "initialisation and batch order.")  # fmt: skip
+    many = f" (the {seeds} seeds)" if seeds > 1 else ""
+    return (f"Training seed s seeds the initialisation, batch order and views; every seed{many} "
+            f"trains on the same training scenes (scene seed `data_seed` = {data_seed}), as a "
+            "paper's seeds share its one dataset.")  # fmt: skip
+
+
 def _cache_line(c: dict[str, Any] | None) -> str:
     if not c:
         return "not used"
@@ -225,9 +240,13 @@ def timing_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(opts: Any, runs: list[Any], wall: float, extra: dict[str, Any] | None = None
-                  ) -> Path:  # fmt: skip
-    """Write results.json, report.md and the figures into ``opts.out``; returns report.md."""
+def write_outputs(opts: Any, runs: list[Any], wall: float, extra: dict[str, Any] | None = None,
+                  figures_from: Path | None = None) -> Path:  # fmt: skip
+    """Write results.json, report.md and the figures into ``opts.out``; returns report.md.
+
+    Figures come from the first seed's runs (their figure material); ``figures_from``: a
+    report folder whose figures (all but the results table, redrawn here) are copied instead,
+    for a merged report whose runs no longer hold figure material."""
     from finegrain.bench.figures import save_figures
 
     out = opts.out
@@ -238,11 +257,15 @@ def write_outputs(opts: Any, runs: list[Any], wall: float, extra: dict[str, Any]
     claims = check_claims(by_method)
     cards = protocol_cards(runs)
     table = headline_table(means, cards)
-    figs = save_figures({r.method: r.figures for r in runs if r.seed == 0}, table, out)
+    first = min((r.seed for r in runs), default=0)
+    figs = save_figures({r.method: r.figures for r in runs if r.seed == first}, table, out)
+    if figures_from is not None:
+        figs += copy_figures(figures_from, out, skip={p.name for p in figs})
     timing = timing_rows(runs)
     data = {"command": opts.command, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "machine": machine(), "versions": versions(), "budget": opts.budget.describe(),
-            "seeds": opts.seeds, "methods": opts.methods, "metrics": means,
+            "seeds": opts.seeds, "seed_list": sorted({r.seed for r in runs}),
+            "methods": opts.methods, "metrics": means,
             "per_seed": per_seed, "claims": claims, "timing": timing, "wall_s": round(wall, 2),
             "protocol": cards, **(extra or {}),
             "figures": [p.name for p in figs]}  # fmt: skip
@@ -250,6 +273,31 @@ def write_outputs(opts: Any, runs: list[Any], wall: float, extra: dict[str, Any]
     report = out / "report.md"
     report.write_text(render_markdown(data, table, figs))
     return report
+
+
+def copy_figures(src: Path, out: Path, skip: set[str]) -> list[Path]:
+    """The PNG figures that ``src``'s report lists (except ``skip``), copied into ``out``."""
+    import shutil
+
+    names = json.loads((src / "results.json").read_text()).get("figures", [])
+    paths = []
+    for name in names:
+        if name in skip or not (src / name).is_file():
+            continue
+        if (src / name).resolve() != (out / name).resolve():
+            shutil.copyfile(src / name, out / name)
+        paths.append(out / name)
+    return paths
+
+
+def _merged_line(d: dict[str, Any]) -> str:
+    parts = d.get("merged_from")
+    if not parts:
+        return ""
+    rows = [f"`{p['command']}` (seeds {', '.join(map(str, p['seeds']))}; {p['date']}; "
+            f"{p['wall_s'] / 60:.1f} min wall; {p['machine']})" for p in parts]  # fmt: skip
+    return (f"Merged from {len(parts)} runs of the same budget (the wall and CPU time above are "
+            "their sums): " + "; ".join(rows) + "  \n")  # fmt: skip
 
 
 def render_markdown(d: dict[str, Any], table: tuple[list[str], list[list[str]]], figs: list[Path]
@@ -266,13 +314,16 @@ def render_markdown(d: dict[str, Any], table: tuple[list[str], list[list[str]]],
         f"Machine: {mach['cpu']}, {mach['cores']} cores ({_threads_line(d, mach)}), "
         f"load average {mach.get('load_average_at_end', '?')} at the end  \n"
         "Versions: " + ", ".join(f"{k} {v}" for k, v in d["versions"].items()) + "  \n"
-        f"CPU time: {d.get('cpu_s', 0) / 60:.1f} min (all processes and threads)\n",
+        f"CPU time: {d.get('cpu_s', 0) / 60:.1f} min (all processes and threads)  \n"
+        + _merged_line(d),
         "## Claims of the papers\n",
         power_line(d["claims"]),
         "Each row: the method minus CLIP on the same evaluation images, in percentage points; "
         "95% interval from a paired bootstrap over the images (1000 draws; with several seeds each "
         "draw also resamples the seeds, so the interval pools images and seeds); half-width = half its "
-        "length (about the smallest difference this run can detect). Each claim's smallest effect "
+        "length (about the smallest difference this run can detect); chance = a uniform random "
+        "scorer's expected value on the task (a row where both methods score under "
+        f"{NEAR_CHANCE:g}x chance is flagged below the table). Each claim's smallest effect "
         "of interest m: `held` = the whole interval above m; `equivalent` = inside (-m, m); "
         "`did not hold` = the whole interval below 0 (and not inside (-m, m)); `inconclusive` = "
         "anything else (e.g. above 0 but not above m); `tie (identical per-image values)` = both "
@@ -313,7 +364,7 @@ def render_markdown(d: dict[str, Any], table: tuple[list[str], list[list[str]]],
         "trained over its feature-map tokens (`image_width`, `image_depth`, `image_heads`); the "
         "timing table names the tower each method used. Text tower: a tiny transformer from "
         "scratch. AdamW, linear warmup then cosine decay. Method-specific settings come from each "
-        "method's `<name>_smoke` recipe.\n",
+        "method's `<name>_smoke` recipe. " + _seeds_line(b, d.get("seeds", 1)) + "\n",
         "## Figures\n",
         "\n".join(f"![{p.stem}]({p.name})" for p in figs) + "\n",
     ]

@@ -70,8 +70,13 @@ class Options:
     quick: bool = False
     command: str = "finegrain demo"
     workers: int = 1
-    warmed: set[int] = field(default_factory=set)  # seeds whose training scenes are cached
+    warmed: set[int] = field(default_factory=set)  # scene seeds whose training scenes are cached
     jobs: int = 1  # method runs at once (forked workers, one torch thread each on CPU)
+    seed_start: int = 0  # the run's seeds: seed_start .. seed_start + seeds - 1
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.seed_start, self.seed_start + self.seeds))
 
 
 @dataclass
@@ -126,7 +131,7 @@ def estimate_s(methods: list[str], b: Budget, seeds: int, jobs: int = 2) -> floa
     scale = (b.batch_size / 64) * (b.image_size / 128) ** 2
     pixels = (b.image_size / 128) ** 2
     regions = min(b.region_images, b.eval_images)
-    warm = seeds * b.train_scenes * SCENE_CPU_S * pixels
+    warm = len({b.scene_seed(s) for s in range(seeds)}) * b.train_scenes * SCENE_CPU_S * pixels
     eval_scenes = (EVAL_SPLITS * b.eval_images + REGION_SPLITS * regions) * SCENE_CPU_S * pixels
     per_eval = (b.eval_images * EVAL_CPU_S + regions * REGION_CPU_S
                 + b.probe_train * PROBE_CPU_S) * pixels + 4  # + build / save  # fmt: skip
@@ -194,7 +199,7 @@ def warm_bottom_cache(cfg: Any, method: Any) -> dict[str, float]:
     n = -(-cfg.data.synthetic.num_samples // cfg.data.batch_size)
     bottom = tower.conv1.bottom
     print(f"  caching the image tower's frozen bottom on {cfg.data.synthetic.num_samples} "
-          f"training scenes (seed {cfg.seed}), once for all methods", file=sys.stderr)  # fmt: skip
+          f"training scenes (scene seed {cfg.data.synthetic.seed}), once for all methods", file=sys.stderr)  # fmt: skip
     for _, batch in zip(range(n), tqdm(loader, total=n, desc="bottom cache", leave=False)):
         bottom(batch["image"].to(cfg.train.device))
     return {"cache_s": time.perf_counter() - t0, "cache_cpu_s": time.process_time() - c0}
@@ -209,9 +214,10 @@ def train_one(name: str, opts: Options, seed: int, run_dir: Path) -> tuple[Any, 
     cfg.data.num_workers = opts.workers if opts.jobs == 1 else 0  # a worker renders nothing new
     if opts.jobs > 1:  # workers' bars and logs would interleave: the parent counts the runs
         cfg.train.progress, cfg.train.log_every = False, cfg.train.steps
-    warm = warm_bottom_cache(cfg, method) if seed not in opts.warmed else {}
+    scenes = cfg.data.synthetic.seed
+    warm = warm_bottom_cache(cfg, method) if scenes not in opts.warmed else {}
     if warm:
-        opts.warmed.add(seed)
+        opts.warmed.add(scenes)
         t0 += warm["cache_s"]
     loader = TimedLoader(method_loader(method, cfg.data, seed=cfg.seed))
     trainer = Trainer(cfg, method=method, loader=loader, output_dir=str(run_dir))
@@ -263,7 +269,31 @@ def _one_run(name: str, seed: int, opts: Options) -> MethodRun:
     if opts.jobs == 1:
         print(f"  {name} (seed {seed}): trained in {run.timing['train_s']:.0f} s "
               f"({run.timing['train_cpu_s']:.0f} CPU s); evaluating", file=sys.stderr)  # fmt: skip
-    evaluate(method, cfg, opts, run, figures=seed == 0)
+    evaluate(method, cfg, opts, run, figures=seed == opts.seed_start)
+    save_run(run, run_dir)
+    return run
+
+
+RUN_RESULTS = "results.pt"  # per run (method x seed): every task's metrics and per-image values
+
+
+def save_run(run: MethodRun, run_dir: Path) -> None:
+    """The run's results with their per-image values (what the paired bootstrap reads), so
+    that runs of other seeds, made later or elsewhere, can be merged into one report
+    (``finegrain demo --merge``); plain tensors, numbers and strings: loads with
+    ``weights_only=True``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = {"method": run.method, "seed": run.seed, "timing": run.timing, "towers": run.towers,
+             "results": {k: dataclasses.asdict(r) for k, r in run.results.items()}}  # fmt: skip
+    torch.save(state, run_dir / RUN_RESULTS)
+
+
+def load_run(path: Path) -> MethodRun:
+    """A run saved by ``save_run`` (untrusted input: ``weights_only=True``)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    run = MethodRun(state["method"], int(state["seed"]), timing=state["timing"],
+                    towers=state["towers"])  # fmt: skip
+    run.results = {k: TaskResult(**r) for k, r in state["results"].items()}
     return run
 
 
@@ -353,7 +383,7 @@ def run_benchmark(opts: Options) -> Path:
     child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     threads = torch.get_num_threads()
     # longest first (a long run started last would leave the other workers idle at the end)
-    order = sorted(((n, s) for s in range(opts.seeds) for n in opts.methods),
+    order = sorted(((n, s) for s in opts.seed_list for n in opts.methods),
                    key=lambda r: -_step_cpu_s(r[0]) if opts.jobs > 1 else 0)  # fmt: skip
     try:
         if b.device == "cpu":
@@ -361,10 +391,10 @@ def run_benchmark(opts: Options) -> Path:
         with shared_bottom_cache() as cache, memo_scenes():
             parent_cache_s = 0.0
             if opts.jobs > 1:  # the workers inherit the scenes and the cache
-                for seed in range(opts.seeds):
+                for seed in sorted({b.scene_seed(s) for s in opts.seed_list}):
                     cfg, method = build(opts.methods[0], b, seed)
                     parent_cache_s += warm_bottom_cache(cfg, method).get("cache_s", 0.0)
-                    opts.warmed.add(seed)
+                    opts.warmed.add(cfg.data.synthetic.seed)
                 parent_stats = cache.stats()
                 done = _runs_in_parallel(opts, order)
                 runs = [r for r, _, _ in done]
@@ -374,9 +404,7 @@ def run_benchmark(opts: Options) -> Path:
                 stats = cache.stats()
     finally:
         torch.set_num_threads(threads)
-    rank = {(n, s): i for i, (n, s) in enumerate((n, s) for s in range(opts.seeds)
-                                                  for n in opts.methods)}  # fmt: skip
-    runs.sort(key=lambda r: rank[(r.method, r.seed)])
+    runs.sort(key=lambda r: run_rank(r, opts.methods))
     wall = time.perf_counter() - start
     child = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (time.process_time() - cpu0 + child.ru_utime + child.ru_stime - child0.ru_utime
@@ -387,6 +415,11 @@ def run_benchmark(opts: Options) -> Path:
     print(f"finegrain demo: done in {wall / 60:.1f} min; report: {report}", file=sys.stderr)
     print(report)
     return report
+
+
+def run_rank(run: MethodRun, methods: list[str]) -> tuple[int, int]:
+    """Canonical report order: by seed, then the methods' order (never the finish order)."""
+    return run.seed, methods.index(run.method)
 
 
 def options_from_args(args: Any, argv: list[str]) -> Options:
@@ -413,5 +446,8 @@ def options_from_args(args: Any, argv: list[str]) -> Options:
     jobs = getattr(args, "jobs", None)
     if jobs is None:
         jobs = default_jobs(budget.device, len(methods) * seeds)
+    start = getattr(args, "seed_start", None) or 0
+    if start < 0:
+        raise ValueError(f"--seed-start must be >= 0, got {start}")
     return Options(methods, budget, seeds, out, args.overwrite, args.quick,
-                   "finegrain " + " ".join(argv), jobs=jobs)  # fmt: skip
+                   "finegrain " + " ".join(argv), jobs=jobs, seed_start=start)  # fmt: skip
