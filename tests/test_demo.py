@@ -158,6 +158,7 @@ def test_seeds_trained_apart_merge_into_the_report_of_one_run(tmp_path, capsys):
         (["--merge", str(a), str(tmp_path / "none"), "--out", str(tmp_path / "x")],
          "no results.json"),
         (["--merge", str(a), str(b)], "--merge needs --out"),
+        (["--merge", str(a), str(b), "--out", str(a), "--overwrite"], "one of the folders"),
         (["--merge", str(a), str(b), "--seeds", "2", "--out", str(tmp_path / "x")],
          "--merge trains nothing"),
     ]  # fmt: skip

@@ -55,6 +55,8 @@ def merge_reports(folders: list[Path], out: Path, overwrite: bool = False,
 
     if len(folders) < 2:
         raise ValueError("--merge needs at least two report folders")
+    if any(out.resolve() == f.resolve() for f in folders):
+        raise ValueError(f"--out {out} is one of the folders being merged; choose another")
     check_output(out, overwrite)
     datas = [_read(f) for f in folders]
     first = datas[0]
