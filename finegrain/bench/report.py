@@ -276,7 +276,8 @@ def write_outputs(opts: Any, runs: list[Any], wall: float, extra: dict[str, Any]
 
 
 def copy_figures(src: Path, out: Path, skip: set[str]) -> list[Path]:
-    """The PNG figures that ``src``'s report lists (except ``skip``), copied into ``out``."""
+    """The PNG figures that ``src``'s report lists (except ``skip``), copied into ``out``
+    (another folder: ``merge_reports`` refuses an ``out`` that is one of its inputs)."""
     import shutil
 
     names = json.loads((src / "results.json").read_text()).get("figures", [])
@@ -284,8 +285,7 @@ def copy_figures(src: Path, out: Path, skip: set[str]) -> list[Path]:
     for name in names:
         if name in skip or not (src / name).is_file():
             continue
-        if (src / name).resolve() != (out / name).resolve():
-            shutil.copyfile(src / name, out / name)
+        shutil.copyfile(src / name, out / name)
         paths.append(out / name)
     return paths
 
