@@ -134,7 +134,9 @@ QUICK = Budget(steps=10, batch_size=8, train_scenes=256, eval_images=16, probe_t
 # (600 steps) on twice the scenes, with four times the evaluation images (<= 60 min on 2 CPU
 # cores by the estimate; minutes on a GPU). At 300 steps the seeds had not converged (shape
 # top-1 of one method 15-69 across seeds, docs/benchmark 2026-12-07): the seed term, not the
-# images, set the claims' intervals (median half-width 3.4)
+# images, set the claims' intervals (median half-width 3.4 at 600 steps too). Seeds narrow
+# them: 12 seeds of this budget, trained in four ``--seed-start`` parts and pooled with
+# ``--merge``, give 1.90 (docs/benchmark/pooled12, 2026-12-08)
 FULL = Budget(steps=600, train_scenes=4096, eval_images=1024, probe_train=128,
               region_images=512)  # fmt: skip
 FULL_SEEDS = 3
