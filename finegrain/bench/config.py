@@ -136,7 +136,7 @@ QUICK = Budget(steps=10, batch_size=8, train_scenes=256, eval_images=16, probe_t
 # top-1 of one method 15-69 across seeds, docs/benchmark 2026-12-07): the seed term, not the
 # images, set the claims' intervals (median half-width 3.4 at 600 steps too). Seeds narrow
 # them: 12 seeds of this budget, trained in four ``--seed-start`` parts and pooled with
-# ``--merge``, give 1.90 (docs/benchmark/pooled12, 2026-12-08)
+# ``--merge``, give 1.90; 16 seeds in five parts 1.91 (docs/benchmark/pooled16, 2026-12-08)
 FULL = Budget(steps=600, train_scenes=4096, eval_images=1024, probe_train=128,
               region_images=512)  # fmt: skip
 FULL_SEEDS = 3
